@@ -20,13 +20,47 @@ def tiny_config(arch: str = "llama", vocab: int = 96, hidden: int = 64, layers: 
     raise ValueError(arch)
 
 
-def tiny_target(arch: str = "llama", seed: int = 0, max_len: int = 512, logit_scale: float = 1.0, **kw) -> Target:
+def tiny_target(arch: str = "llama", seed: int = 0, max_len: int = 512, logit_scale: float = 1.0,
+                copyable: bool = False, **kw) -> Target:
+    """A random tiny target. copyable=True makes one a draft head can copy exactly (see
+    `oracle_head`): one layer, unit-RMS embedding rows (so the input norm is the identity) and no
+    attention biases."""
     torch.manual_seed(seed)
+    if copyable:
+        kw["layers"] = 1
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw), dtype=torch.float32, attn_implementation="sdpa")
-    if logit_scale != 1.0:  # sharper next-token distributions
-        with torch.no_grad():
+    with torch.no_grad():
+        if logit_scale != 1.0:  # sharper next-token distributions
             model.get_output_embeddings().weight.mul_(logit_scale)
+        if copyable:
+            emb = model.get_input_embeddings().weight
+            emb.div_(emb.pow(2).mean(-1, keepdim=True).sqrt())
+            attn = model.get_decoder().layers[0].self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.zero_()
     return Target(model, tokenizer=None, max_len=max_len)
+
+
+def oracle_head(target: Target, noise: float = 0.0, seed: int = 0) -> DraftHead:
+    """A head that is the copyable target's own layer: fed (anything, embed(t+1)) at position i it
+    computes the target's pre-norm hidden state at t+1 (RoPE sees the same relative positions),
+    whose LM-head argmax is the target's (the final norm has unit weight). `noise` (relative to
+    each weight's std) nudges it away from perfect."""
+    g = torch.Generator().manual_seed(seed)
+    head = DraftHead(head_config_from_target(target.config))
+    layer = target.model.get_decoder().layers[0]
+    h = target.hidden_size
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[:, :h] = torch.eye(h)  # pass the token embedding, ignore the feature
+        head.fc.bias.zero_()
+        if noise:  # mix some of the feature in, and blur the embedding pass-through
+            head.fc.weight.add_(torch.randn(head.fc.weight.shape, generator=g) * noise / h**0.5)
+        src = dict(layer.named_parameters())
+        for name, p in head.layers[0].named_parameters():
+            p.copy_(src[name])
+    return head.eval()
 
 
 def random_head(target: Target, seed: int = 1) -> DraftHead:
@@ -35,3 +69,67 @@ def random_head(target: Target, seed: int = 1) -> DraftHead:
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.05)
     return head
+
+
+def greedy_rows(target: Target, n_rows: int = 16, prompt_len: int = 8, new_tokens: int = 48, seed: int = 0) -> list[dict]:
+    """The target's own greedy continuations of random prompts, with their features."""
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.train.features import row_features
+
+    gen = Generator(target)
+    g = torch.Generator().manual_seed(seed)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    rows = []
+    for _ in range(n_rows):
+        prompt = torch.randint(2, target.vocab_size, (prompt_len,), generator=g)
+        out = [t for chunk in gen.generate_ids(prompt, cfg) for t in chunk]
+        ids = torch.cat([prompt, torch.tensor(out)])
+        rows.append({"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.uint8),
+                     "features": row_features(target, ids.tolist()).to(torch.bfloat16)})
+    return rows
+
+
+def nudged_head(target: Target, steps: int = 150, seed: int = 0, draft_vocab: int | None = None) -> DraftHead:
+    """A head trained briefly on the target's own greedy text: long acceptances, not perfect."""
+    from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, collate, head_loss, top_token_ids
+
+    rows = greedy_rows(target, seed=seed)
+    parts = FrozenTargetParts.from_target(target)
+    torch.manual_seed(seed)
+    head = DraftHead(head_config_from_target(target.config))
+    if draft_vocab:
+        head.set_vocab(top_token_ids(rows, draft_vocab, target.vocab_size))
+    lm = parts.lm_head[head.draft_token_ids()]
+    cfg = TrainConfig(noise=0.0)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    batch = collate(rows)
+    for _ in range(steps):
+        loss, _ = head_loss(head, parts, lm, batch, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head.eval()
+
+
+WORDS = ["<unk>", "<eos>", "<bos>", "user", "assistant", "system", ":"] + [f"w{i}" for i in range(89)]
+
+
+def save_tiny_model(path, seed: int = 0):
+    """Save a tiny random Llama (vocab = WORDS) with a fast word-level tokenizer and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab=len(WORDS)), dtype=torch.float32)
+    model.generation_config.eos_token_id = 1
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

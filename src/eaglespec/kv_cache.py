@@ -67,6 +67,7 @@ class TargetKVCache(Cache):
         self.max_len = max_len
         super().__init__(layers=[PreallocatedLayer(max_len, self) for _ in range(num_layers)])
 
+    @torch.inference_mode()
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the entries at slots `length + keep` (ascending), moved to `length, length+1, ...`.
 

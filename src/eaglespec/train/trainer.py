@@ -1,0 +1,279 @@
+"""Train an EAGLE head on stored target features (the EAGLE-1 recipe).
+
+    input   pair i = (feature f_i + U(-noise, noise), embedding of token t_{i+1})
+    target  f_{i+1}, and the target's next-token distribution softmax(lm_head(f_{i+1}))
+    loss    SmoothL1(pred, f_{i+1}) + p_weight * CE(target distribution, draft distribution)
+            averaged over positions whose token t_{i+1} is an assistant token
+
+Runs on one CPU as is and unchanged under `accelerate launch` on several GPUs or machines:
+accelerate prepares the head, optimizer, scheduler and data loader. A checkpoint (every
+`checkpoint_every` steps) holds the head, optimizer, scheduler, RNG states and the position in
+the epoch's data order, so a killed run resumes where the last checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from eaglespec.draft import DraftHead, head_config_from_target
+from eaglespec.kv_cache import DraftKVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Head training hyper-parameters."""
+
+    steps: int = 2000  # optimizer steps in all
+    batch_size: int = 4  # rows per step (per process)
+    lr: float = 5e-4  # peak learning rate
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    noise: float = 0.1  # uniform noise U(-noise, noise) on input features
+    p_weight: float = 0.1  # weight of the cross-entropy term
+    draft_vocab: int = 8192  # K most frequent training tokens (0 = full vocabulary)
+    checkpoint_every: int = 100
+    eval_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.draft_vocab < 0 or self.noise < 0:
+            raise ValueError("lr must be > 0; draft_vocab and noise must be >= 0")
+
+
+class FrozenTargetParts:
+    """The target's embedding and LM head (frozen, float32): all the head training needs."""
+
+    def __init__(self, embed: torch.Tensor, lm_head: torch.Tensor, config) -> None:
+        self.embed = embed.detach().float()  # [V, H]
+        self.lm_head = lm_head.detach().float()  # [V, H]
+        self.config = config
+
+    @classmethod
+    def from_target(cls, target) -> "FrozenTargetParts":
+        return cls(target.embed.weight, target.lm_head.weight, target.config)
+
+
+def top_token_ids(rows: list[dict], k: int, vocab_size: int) -> torch.Tensor:
+    """The k most frequent tokens on the loss-masked positions of the training rows."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for r in rows:
+        counts += torch.bincount(r["input_ids"][r["loss_mask"].bool()], minlength=vocab_size)
+    k = min(k, int((counts > 0).sum()) or vocab_size)
+    return counts.topk(k).indices
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest: ids [B, T], features [B, T, H], mask [B, T] (0 on padding)."""
+    t = max(r["input_ids"].shape[0] for r in rows)
+    h = rows[0]["features"].shape[1]
+    ids = torch.zeros(len(rows), t, dtype=torch.long)
+    feats = torch.zeros(len(rows), t, h, dtype=torch.bfloat16)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        n = r["input_ids"].shape[0]
+        ids[i, :n] = r["input_ids"]
+        feats[i, :n] = r["features"]
+        mask[i, :n] = r["loss_mask"].bool()
+    return {"input_ids": ids, "features": feats, "loss_mask": mask}
+
+
+def head_loss(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.Tensor, batch: dict, cfg: TrainConfig,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """The EAGLE-1 loss on one batch; returns (loss, metrics)."""
+    feats = batch["features"].float()  # [B, T, H]
+    ids = batch["input_ids"]
+    inp = feats[:, :-1]
+    if cfg.noise > 0:
+        noise = torch.rand(inp.shape, generator=generator, device=inp.device) * (2 * cfg.noise) - cfg.noise
+        inp = inp + noise
+    next_feat = feats[:, 1:]  # [B, T-1, H]
+    tok_emb = F.embedding(ids[:, 1:], parts.embed)  # [B, T-1, H]
+    positions = torch.arange(inp.shape[1], device=inp.device).expand(inp.shape[0], -1)
+    pred = head(inp, tok_emb, positions)  # causal, no cache
+    m = batch["loss_mask"][:, 1:].float()  # [B, T-1]
+    denom = m.sum().clamp(min=1.0)
+    vloss = (F.smooth_l1_loss(pred, next_feat, reduction="none").mean(-1) * m).sum() / denom
+    with torch.no_grad():
+        target_p = F.linear(next_feat, lm_draft).softmax(-1)  # [B, T-1, K]
+    logq = F.linear(pred, lm_draft).log_softmax(-1)
+    ploss = (-(target_p * logq).sum(-1) * m).sum() / denom
+    with torch.no_grad():
+        acc = ((logq.argmax(-1) == target_p.argmax(-1)).float() * m).sum() / denom
+    loss = vloss + cfg.p_weight * ploss
+    return loss, {"loss": loss.item(), "vloss": vloss.item(), "ploss": ploss.item(), "acc": acc.item()}
+
+
+@torch.no_grad()
+def simulate_chains(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.Tensor, vocab_ids: torch.Tensor,
+                    rows: list[dict], depth: int = 5, stride: int = 16) -> dict:
+    """Draft a chain of `depth` guesses at every `stride`-th assistant position of each row, the way
+    the engine drafts (cache, own predicted features), and score it against the target's greedy
+    choice (argmax of its LM head on the stored features).
+
+    A guess can only be checked while the row's own tokens follow the target's greedy path, so on
+    human-written rows the simulated tau is a lower bound; on `--regenerate` rows it is close.
+    Returns per-step top-1 accuracy (given all earlier steps right) and tau = 1 + mean accepted.
+    """
+    head.eval()
+    attn = head.layers[0].self_attn
+    right = torch.zeros(depth)
+    tried = torch.zeros(depth)
+    accepted_total, chains = 0, 0
+    for r in rows:
+        ids, feats = r["input_ids"], r["features"].float()
+        n = ids.shape[0]
+        greedy = F.linear(feats, parts.lm_head).argmax(-1)  # [T]: target's choice after each position
+        cache = DraftKVCache(n + depth, attn.num_kv_heads, attn.head_dim, feats.device, feats.dtype)
+        starts = [i for i in range(0, n - depth - 2, stride) if r["loss_mask"][i + 1]]
+        done = 0  # pairs committed
+        for i in starts:
+            # commit the real pairs (f_j, t_{j+1}) for j in [done, i]
+            js = torch.arange(done, i + 1)
+            vis = torch.ones(len(js), i + 1, dtype=torch.bool).tril_(diagonal=done)
+            h = head(feats[js][None], F.embedding(ids[js + 1], parts.embed)[None], js[None], vis[None, None], cache, commit=True)[0, -1]
+            done = i + 1
+            accepted = 0
+            for k in range(depth):
+                guess = vocab_ids[F.linear(h, lm_draft).argmax()]
+                pos = i + 1 + k  # the guess is for token pos + 1, after feature pos
+                tried[k] += 1
+                if guess != greedy[pos]:
+                    break
+                right[k] += 1
+                accepted += 1
+                if pos + 1 >= n or ids[pos + 1] != guess:
+                    break  # the row leaves the target's greedy path: nothing further to check
+                vis = torch.ones(1, cache.length + cache.tree_len + 1, dtype=torch.bool)
+                h = head(h[None, None], F.embedding(guess.reshape(1, 1), parts.embed), torch.tensor([[pos]]),
+                         vis[None, None], cache)[0, -1]
+            cache.drop_tree()
+            accepted_total += accepted
+            chains += 1
+    head.train()
+    acc = (right / tried.clamp(min=1)).tolist()
+    return {"chains": chains, "step_acc": [round(a, 4) for a in acc],
+            "sim_tau": round(1 + accepted_total / max(chains, 1), 4)}
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[dict], out_dir: Path,
+               cfg: TrainConfig, extra_card: dict | None = None) -> dict:
+    """Train (or resume) a head in `out_dir`; write the final head to `out_dir / 'head'`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir, state_path = out_dir / "checkpoint", out_dir / "checkpoint" / "trainer.json"
+    if not train_rows:
+        raise ValueError("no training rows")
+
+    head = DraftHead(head_config_from_target(parts.config))
+    vocab_size = parts.embed.shape[0]
+    if cfg.draft_vocab and cfg.draft_vocab < vocab_size:
+        head.set_vocab(top_token_ids(train_rows, cfg.draft_vocab, vocab_size))
+    vocab_ids = head.draft_token_ids()
+    lm_draft = parts.lm_head[vocab_ids]  # [K, H]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
+    parts.embed, lm_draft = parts.embed.to(accelerator.device), lm_draft.to(accelerator.device)
+
+    step, epoch, pos = 0, 0, 0
+    history: list[dict] = []
+    if state_path.is_file():
+        accelerator.load_state(str(ckpt_dir))
+        state = json.loads(state_path.read_text())
+        if state["config"] != asdict(cfg):
+            log.warning("resuming with changed settings: %s -> %s", state["config"], asdict(cfg))
+        step, epoch, pos, history = state["step"], state["epoch"], state["pos"], state["history"]
+        log.warning("resumed at step %d (epoch %d, batch %d)", step, epoch, pos)
+
+    def epoch_loader(e: int):
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + e)).tolist()
+        dl = torch.utils.data.DataLoader(train_rows, batch_size=cfg.batch_size, sampler=order, collate_fn=collate, drop_last=True)
+        return accelerator.prepare_data_loader(dl)
+
+    def save_checkpoint() -> None:
+        tmp = out_dir / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.save_state(str(tmp))
+        (tmp / "trainer.json").write_text(json.dumps(
+            {"step": step, "epoch": epoch, "pos": pos, "history": history, "config": asdict(cfg)}))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        tmp.replace(ckpt_dir)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process)
+    noise_gen = torch.Generator(device=accelerator.device)
+    started, tokens_seen = time.perf_counter(), 0
+    while step < cfg.steps:
+        loader = epoch_loader(epoch)
+        if pos >= len(loader):
+            epoch, pos = epoch + 1, 0
+            continue
+        batches = accelerator.skip_first_batches(loader, pos) if pos else loader
+        for batch in batches:
+            noise_gen.manual_seed(cfg.seed * 1_000_003 + step)  # noise fixed by step: resume-exact
+            loss, metrics = head_loss(head, parts, lm_draft, batch, cfg, noise_gen)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step, pos = step + 1, pos + 1
+            tokens_seen += int(batch["loss_mask"].sum())
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            if step % 10 == 0 or step == 1:
+                history.append({"step": step, **{k: round(v, 5) for k, v in metrics.items()}})
+            if step % cfg.eval_every == 0 and val_rows and accelerator.is_main_process:
+                ev = simulate_chains(accelerator.unwrap_model(head), parts, lm_draft, vocab_ids, val_rows)
+                history.append({"step": step, "val": ev})
+                log.warning("step %d validation: %s", step, ev)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint()
+            if step >= cfg.steps:
+                break
+        else:
+            epoch, pos = epoch + 1, 0
+    bar.close()
+    final = {}
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(head)
+        final = simulate_chains(model, parts, lm_draft, vocab_ids, val_rows) if val_rows else {}
+        card = {"steps": step, "epochs_started": epoch + 1, "train_rows": len(train_rows),
+                "session_seconds": round(time.perf_counter() - started, 1),
+                "loss_tokens_this_session": tokens_seen, "validation": final,
+                "config": asdict(cfg), **(extra_card or {})}
+        model.save_pretrained(out_dir / "head")
+        (out_dir / "head" / "training.json").write_text(json.dumps(card, indent=2))
+        (out_dir / "history.json").write_text(json.dumps(history))
+    return final

@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import random_head
+
+from eaglespec.cli import main
+from eaglespec.target import load_target
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_plain_and_speculative_agree(capsys, tiny_model_dir, tmp_path):
+    base = ["generate", "w1 w2 w3 w4", "--model", str(tiny_model_dir), "--max-new-tokens", "24", "--json"]
+    code, out, _ = cli(capsys, *base, "--no-draft")
+    assert code == 0
+    plain = json.loads(out)
+    assert set(plain) == {"text", "new_tokens", "target_forwards", "mean_accept_len", "tokens_per_s", "elapsed_s"}
+    assert plain["mean_accept_len"] == 1.0 and plain["target_forwards"] == plain["new_tokens"]
+
+    random_head(load_target(str(tiny_model_dir))).save_pretrained(tmp_path / "head")
+    for tree in ("static", "dynamic"):
+        code, out, _ = cli(capsys, *base, "--draft", str(tmp_path / "head"), "--tree", tree)
+        assert code == 0
+        spec = json.loads(out)
+        assert spec["text"] == plain["text"]
+
+
+def test_generate_streams_text(capsys, tiny_model_dir):
+    code, out, err = cli(capsys, "generate", "w5 w6", "--model", str(tiny_model_dir), "--max-new-tokens", "8",
+                         "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
+    assert code == 0
+    assert out.strip() and all(w.startswith("w") for w in out.split())
+    assert "tok/s" in err
+
+
+def test_messages_file(capsys, tiny_model_dir, tmp_path):
+    msgs = tmp_path / "m.json"
+    msgs.write_text(json.dumps([{"role": "user", "content": "w1 w2"}]))
+    code, out, _ = cli(capsys, "generate", "--messages", str(msgs), "--model", str(tiny_model_dir),
+                       "--max-new-tokens", "5", "--json")
+    assert code == 0 and json.loads(out)["new_tokens"] == 5
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--draft", "/nonexistent/head"], "no draft head"),
+    (["--max-len", "20", "--max-new-tokens", "15"], "exceeds the cache"),
+])
+def test_bad_input_is_one_line_and_nonzero(capsys, tiny_model_dir, extra, words):
+    code, out, err = cli(capsys, "generate", "w1 w2 w3", "--model", str(tiny_model_dir), *extra)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("eaglespec: error:") and words in err
+    assert "Traceback" not in err
+
+
+def test_empty_prompt(capsys, tiny_model_dir):
+    code, _, err = cli(capsys, "generate", "  ", "--model", str(tiny_model_dir))
+    assert code == 2 and "empty" in err
+
+
+def test_mismatched_head(capsys, tiny_model_dir, tmp_path):
+    from helpers import tiny_target
+
+    random_head(tiny_target(hidden=32)).save_pretrained(tmp_path / "small")
+    code, _, err = cli(capsys, "generate", "w1", "--model", str(tiny_model_dir), "--draft", str(tmp_path / "small"))
+    assert code == 2 and "[32, 64]" in err and "[64, 128]" in err
+
+
+def test_missing_model(capsys, tmp_path):
+    code, _, err = cli(capsys, "generate", "hi", "--model", str(tmp_path / "nothing"))
+    assert code == 2 and "config.json" in err
+
+
+def test_real_process_exit_code(tiny_model_dir):
+    r = subprocess.run([sys.executable, "-m", "eaglespec.cli", "generate", "w1", "--model", str(tiny_model_dir),
+                        "--top-p", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "top_p" in r.stderr

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+from helpers import oracle_head, random_head, tiny_target
+
+from eaglespec.draft import DraftHead, DraftHeadError
+from eaglespec.drafter import EagleDrafter, TreeConfig
+from eaglespec.generate import GenerationConfig, Generator
+
+OFFICIAL_KEYS = {
+    "fc.weight", "fc.bias",
+    "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
+    "layers.0.self_attn.v_proj.weight", "layers.0.self_attn.o_proj.weight",
+    "layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight",
+    "layers.0.post_attention_layernorm.weight",
+}
+
+
+def test_checkpoint_is_the_official_eagle_format(tmp_path):
+    from safetensors.torch import load_file
+
+    target = tiny_target()
+    head = random_head(target)
+    head.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["bias"] is True
+    assert config["hidden_size"] == target.hidden_size
+    assert set(load_file(str(tmp_path / "model.safetensors"))) == OFFICIAL_KEYS
+    again = DraftHead.from_pretrained(tmp_path)
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v)
+
+
+def test_reads_pytorch_model_bin_and_ignores_official_extras(tmp_path):
+    target = tiny_target()
+    head = random_head(target)
+    head.save_pretrained(tmp_path)
+    state = {k: v for k, v in head.state_dict().items() if k in OFFICIAL_KEYS}
+    state["embed_tokens.weight"] = torch.zeros(target.vocab_size, target.hidden_size)  # some official heads carry it
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    again = DraftHead.from_pretrained(tmp_path)
+    torch.testing.assert_close(again.fc.weight, head.fc.weight)
+
+
+def test_head_that_does_not_fit_is_refused_naming_both_shapes(tmp_path):
+    small = tiny_target(hidden=64)
+    big = tiny_target(hidden=96)
+    random_head(big).save_pretrained(tmp_path)
+    head = DraftHead.from_pretrained(tmp_path)
+    with pytest.raises(DraftHeadError) as e:
+        EagleDrafter(head, small, TreeConfig())
+    assert "[96, 192]" in str(e.value) and "[64, 128]" in str(e.value)
+
+
+def test_missing_and_corrupt_heads(tmp_path):
+    with pytest.raises(DraftHeadError):
+        DraftHead.from_pretrained(tmp_path / "nowhere")
+    head = random_head(tiny_target())
+    head.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["fc.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(DraftHeadError, match="fc.bias"):
+        DraftHead.from_pretrained(tmp_path)
+
+
+def test_reduced_vocab_head_round_trips_and_stays_lossless(tmp_path):
+    target = tiny_target(copyable=True, logit_scale=30.0)
+    head = oracle_head(target, noise=0.2)
+    keep = torch.arange(0, target.vocab_size, 2)  # half the vocabulary
+    head.set_vocab(keep)
+    head.save_pretrained(tmp_path)
+    again = DraftHead.from_pretrained(tmp_path)
+    assert again.reduced_vocab
+    assert again.draft_token_ids().tolist() == keep.tolist()
+    assert again.t2d.sum() == keep.numel()
+
+    plain = Generator(target)
+    cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
+    for kind in ("static", "dynamic"):
+        spec = Generator(target, EagleDrafter(again, target, TreeConfig(kind=kind)))
+        g = torch.Generator().manual_seed(5)
+        proposed = set()
+        for _ in range(6):
+            p = torch.randint(2, target.vocab_size, (8,), generator=g)
+            want = [t for c in plain.generate_ids(p, cfg) for t in c]
+            got = [t for c in spec.generate_ids(p, cfg) for t in c]
+            assert got == want
+        tree = spec.drafter.propose(torch.tensor([3]))  # fresh proposal after a generate
+        proposed.update(tree.tokens[1:].tolist())
+        assert proposed <= set(keep.tolist())  # only draft-vocabulary tokens are ever guessed

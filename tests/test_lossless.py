@@ -1,0 +1,186 @@
+"""Speculative decoding must emit exactly what the target would: token for token when greedy, the
+target's own distribution when sampling."""
+
+import math
+
+import pytest
+import torch
+from helpers import oracle_head, random_head, tiny_target
+
+import eaglespec.generate as generate_module
+from eaglespec.drafter import EagleDrafter, TreeConfig
+from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.verify import SamplingParams, Verdict, process_logits
+
+N_PROMPTS, NEW_TOKENS = 20, 64
+
+
+def run(gen: Generator, prompt: torch.Tensor, cfg: GenerationConfig) -> list[int]:
+    return [t for chunk in gen.generate_ids(prompt, cfg) for t in chunk]
+
+
+def prompts(vocab: int, n: int = N_PROMPTS, seed: int = 1234) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (int(torch.randint(3, 24, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request):
+    """A copyable, sharp tiny target of each architecture, and its plain greedy outputs."""
+    target = tiny_target(request.param, copyable=True, logit_scale=30.0)
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    ps = prompts(target.vocab_size)
+    plain = Generator(target)
+    return target, cfg, ps, [run(plain, p, cfg) for p in ps]
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+@pytest.mark.parametrize("head_kind", ["random", "nudged"])
+def test_greedy_is_token_identical(setup, kind, head_kind):
+    target, cfg, ps, expected = setup
+    head = random_head(target) if head_kind == "random" else oracle_head(target, noise=0.2)
+    spec = Generator(target, EagleDrafter(head, target, TreeConfig(kind=kind)))
+    taus = []
+    for p, want in zip(ps, expected):
+        got = run(spec, p, cfg)
+        assert got == want
+        taus.append(spec.last_stats.mean_accept_len)
+    tau = sum(taus) / len(taus)
+    if head_kind == "random":
+        assert tau < 1.5  # mostly rejections: the rejection paths were exercised
+    else:
+        assert tau > 2.5  # long acceptances: compaction over multi-token paths was exercised
+
+
+def test_greedy_stops_at_eos_like_plain():
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS)  # eos id 1 is live here
+    plain = Generator(target)
+    spec = Generator(target, EagleDrafter(oracle_head(target, 0.2), target, TreeConfig(kind="dynamic")))
+    hits = 0
+    for eos in range(2, 12):  # make some token an EOS so that sequences do end early
+        target.model.generation_config.eos_token_id = eos
+        for p in prompts(target.vocab_size, n=4, seed=eos):
+            want, got = run(plain, p, cfg), run(spec, p, cfg)
+            assert got == want
+            hits += want[-1] == eos
+    assert hits > 0
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+VOCAB, DRAWS = 12, 2000
+
+
+def exact_joint(target, prompt: torch.Tensor, params: SamplingParams) -> dict[tuple, float]:
+    """P(first three tokens) under plain sampling from the processed target distribution."""
+    def dist(seq):
+        target.reset()
+        return process_logits(target.forward(seq).logits[-1], params)
+
+    joint = {}
+    p1 = dist(prompt)
+    for a in range(VOCAB):
+        if p1[a] == 0:
+            continue
+        p2 = dist(torch.cat([prompt, torch.tensor([a])]))
+        for b in range(VOCAB):
+            if p2[b] == 0:
+                continue
+            p3 = dist(torch.cat([prompt, torch.tensor([a, b])]))
+            for c in range(VOCAB):
+                if p3[c] > 0:
+                    joint[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
+    return joint
+
+
+def chi_square_excess(samples: list[tuple], joint: dict[tuple, float]) -> tuple[float, float]:
+    """(statistic, critical value at p = 1e-4). Outcomes expected fewer than 5 times are pooled;
+    an outcome of probability 0 that shows up makes the statistic infinite."""
+    n = len(samples)
+    counts = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    if any(s not in joint for s in counts):
+        return math.inf, 0.0
+    big = [o for o, p in joint.items() if p * n >= 5]
+    stat, pooled_e, pooled_o = 0.0, 0.0, 0
+    for o in joint:
+        e = joint[o] * n
+        if o in big:
+            stat += (counts.get(o, 0) - e) ** 2 / e
+        else:
+            pooled_e += e
+            pooled_o += counts.get(o, 0)
+    df = len(big) - 1
+    if pooled_e > 0:
+        stat += (pooled_o - pooled_e) ** 2 / pooled_e
+        df += 1
+    z = 3.719  # one-sided normal quantile for 1e-4; Wilson-Hilferty chi-square quantile
+    crit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat, crit
+
+
+@pytest.fixture(scope="module")
+def sampling_setup():
+    target = tiny_target("llama", copyable=True, logit_scale=12.0, vocab=VOCAB, seed=3)
+    head = oracle_head(target, noise=0.3)
+    return target, head, torch.tensor([2, 7, 4, 9])
+
+
+def draw(target, head, prompt, params: SamplingParams, kind: str = "dynamic") -> list[tuple]:
+    tree = TreeConfig(kind=kind, top_k=3, depth=3, total_tokens=8)
+    spec = Generator(target, EagleDrafter(head, target, tree))
+    cfg = dict(max_new_tokens=3, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+               ignore_eos=True)
+    out, accepted_multi = [], 0
+    for seed in range(DRAWS):
+        toks = run(spec, prompt, GenerationConfig(seed=seed, **cfg))
+        out.append(tuple(toks))
+        accepted_multi += spec.last_stats.target_forwards < 3
+    assert accepted_multi > DRAWS // 10, "the draft was (almost) never accepted: the test would be vacuous"
+    return out
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.9), SamplingParams(1.0, top_k=5)],
+                         ids=["t1", "t0.7-p0.9", "k5"])
+def test_sampling_matches_target_distribution(sampling_setup, params):
+    target, head, prompt = sampling_setup
+    joint = exact_joint(target, prompt, params)
+    assert abs(sum(joint.values()) - 1) < 1e-4
+    stat, crit = chi_square_excess(draw(target, head, prompt, params), joint)
+    assert stat < crit, f"chi-square {stat:.1f} exceeds the 1e-4 critical value {crit:.1f}"
+
+
+def test_sampling_check_catches_a_biased_verifier(sampling_setup, monkeypatch):
+    """Negative control: a verifier that accepts the top draft child without the rejection test
+    (a classic bug) must fail the same check."""
+    target, head, prompt = sampling_setup
+    params = SamplingParams(1.0)
+
+    def accept_first_children(tree, logits, params, generator=None):
+        p = process_logits(logits, params)
+        path, node = [0], 0
+        while True:
+            kids = (tree.parents == node).nonzero().squeeze(1)
+            if kids.numel() == 0:
+                break
+            node = int(kids[0])
+            path.append(node)
+        nodes = torch.tensor(path)
+        bonus = torch.multinomial(p[node], 1, generator=generator)
+        return Verdict(nodes=nodes, tokens=torch.cat([tree.tokens[nodes[1:]], bonus]))
+
+    monkeypatch.setattr(generate_module, "verify", accept_first_children)
+    joint = exact_joint(target, prompt, params)
+    stat, crit = chi_square_excess(draw(target, head, prompt, params), joint)
+    assert stat > crit
+
+
+def test_seeded_sampling_is_deterministic(sampling_setup):
+    target, head, prompt = sampling_setup
+    spec = Generator(target, EagleDrafter(head, target, TreeConfig()))
+    cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=42, ignore_eos=True)
+    assert run(spec, prompt, cfg) == run(spec, prompt, cfg)
+    assert run(spec, prompt, cfg) != run(spec, prompt, GenerationConfig(max_new_tokens=20, temperature=1.0, seed=43, ignore_eos=True))
+

@@ -1,0 +1,84 @@
+import pytest
+import torch
+from helpers import tiny_target
+
+from eaglespec.tree import MC_SIM_7B_63, make_tree, select_dynamic, static_shape
+
+
+def test_small_tree_by_hand():
+    # root -> a(1), b(2); a -> c(3); c -> d(4)
+    tree = make_tree(torch.tensor([10, 11, 12, 13, 14]), torch.tensor([-1, 0, 0, 1, 3]))
+    assert tree.depths.tolist() == [0, 1, 1, 2, 3]
+    assert tree.mask.int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 0, 1, 0, 0],
+        [1, 1, 0, 1, 0],
+        [1, 1, 0, 1, 1],
+    ]
+    assert sorted(tree.retrieve.tolist()) == [[0, 1, 3, 4], [0, 2, -1, -1]]
+
+
+def test_static_shape_from_paths():
+    shape = static_shape([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    # nodes sorted by (depth, path): root, [0], [1], [0,0], [0,1], [1,0], [0,0,0]
+    assert shape.parents.tolist() == [-1, 0, 0, 1, 1, 2, 3]
+    assert shape.ranks.tolist() == [0, 0, 1, 0, 1, 0, 0]
+    assert shape.depths.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert shape.topk == (2, 2, 1)
+    assert [lv.tolist() for lv in shape.levels] == [[1, 2], [3, 4, 5], [6]]
+
+
+def test_eagle_preset_shape():
+    shape = static_shape(MC_SIM_7B_63)
+    assert shape.size == 26 and shape.max_depth == 5
+    tree = make_tree(torch.zeros(shape.size, dtype=torch.long), shape.parents)
+    assert tree.retrieve.shape == (len([p for p in MC_SIM_7B_63 if not any(
+        len(q) == len(p) + 1 and tuple(q[:-1]) == tuple(p) for q in MC_SIM_7B_63)]), 6)
+
+
+@pytest.mark.parametrize("paths", [[[0, 0]], [[-1]], []])
+def test_static_shape_rejects_bad_paths(paths):
+    with pytest.raises(ValueError):
+        static_shape(paths)
+
+
+def test_select_dynamic_keeps_parents_and_best_scores():
+    # candidates in creation order; parents index candidates, -1 = root
+    scores = torch.tensor([-0.1, -1.0, -0.3, -2.0, -0.2, -0.5])
+    parents = torch.tensor([-1, -1, 0, 1, 0, 4])
+    tokens = torch.tensor([5, 6, 7, 8, 9, 4])
+    tree, kept = select_dynamic(scores, parents, tokens, total_tokens=5, max_depth=3)
+    # best four: 0 (-0.1), 4 (-0.2), 2 (-0.3), 5 (-0.5); kept in creation order
+    assert kept.tolist() == [0, 2, 4, 5]
+    assert tree.tokens[1:].tolist() == [5, 7, 9, 4]
+    assert tree.parents.tolist() == [-1, 0, 1, 1, 3]
+    assert tree.depths.tolist() == [0, 1, 2, 2, 3]
+
+
+def test_select_dynamic_ties_keep_parent():
+    # child has the same score as its parent (log-prob 0): the parent must still come first
+    scores = torch.tensor([-1.0, -1.0, -1.0])
+    parents = torch.tensor([-1, 0, 1])
+    tree, kept = select_dynamic(scores, parents, torch.tensor([1, 2, 3]), total_tokens=3, max_depth=3)
+    assert kept.tolist() == [0, 1]
+    assert tree.parents.tolist() == [-1, 0, 1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tree_attention_equals_causal_on_each_branch(arch):
+    """Oracle: the logits of every node under the tree mask equal those of running the prefix
+    plus that node's root-to-node branch as a plain causal sequence."""
+    target = tiny_target(arch)
+    prefix = torch.tensor([3, 17, 42, 8, 11])
+    tree = make_tree(torch.tensor([20, 21, 22, 23, 24, 25, 26]), torch.tensor([-1, 0, 0, 1, 1, 2, 4]))
+    target.prefill(prefix)
+    got = target.forward(tree.tokens, target.cache.length + tree.depths, tree.mask).logits
+    for node in range(tree.size):
+        branch = tree.mask[node].nonzero().squeeze(1)  # ancestors in depth order, then the node
+        seq = torch.cat([prefix, tree.tokens[branch]])
+        target.reset()
+        want = target.forward(seq).logits[-1]
+        torch.testing.assert_close(got[node], want, rtol=1e-4, atol=1e-4)
+        target.prefill(prefix)
+        target.forward(tree.tokens, target.cache.length + tree.depths, tree.mask)

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from eaglespec.tree import make_tree
+from eaglespec.verify import SamplingParams, process_logits, verify, verify_greedy
+
+
+def one_hot_logits(choices: list[int], vocab: int = 10) -> torch.Tensor:
+    logits = torch.full((len(choices), vocab), -5.0)
+    logits[torch.arange(len(choices)), torch.tensor(choices)] = 5.0
+    return logits
+
+
+def test_greedy_accepts_longest_agreeing_path():
+    # root -> 3 (node 1), 4 (node 2); node 1 -> 5 (node 3); node 2 -> 6 (node 4)
+    tree = make_tree(torch.tensor([9, 3, 4, 5, 6]), torch.tensor([-1, 0, 0, 1, 2]))
+    # the target picks 4 after the root, 6 after node 2, then 8
+    v = verify_greedy(tree, one_hot_logits([4, 0, 6, 0, 8]))
+    assert v.nodes.tolist() == [0, 2, 4]
+    assert v.tokens.tolist() == [4, 6, 8]  # two accepted guesses and the bonus token
+
+
+def test_greedy_rejects_everything():
+    tree = make_tree(torch.tensor([9, 3, 4]), torch.tensor([-1, 0, 0]))
+    v = verify_greedy(tree, one_hot_logits([7, 0, 0]))
+    assert v.nodes.tolist() == [0]
+    assert v.tokens.tolist() == [7]  # the target's own token
+
+
+def test_process_logits_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    p = process_logits(logits, SamplingParams(1.0, top_k=2))
+    assert (p[0, 2:] == 0).all() and p[0, :2].sum().item() == pytest.approx(1.0)
+    full = torch.softmax(logits, -1)[0]
+    p = process_logits(logits, SamplingParams(1.0, top_p=0.8))
+    kept = int((p[0] > 0).sum())
+    # the smallest prefix of sorted tokens whose mass reaches 0.8
+    assert full[: kept - 1].sum() < 0.8 <= full[:kept].sum()
+    p = process_logits(logits, SamplingParams(0.5))
+    torch.testing.assert_close(p, torch.softmax(logits / 0.5, -1))
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)])
+def test_bad_sampling_params(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_first_token_follows_p_whatever_the_guesses():
+    """The token emitted right after the root is distributed as p(root), exactly, for any set of
+    guessed children (including a low-probability one and a duplicate-free top set)."""
+    torch.manual_seed(0)
+    vocab = 6
+    logits = torch.randn(5, vocab) * 1.5
+    params = SamplingParams(1.0)
+    p = process_logits(logits[0], params)
+    tree = make_tree(torch.tensor([0, int(p.argmax()), int(p.argmin()), 2, 1]), torch.tensor([-1, 0, 0, 1, 2]))
+    g = torch.Generator().manual_seed(1)
+    n = 40000
+    counts = torch.zeros(vocab)
+    for _ in range(n):
+        v = verify(tree, logits, params, g)
+        counts[v.tokens[0]] += 1
+    freq = counts / n
+    # 5 standard errors of a binomial proportion
+    tol = 5 * torch.sqrt(p * (1 - p) / n) + 1e-3
+    assert ((freq - p).abs() <= tol).all(), (freq, p)
