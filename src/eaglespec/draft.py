@@ -168,7 +168,8 @@ class DraftHead(nn.Module):
 
     # -- checkpoint format ------------------------------------------------------------------
 
-    def save_pretrained(self, path: str | Path, extra_config: dict | None = None) -> None:
+    def save_pretrained(self, path: str | Path, extra_config: dict | None = None, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors; `dtype` casts the floating weights (e.g. bf16 to ship)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()
@@ -177,6 +178,8 @@ class DraftHead(nn.Module):
         config.update(extra_config or {})
         (path / "config.json").write_text(json.dumps(config, indent=2, default=str))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         if not self.reduced_vocab:  # the official EAGLE-1/2 format has no vocabulary map
             state.pop("d2t")
             state.pop("t2d")

@@ -1,14 +1,96 @@
-"""`eaglespec bench` argument wiring (the benchmark itself lives in eaglespec.bench.run)."""
+"""`eaglespec bench`: methods side by side on a prompt set; results.json, results.md, plots."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark methods side by side on a prompt set")
-    p.add_argument("--methods", default="plain,eagle-static,eagle-dynamic,hf-generate,hf-prompt-lookup")
+    from eaglespec.bench.run import BUILTIN_SETS, METHODS
+    from eaglespec.cli import add_draft_args, add_model_args
+
+    p = sub.add_parser("bench", help="benchmark decoding methods side by side on a prompt set")
+    p.add_argument("--questions", default=None,
+                   help=f"MT-bench/Spec-Bench question file (JSONL), or a built-in set: {', '.join(BUILTIN_SETS)} "
+                        "(default: sharegpt, the held-out slice)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--limit", type=int, default=None, help="questions per category")
+    p.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    p.add_argument("--turns", type=int, default=None, help="ask only the first N turns of each question")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds per method")
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    add_model_args(p)
+    add_draft_args(p)
 
 
 def cmd_bench(args) -> int:
-    from eaglespec.cli import UsageError
+    from eaglespec.bench.run import (BUILTIN_SETS, BenchError, builtin_questions, build_runners, load_questions,
+                                     markdown, plots, run_bench, select, summarize)
+    from eaglespec.cli import tree_config
+    from eaglespec.draft import DraftHead
+    from eaglespec.generate import GenerationConfig
+    from eaglespec.heads import default_head_path
+    from eaglespec.target import load_target
 
-    raise UsageError("eaglespec bench is not built yet")
+    if args.limit is not None and args.limit < 1:
+        raise BenchError(f"--limit must be >= 1, got {args.limit}")
+    # validate everything cheap before loading anything or touching --out
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                           top_p=1.0, top_k=0)
+    source = args.questions or "sharegpt"
+    if source in BUILTIN_SETS:
+        questions = builtin_questions(source, None if cats else args.limit)
+    else:
+        questions = load_questions(source)
+    questions = select(questions, cats, args.limit)
+    if args.turns is not None:
+        if args.turns < 1:
+            raise BenchError(f"--turns must be >= 1, got {args.turns}")
+        questions = [replace(q, turns=q.turns[: args.turns]) for q in questions]
+    head_path = args.draft or (default_head_path() if args.model is None else None)
+    head = DraftHead.from_pretrained(head_path) if head_path and not args.no_draft else None
+    from eaglespec.bench.run import METHODS
+
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise BenchError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    if head is None and any(m.startswith("eagle") for m in methods):
+        raise BenchError("eagle methods need a draft head: pass --draft PATH (none ships for this model)")
+
+    target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len)
+    runners = build_runners(target, methods, head, tree_config(args))
+    records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup)]
+    table = summarize(records)
+    import torch
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    header = (f"## eaglespec bench: {source}, {len(questions)} questions, {args.dtype}, temperature {args.temperature}, "
+              f"max_new_tokens {args.max_new_tokens}, turns {args.turns or 'all'}\n\nMachine: {machine}. Tree: {tree_config(args)}.")
+    mismatches = [r for r in records if r["equal_to_baseline"] is False]
+    # write into a fresh folder and swap it in, so a failed run never leaves a half-written --out
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}-"))
+    (tmp / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items() if k != "func"},
+                                                  "machine": machine, "summary": table, "runs": records}, indent=1))
+    md = markdown(table, header)
+    if mismatches:
+        md += "\nOutputs that differ from plain decoding:\n" + "".join(
+            f"- question {r['question_id']} turn {r['turn']} {r['method']}\n" for r in mismatches)
+    (tmp / "results.md").write_text(md)
+    plots(records, table, tmp)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    tmp.replace(args.out)
+    print(md)
+    return 0

@@ -49,6 +49,7 @@ def add_train_parser(sub) -> None:
             s.add_argument("--eval-every", type=int, default=d.eval_every)
             s.add_argument("--val-rows", type=int, default=24, help="validation rows for the simulated acceptance")
             s.add_argument("--seed", type=int, default=d.seed)
+            s.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16", "fp16"])
 
 
 def _target(args, dtype: str | None = None):
@@ -90,7 +91,8 @@ def stage_head(args) -> None:
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                       draft_vocab=args.draft_vocab, checkpoint_every=args.checkpoint_every,
-                      eval_every=args.eval_every, seed=args.seed)
+                      eval_every=args.eval_every, seed=args.seed,
+                      mixed_precision=args.mixed_precision)
     target = _target(args, "float32")
     parts = FrozenTargetParts.from_target(target)
     del target

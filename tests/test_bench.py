@@ -1,0 +1,73 @@
+import json
+
+import pytest
+from helpers import random_head
+
+from eaglespec.cli import main
+from eaglespec.target import load_target
+
+
+@pytest.fixture(scope="module")
+def bench_files(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    random_head(load_target(str(tiny_model_dir))).save_pretrained(d / "head")
+    q = d / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "category": ["writing", "math"][i % 2],
+                                     "turns": [f"w{i} w{i + 1} w{i + 2}", "w9 w8"]}) + "\n" for i in range(4)))
+    return d
+
+
+def test_quick_bench_on_a_tiny_model(tiny_model_dir, bench_files, capsys):
+    out = bench_files / "out"
+    code = main(["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "head"),
+                 "--questions", str(bench_files / "q.jsonl"), "--max-new-tokens", "12", "--limit", "1",
+                 "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    runs = res["runs"]
+    methods = {r["method"] for r in runs}
+    assert methods == {"plain", "eagle-static", "eagle-dynamic", "hf-generate", "hf-prompt-lookup"}
+    # 2 questions (one per category) x 2 turns x 5 methods
+    assert len(runs) == 2 * 2 * 5
+    assert {r["turn"] for r in runs} == {0, 1}
+    # greedy fp32: every method reproduces plain decoding exactly
+    assert all(r["equal_to_baseline"] for r in runs)
+    assert res["summary"]["overall"]["plain"]["speedup"] == 1.0
+    assert res["summary"]["overall"]["hf-generate"]["tau"] == 1.0
+    md = (out / "results.md").read_text()
+    assert "| overall | eagle-dynamic |" in md and "| math |" in md
+    for png in ("speedup.png", "accept_lengths.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--methods", "plain,warp-drive"], "unknown methods"),
+    (["--categories", "poetry"], "unknown categories"),
+    (["--questions", "/nonexistent.jsonl"], "not found"),
+])
+def test_bad_bench_input_keeps_results(tiny_model_dir, bench_files, capsys, extra, words):
+    out = bench_files / "kept"
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text("{\"old\": true}")
+    args = ["bench", "--model", str(tiny_model_dir), "--questions", str(bench_files / "q.jsonl"),
+            "--methods", "plain", "--out", str(out), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eaglespec: error:") and words in err and err.count("\n") == 1
+    assert json.loads((out / "results.json").read_text()) == {"old": True}
+
+
+def test_malformed_questions_file(tiny_model_dir, bench_files, capsys):
+    bad = bench_files / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "turns": ["ok"]}\n{"question_id": 2, "turns": []}\n')
+    assert main(["bench", "--model", str(tiny_model_dir), "--questions", str(bad), "--methods", "plain"]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_mismatched_head_is_refused(tiny_model_dir, bench_files, capsys):
+    from helpers import tiny_target
+
+    random_head(tiny_target(hidden=32)).save_pretrained(bench_files / "small_head")
+    code = main(["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "small_head"),
+                 "--questions", str(bench_files / "q.jsonl"), "--methods", "eagle-dynamic"])
+    assert code == 2 and "does not fit" in capsys.readouterr().err

