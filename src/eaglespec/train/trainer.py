@@ -208,12 +208,18 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
 
     step, epoch, pos = 0, 0, 0
     history: list[dict] = []
+    done_seconds, tokens_seen = 0.0, 0  # over all sessions, as of the last checkpoint
+    swapped = out_dir / "checkpoint.tmp" / "trainer.json"
+    if not state_path.is_file() and swapped.is_file() and accelerator.is_main_process:
+        swapped.parent.replace(ckpt_dir)  # killed between removing the old checkpoint and renaming the new
+    accelerator.wait_for_everyone()
     if state_path.is_file():
         accelerator.load_state(str(ckpt_dir))
         state = json.loads(state_path.read_text())
         if state["config"] != asdict(cfg):
             log.warning("resuming with changed settings: %s -> %s", state["config"], asdict(cfg))
         step, epoch, pos, history = state["step"], state["epoch"], state["pos"], state["history"]
+        done_seconds, tokens_seen = state.get("seconds", 0.0), state.get("tokens_seen", 0)
         log.warning("resumed at step %d (epoch %d, batch %d)", step, epoch, pos)
 
     def epoch_loader(e: int):
@@ -222,17 +228,26 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
         return accelerator.prepare_data_loader(dl)
 
     def save_checkpoint() -> None:
+        """Every process takes part in save_state (sharded setups need it); only the main one
+        writes the trainer record and swaps the folder in."""
         tmp = out_dir / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
-        (tmp / "trainer.json").write_text(json.dumps(
-            {"step": step, "epoch": epoch, "pos": pos, "history": history, "config": asdict(cfg)}))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        tmp.replace(ckpt_dir)
+        if accelerator.is_main_process:
+            seconds = done_seconds + time.perf_counter() - started
+            (tmp / "trainer.json").write_text(json.dumps(
+                {"step": step, "epoch": epoch, "pos": pos, "history": history, "config": asdict(cfg),
+                 "seconds": round(seconds, 1), "tokens_seen": tokens_seen}))
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            tmp.replace(ckpt_dir)
+        accelerator.wait_for_everyone()
 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process)
     noise_gen = torch.Generator(device=accelerator.device)
-    started, tokens_seen = time.perf_counter(), 0
+    started = time.perf_counter()
     while step < cfg.steps:
         loader = epoch_loader(epoch)
         if pos >= len(loader):
@@ -259,9 +274,7 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
                 history.append({"step": step, "val": ev})
                 log.warning("step %d validation: %s", step, ev)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint()
+                save_checkpoint()
             if step >= cfg.steps:
                 break
         else:
@@ -271,9 +284,9 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(head)
         final = simulate_chains(model, parts, lm_draft, vocab_ids, val_rows) if val_rows else {}
-        card = {"steps": step, "epochs_started": epoch + 1, "train_rows": len(train_rows),
-                "session_seconds": round(time.perf_counter() - started, 1),
-                "loss_tokens_this_session": tokens_seen, "validation": final,
+        card = {"steps": step, "epochs": round(step * cfg.batch_size / len(train_rows), 2),
+                "train_rows": len(train_rows), "train_seconds": round(done_seconds + time.perf_counter() - started, 1),
+                "loss_tokens_seen": tokens_seen, "validation": final,
                 "config": asdict(cfg), **(extra_card or {})}
         model.save_pretrained(out_dir / "head")
         (out_dir / "head" / "training.json").write_text(json.dumps(card, indent=2))

