@@ -242,3 +242,38 @@ class EagleDrafter(Drafter):
         )
         tree.tokens[0] = root[0]
         return tree
+
+
+class PromptLookupDrafter(Drafter):
+    """Prompt lookup decoding: propose, as a chain, the tokens that followed the latest earlier
+    occurrence of the last n committed tokens (n from `max_ngram` down to 1). No model needed;
+    it shines when the answer copies from the prompt (code edits, summaries, RAG)."""
+
+    def __init__(self, max_ngram: int = 3, num_tokens: int = 8) -> None:
+        if max_ngram < 1 or num_tokens < 1:
+            raise ValueError("max_ngram and num_tokens must be >= 1")
+        self.max_ngram = max_ngram
+        self.num_tokens = num_tokens
+        self.max_tree_size = num_tokens + 1
+        self.history: list[int] = []
+
+    def begin(self) -> None:
+        self.history = []
+
+    def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        self.history.extend(tokens.tolist())  # host copy: once per step
+
+    def propose(self, root: torch.Tensor) -> DraftTree:
+        guess = self._lookup()
+        tokens = torch.tensor([int(root[0])] + guess, dtype=torch.long, device=root.device)
+        parents = torch.arange(-1, len(guess), dtype=torch.long, device=root.device)  # a chain
+        return make_tree(tokens, parents, max_depth=len(guess))
+
+    def _lookup(self) -> list[int]:
+        h = self.history
+        for n in range(min(self.max_ngram, len(h) - 1), 0, -1):
+            tail = h[-n:]
+            for start in range(len(h) - n - 1, -1, -1):  # latest earlier match first
+                if h[start : start + n] == tail:
+                    return h[start + n : start + n + self.num_tokens]
+        return []

@@ -17,14 +17,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
+from eaglespec.drafter import EagleDrafter, NoDrafter, PromptLookupDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.target import Target
 
 log = logging.getLogger(__name__)
 
 BASELINE = "plain"
-METHODS = ("plain", "eagle-static", "eagle-dynamic", "hf-generate", "hf-prompt-lookup")
+METHODS = ("plain", "eagle-static", "eagle-dynamic", "prompt-lookup", "hf-generate", "hf-prompt-lookup")
 BUILTIN_SETS = ("sharegpt", "humaneval")
 
 
@@ -183,6 +183,8 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig) ->
             runners[m] = engine_runner(Generator(target, EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "static"}))))
         elif m == "eagle-dynamic":
             runners[m] = engine_runner(Generator(target, EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "dynamic"}))))
+        elif m == "prompt-lookup":
+            runners[m] = engine_runner(Generator(target, PromptLookupDrafter()))
         elif m == "hf-generate":
             runners[m] = hf_runner(target, None, eos)
         elif m == "hf-prompt-lookup":
