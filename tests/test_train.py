@@ -143,3 +143,25 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
                  "--max-new-tokens", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 6
     assert "head" in out
+
+
+def test_regenerate_writes_the_targets_own_answers(tmp_path, tiny_model_dir):
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.train.data import load_jsonl, regenerate
+
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 5 + i % 4) for i in train_ids(5)])
+    target = load_target(str(tiny_model_dir))
+    prepare(target.tokenizer, tmp_path / "data", src, max_len=64, splits=("train",))
+    regenerate(target, tmp_path / "data", max_new_tokens=10, batch_size=2, splits=("train",))
+    rows = load_jsonl(tmp_path / "data" / "train.regen.jsonl")
+    assert len(rows) == 5
+    plain = Generator(target)
+    for r in rows:
+        first = r["loss_mask"].index(1)
+        prompt, answer = r["input_ids"][:first], r["input_ids"][first:]
+        assert all(r["loss_mask"][first:]) and len(answer) <= 10
+        want = [t for c in plain.generate_ids(torch.tensor(prompt), GenerationConfig(max_new_tokens=10)) for t in c]
+        assert answer == want  # batched, left-padded generation = the target's greedy answer
+    # resumable: a second call writes nothing new
+    regenerate(target, tmp_path / "data", max_new_tokens=10, batch_size=2, splits=("train",))
+    assert len(load_jsonl(tmp_path / "data" / "train.regen.jsonl")) == 5
