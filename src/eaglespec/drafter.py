@@ -80,16 +80,20 @@ class TreeConfig:
 class EagleDrafter(Drafter):
     """Drafts with an EAGLE head over the target's features, as a static or dynamic tree."""
 
-    def __init__(self, head: DraftHead, target: Target, tree: TreeConfig = TreeConfig()) -> None:
+    def __init__(self, head: DraftHead, target: Target, tree: TreeConfig = TreeConfig(),
+                 dtype: torch.dtype = torch.float32) -> None:
+        """dtype: what the head computes in. float32 by default whatever the target's dtype: the
+        head is small, and on CPUs one-row bf16 matmuls are slower than fp32 ones."""
         check_fits(head, target.hidden_size, target.vocab_size)
-        device, dtype = target.device, target.dtype
+        device = target.device
+        self.dtype = dtype
         self.head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.embed = target.embed
+        self.target_embed = target.embed
         self.tree_config = tree
         self.vocab_ids = head.draft_token_ids().to(device)  # [K] target id of each draft id
         weight = target.lm_head.weight
-        # [K, H] the LM head restricted to the draft vocabulary (a copy only when reduced)
-        self.lm_weight = weight[self.vocab_ids] if head.reduced_vocab else weight
+        # [K, H] the LM head restricted to the draft vocabulary, in the head's dtype
+        self.lm_weight = (weight[self.vocab_ids] if head.reduced_vocab else weight).to(dtype)
         if tree.kind == "static":
             self._init_static(tree, device)
         else:
@@ -99,6 +103,10 @@ class EagleDrafter(Drafter):
         self.cache = DraftKVCache(target.max_len + self.slots, attn.num_kv_heads, attn.head_dim, device, dtype)
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_features: list[torch.Tensor] = []
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The target's (frozen) embedding, in the head's dtype: [q] -> [q, H]."""
+        return self.target_embed(tokens).to(self.dtype)
 
     # -- static-tree bookkeeping, computed once ---------------------------------------------
 
@@ -180,7 +188,8 @@ class EagleDrafter(Drafter):
         visible = torch.cat(
             [torch.ones(k, past, dtype=torch.bool, device=device),
              torch.ones(k, k, dtype=torch.bool, device=device).tril_()], dim=1)
-        h = self.head(features[None], self.embed(tokens)[None], positions[None], visible[None, None], self.cache, commit=True)
+        h = self.head(features.to(self.dtype)[None], self.embed(tokens)[None], positions[None], visible[None, None],
+                      self.cache, commit=True)
         return h[0, -1]
 
     def _tree_step(self, feats: torch.Tensor, tokens: torch.Tensor, depth: int, rows: torch.Tensor) -> torch.Tensor:

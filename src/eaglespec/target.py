@@ -158,12 +158,10 @@ class Target:
     def reset(self) -> None:
         self.cache.reset()
 
-    def attention_mask(self, tree_mask: torch.Tensor | None, q: int) -> torch.Tensor:
+    def attention_mask(self, tree_mask: torch.Tensor, q: int) -> torch.Tensor:
         """Additive mask [1, 1, q, length + q]: the committed prefix is visible to all; among the
-        new tokens, row i sees column j iff tree_mask[i, j] (causal when tree_mask is None)."""
+        new tokens, row i sees column j iff tree_mask[i, j]."""
         past = self.cache.length
-        if tree_mask is None:
-            tree_mask = torch.ones(q, q, dtype=torch.bool, device=self.device).tril_()
         visible = torch.cat([torch.ones(q, past, dtype=torch.bool, device=self.device), tree_mask], dim=1)
         mask = torch.zeros(q, past + q, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
@@ -184,10 +182,13 @@ class Target:
             raise ValueError(f"sequence of {self.cache.length + q} tokens exceeds the cache of {self.max_len}")
         if positions is None:
             positions = torch.arange(self.cache.length, self.cache.length + q, device=self.device)
+        # A plain causal step passes no mask: transformers then takes the same unmasked sdpa path as
+        # its own generate() (faster, and the same rounding); trees pass the 4D ancestor mask.
+        mask = None if tree_mask is None else self.attention_mask(tree_mask, q)
         out = self.decoder(
             input_ids=tokens[None],
             position_ids=positions[None],
-            attention_mask=self.attention_mask(tree_mask, q),
+            attention_mask=mask,
             past_key_values=self.cache,
             use_cache=True,
         )
