@@ -76,8 +76,11 @@ class TargetKVCache(Cache):
         copy before the write, so overlapping ranges are safe.
         """
         n = keep.shape[0]
-        src = keep + self.length
         dst_end = self.length + n
+        if n == 1 and keep.device.type == "cpu" and int(keep[0]) == 0:  # only the root: already in place
+            self.length = dst_end
+            return
+        src = keep + self.length
         for layer in self.layers:
             if not layer.is_initialized:
                 continue

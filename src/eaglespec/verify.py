@@ -92,6 +92,8 @@ def verify(
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
     target = logits.argmax(dim=-1)  # [N] the target's choice after each node
+    if tree.size == 1:  # plain decoding: nothing to walk
+        return Verdict(nodes=tree.retrieve[0, :1], tokens=target)
     paths = tree.retrieve  # [L, D+1]
     safe = paths.clamp(min=0)
     # node path[j+1] is right iff its token is the target's choice after path[j]
