@@ -8,8 +8,9 @@ import torch
 from helpers import oracle_head, random_head, tiny_target
 
 import eaglespec.generate as generate_module
-from eaglespec.drafter import EagleDrafter, TreeConfig
+from eaglespec.drafter import EagleDrafter, HybridDrafter, PromptLookupDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.tree import graft_chain
 from eaglespec.verify import SamplingParams, Verdict, process_logits
 
 N_PROMPTS, NEW_TOKENS = 20, 64
@@ -128,9 +129,9 @@ def sampling_setup():
     return target, head, torch.tensor([2, 7, 4, 9])
 
 
-def draw(target, head, prompt, params: SamplingParams, kind: str = "dynamic") -> list[tuple]:
+def draw(target, head, prompt, params: SamplingParams, kind: str = "dynamic", drafter=None) -> list[tuple]:
     tree = TreeConfig(kind=kind, top_k=3, depth=3, total_tokens=8)
-    spec = Generator(target, EagleDrafter(head, target, tree))
+    spec = Generator(target, drafter or EagleDrafter(head, target, tree))
     cfg = dict(max_new_tokens=3, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                ignore_eos=True)
     out, accepted_multi = [], 0
@@ -208,3 +209,41 @@ def test_prompt_lookup_finds_latest_match():
     tree = d.propose(torch.tensor([6]))
     assert tree.tokens.tolist() == [6, 9, 4, 5]  # after the latest earlier "5 6": 9 4 5
     assert tree.parents.tolist() == [-1, 0, 1, 2]
+
+
+class CountingHybrid(HybridDrafter):
+    """Counts the proposals where the lookup chain added nodes, so a test can show it mattered."""
+
+    grafted = 0
+
+    def propose(self, root):
+        base = self.eagle.propose(root)
+        tree = graft_chain(base, self.lookup.guess())
+        self.grafted += tree.size > base.size
+        return tree
+
+
+def hybrid(target, head, tree=TreeConfig(kind="dynamic", top_k=3, depth=3, total_tokens=8), num_tokens=4):
+    return CountingHybrid(EagleDrafter(head, target, tree), PromptLookupDrafter(max_ngram=2, num_tokens=num_tokens))
+
+
+@pytest.mark.parametrize("head_kind", ["random", "nudged"])
+def test_hybrid_greedy_is_token_identical(setup, head_kind):
+    target, cfg, ps, expected = setup
+    head = random_head(target) if head_kind == "random" else oracle_head(target, noise=0.2)
+    drafter = hybrid(target, head, TreeConfig(kind="dynamic"), num_tokens=8)
+    spec = Generator(target, drafter)
+    for p, want in zip(ps, expected):
+        assert run(spec, p, cfg) == want
+    assert drafter.grafted > 0, "the lookup chain never added a node: the test would be vacuous"
+
+
+def test_hybrid_sampling_matches_target_distribution(sampling_setup):
+    target, head, _ = sampling_setup
+    prompt = torch.tensor([2, 7, 4, 9, 2, 7])  # "2 7" repeats: the lookup proposes "4 9 2 7"
+    params = SamplingParams(1.0)
+    drafter = hybrid(target, random_head(target))
+    joint = exact_joint(target, prompt, params)
+    stat, crit = chi_square_excess(draw(target, head, prompt, params, drafter=drafter), joint)
+    assert stat < crit, f"chi-square {stat:.1f} exceeds the 1e-4 critical value {crit:.1f}"
+    assert drafter.grafted > DRAWS // 4  # the lookup chain took part in many draws

@@ -128,6 +128,28 @@ def test_resumed_training_restores_step_optimizer_and_data_order(tmp_path, tiny_
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_training_can_start_from_an_existing_head(tmp_path, tiny_training):
+    """--init: the weights and the draft vocabulary come from the given head, not a fresh one."""
+    from safetensors.torch import load_file
+
+    parts, rows = tiny_training
+    cfg = TrainConfig(steps=6, batch_size=3, lr=3e-3, warmup_steps=1, draft_vocab=40, checkpoint_every=1000,
+                      eval_every=1000)
+    train_head(parts, rows, [], tmp_path / "first", cfg)
+    still = TrainConfig(steps=1, batch_size=3, lr=1e-12, warmup_steps=0, draft_vocab=20, checkpoint_every=1000,
+                        eval_every=1000)
+    train_head(parts, rows[6:], [], tmp_path / "second", still, init_from=tmp_path / "first" / "head")
+    a = load_file(str(tmp_path / "first" / "head" / "model.safetensors"))
+    b = load_file(str(tmp_path / "second" / "head" / "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=1e-5, msg=k)  # d2t/t2d included
+    fresh = TrainConfig(**{**still.__dict__})
+    train_head(parts, rows[6:], [], tmp_path / "fresh", fresh)
+    c = load_file(str(tmp_path / "fresh" / "head" / "model.safetensors"))
+    assert not torch.allclose(a["fc.weight"].float(), c["fc.weight"].float())
+
+
 def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
     src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 10) for i in range(40)])
     args = ["train", "run", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(src),

@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import tiny_target
 
-from eaglespec.tree import MC_SIM_7B_63, make_tree, select_dynamic, static_shape
+from eaglespec.tree import MC_SIM_7B_63, graft_chain, make_tree, select_dynamic, static_shape
 
 
 def test_small_tree_by_hand():
@@ -82,3 +82,20 @@ def test_tree_attention_equals_causal_on_each_branch(arch):
         torch.testing.assert_close(got[node], want, rtol=1e-4, atol=1e-4)
         target.prefill(prefix)
         target.forward(tree.tokens, target.cache.length + tree.depths, tree.mask)
+
+
+def test_graft_chain_follows_matches_then_appends():
+    # root(10) -> a(11), b(12); a -> c(13)
+    tree = make_tree(torch.tensor([10, 11, 12, 13]), torch.tensor([-1, 0, 0, 1]))
+    merged = graft_chain(tree, [11, 13, 14, 15])  # a, c match; 14, 15 hang below c
+    assert merged.tokens.tolist() == [10, 11, 12, 13, 14, 15]
+    assert merged.parents.tolist() == [-1, 0, 0, 1, 3, 4]
+    assert merged.depths.tolist() == [0, 1, 1, 2, 3, 4]
+    assert merged.retrieve.tolist() == [[0, 2, -1, -1, -1], [0, 1, 3, 4, 5]]
+    assert merged.mask[5].tolist() == [True, True, False, True, True, True]
+    diverging = graft_chain(tree, [12, 16])  # b matches, 16 is new below b
+    assert diverging.parents.tolist() == [-1, 0, 0, 1, 2]
+    assert graft_chain(tree, [11, 13]) is tree  # nothing new
+    assert graft_chain(tree, []) is tree
+    fresh = graft_chain(tree, [17])  # a new sibling of a and b
+    assert fresh.parents.tolist() == [-1, 0, 0, 1, 0] and fresh.tokens.tolist()[-1] == 17

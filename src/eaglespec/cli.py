@@ -29,6 +29,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+#: default length of the prompt-lookup chain grafted into EAGLE's tree (see the README's bench)
+LOOKUP_TOKENS = 0
+
+
 def add_draft_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("draft")
     g.add_argument("--draft", default=None, help="EAGLE head folder (default: the head shipped for the default model)")
@@ -39,6 +43,8 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=int, default=d.depth, help="dynamic tree: deepest guess")
     g.add_argument("--total-tokens", type=int, default=d.total_tokens, help="dynamic tree: nodes verified per step")
     g.add_argument("--static-tree", default=d.static_tree, help="static tree preset (cpu_small, mc_sim_7b_63)")
+    g.add_argument("--lookup", type=int, default=LOOKUP_TOKENS, metavar="N",
+                   help="graft a prompt-lookup chain of up to N tokens into the draft tree (0 = off)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +96,7 @@ def setup_torch(args) -> None:
 def load_engine(args, need_tokenizer: bool = True):
     """Target + drafter from the common flags."""
     from eaglespec.draft import DraftHead
-    from eaglespec.drafter import EagleDrafter
+    from eaglespec.drafter import EagleDrafter, HybridDrafter, PromptLookupDrafter
     from eaglespec.generate import Generator
     from eaglespec.heads import default_head_path
     from eaglespec.target import load_target
@@ -109,6 +115,10 @@ def load_engine(args, need_tokenizer: bool = True):
         if path is not None:
             head = DraftHead.from_pretrained(path)
             drafter = EagleDrafter(head, target, tree)
+            if args.lookup < 0:
+                raise UsageError(f"--lookup must be >= 0, got {args.lookup}")
+            if args.lookup:
+                drafter = HybridDrafter(drafter, PromptLookupDrafter(num_tokens=args.lookup))
     return Generator(target, drafter)
 
 

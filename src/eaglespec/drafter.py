@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from eaglespec.draft import DraftHead, check_fits
 from eaglespec.kv_cache import DraftKVCache
 from eaglespec.target import Target
-from eaglespec.tree import STATIC_PRESETS, DraftTree, make_tree, root_only, select_dynamic, static_shape
+from eaglespec.tree import STATIC_PRESETS, DraftTree, graft_chain, make_tree, root_only, select_dynamic, static_shape
 
 
 class Drafter(ABC):
@@ -280,12 +280,13 @@ class PromptLookupDrafter(Drafter):
         self.history.extend(tokens.tolist())  # host copy: once per step
 
     def propose(self, root: torch.Tensor) -> DraftTree:
-        guess = self._lookup()
+        guess = self.guess()
         tokens = torch.tensor([int(root[0])] + guess, dtype=torch.long, device=root.device)
         parents = torch.arange(-1, len(guess), dtype=torch.long, device=root.device)  # a chain
         return make_tree(tokens, parents, max_depth=len(guess))
 
-    def _lookup(self) -> list[int]:
+    def guess(self) -> list[int]:
+        """The chain to propose after the committed history (empty when nothing matches)."""
         h = self.history
         for n in range(min(self.max_ngram, len(h) - 1), 0, -1):
             tail = h[-n:]
@@ -293,3 +294,29 @@ class PromptLookupDrafter(Drafter):
                 if h[start : start + n] == tail:
                     return h[start + n : start + n + self.num_tokens]
         return []
+
+
+class HybridDrafter(Drafter):
+    """EAGLE's tree with a prompt-lookup chain grafted in: one verification checks both.
+
+    Small models repeat themselves and copy from the prompt; where the last few tokens occurred
+    before, the lookup chain is often longer than anything the head dares to guess, and where they
+    did not, the tree is EAGLE's alone. The merged tree is verified like any other, so output stays
+    the target's (greedy) or distributed as the target's (sampling).
+    """
+
+    def __init__(self, eagle: EagleDrafter, lookup: PromptLookupDrafter) -> None:
+        self.eagle = eagle
+        self.lookup = lookup
+        self.max_tree_size = eagle.max_tree_size + lookup.num_tokens
+
+    def begin(self) -> None:
+        self.eagle.begin()
+        self.lookup.begin()
+
+    def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        self.eagle.observe(tokens, features)
+        self.lookup.observe(tokens, features)
+
+    def propose(self, root: torch.Tensor) -> DraftTree:
+        return graft_chain(self.eagle.propose(root), self.lookup.guess())

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from eaglespec.attention import default_implementation
 from eaglespec.kv_cache import TargetKVCache
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def resolve_model_path(model: str | None) -> Path:
 
 @dataclass(frozen=True)
 class TargetOutput:
-    logits: torch.Tensor  # [q, vocab] float32
+    logits: torch.Tensor  # [q, vocab] float32 ([1, vocab] with last_logits_only)
     features: torch.Tensor  # [q, hidden] in the model's dtype: the LM head's input
 
 
@@ -169,13 +170,15 @@ class Target:
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
+        last_logits_only: bool = False,
     ) -> TargetOutput:
         """Run q new tokens after the committed prefix; their keys land in the cache slots
         [length, length + q) while `length` stays put (the caller commits with `cache.compact`).
 
         tokens: [q] long; positions: [q] absolute positions (default: length + arange(q));
-        tree_mask: [q, q] bool ancestor-or-self mask (default: causal).
+        tree_mask: [q, q] bool ancestor-or-self mask (default: causal); last_logits_only: run the
+        LM head on the last row alone (logits [1, vocab]), as a prompt needs.
         """
         q = tokens.shape[0]
         if self.cache.length + q > self.max_len:
@@ -193,13 +196,15 @@ class Target:
             use_cache=True,
         )
         features = out.last_hidden_state[0]  # [q, hidden]
-        return TargetOutput(logits=self.lm_head(features).float(), features=features)
+        rows = features[-1:] if last_logits_only else features
+        return TargetOutput(logits=self.lm_head(rows).float(), features=features)
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor) -> TargetOutput:
-        """Process a prompt from an empty cache and commit it."""
+        """Process a prompt from an empty cache and commit it; logits of the last token only
+        ([1, vocab]: the 49k-wide LM head over a whole prompt is wasted work), features of all."""
         self.cache.reset()
-        out = self.forward(tokens)
+        out = self.forward(tokens, last_logits_only=True)
         self.cache.length = tokens.shape[0]
         return out
 
@@ -209,11 +214,18 @@ def load_target(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     max_len: int = 2048,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
 ) -> Target:
-    """Load the target: a transformers folder, a GGUF file, or (None) SmolLM2-135M-Instruct."""
+    """Load the target: a transformers folder, a GGUF file, or (None) SmolLM2-135M-Instruct.
+
+    attn_implementation: None picks sdpa in float32 and, in half precision, eaglespec's float32
+    attention, whose outputs do not depend on how many tokens are verified at once (see
+    eaglespec/attention.py): without it bf16 speculative output drifts from plain decoding.
+    """
     path = resolve_model_path(model)
     torch_dtype = parse_dtype(dtype)
+    if attn_implementation is None:
+        attn_implementation = default_implementation(torch_dtype)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, attn_implementation=attn_implementation

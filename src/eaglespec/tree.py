@@ -184,3 +184,31 @@ def select_dynamic(
     node_parents = torch.cat([torch.tensor([-1], device=scores.device), new_index[parents[kept] + 1]])
     node_tokens = torch.cat([torch.tensor([-1], device=scores.device), tokens[kept]])
     return make_tree(node_tokens, node_parents, max_depth=max_depth), kept
+
+
+def graft_chain(tree: DraftTree, chain: Sequence[int]) -> DraftTree:
+    """Merge a guessed chain (tokens following the root) into a tree.
+
+    The chain walks down the tree while its tokens match existing children, and the rest hangs
+    below the last match as new nodes, appended (so the order stays topological and siblings stay
+    distinct). The merged tree verifies both guesses in one forward; e.g. a tree root->{a, b} with
+    chain [a, c, d] becomes root->{a, b}, a->c, c->d.
+    """
+    if not chain:
+        return tree
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()  # host copy: once per step
+    child_of = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens)) if i > 0}
+    depth = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depth[i] = depth[parents[i]] + 1
+    node, rest = 0, list(chain)
+    while rest and (node, rest[0]) in child_of:
+        node = child_of[(node, rest.pop(0))]
+    if not rest:
+        return tree
+    n = len(tokens)
+    device = tree.tokens.device
+    new_tokens = torch.tensor(rest, dtype=torch.long, device=device)
+    new_parents = torch.tensor([node] + list(range(n, n + len(rest) - 1)), dtype=torch.long, device=device)
+    max_depth = max(max(depth), depth[node] + len(rest))
+    return make_tree(torch.cat([tree.tokens, new_tokens]), torch.cat([tree.parents, new_parents]), max_depth)

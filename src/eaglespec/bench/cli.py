@@ -69,7 +69,10 @@ def cmd_bench(args) -> int:
         raise BenchError("eagle methods need a draft head: pass --draft PATH (none ships for this model)")
 
     target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len)
-    runners = build_runners(target, methods, head, tree_config(args))
+    if args.lookup < 0:
+        raise BenchError(f"--lookup must be >= 0, got {args.lookup}")
+    # eagle-lookup grafts a chain of --lookup tokens (8 when the flag is left at 0)
+    runners = build_runners(target, methods, head, tree_config(args), lookup=args.lookup or 8)
     records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup)]
     table = summarize(records)
     import torch

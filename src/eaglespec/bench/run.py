@@ -17,14 +17,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from eaglespec.drafter import EagleDrafter, NoDrafter, PromptLookupDrafter, TreeConfig
+from eaglespec.drafter import EagleDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.target import Target
 
 log = logging.getLogger(__name__)
 
 BASELINE = "plain"
-METHODS = ("plain", "eagle-static", "eagle-dynamic", "prompt-lookup", "hf-generate", "hf-prompt-lookup")
+METHODS = ("plain", "eagle-static", "eagle-dynamic", "eagle-lookup", "prompt-lookup", "hf-generate", "hf-prompt-lookup")
 BUILTIN_SETS = ("sharegpt", "humaneval")
 
 
@@ -152,10 +152,15 @@ def hf_runner(target: Target, prompt_lookup: int | None, eos: set[int]) -> Runne
         if prompt_lookup:
             kwargs["prompt_lookup_num_tokens"] = prompt_lookup
         calls["n"] = 0
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), **kwargs)
-            seconds = time.perf_counter() - start
+        ours = model.config._attn_implementation
+        model.set_attn_implementation("sdpa")  # stock transformers, as a user would run it
+        try:
+            with torch.inference_mode():
+                start = time.perf_counter()
+                out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), **kwargs)
+                seconds = time.perf_counter() - start
+        finally:
+            model.set_attn_implementation(ours)
         tokens = out[0, ids.shape[0]:].tolist()
         for i, t in enumerate(tokens):
             if t in eos:
@@ -165,7 +170,7 @@ def hf_runner(target: Target, prompt_lookup: int | None, eos: set[int]) -> Runne
     return run
 
 
-def build_runners(target: Target, methods: list[str], head, tree: TreeConfig) -> dict[str, Runner]:
+def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lookup: int = 8) -> dict[str, Runner]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise BenchError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -183,6 +188,9 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig) ->
             runners[m] = engine_runner(Generator(target, EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "static"}))))
         elif m == "eagle-dynamic":
             runners[m] = engine_runner(Generator(target, EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "dynamic"}))))
+        elif m == "eagle-lookup":  # the dynamic tree with a prompt-lookup chain grafted in
+            eagle = EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "dynamic"}))
+            runners[m] = engine_runner(Generator(target, HybridDrafter(eagle, PromptLookupDrafter(num_tokens=lookup))))
         elif m == "prompt-lookup":
             runners[m] = engine_runner(Generator(target, PromptLookupDrafter()))
         elif m == "hf-generate":

@@ -50,6 +50,8 @@ def add_train_parser(sub) -> None:
             s.add_argument("--val-rows", type=int, default=24, help="validation rows for the simulated acceptance")
             s.add_argument("--seed", type=int, default=d.seed)
             s.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16", "fp16"])
+            s.add_argument("--init", type=Path, default=None, metavar="HEAD",
+                           help="start from this head's weights and draft vocabulary (fine-tuning)")
 
 
 def _target(args, dtype: str | None = None):
@@ -62,14 +64,19 @@ def stage_data(args) -> None:
     from eaglespec.train.data import prepare, regenerate
 
     data_dir = args.out / "data"
-    if (data_dir / "data_report.json").is_file():
+    report_path = data_dir / "data_report.json"
+    if report_path.is_file() and not args.regenerate:
         log.warning("data: %s exists, skipping (delete it to redo)", data_dir)
         return
     target = _target(args, "bfloat16" if args.regenerate else None)
-    report = prepare(target.tokenizer, data_dir, args.source, max_len=args.seq_len, max_rows=args.max_rows)
+    if report_path.is_file():  # rendered earlier: only the regeneration is left to resume
+        report = json.loads(report_path.read_text())
+    else:
+        report = prepare(target.tokenizer, data_dir, args.source, max_len=args.seq_len,
+                         max_rows=args.max_rows).as_dict()
     if args.regenerate:
         regenerate(target, data_dir, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch)
-    print(json.dumps({"data": report.as_dict()}))
+    print(json.dumps({"data": report}))
 
 
 def stage_features(args) -> None:
@@ -103,7 +110,11 @@ def stage_head(args) -> None:
     report = args.out / "data" / "data_report.json"
     if report.is_file():
         card["data"] = json.loads(report.read_text())
-    result = train_head(parts, train_rows, val_rows, args.out, cfg, extra_card=card)
+    if args.init is not None:
+        if not args.init.is_dir():
+            raise FileNotFoundError(f"--init: no head folder at {args.init}")
+        card["initialized_from"] = str(args.init)
+    result = train_head(parts, train_rows, val_rows, args.out, cfg, extra_card=card, init_from=args.init)
     print(json.dumps({"head": str(args.out / "head"), "validation": result}))
 
 

@@ -225,10 +225,11 @@ def load_jsonl(path: Path) -> list[dict]:
 
 
 def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: int = 16,
-               splits: tuple[str, ...] = ("train", "val")) -> None:
+               splits: tuple[str, ...] = ("val", "train"), max_prompt_len: int = 512) -> None:
     """Have the target answer each row's first user turn itself (greedy, batched), so the head
     learns the text it will meet at inference. Writes `{split}.regen.jsonl`, appending as it goes:
-    a killed run resumes after the rows already written."""
+    a killed run resumes after the rows already written. Prompts longer than `max_prompt_len` are
+    left out (they would pad a whole batch)."""
     import torch
     from tqdm import tqdm
 
@@ -239,7 +240,10 @@ def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: in
         src = load_jsonl(data_dir / f"{split}.jsonl")
         out_path = data_dir / f"{split}.regen.jsonl"
         done = {r["id"] for r in load_jsonl(out_path)} if out_path.is_file() else set()
-        todo = [r for r in src if r["id"] not in done]
+        # Shortest prompts first, so a batch pads little; a deterministic order, so a resumed run
+        # continues where the killed one stopped.
+        todo = sorted((r for r in src if r["id"] not in done and len(_first_prompt(r)) <= max_prompt_len),
+                      key=lambda r: (len(_first_prompt(r)), r["id"]))
         bar = tqdm(total=len(todo) * max_new_tokens, desc=f"regenerate {split}", unit="tok", unit_scale=True)
         with out_path.open("a") as f:
             for b in range(0, len(todo), batch_size):

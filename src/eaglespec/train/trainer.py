@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eaglespec.draft import DraftHead, head_config_from_target
+from eaglespec.draft import DraftHead, check_fits, head_config_from_target
 from eaglespec.kv_cache import DraftKVCache
 
 log = logging.getLogger(__name__)
@@ -182,8 +182,12 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[dict], out_dir: Path,
-               cfg: TrainConfig, extra_card: dict | None = None) -> dict:
-    """Train (or resume) a head in `out_dir`; write the final head to `out_dir / 'head'`."""
+               cfg: TrainConfig, extra_card: dict | None = None, init_from: Path | None = None) -> dict:
+    """Train (or resume) a head in `out_dir`; write the final head to `out_dir / 'head'`.
+
+    init_from: a head to start from (its weights and draft vocabulary), e.g. to fine-tune a head
+    trained on human-written text on the target's own answers. A checkpoint in `out_dir` wins.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
@@ -195,10 +199,16 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
     if not train_rows:
         raise ValueError("no training rows")
 
-    head = DraftHead(head_config_from_target(parts.config))
     vocab_size = parts.embed.shape[0]
-    if cfg.draft_vocab and cfg.draft_vocab < vocab_size:
-        head.set_vocab(top_token_ids(train_rows, cfg.draft_vocab, vocab_size))
+    if init_from is not None:
+        head = DraftHead.from_pretrained(init_from)
+        check_fits(head, parts.embed.shape[1], vocab_size)
+        log.warning("starting from the head in %s (its draft vocabulary of %d tokens kept)", init_from,
+                    head.draft_token_ids().shape[0])
+    else:
+        head = DraftHead(head_config_from_target(parts.config))
+        if cfg.draft_vocab and cfg.draft_vocab < vocab_size:
+            head.set_vocab(top_token_ids(train_rows, cfg.draft_vocab, vocab_size))
     vocab_ids = head.draft_token_ids()
     lm_draft = parts.lm_head[vocab_ids]  # [K, H]
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)

@@ -1,0 +1,80 @@
+"""Attention that gives a token the same output whether it is verified alone or inside a tree.
+
+Losslessness is a promise about bits: greedy speculative output must equal plain greedy output.
+In float32 the sdpa kernels differ across query counts by ~1e-6, far below what flips an argmax.
+In bfloat16 they do not: one token decoded alone and the same token verified inside a 16-token
+tree take different sdpa code paths (masked vs unmasked, other blockings) that round
+differently, by up to 0.5 in the final features, and greedy answers part ways within a few dozen
+tokens. Linear layers are not the problem: a bf16 row's product is the same bits whatever the
+number of rows on the CPUs we test on (tests/test_attention.py checks the whole forward bitwise).
+
+`fp32_attention` rounds once, at the end, to the model's dtype. The scores q.k are float32 dot
+products over head_dim, the same bits for a key wherever it sits in the cache. The softmax and the
+weighted sum run in float64: they sum over the keys, and a tree node's ancestors sit at other
+cache slots (another summation grouping) than the same tokens do after compaction; in float32
+that regrouping changed bf16 results now and then, in float64 it is ~1e-16, far below the final
+rounding. Measured on SmolLM2 in bf16 with the shipped head (MT-bench first turns, 128 tokens,
+dynamic tree): with sdpa 1 of 8 answers equaled plain decoding; on 6 of those prompts a float32
+softmax left 3 of 6 equal, the float64 one all 6.
+
+It is registered with transformers' `AttentionInterface` (no modeling file is forked), and
+`load_target` picks it for half-precision targets.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+#: the name under which transformers finds `fp32_attention`
+FP32_ATTENTION = "eaglespec_fp32"
+
+
+def fp32_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [b, heads, q, d]
+    key: torch.Tensor,  # [b, kv_heads, L, d]
+    value: torch.Tensor,  # [b, kv_heads, L, d]
+    attention_mask: torch.Tensor | None,  # [b, 1, q, >= L] bool (True = visible) or additive, or None
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Scores in float32, softmax and weighted sum in float64, one rounding at the end;
+    returns ([b, q, heads, d], None)."""
+    if kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("eaglespec's fp32 attention does not support logit soft-capping or attention sinks")
+    if dropout and module.training:
+        raise NotImplementedError("eaglespec's fp32 attention is for inference (no dropout)")
+    b, heads, q, d = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    group = heads // kv_heads  # query heads sharing one key/value head (GQA)
+    scale = scaling if scaling is not None else d**-0.5
+    # [b, kv, group*q, d] @ [b, kv, d, L]: query head h reads kv head h // group, as repeat_kv does
+    scores = query.float().reshape(b, kv_heads, group * q, d) @ key.float().transpose(-1, -2)
+    scores = scores.reshape(b, heads, q, length).mul_(scale)
+    if attention_mask is not None:
+        mask = attention_mask[..., :length]
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, float("-inf"))
+        else:
+            scores.add_(mask.float())
+    elif q > 1:  # no mask given: causal, the q new tokens being the last of the L
+        future = torch.ones(q, length, dtype=torch.bool, device=query.device).triu_(length - q + 1)
+        scores.masked_fill_(future, float("-inf"))
+    probs = scores.double().softmax(dim=-1).reshape(b, kv_heads, group * q, length)
+    out = (probs @ value.double()).reshape(b, heads, q, d)
+    return out.transpose(1, 2).contiguous().to(query.dtype), None
+
+
+def register() -> str:
+    """Make `fp32_attention` known to transformers (idempotent); returns its name."""
+    AttentionInterface.register(FP32_ATTENTION, fp32_attention)
+    AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
+    return FP32_ATTENTION
+
+
+def default_implementation(dtype: torch.dtype) -> str:
+    """sdpa for float32 (exact enough, and transformers' own path); fp32 attention for half types."""
+    return "sdpa" if dtype == torch.float32 else register()
