@@ -74,3 +74,20 @@ def test_shipped_head_accelerates(target):
     spec = Generator(target, EagleDrafter(DraftHead.from_pretrained(default_head_path()), target, TreeConfig()))
     taus = [spec.generate(p, GenerationConfig(max_new_tokens=64)).stats.mean_accept_len for p in PROMPTS]
     assert sum(taus) / len(taus) > 1.5, taus
+
+
+@pytest.mark.skipif(default_head_path() is None, reason="no head shipped in this install")
+def test_bf16_speculative_greedy_equals_plain_on_the_default_model():
+    """bf16, where stock sdpa rounds a token differently alone and inside a tree: with eaglespec's
+    attention the tree-verified answer (EAGLE tree plus a lookup chain) is still plain decoding's."""
+    from eaglespec.drafter import HybridDrafter, PromptLookupDrafter
+
+    torch.set_num_threads(2)
+    target = load_target(dtype="bfloat16", max_len=1024)
+    plain = Generator(target)
+    eagle = EagleDrafter(DraftHead.from_pretrained(default_head_path()), target, TreeConfig())
+    spec = Generator(target, HybridDrafter(eagle, PromptLookupDrafter()))
+    cfg = GenerationConfig(max_new_tokens=64)
+    for p in PROMPTS:
+        assert spec.generate(p, cfg).token_ids == plain.generate(p, cfg).token_ids, p
+    torch.set_num_threads(1)

@@ -23,14 +23,15 @@ class UsageError(Exception):
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="transformers folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--dtype", default="auto",
+                   help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPUs and AMX CPUs, else float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--max-len", type=int, default=2048, help="KV cache length: prompt + new tokens + tree")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 #: default length of the prompt-lookup chain grafted into EAGLE's tree (see the README's bench)
-LOOKUP_TOKENS = 0
+LOOKUP_TOKENS = 8
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:

@@ -36,13 +36,30 @@ class TargetLoadError(RuntimeError):
     """The target model could not be found or loaded; the message says what to do."""
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype from its name; "auto" is the fastest exact-enough one for the device."""
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return auto_dtype(torch.device(device))
     try:
         return DTYPES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs that have it and on CPUs with AMX (where a bf16 forward over a draft tree
+    costs about what one token does); float32 elsewhere, where bf16 matmuls are emulated and slow."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return torch.float32
+        return torch.bfloat16 if "amx_bf16" in flags else torch.float32
+    return torch.float32
 
 
 def cache_root() -> Path:
@@ -223,7 +240,7 @@ def load_target(
     eaglespec/attention.py): without it bf16 speculative output drifts from plain decoding.
     """
     path = resolve_model_path(model)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     if attn_implementation is None:
         attn_implementation = default_implementation(torch_dtype)
     try:

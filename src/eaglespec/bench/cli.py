@@ -78,7 +78,7 @@ def cmd_bench(args) -> int:
     import torch
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    header = (f"## eaglespec bench: {source}, {len(questions)} questions, {args.dtype}, temperature {args.temperature}, "
+    header = (f"## eaglespec bench: {source}, {len(questions)} questions, {str(target.dtype).removeprefix('torch.')}, temperature {args.temperature}, "
               f"max_new_tokens {args.max_new_tokens}, turns {args.turns or 'all'}\n\nMachine: {machine}. Tree: {tree_config(args)}.")
     mismatches = [r for r in records if r["equal_to_baseline"] is False]
     # write into a fresh folder and swap it in, so a failed run never leaves a half-written --out
