@@ -9,13 +9,14 @@ tokens. Linear layers are not the problem: a bf16 row's product is the same bits
 number of rows on the CPUs we test on (tests/test_attention.py checks the whole forward bitwise).
 
 `fp32_attention` rounds once, at the end, to the model's dtype. The scores q.k are float32 dot
-products over head_dim, the same bits for a key wherever it sits in the cache. The softmax and the
-weighted sum run in float64: they sum over the keys, and a tree node's ancestors sit at other
-cache slots (another summation grouping) than the same tokens do after compaction; in float32
-that regrouping changed bf16 results now and then, in float64 it is ~1e-16, far below the final
-rounding. Measured on SmolLM2 in bf16 with the shipped head (MT-bench first turns, 128 tokens,
-dynamic tree): with sdpa 1 of 8 answers equaled plain decoding; on 6 of those prompts a float32
-softmax left 3 of 6 equal, the float64 one all 6.
+products over head_dim, the same bits for a key wherever it sits in the cache, and so are the
+float32 exp(score - max). The normalising sum and the weighted sum run in float64: they sum over
+the keys, and a tree node's ancestors sit at other cache slots (another summation grouping) than
+the same tokens do after compaction; in float32 that regrouping changed bf16 results now and then,
+in float64 it is ~1e-16, far below the final rounding. Measured on SmolLM2 in bf16 with the
+shipped head (MT-bench first turns, 128 tokens, dynamic tree): with sdpa 1 of 8 answers equaled
+plain decoding; on 6 of those prompts a float32 softmax left 3 of 6 equal, float32 exponentials
+with float64 sums all 6.
 
 It is registered with transformers' `AttentionInterface` (no modeling file is forked), and
 `load_target` picks it for half-precision targets.
@@ -41,7 +42,7 @@ def fp32_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Scores in float32, softmax and weighted sum in float64, one rounding at the end;
+    """Scores and exponentials in float32, sums in float64, one rounding at the end;
     returns ([b, q, heads, d], None)."""
     if kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise NotImplementedError("eaglespec's fp32 attention does not support logit soft-capping or attention sinks")
@@ -63,8 +64,10 @@ def fp32_attention(
     elif q > 1:  # no mask given: causal, the q new tokens being the last of the L
         future = torch.ones(q, length, dtype=torch.bool, device=query.device).triu_(length - q + 1)
         scores.masked_fill_(future, float("-inf"))
-    probs = scores.double().softmax(dim=-1).reshape(b, kv_heads, group * q, length)
-    out = (probs @ value.double()).reshape(b, heads, q, d)
+    # exp(s - max) elementwise in float32: the same bits for a key wherever it sits (the max is
+    # over the same visible scores); then sums in float64, where regrouping costs ~1e-16.
+    weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_().reshape(b, kv_heads, group * q, length).double()
+    out = (weights @ value.double()).div_(weights.sum(dim=-1, keepdim=True)).reshape(b, heads, q, d)
     return out.transpose(1, 2).contiguous().to(query.dtype), None
 
 
