@@ -84,7 +84,8 @@ def cmd_bench(args) -> int:
     # write into a fresh folder and swap it in, so a failed run never leaves a half-written --out
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}-"))
-    (tmp / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items() if k != "func"},
+    (tmp / "results.json").write_text(json.dumps({"settings": {**{k: str(v) for k, v in vars(args).items() if k != "func"},
+                                                             "dtype": str(target.dtype).removeprefix("torch.")},
                                                   "machine": machine, "summary": table, "runs": records}, indent=1))
     md = markdown(table, header)
     if mismatches:
