@@ -187,3 +187,11 @@ def test_regenerate_writes_the_targets_own_answers(tmp_path, tiny_model_dir):
     # resumable: a second call writes nothing new
     regenerate(target, tmp_path / "data", max_new_tokens=10, batch_size=2, splits=("train",))
     assert len(load_jsonl(tmp_path / "data" / "train.regen.jsonl")) == 5
+    # killed mid-write: the unfinished last line is dropped and that row written again
+    path = tmp_path / "data" / "train.regen.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]) + lines[3][:20])
+    regenerate(target, tmp_path / "data", max_new_tokens=10, batch_size=2, splits=("train",))
+    again = load_jsonl(path)
+    assert sorted(r["id"] for r in again) == sorted(r["id"] for r in rows)
+    assert {r["id"]: r["input_ids"] for r in again} == {r["id"]: r["input_ids"] for r in rows}

@@ -239,6 +239,8 @@ def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: in
     for split in splits:
         src = load_jsonl(data_dir / f"{split}.jsonl")
         out_path = data_dir / f"{split}.regen.jsonl"
+        if out_path.is_file():
+            _drop_partial_line(out_path)
         done = {r["id"] for r in load_jsonl(out_path)} if out_path.is_file() else set()
         # Shortest prompts first, so a batch pads little; a deterministic order, so a resumed run
         # continues where the killed one stopped.
@@ -266,6 +268,14 @@ def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: in
                 f.flush()
                 bar.update(len(batch) * max_new_tokens)
         bar.close()
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line left unfinished by a kill mid-write, so the file parses and that row is redone."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _first_prompt(row: dict) -> list[int]:
