@@ -9,6 +9,7 @@ from helpers import oracle_head, tiny_target
 from eaglespec.attention import FP32_ATTENTION, fp32_attention, register
 from eaglespec.drafter import EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.target import Target
 
 
 def reference(query, key, value, mask):
@@ -36,11 +37,11 @@ def test_fp32_attention_equals_sdpa(heads, kv_heads, mask_kind):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def bf16_target(attn: str):
-    target = tiny_target("llama", copyable=True, logit_scale=30.0, hidden=128)
-    target.model.to(torch.bfloat16)
-    target.model.set_attn_implementation(attn)
-    return target
+def bf16_target(attn: str, pack: bool = True):
+    """A tiny bf16 target; with pack, its linears pre-packed as load_target does on CPU."""
+    model = tiny_target("llama", copyable=True, logit_scale=30.0, hidden=128).model.to(torch.bfloat16)
+    model.set_attn_implementation(attn)
+    return Target(model, tokenizer=None, max_len=512, pack=pack)
 
 
 def chain_vs_steps(target, prompt, cont) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,3 +103,33 @@ def test_bf16_sdpa_does_differ_between_tree_and_steps():
         chain, steps = chain_vs_steps(target, prompt, cont)
         differ += not torch.equal(chain, steps)
     assert differ > 0
+
+
+def test_cache_keeps_keys_and_values_in_the_attention_precision():
+    """With the fp32 attention the cache stores float32 keys and float64 values (no per-step
+    conversion of the whole cache); switching the attention back gives model-dtype buffers."""
+    register()
+    target = bf16_target("sdpa")
+    prompt = torch.arange(2, 20)
+    target.prefill(prompt)
+    layer = target.cache.layers[0]
+    assert (layer.keys.dtype, layer.values.dtype) == (torch.bfloat16, torch.bfloat16)
+    target.model.set_attn_implementation(FP32_ATTENTION)
+    wide = target.prefill(prompt).features
+    assert (layer.keys.dtype, layer.values.dtype) == (torch.float32, torch.float64)
+    # the stored keys are the exact bf16 keys, widened: same values as a bf16 cache holds
+    target.model.set_attn_implementation("sdpa")
+    target.prefill(prompt)
+    narrow_keys = layer.keys[:, :, : prompt.shape[0]].clone()
+    target.model.set_attn_implementation(FP32_ATTENTION)
+    target.prefill(prompt)
+    assert torch.equal(layer.keys[:, :, : prompt.shape[0]], narrow_keys.float())
+    # and the attention's output is unchanged by where the widening happens
+    key = layer.keys[:, :, : prompt.shape[0]]
+    value = layer.values[:, :, : prompt.shape[0]]
+    q = torch.randn(1, target.config.num_attention_heads, 3, key.shape[-1]).to(torch.bfloat16)
+    mod = torch.nn.Module().eval()
+    a, _ = fp32_attention(mod, q, key, value, None)
+    b, _ = fp32_attention(mod, q, key.to(torch.bfloat16), value.to(torch.bfloat16), None)
+    assert torch.equal(a, b)
+    assert wide.dtype == torch.bfloat16

@@ -6,6 +6,11 @@ owns `[1, kv_heads, max_len, head_dim]` buffers allocated once, writes the new k
 decode loop. After verification, `compact` copies the accepted tree nodes to the slots right after
 the committed prefix and `length` is set past them; whatever lies beyond `length` is garbage that
 the next forward overwrites and the attention mask never reads.
+
+The buffers may be wider than the model's dtype: with eaglespec's fp32 attention (bf16 targets)
+keys are kept in float32 and values in float64, the precisions that attention computes in, so each
+step converts only its q new rows instead of the whole cache, in every layer (the conversion is
+exact, so the attention's output bits do not change).
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ class PreallocatedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = torch.zeros(b, h, self.max_len, d, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(
-            b, h, self.max_len, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device
-        )
+        key_dtype = self.owner.key_dtype or key_states.dtype
+        value_dtype = self.owner.value_dtype or value_states.dtype
+        self.keys = torch.zeros(b, h, self.max_len, d, dtype=key_dtype, device=key_states.device)
+        self.values = torch.zeros(b, h, self.max_len, value_states.shape[-1], dtype=value_dtype, device=value_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -62,9 +67,13 @@ class TargetKVCache(Cache):
     slots `[length, length + q)` without moving `length`; the decode loop decides what to keep.
     """
 
-    def __init__(self, num_layers: int, max_len: int) -> None:
+    def __init__(self, num_layers: int, max_len: int, key_dtype: torch.dtype | None = None,
+                 value_dtype: torch.dtype | None = None) -> None:
+        """key_dtype, value_dtype: storage precision (None: the model's); attention then receives
+        the cached keys and values in these dtypes."""
         self.length = 0
         self.max_len = max_len
+        self.key_dtype, self.value_dtype = key_dtype, value_dtype
         super().__init__(layers=[PreallocatedLayer(max_len, self) for _ in range(num_layers)])
 
     @torch.inference_mode()
@@ -90,6 +99,14 @@ class TargetKVCache(Cache):
 
     def reset(self) -> None:
         self.length = 0
+
+    def set_storage(self, key_dtype: torch.dtype | None, value_dtype: torch.dtype | None) -> None:
+        """Change the storage dtypes; the buffers are reallocated on the next write if they change."""
+        if (key_dtype, value_dtype) != (self.key_dtype, self.value_dtype):
+            self.key_dtype, self.value_dtype = key_dtype, value_dtype
+            for layer in self.layers:
+                layer.is_initialized = False
+                layer.keys = layer.values = None
 
 
 class DraftKVCache:

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from eaglespec.attention import default_implementation
+from eaglespec.attention import FP32_ATTENTION, default_implementation
 from eaglespec.kv_cache import TargetKVCache
+from eaglespec.packed import pack_linears
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,14 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
+def cache_dtypes(config) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """KV storage dtypes: float32 keys and float64 values for eaglespec's fp32 attention (what it
+    computes in, so no per-step conversion of the whole cache), the model's dtype otherwise."""
+    if getattr(config, "_attn_implementation", None) == FP32_ATTENTION:
+        return torch.float32, torch.float64
+    return None, None
+
+
 @dataclass(frozen=True)
 class TargetOutput:
     logits: torch.Tensor  # [q, vocab] float32 ([1, vocab] with last_logits_only)
@@ -143,19 +152,23 @@ class Target:
     """A causal LM with a preallocated KV cache and a forward over token trees."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, max_len: int = 2048
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, max_len: int = 2048,
+        pack: bool = True,
     ) -> None:
+        """pack: on CPU in bf16, pre-pack the linear weights for oneDNN (eaglespec/packed.py; the
+        same bits, several times faster); ignored elsewhere."""
         config = model.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise TargetLoadError(f"{config.model_type}: logits post-processed after the LM head are not supported")
         self.model = model.eval().requires_grad_(False)
+        self.packed_linears = pack_linears(model) if pack else 0
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.embed = model.get_input_embeddings()
         self.config = config
         self.max_len = max_len
-        self.cache = TargetKVCache(config.num_hidden_layers, max_len)
+        self.cache = TargetKVCache(config.num_hidden_layers, max_len, *cache_dtypes(config))
 
     @property
     def device(self) -> torch.device:
@@ -221,6 +234,7 @@ class Target:
         """Process a prompt from an empty cache and commit it; logits of the last token only
         ([1, vocab]: the 49k-wide LM head over a whole prompt is wasted work), features of all."""
         self.cache.reset()
+        self.cache.set_storage(*cache_dtypes(self.config))  # the attention may have been switched since
         out = self.forward(tokens, last_logits_only=True)
         self.cache.length = tokens.shape[0]
         return out
@@ -232,12 +246,14 @@ def load_target(
     device: str | torch.device = "cpu",
     max_len: int = 2048,
     attn_implementation: str | None = None,
+    pack: bool = True,
 ) -> Target:
     """Load the target: a transformers folder, a GGUF file, or (None) SmolLM2-135M-Instruct.
 
     attn_implementation: None picks sdpa in float32 and, in half precision, eaglespec's float32
     attention, whose outputs do not depend on how many tokens are verified at once (see
     eaglespec/attention.py): without it bf16 speculative output drifts from plain decoding.
+    pack: pre-pack bf16 linear weights on CPU (see `Target`).
     """
     path = resolve_model_path(model)
     torch_dtype = parse_dtype(dtype, device)
@@ -250,4 +266,4 @@ def load_target(
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise TargetLoadError(f"could not load {path}: {e}") from e
-    return Target(hf_model, tokenizer, max_len=max_len)
+    return Target(hf_model, tokenizer, max_len=max_len, pack=pack)
