@@ -28,6 +28,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--max-len", type=int, default=2048, help="KV cache length: prompt + new tokens + tree")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--no-pack", action="store_true",
+                   help="keep stock nn.Linear weights (bf16 on CPU pre-packs them for oneDNN by default)")
 
 
 #: default length of the prompt-lookup chain grafted into EAGLE's tree (see the README's bench)
@@ -105,7 +107,7 @@ def load_engine(args, need_tokenizer: bool = True):
     if args.max_len < 16:
         raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
     tree = tree_config(args)
-    target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len)
+    target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len, pack=not args.no_pack)
     if need_tokenizer and target.tokenizer is None:
         raise UsageError(f"{args.model}: no tokenizer found")
     drafter = None

@@ -68,7 +68,7 @@ def cmd_bench(args) -> int:
     if head is None and any(m.startswith("eagle") for m in methods):
         raise BenchError("eagle methods need a draft head: pass --draft PATH (none ships for this model)")
 
-    target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len)
+    target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len, pack=not args.no_pack)
     if args.lookup < 0:
         raise BenchError(f"--lookup must be >= 0, got {args.lookup}")
     # eagle-lookup grafts a chain of --lookup tokens (8 when the flag is left at 0)

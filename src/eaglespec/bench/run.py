@@ -19,6 +19,7 @@ import torch
 
 from eaglespec.drafter import EagleDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.packed import unpacked
 from eaglespec.target import Target
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ def engine_runner(gen: Generator) -> Runner:
 
 
 def hf_runner(target: Target, prompt_lookup: int | None, eos: set[int]) -> Runner:
-    """transformers' own generate(), with a forward counter on the model."""
+    """transformers' own generate(), with a forward counter on the model; it runs the stock
+    model (sdpa attention, unpacked nn.Linear weights), as a user would."""
     model = target.model
     calls = {"n": 0}
     model.get_decoder().register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
@@ -155,7 +157,7 @@ def hf_runner(target: Target, prompt_lookup: int | None, eos: set[int]) -> Runne
         ours = model.config._attn_implementation
         model.set_attn_implementation("sdpa")  # stock transformers, as a user would run it
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), unpacked(model):
                 start = time.perf_counter()
                 out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), **kwargs)
                 seconds = time.perf_counter() - start

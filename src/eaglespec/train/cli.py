@@ -57,7 +57,7 @@ def add_train_parser(sub) -> None:
 def _target(args, dtype: str | None = None):
     from eaglespec.target import load_target
 
-    return load_target(args.model, dtype=dtype or args.dtype, device=args.device, max_len=args.max_len)
+    return load_target(args.model, dtype=dtype or args.dtype, device=args.device, max_len=args.max_len, pack=not args.no_pack)
 
 
 def stage_data(args) -> None:

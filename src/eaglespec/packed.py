@@ -1,0 +1,133 @@
+"""Linear layers with their weights pre-packed for oneDNN, for bf16 targets on CPU.
+
+A bf16 `nn.Linear` on CPU hands oneDNN a plain row-major weight, which it reorders into its
+blocked (AMX) layout on every call. For a 135M model decoding one token, that reorder costs more
+than the product: measured here, a [1, 576] x [576, 1536] bf16 product took ~4x longer than the
+same product on a weight reordered once, and a 16-row product ~3x. `PackedLinear` reorders once,
+at load, with `torch.ops.mkldnn._reorder_linear_weight`, and runs `mkldnn._linear_pointwise` (the
+pair torch.compile's CPU backend uses for frozen linears).
+
+Packing must not change what a token's row computes, or bf16 decoding would stop being lossless:
+`pack_linears` checks on each distinct weight shape that packed and unpacked products are the same
+bits, one row at a time and in blocks, and leaves the model alone when they are not.
+
+The original modules stay referenced (code reads `lm_head.weight`; `unpack_linears` restores them
+for a stock baseline), so a packed model holds its linear weights twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: the batch size oneDNN's blocked layout is chosen for: a tree's node count, give or take
+PACK_BATCH_HINT = 16
+
+
+def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Packing pays (and is implemented) for bf16 on CPUs whose oneDNN has the linear ops."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear` with a weight reordered once for oneDNN; inference only.
+
+    It registers the original's `weight` and `bias` Parameters under the same names (state dicts
+    and parameter names do not change) and keeps the original module, unregistered, as
+    `.linear` for `unpacked`."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = PACK_BATCH_HINT) -> None:
+        super().__init__()
+        self.weight = linear.weight  # [out, in]
+        self.bias = linear.bias  # [out] or None
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.__dict__["linear"] = linear  # not a submodule: its parameters are ours already
+        with torch.inference_mode():
+            # an opaque oneDNN tensor: kept out of the state dict and of .to() on purpose
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return self.linear(x)  # the packed op has no backward
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
+
+
+def same_bits(linear: nn.Linear, packed: PackedLinear, rows: int = 24, seed: int = 0) -> bool:
+    """Packed == unpacked, bit for bit, one row at a time and as one block of `rows` rows (the
+    block's rows must equal the single rows too: that is what makes trees lossless)."""
+    g = torch.Generator().manual_seed(seed)
+    w = linear.weight
+    x = (torch.randn(rows, w.shape[1], generator=g) * w.float().std().clamp(min=1e-3)).to(w.dtype)
+    with torch.inference_mode():
+        one = torch.cat([linear(x[i : i + 1]) for i in range(rows)])
+        return torch.equal(packed(x), one) and torch.equal(torch.cat([packed(x[i : i + 1]) for i in range(rows)]), one)
+
+
+def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
+    """Swap every bf16 `nn.Linear` of `model` (on CPU) for a `PackedLinear`; returns how many.
+
+    Does nothing (returns 0) if packing is unavailable or a probe on any weight shape finds a bit
+    difference. Shared modules (tied weights) are packed once."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear]
+    if not found:
+        return 0
+    w = found[0][2].weight
+    if not packing_available(w.device, w.dtype):
+        return 0
+    packed: dict[int, PackedLinear] = {}
+    checked: set[tuple] = set()
+    for _, _, lin in found:
+        if id(lin) in packed:
+            continue
+        p = packed[id(lin)] = PackedLinear(lin, batch_hint)
+        shape = (tuple(lin.weight.shape), lin.bias is not None)
+        if shape not in checked:
+            if not same_bits(lin, p):
+                log.warning("packed bf16 linears round differently from nn.Linear on this CPU; not packing")
+                return 0
+            checked.add(shape)
+    for parent, name, lin in found:
+        setattr(parent, name, packed[id(lin)])
+    return len(found)
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Put the original `nn.Linear`s back; returns how many."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, PackedLinear)]
+    for parent, name, p in found:
+        setattr(parent, name, p.linear)
+    return len(found)
+
+
+@contextmanager
+def unpacked(model: nn.Module) -> Iterator[None]:
+    """Run a block on the stock modules (e.g. a transformers generate() baseline); the packed
+    ones are put back afterwards, without packing again."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, PackedLinear)]
+    for parent, name, p in found:
+        setattr(parent, name, p.linear)
+    try:
+        yield
+    finally:
+        for parent, name, p in found:
+            setattr(parent, name, p)

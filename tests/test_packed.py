@@ -1,0 +1,70 @@
+"""Pre-packed bf16 linears (eaglespec/packed.py): same bits as nn.Linear, swapped in and out."""
+
+import pytest
+import torch
+from helpers import tiny_target
+from torch import nn
+
+from eaglespec.packed import PackedLinear, pack_linears, packing_available, same_bits, unpacked
+from eaglespec.target import Target
+
+needs_packing = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16),
+                                   reason="this torch/CPU has no oneDNN packed linear")
+
+
+def bf16_model(arch: str = "llama"):
+    return tiny_target(arch, hidden=128).model.to(torch.bfloat16)
+
+
+@needs_packing
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_forward_has_the_same_bits(arch):
+    model = bf16_model(arch)
+    names = set(model.state_dict())
+    ids = torch.randint(2, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(ids).logits
+        n = pack_linears(model)
+        got = model(ids).logits
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert n > 0 and len(linears) > 0
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert pack_linears(model) == 0  # nothing left to pack: a second call does not wrap again
+    assert set(model.state_dict()) == names  # parameter names unchanged
+    assert torch.equal(got, want)
+
+
+@needs_packing
+def test_unpacked_restores_stock_modules_then_the_packed_ones():
+    model = bf16_model()
+    pack_linears(model)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    with unpacked(model):
+        assert not any(isinstance(m, PackedLinear) for m in model.modules())
+        assert sum(type(m) is nn.Linear for m in model.modules()) == len(packed)
+    assert [m for m in model.modules() if isinstance(m, PackedLinear)] == packed  # the same objects, not repacked
+
+
+@needs_packing
+def test_packed_linear_keeps_the_linear_interface_and_falls_back_for_gradients():
+    lin = nn.Linear(64, 96).to(torch.bfloat16)
+    p = PackedLinear(lin)
+    assert p.weight is lin.weight and p.bias is lin.bias and (p.in_features, p.out_features) == (64, 96)
+    assert same_bits(lin, p)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    p(x).float().sum().backward()  # the packed op has no backward: the wrapped linear runs instead
+    assert x.grad is not None and lin.weight.grad is not None
+
+
+def test_float32_and_opt_out_are_left_alone():
+    model = tiny_target("llama", hidden=128).model  # float32
+    assert pack_linears(model) == 0
+    assert Target(bf16_model(), tokenizer=None, pack=False).packed_linears == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+@needs_packing
+def test_target_packs_by_default_in_bf16_on_cpu():
+    target = Target(bf16_model(), tokenizer=None)
+    assert target.packed_linears > 0
+    assert isinstance(target.lm_head, PackedLinear)  # the LM head runs packed too
