@@ -68,3 +68,20 @@ def test_target_packs_by_default_in_bf16_on_cpu():
     target = Target(bf16_model(), tokenizer=None)
     assert target.packed_linears > 0
     assert isinstance(target.lm_head, PackedLinear)  # the LM head runs packed too
+
+
+@needs_packing
+def test_eagle_drafter_packs_a_copy_of_the_head_on_a_bf16_target():
+    from helpers import random_head
+
+    from eaglespec.drafter import EagleDrafter, TreeConfig
+
+    target = Target(bf16_model(), tokenizer=None)
+    head = random_head(target)
+    drafter = EagleDrafter(head, target, TreeConfig(kind="dynamic"))
+    assert drafter.dtype == torch.bfloat16
+    assert any(isinstance(m, PackedLinear) for m in drafter.head.modules())
+    assert not any(isinstance(m, PackedLinear) for m in head.modules())  # the caller's head is untouched
+    assert head.fc.weight.dtype == torch.float32
+    fp32 = tiny_target("llama", hidden=128)
+    assert EagleDrafter(random_head(fp32), fp32, TreeConfig()).dtype == torch.float32

@@ -8,15 +8,17 @@ any future drafter share one loop, and the benchmark gets its baseline for free.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from eaglespec.draft import DraftHead, check_fits
 from eaglespec.kv_cache import DraftKVCache
+from eaglespec.packed import PackedLinear, pack_linears, packing_available
 from eaglespec.target import Target
 from eaglespec.tree import STATIC_PRESETS, DraftTree, graft_chain, make_tree, root_only, select_dynamic, static_shape
 
@@ -88,12 +90,18 @@ class EagleDrafter(Drafter):
     """Drafts with an EAGLE head over the target's features, as a static or dynamic tree."""
 
     def __init__(self, head: DraftHead, target: Target, tree: TreeConfig = TreeConfig(),
-                 dtype: torch.dtype = torch.float32) -> None:
-        """dtype: what the head computes in. float32 by default whatever the target's dtype: the
-        head is small, and on CPUs one-row bf16 matmuls are slower than fp32 ones."""
+                 dtype: torch.dtype | None = None) -> None:
+        """dtype: what the head computes in. None: bf16 where its linears can be pre-packed (bf16
+        targets on CPU; a stock bf16 matmul of a few rows is slower than fp32 there), float32
+        otherwise. The draft's precision changes what is proposed, never what is accepted."""
         check_fits(head, target.hidden_size, target.vocab_size)
         device = target.device
+        if dtype is None:
+            dtype = torch.bfloat16 if packing_available(device, target.dtype) else torch.float32
         self.dtype = dtype
+        packing = packing_available(device, dtype)  # bf16 on CPU
+        if packing:
+            head = copy.deepcopy(head)  # packed below: the caller's head stays a plain module
         self.head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.target_embed = target.embed
         self.tree_config = tree
@@ -101,6 +109,11 @@ class EagleDrafter(Drafter):
         weight = target.lm_head.weight
         # [K, H] the LM head restricted to the draft vocabulary, in the head's dtype
         self.lm_weight = (weight[self.vocab_ids] if head.reduced_vocab else weight).to(dtype)
+        self.lm = nn.Linear(self.lm_weight.shape[1], self.lm_weight.shape[0], bias=False, device=device, dtype=dtype)
+        self.lm.weight = nn.Parameter(self.lm_weight, requires_grad=False)
+        if packing:
+            pack_linears(self.head)
+            self.lm = PackedLinear(self.lm)
         if tree.kind == "static":
             self._init_static(tree, device)
         else:
@@ -210,7 +223,7 @@ class EagleDrafter(Drafter):
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """[q, H] -> [q, K] draft log-probabilities, clamped to <= 0 so scores never grow down a path."""
-        return F.linear(hidden, self.lm_weight).float().log_softmax(dim=-1).clamp_(max=0.0)
+        return self.lm(hidden).float().log_softmax(dim=-1).clamp_(max=0.0)
 
     def _propose_static(self, root: torch.Tensor, h_root: torch.Tensor) -> DraftTree:
         tokens = torch.empty(self.max_tree_size, dtype=torch.long, device=root.device)
