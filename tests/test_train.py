@@ -78,6 +78,34 @@ def test_killed_feature_dump_resumes_to_the_same_shards(tmp_path, tiny_model_dir
     assert len(load_shards(tmp_path / "resumed")) == 7
 
 
+def test_feature_dump_extends_over_appended_rows(tmp_path, tiny_model_dir):
+    """A regeneration that went on appends rows: the dump keeps its full shards, redoes the short
+    last one and adds the rest, the same shards as a dump of the longer file from scratch."""
+    from safetensors.torch import load_file
+
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 6 + i % 5) for i in train_ids(8)])
+    target = load_target(str(tiny_model_dir))
+    prepare(target.tokenizer, tmp_path / "data", src, max_len=64)
+    rows = tmp_path / "data" / "train.jsonl"
+    lines = rows.read_text().splitlines(keepends=True)
+    assert len(lines) == 8
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(lines[:5]))
+    assert dump_features(target, short, tmp_path / "grown", rows_per_shard=2) == 3  # the last shard holds 1 row
+    kept = (tmp_path / "grown" / shard_name(1)).stat().st_mtime_ns
+    short.write_text("".join(lines))  # appended
+    assert dump_features(target, short, tmp_path / "grown", rows_per_shard=2) == 4
+    assert (tmp_path / "grown" / shard_name(1)).stat().st_mtime_ns == kept  # a full shard is not redone
+    assert dump_features(target, rows, tmp_path / "whole", rows_per_shard=2) == 4
+    for i in range(4):
+        a, b = load_file(str(tmp_path / "whole" / shard_name(i))), load_file(str(tmp_path / "grown" / shard_name(i)))
+        assert all(torch.equal(a[k], b[k]) for k in a), i
+    assert len(load_shards(tmp_path / "grown")) == 8
+    short.write_text("".join(lines[1:]) + lines[0] + lines[0])  # rows changed, then one appended: refused
+    with pytest.raises(ValueError, match="changed"):
+        dump_features(target, short, tmp_path / "grown", rows_per_shard=2)
+
+
 @pytest.fixture(scope="module")
 def tiny_training():
     target = tiny_target("llama")

@@ -3,6 +3,8 @@
 Shard i holds rows [i * rows_per_shard, (i+1) * rows_per_shard) of the input file, so a killed
 run restarted with the same arguments skips the complete shards and produces the same files as
 an uninterrupted one. Each shard is written to a temporary name and renamed when complete.
+Rows appended to the input since (a regeneration that went on) extend the dump: full shards are
+kept, the old last shard is redone if it was short, and the new rows follow.
 
 Shard layout (safetensors): input_ids int32 [T], loss_mask uint8 [T], features bf16 [T, H],
 offsets int64 [rows + 1] (row r spans offsets[r]:offsets[r+1]).
@@ -50,8 +52,10 @@ def dump_features(
     meta_path = out_dir / "features.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
-        if (old["rows"], old["rows_per_shard"], old["hidden_size"]) != (meta["rows"], rows_per_shard, meta["hidden_size"]):
+        if (old["rows_per_shard"], old["hidden_size"]) != (rows_per_shard, meta["hidden_size"]) or old["rows"] > len(rows):
             raise ValueError(f"{out_dir} holds shards of another run ({old}); use a new --out")
+        if old["rows"] < len(rows):
+            _extend(out_dir, rows, old["rows"], rows_per_shard)
     meta_path.write_text(json.dumps(meta, indent=2))
     todo = [i for i in range(n_shards) if not (out_dir / shard_name(i)).is_file()]
     if max_shards is not None:
@@ -80,6 +84,21 @@ def dump_features(
         os.replace(tmp, out_dir / shard_name(i))
     bar.close()
     return sum(1 for i in range(n_shards) if (out_dir / shard_name(i)).is_file())
+
+
+def _extend(out_dir: Path, rows: list[dict], old_rows: int, rows_per_shard: int) -> None:
+    """Rows were appended after `old_rows`: check the kept shards still hold the same rows, and
+    drop the old last shard if it was short (it is redone with the rows that now complete it)."""
+    full = old_rows // rows_per_shard
+    last = out_dir / shard_name(full - 1)
+    if full and last.is_file():
+        t = load_file(str(last))
+        ids = [i for r in rows[(full - 1) * rows_per_shard : full * rows_per_shard] for i in r["input_ids"]]
+        if t["input_ids"].tolist() != ids:
+            raise ValueError(f"{out_dir}: the rows before the appended ones changed; use a new --out")
+    if old_rows % rows_per_shard:
+        (out_dir / shard_name(full)).unlink(missing_ok=True)
+    log.warning("%d rows appended since the last dump: extending it", len(rows) - old_rows)
 
 
 def load_shards(feature_dir: Path) -> list[dict[str, torch.Tensor]]:
