@@ -133,3 +133,15 @@ def test_cache_keeps_keys_and_values_in_the_attention_precision():
     b, _ = fp32_attention(mod, q, key.to(torch.bfloat16), value.to(torch.bfloat16), None)
     assert torch.equal(a, b)
     assert wide.dtype == torch.bfloat16
+
+
+def test_big_bf16_trees_on_cpu_are_warned_about(caplog):
+    from helpers import random_head
+
+    target = bf16_target(FP32_ATTENTION)
+    head = random_head(target)
+    with caplog.at_level("WARNING", logger="eaglespec.generate"):
+        Generator(target, EagleDrafter(head, target, TreeConfig(kind="dynamic", total_tokens=16)))
+        assert not caplog.records
+        Generator(target, EagleDrafter(head, target, TreeConfig(kind="static", static_tree="mc_sim_7b_63")))
+    assert any("may round differently" in r.getMessage() for r in caplog.records)
