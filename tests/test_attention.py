@@ -138,10 +138,11 @@ def test_cache_keeps_keys_and_values_in_the_attention_precision():
 def test_big_bf16_trees_on_cpu_are_warned_about(caplog):
     from helpers import random_head
 
+    register()
     target = bf16_target(FP32_ATTENTION)
     head = random_head(target)
     with caplog.at_level("WARNING", logger="eaglespec.generate"):
         Generator(target, EagleDrafter(head, target, TreeConfig(kind="dynamic", total_tokens=16)))
         assert not caplog.records
-        Generator(target, EagleDrafter(head, target, TreeConfig(kind="static", static_tree="mc_sim_7b_63")))
+        Generator(target, EagleDrafter(head, target, TreeConfig(kind="dynamic", top_k=8, total_tokens=48)))
     assert any("may round differently" in r.getMessage() for r in caplog.records)
