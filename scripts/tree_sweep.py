@@ -19,6 +19,9 @@ GRID = [
     TreeConfig(kind="static", static_tree="mc_sim_7b_63"),
     TreeConfig(kind="dynamic", top_k=2, depth=4, total_tokens=8),
     TreeConfig(kind="dynamic", top_k=4, depth=5, total_tokens=16),
+    TreeConfig(kind="dynamic", top_k=4, depth=6, total_tokens=20),
+    TreeConfig(kind="dynamic", top_k=4, depth=7, total_tokens=24),
+    TreeConfig(kind="dynamic", top_k=6, depth=7, total_tokens=32),
     TreeConfig(kind="dynamic", top_k=6, depth=6, total_tokens=24),
     TreeConfig(kind="dynamic", top_k=8, depth=6, total_tokens=32),
     TreeConfig(kind="dynamic", top_k=10, depth=6, total_tokens=60),  # EAGLE-2's GPU setting

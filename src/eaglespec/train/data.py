@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,7 +247,9 @@ def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: in
         # continues where the killed one stopped.
         todo = sorted((r for r in src if r["id"] not in done and len(_first_prompt(r)) <= max_prompt_len),
                       key=lambda r: (len(_first_prompt(r)), r["id"]))
-        bar = tqdm(total=len(todo) * max_new_tokens, desc=f"regenerate {split}", unit="tok", unit_scale=True)
+        # counted in rows (answers stop at EOS, so a token total is unknown up front); written tokens in the postfix
+        bar = tqdm(total=len(todo), desc=f"regenerate {split}", unit="row")
+        written, started = 0, time.perf_counter()
         with out_path.open("a") as f:
             for b in range(0, len(todo), batch_size):
                 batch = todo[b : b + batch_size]
@@ -265,8 +268,10 @@ def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: in
                         row_out = row_out[: row_out.index(eos) + 1]
                     f.write(json.dumps({"id": r["id"], "input_ids": p + row_out,
                                         "loss_mask": [0] * len(p) + [1] * len(row_out)}) + "\n")
+                    written += len(row_out)
                 f.flush()
-                bar.update(len(batch) * max_new_tokens)
+                bar.update(len(batch))
+                bar.set_postfix(answer_tok_per_s=f"{written / (time.perf_counter() - started):.0f}")
         bar.close()
 
 
