@@ -85,3 +85,20 @@ def test_eagle_drafter_packs_a_copy_of_the_head_on_a_bf16_target():
     assert head.fc.weight.dtype == torch.float32
     fp32 = tiny_target("llama", hidden=128)
     assert EagleDrafter(random_head(fp32), fp32, TreeConfig()).dtype == torch.float32
+
+
+@needs_packing
+def test_no_packing_when_bits_differ_or_the_ops_fail(monkeypatch):
+    import eaglespec.packed as packed_mod
+
+    model = bf16_model()
+    monkeypatch.setattr(packed_mod, "same_bits", lambda *a, **k: False)
+    assert pack_linears(model) == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+    def broken(*a, **k):
+        raise RuntimeError("unknown op signature")
+
+    monkeypatch.setattr(packed_mod.PackedLinear, "__init__", broken)
+    assert pack_linears(model) == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())

@@ -97,13 +97,17 @@ def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
     for _, _, lin in found:
         if id(lin) in packed:
             continue
-        p = packed[id(lin)] = PackedLinear(lin, batch_hint)
         shape = (tuple(lin.weight.shape), lin.bias is not None)
-        if shape not in checked:
-            if not same_bits(lin, p):
-                log.warning("packed bf16 linears round differently from nn.Linear on this CPU; not packing")
-                return 0
-            checked.add(shape)
+        try:
+            p = packed[id(lin)] = PackedLinear(lin, batch_hint)
+            exact = shape in checked or same_bits(lin, p)
+        except RuntimeError as e:  # a torch build whose private oneDNN ops differ
+            log.warning("cannot pack linear weights with this torch (%s); not packing", e)
+            return 0
+        if not exact:
+            log.warning("packed bf16 linears round differently from nn.Linear on this CPU; not packing")
+            return 0
+        checked.add(shape)
     for parent, name, lin in found:
         setattr(parent, name, packed[id(lin)])
     return len(found)
