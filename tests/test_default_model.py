@@ -91,3 +91,23 @@ def test_bf16_speculative_greedy_equals_plain_on_the_default_model():
     for p in PROMPTS:
         assert spec.generate(p, cfg).token_ids == plain.generate(p, cfg).token_ids, p
     torch.set_num_threads(1)
+
+
+def test_bf16_trees_over_32_nodes_keep_their_bits_on_the_default_model():
+    """On this model's shapes a bf16 matmul of more than 32 rows rounds a row unlike a single-row
+    one (the control, with blocks turned off); verified in blocks of 32, a 60-token chain gets the
+    bits of one-at-a-time decoding."""
+    from test_attention import chain_vs_steps
+
+    torch.set_num_threads(2)
+    target = load_target(dtype="bfloat16", max_len=1024)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(2, target.vocab_size, (30,), generator=g)
+    cont = torch.randint(2, target.vocab_size, (60,), generator=g)
+    assert target.exact_rows == 32
+    chain, steps = chain_vs_steps(target, prompt, cont)
+    assert torch.equal(chain, steps)
+    target.exact_rows = None  # the control: one 60-row forward
+    chain, steps = chain_vs_steps(target, prompt, cont)
+    assert not torch.equal(chain, steps)
+    torch.set_num_threads(1)

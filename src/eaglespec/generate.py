@@ -6,7 +6,6 @@ speedup runs through the very same code.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -18,11 +17,6 @@ from eaglespec.target import Target
 from eaglespec.verify import SamplingParams, sample_next, verify
 
 Messages = Sequence[dict]
-log = logging.getLogger(__name__)
-
-#: on the CPUs we test, a bf16 matmul gives a row the same bits in a block of up to 32 rows as alone;
-#: above that oneDNN switches kernels, and a tree's tokens may round unlike plain decoding's
-EXACT_HALF_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -88,10 +82,6 @@ class Generator:
         self.drafter = drafter or NoDrafter()
         self.tokenizer = target.tokenizer
         self.last_stats = GenerationStats()
-        if target.dtype != torch.float32 and target.device.type == "cpu" and self.drafter.max_tree_size > EXACT_HALF_ROWS:
-            log.warning("a %d-node tree in %s on CPU: rows beyond %d in one matmul may round differently than "
-                        "alone, so output can drift from plain decoding; use <= %d nodes or float32",
-                        self.drafter.max_tree_size, target.dtype, EXACT_HALF_ROWS, EXACT_HALF_ROWS)
 
     # -- prompts -------------------------------------------------------------------------------
 

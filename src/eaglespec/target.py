@@ -134,6 +134,11 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
+#: on the CPUs we test, a half-precision matmul gives a row the same bits in a block of up to 32
+#: rows as alone; above that oneDNN switches kernels, so bigger trees are verified in blocks
+EXACT_HALF_ROWS = 32
+
+
 def cache_dtypes(config) -> tuple[torch.dtype | None, torch.dtype | None]:
     """KV storage dtypes: float32 keys and float64 values for eaglespec's fp32 attention (what it
     computes in, so no per-step conversion of the whole cache), the model's dtype otherwise."""
@@ -165,6 +170,8 @@ class Target:
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
+        #: largest tree verified in one forward (None: no limit); bigger trees run in blocks
+        self.exact_rows: int | None = EXACT_HALF_ROWS if self.dtype != torch.float32 and self.device.type == "cpu" else None
         self.embed = model.get_input_embeddings()
         self.config = config
         self.max_len = max_len
@@ -215,19 +222,43 @@ class Target:
             raise ValueError(f"sequence of {self.cache.length + q} tokens exceeds the cache of {self.max_len}")
         if positions is None:
             positions = torch.arange(self.cache.length, self.cache.length + q, device=self.device)
-        # A plain causal step passes no mask: transformers then takes the same unmasked sdpa path as
-        # its own generate() (faster, and the same rounding); trees pass the 4D ancestor mask.
-        mask = None if tree_mask is None else self.attention_mask(tree_mask, q)
-        out = self.decoder(
-            input_ids=tokens[None],
-            position_ids=positions[None],
-            attention_mask=mask,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        features = out.last_hidden_state[0]  # [q, hidden]
+        if tree_mask is not None and self.exact_rows is not None and q > self.exact_rows:
+            features = self._tree_in_blocks(tokens, positions, tree_mask, self.exact_rows)
+        else:
+            # A plain causal step passes no mask: transformers then takes the same unmasked sdpa path
+            # as its own generate() (faster, and the same rounding); trees pass the 4D ancestor mask.
+            mask = None if tree_mask is None else self.attention_mask(tree_mask, q)
+            out = self.decoder(
+                input_ids=tokens[None],
+                position_ids=positions[None],
+                attention_mask=mask,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            features = out.last_hidden_state[0]  # [q, hidden]
         rows = features[-1:] if last_logits_only else features
         return TargetOutput(logits=self.lm_head(rows).float(), features=features)
+
+    def _tree_in_blocks(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
+                        block: int) -> torch.Tensor:
+        """A tree forward run `block` nodes at a time (nodes are in topological order, so a block's
+        ancestors sit in earlier blocks, whose keys are already in the cache); returns [q, hidden].
+        Each node's bits are then those of a matmul of at most `block` rows."""
+        base, q = self.cache.length, tokens.shape[0]
+        parts = []
+        try:
+            for s in range(0, q, block):
+                e = min(q, s + block)
+                self.cache.length = base + s  # this block's keys land at [base + s, base + e)
+                visible = torch.cat([torch.ones(e - s, base, dtype=torch.bool, device=self.device), tree_mask[s:e, :e]], 1)
+                mask = torch.zeros(e - s, base + e, dtype=self.dtype, device=self.device)
+                mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+                out = self.decoder(input_ids=tokens[None, s:e], position_ids=positions[None, s:e],
+                                   attention_mask=mask[None, None], past_key_values=self.cache, use_cache=True)
+                parts.append(out.last_hidden_state[0])
+        finally:
+            self.cache.length = base
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor) -> TargetOutput:
