@@ -93,6 +93,41 @@ class DraftAttention(nn.Module):
         out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
 
+    def forward_unrolled(
+        self,
+        x: torch.Tensor,  # [B, N, H] step s's inputs, one per anchor
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        earlier: list[tuple[torch.Tensor, torch.Tensor]],  # keys/values of steps 0..s-1, each [B, nh, N, d]
+    ) -> torch.Tensor:
+        """Training-time test: step s of drafting at every anchor at once (see DraftHead.forward_unrolled).
+
+        Step 0 is causal over the anchors. At step s > 0, anchor i's query sees what the engine's
+        would: step 0's keys at anchors <= i (the committed real pairs) and its own chain, the keys
+        of steps 1..s at anchor i. Appends this step's keys/values to `earlier`."""
+        b, n, _ = x.shape
+        qs = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, N, d]
+        ks = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, N, d]
+        vs = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos_sin
+        qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
+        groups = self.num_heads // self.num_kv_heads
+        ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)  # [B, nh, N, d]
+        earlier.append((ks, vs))
+        if len(earlier) == 1:
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        else:
+            scale = self.head_dim**-0.5
+            k0, v0 = earlier[0]
+            scores = (qs @ k0.transpose(-1, -2)) * scale  # [B, nh, N, N]
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
+            scores = scores.masked_fill(~causal, float("-inf"))
+            chain = torch.stack([(qs * k).sum(-1) for k, _ in earlier[1:]], dim=-1) * scale  # [B, nh, N, s]
+            probs = torch.cat([scores, chain], dim=-1).float().softmax(-1).to(qs.dtype)  # [B, nh, N, N + s]
+            out = probs[..., :n] @ v0
+            for j, (_, v) in enumerate(earlier[1:]):
+                out = out + probs[..., n + j, None] * v
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
 
 class DraftLayer(nn.Module):
     """A Llama decoder layer without input_layernorm (the fc output goes straight to attention)."""
@@ -105,6 +140,10 @@ class DraftLayer(nn.Module):
 
     def forward(self, x, cos_sin, mask, cache, commit):
         x = x + self.self_attn(x, cos_sin, mask, cache, commit)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_unrolled(self, x, cos_sin, earlier):
+        x = x + self.self_attn.forward_unrolled(x, cos_sin, earlier)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -165,6 +204,29 @@ class DraftHead(nn.Module):
             self.rotary.to(x.device)  # device only: inv_freq stays float32
         cos_sin = self.rotary(x, positions)
         return self.layers[0](x, cos_sin, mask, cache, commit)  # [B, q, H]
+
+    def forward_unrolled(
+        self,
+        features: torch.Tensor,  # [B, N, H] real features f_i at anchors i = 0..N-1
+        token_embeds: list[torch.Tensor],  # steps x [B, N, H]: step s gets the embedding of token t_{i+1+s}
+    ) -> list[torch.Tensor]:
+        """Training-time test (HASS / EAGLE-3): draft `len(token_embeds)` steps ahead from every anchor
+        at once, each step fed the head's own prediction of the step before, as the engine drafts.
+
+        Step s at anchor i sits at position i + s and predicts f_{i+1+s}; its attention sees the real
+        pairs up to anchor i and its own chain (DraftAttention.forward_unrolled). Returns one
+        prediction [B, N, H] per step. Step 0 equals `forward` with a causal mask."""
+        b, n, _ = features.shape
+        anchors = torch.arange(n, device=features.device).expand(b, -1)  # [B, N]
+        if self.rotary.inv_freq.device != features.device:
+            self.rotary.to(features.device)
+        earlier: list[tuple[torch.Tensor, torch.Tensor]] = []
+        preds, feat = [], features
+        for s, emb in enumerate(token_embeds):
+            x = self.fc(torch.cat([emb, feat.to(emb.dtype)], dim=-1))
+            feat = self.layers[0].forward_unrolled(x, self.rotary(x, anchors + s), earlier)  # [B, N, H]
+            preds.append(feat)
+        return preds
 
     # -- checkpoint format ------------------------------------------------------------------
 

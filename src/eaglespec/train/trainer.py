@@ -4,6 +4,9 @@
     target  f_{i+1}, and the target's next-token distribution softmax(lm_head(f_{i+1}))
     loss    SmoothL1(pred, f_{i+1}) + p_weight * CE(target distribution, draft distribution)
             averaged over positions whose token t_{i+1} is an assistant token
+    unrolled with ttt_steps > 1 (training-time test, as HASS and EAGLE-3): the head also drafts
+            steps 2.. from its own predicted features, as the engine does, each step's loss
+            weighted ttt_decay ** step
 
 Runs on one CPU as is and unchanged under `accelerate launch` on several GPUs or machines:
 accelerate prepares the head, optimizer, scheduler and data loader. A checkpoint (every
@@ -43,6 +46,8 @@ class TrainConfig:
     grad_clip: float = 0.5
     noise: float = 0.1  # uniform noise U(-noise, noise) on input features
     p_weight: float = 0.1  # weight of the cross-entropy term
+    ttt_steps: int = 1  # draft steps unrolled in training, each fed the head's own prediction (1 = EAGLE-1)
+    ttt_decay: float = 0.8  # step s's loss weighs ttt_decay ** s
     draft_vocab: int = 8192  # K most frequent training tokens (0 = full vocabulary)
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -50,7 +55,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # accelerate's setting: "no", "bf16" or "fp16" (bf16 autocast suits AMX CPUs)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "eval_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "eval_every", "ttt_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.draft_vocab < 0 or self.noise < 0:
@@ -94,30 +99,49 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "features": feats, "loss_mask": mask}
 
 
+def shifted(x: torch.Tensor, s: int) -> torch.Tensor:
+    """x[:, s:] padded with zeros at the end back to x's length (dim 1)."""
+    if s == 0:
+        return x
+    pad = torch.zeros_like(x[:, :s])
+    return torch.cat([x[:, s:], pad], dim=1)
+
+
 def head_loss(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.Tensor, batch: dict, cfg: TrainConfig,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """The EAGLE-1 loss on one batch; returns (loss, metrics)."""
+    """The EAGLE-1 loss on one batch, over `cfg.ttt_steps` unrolled draft steps; returns (loss, metrics).
+
+    Step s (0-based) at anchor i is fed the head's own step s-1 prediction and token t_{i+1+s} and
+    is scored against f_{i+1+s}, where token t_{i+1+s} is an assistant token. Step s's loss weighs
+    ttt_decay ** s. With ttt_steps = 1 this is the plain EAGLE-1 loss."""
     feats = batch["features"].float()  # [B, T, H]
     ids = batch["input_ids"]
     inp = feats[:, :-1]
     if cfg.noise > 0:
         noise = torch.rand(inp.shape, generator=generator, device=inp.device) * (2 * cfg.noise) - cfg.noise
         inp = inp + noise
-    next_feat = feats[:, 1:]  # [B, T-1, H]
-    tok_emb = F.embedding(ids[:, 1:], parts.embed)  # [B, T-1, H]
-    positions = torch.arange(inp.shape[1], device=inp.device).expand(inp.shape[0], -1)
-    pred = head(inp, tok_emb, positions)  # causal, no cache
-    m = batch["loss_mask"][:, 1:].float()  # [B, T-1]
-    denom = m.sum().clamp(min=1.0)
-    vloss = (F.smooth_l1_loss(pred, next_feat, reduction="none").mean(-1) * m).sum() / denom
+    next_feat = feats[:, 1:]  # [B, N = T-1, H]
+    next_ids = ids[:, 1:]  # [B, N]
+    mask = batch["loss_mask"][:, 1:].float()  # [B, N]
     with torch.no_grad():
-        target_p = F.linear(next_feat, lm_draft).softmax(-1)  # [B, T-1, K]
-    logq = F.linear(pred, lm_draft).log_softmax(-1)
-    ploss = (-(target_p * logq).sum(-1) * m).sum() / denom
-    with torch.no_grad():
-        acc = ((logq.argmax(-1) == target_p.argmax(-1)).float() * m).sum() / denom
-    loss = vloss + cfg.p_weight * ploss
-    return loss, {"loss": loss.item(), "vloss": vloss.item(), "ploss": ploss.item(), "acc": acc.item()}
+        target_p = F.linear(next_feat, lm_draft).softmax(-1)  # [B, N, K]
+    steps = min(cfg.ttt_steps, next_ids.shape[1])
+    preds = head.forward_unrolled(inp, [F.embedding(shifted(next_ids, s), parts.embed) for s in range(steps)])
+    loss = torch.zeros((), device=inp.device)
+    metrics: dict[str, float] = {}
+    for s, pred in enumerate(preds):
+        m = shifted(mask, s)
+        denom = m.sum().clamp(min=1.0)
+        vloss = (F.smooth_l1_loss(pred, shifted(next_feat, s), reduction="none").mean(-1) * m).sum() / denom
+        tp = shifted(target_p, s)
+        logq = F.linear(pred, lm_draft).log_softmax(-1)
+        ploss = (-(tp * logq).sum(-1) * m).sum() / denom
+        loss = loss + cfg.ttt_decay**s * (vloss + cfg.p_weight * ploss)
+        with torch.no_grad():
+            acc = ((logq.argmax(-1) == tp.argmax(-1)).float() * m).sum() / denom
+        tag = "" if s == 0 else str(s)
+        metrics.update({f"vloss{tag}": vloss.item(), f"ploss{tag}": ploss.item(), f"acc{tag}": acc.item()})
+    return loss, {"loss": loss.item(), **metrics}
 
 
 @torch.no_grad()
