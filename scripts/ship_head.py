@@ -94,6 +94,9 @@ def stage_lines(card: dict, feature_log: str | None) -> list[str]:
         f"  bf16 autocast. {card.get('steps')} steps ({card.get('epochs', card.get('epochs_started'))} epochs), {tokens} loss tokens seen.",
         f"- Wall time: {seconds} s of head training on 2 CPU cores" + (f"; {feature_log}" if feature_log else "") + ".",
     ]
+    if cfg.get("ttt_steps", 1) > 1:
+        out.append(f"- Training-time test: {cfg['ttt_steps']} draft steps unrolled, each fed the head's own predicted "
+                   f"features; step s's loss weighs {cfg.get('ttt_decay')}^s.")
     if card.get("initialized_from"):
         out.append(f"- Started from the stage before's head ({card['initialized_from']}).")
     return out

@@ -99,3 +99,33 @@ def test_graft_chain_follows_matches_then_appends():
     assert graft_chain(tree, []) is tree
     fresh = graft_chain(tree, [17])  # a new sibling of a and b
     assert fresh.parents.tolist() == [-1, 0, 0, 1, 0] and fresh.tokens.tolist()[-1] == 17
+
+
+def test_dynamic_drafting_stops_early_only_when_the_tree_cannot_change():
+    """Skipping depths whose nodes cannot enter the kept set must give the very same trees."""
+    import torch
+    from helpers import oracle_head, random_head, tiny_target
+
+    from eaglespec.drafter import EagleDrafter, TreeConfig
+
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    g = torch.Generator().manual_seed(5)
+    fired = 0
+    for head in (random_head(target), oracle_head(target, noise=0.3)):
+        for tree_cfg in (TreeConfig(), TreeConfig(top_k=3, depth=6, total_tokens=8)):
+            drafters = [EagleDrafter(head, target, tree_cfg) for _ in range(2)]
+            drafters[1].stop_early = False
+            for _ in range(12):
+                ids = torch.randint(2, target.vocab_size, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g)
+                out = target.prefill(ids)
+                trees = []
+                for d in drafters:
+                    d.begin()
+                    d.observe(torch.cat([ids[1:], ids[-1:]]), out.features)
+                    trees.append(d.propose(ids[-1:]))
+                a, b = trees
+                assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+                assert torch.equal(a.mask, b.mask) and torch.equal(a.retrieve, b.retrieve)
+            fired += drafters[0].early_stops
+            assert drafters[1].early_stops == 0
+    assert fired > 0  # the shortcut was taken, so the equality above tested it

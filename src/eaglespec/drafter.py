@@ -119,6 +119,10 @@ class EagleDrafter(Drafter):
         else:
             self.max_tree_size = tree.total_tokens
             self.slots = tree.top_k * max(tree.depth - 1, 0)
+        # dynamic trees: stop drafting deeper once deeper nodes cannot make the tree (same tree,
+        # fewer head runs). It costs a host sync per depth, which is free on a CPU only.
+        self.stop_early = device.type == "cpu"
+        self.early_stops = 0  # how many proposals stopped early
         attn = head.layers[0].self_attn
         self.cache = DraftKVCache(target.max_len + self.slots, attn.num_kv_heads, attn.head_dim, device, dtype)
         self.pending_tokens: list[torch.Tensor] = []
@@ -251,7 +255,11 @@ class EagleDrafter(Drafter):
         front_rows = torch.zeros(k, self.slots, dtype=torch.bool, device=device)
         n_cand = k
         arange_k = torch.arange(k, device=device)
+        keep_n = cfg.total_tokens - 1
         for d in range(1, cfg.depth):
+            if self.stop_early and n_cand >= keep_n and self._deeper_is_hopeless(all_scores, front_scores, keep_n):
+                self.early_stops += 1
+                break
             rows = front_rows.clone()
             rows[arange_k, self.cache.tree_len + arange_k] = True
             hidden = self._tree_step(front_feats, front_tokens, d, rows)  # [k, H]
@@ -271,6 +279,15 @@ class EagleDrafter(Drafter):
         )
         tree.tokens[0] = root[0]
         return tree
+
+    @staticmethod
+    def _deeper_is_hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tensor, keep_n: int) -> bool:
+        """True when no descendant of the frontier can enter the kept set, so drafting deeper would
+        not change the tree: a child scores at most its parent (log-probabilities <= 0) and, tied,
+        ranks after every earlier candidate, so `keep_n` candidates already scoring at least the
+        frontier's best keep it out. One host sync."""
+        best = front_scores.max()
+        return int(sum(int((s >= best).sum()) for s in all_scores)) >= keep_n
 
 
 class PromptLookupDrafter(Drafter):
