@@ -183,10 +183,11 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
     src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 10) for i in range(40)])
     args = ["train", "run", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(src),
             "--max-rows", "20", "--seq-len", "48", "--steps", "6", "--batch-size", "2", "--draft-vocab", "30",
-            "--checkpoint-every", "3", "--rows-per-shard", "8"]
+            "--checkpoint-every", "3", "--rows-per-shard", "8", "--ttt-steps", "2"]
     assert main(args) == 0
     head_dir = tmp_path / "run" / "head"
     assert (head_dir / "model.safetensors").is_file()
+    assert json.loads((head_dir / "training.json").read_text())["config"]["ttt_steps"] == 2
     # the head is usable by the engine, and running the same command again resumes (nothing to redo)
     assert main(args) == 0
     out = capsys.readouterr().out
