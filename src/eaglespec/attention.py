@@ -66,8 +66,15 @@ def fp32_attention(
         scores.masked_fill_(future, float("-inf"))
     # exp(s - max) elementwise in float32: the same bits for a key wherever it sits (the max is
     # over the same visible scores); then sums in float64, where regrouping costs ~1e-16.
-    weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_().reshape(b, kv_heads, group * q, length).double()
-    out = (weights @ value.double()).div_(weights.sum(dim=-1, keepdim=True)).reshape(b, heads, q, d)
+    # A query that sees no key (a left-padding slot in a batch) has max -inf; shifting by 0 instead
+    # gives it all-zero weights and a zero output, where -inf - -inf would give NaN, which the
+    # next layer's values would spread to every real token of the row (0 * NaN is NaN).
+    top = scores.amax(dim=-1, keepdim=True)
+    top.masked_fill_(top == float("-inf"), 0.0)
+    weights = scores.sub_(top).exp_().reshape(b, kv_heads, group * q, length).double()
+    # a visible row's sum is >= 1 (its max contributes exp(0)), so the clamp changes no bits
+    total = weights.sum(dim=-1, keepdim=True).clamp_(min=1.0)
+    out = (weights @ value.double()).div_(total).reshape(b, heads, q, d)
     return out.transpose(1, 2).contiguous().to(query.dtype), None
 
 
