@@ -102,9 +102,24 @@ def test_feature_dump_extends_over_appended_rows(tmp_path, tiny_model_dir):
         a, b = load_file(str(tmp_path / "whole" / shard_name(i))), load_file(str(tmp_path / "grown" / shard_name(i)))
         assert all(torch.equal(a[k], b[k]) for k in a), i
     assert len(load_shards(tmp_path / "grown")) == 8
-    short.write_text("".join(lines[1:]) + lines[0] + lines[0])  # rows changed, then one appended: refused
-    with pytest.raises(ValueError, match="changed"):
-        dump_features(target, short, tmp_path / "grown", rows_per_shard=2)
+    # a row dropped from the middle and another appended (a repaired regeneration): the shards
+    # from the change on are redone, the ones before it kept, as a dump from scratch would be
+    repaired = lines[:3] + lines[4:] + [lines[3]]
+    short.write_text("".join(repaired))
+    fresh = tmp_path / "repaired.jsonl"
+    fresh.write_text("".join(repaired))
+    first = (tmp_path / "grown" / shard_name(0)).stat().st_mtime_ns
+    assert dump_features(target, short, tmp_path / "grown", rows_per_shard=2) == 4
+    assert (tmp_path / "grown" / shard_name(0)).stat().st_mtime_ns == first  # rows 0-1 unchanged: kept
+    assert (tmp_path / "grown" / shard_name(1)).stat().st_mtime_ns != kept  # rows 2-3 changed: redone
+    assert dump_features(target, fresh, tmp_path / "fresh", rows_per_shard=2) == 4
+    for i in range(4):
+        a, b = load_file(str(tmp_path / "fresh" / shard_name(i))), load_file(str(tmp_path / "grown" / shard_name(i)))
+        assert all(torch.equal(a[k], b[k]) for k in a), i
+    short.write_text("".join(repaired[:3]))  # rows dropped at the end: the shards past them go
+    assert dump_features(target, short, tmp_path / "grown", rows_per_shard=2) == 2
+    assert not (tmp_path / "grown" / shard_name(2)).exists()
+    assert len(load_shards(tmp_path / "grown")) == 3
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +198,12 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
     src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 10) for i in range(40)])
     args = ["train", "run", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(src),
             "--max-rows", "20", "--seq-len", "48", "--steps", "6", "--batch-size", "2", "--draft-vocab", "30",
-            "--checkpoint-every", "3", "--rows-per-shard", "8", "--ttt-steps", "2"]
+            "--checkpoint-every", "3", "--rows-per-shard", "8", "--ttt-steps", "2", "--p-weight", "0.5"]
     assert main(args) == 0
     head_dir = tmp_path / "run" / "head"
     assert (head_dir / "model.safetensors").is_file()
-    assert json.loads((head_dir / "training.json").read_text())["config"]["ttt_steps"] == 2
+    config = json.loads((head_dir / "training.json").read_text())["config"]
+    assert (config["ttt_steps"], config["p_weight"]) == (2, 0.5)
     # the head is usable by the engine, and running the same command again resumes (nothing to redo)
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -225,6 +241,15 @@ def test_regenerate_writes_the_targets_own_answers(tmp_path, tiny_model_dir):
     again = load_jsonl(path)
     assert sorted(r["id"] for r in again) == sorted(r["id"] for r in rows)
     assert {r["id"]: r["input_ids"] for r in again} == {r["id"]: r["input_ids"] for r in rows}
+    # a run written before the padding fix holds NaN answers (id 0 throughout): resuming redoes them
+    broken = [dict(r) for r in again]
+    first = broken[1]["loss_mask"].index(1)
+    broken[1]["input_ids"] = broken[1]["input_ids"][:first] + [0] * (len(broken[1]["input_ids"]) - first)
+    path.write_text("".join(json.dumps(r) + "\n" for r in broken))
+    regenerate(target, tmp_path / "data", max_new_tokens=10, batch_size=2, splits=("train",))
+    repaired = load_jsonl(path)
+    assert len(repaired) == 5 and repaired[-1]["id"] == broken[1]["id"]  # dropped, then written again
+    assert {r["id"]: r["input_ids"] for r in repaired} == {r["id"]: r["input_ids"] for r in rows}
 
 
 def test_unrolled_steps_equal_the_engines_cached_drafting():

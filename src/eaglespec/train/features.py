@@ -3,8 +3,9 @@
 Shard i holds rows [i * rows_per_shard, (i+1) * rows_per_shard) of the input file, so a killed
 run restarted with the same arguments skips the complete shards and produces the same files as
 an uninterrupted one. Each shard is written to a temporary name and renamed when complete.
-Rows appended to the input since (a regeneration that went on) extend the dump: full shards are
-kept, the old last shard is redone if it was short, and the new rows follow.
+A rerun over a changed input keeps only the shards whose token ids still match the rows they
+cover: rows appended since (a regeneration that went on) redo the short last shard and add the
+rest; rows dropped or rewritten (a repaired regeneration) redo every shard from the first change.
 
 Shard layout (safetensors): input_ids int32 [T], loss_mask uint8 [T], features bf16 [T, H],
 offsets int64 [rows + 1] (row r spans offsets[r]:offsets[r+1]).
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eaglespec.target import Target
@@ -52,10 +54,9 @@ def dump_features(
     meta_path = out_dir / "features.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
-        if (old["rows_per_shard"], old["hidden_size"]) != (rows_per_shard, meta["hidden_size"]) or old["rows"] > len(rows):
+        if (old["rows_per_shard"], old["hidden_size"]) != (rows_per_shard, meta["hidden_size"]):
             raise ValueError(f"{out_dir} holds shards of another run ({old}); use a new --out")
-        if old["rows"] < len(rows):
-            _extend(out_dir, rows, old["rows"], rows_per_shard)
+        _drop_stale_shards(out_dir, rows, rows_per_shard)
     meta_path.write_text(json.dumps(meta, indent=2))
     todo = [i for i in range(n_shards) if not (out_dir / shard_name(i)).is_file()]
     if max_shards is not None:
@@ -86,19 +87,25 @@ def dump_features(
     return sum(1 for i in range(n_shards) if (out_dir / shard_name(i)).is_file())
 
 
-def _extend(out_dir: Path, rows: list[dict], old_rows: int, rows_per_shard: int) -> None:
-    """Rows were appended after `old_rows`: check the kept shards still hold the same rows, and
-    drop the old last shard if it was short (it is redone with the rows that now complete it)."""
-    full = old_rows // rows_per_shard
-    last = out_dir / shard_name(full - 1)
-    if full and last.is_file():
-        t = load_file(str(last))
-        ids = [i for r in rows[(full - 1) * rows_per_shard : full * rows_per_shard] for i in r["input_ids"]]
-        if t["input_ids"].tolist() != ids:
-            raise ValueError(f"{out_dir}: the rows before the appended ones changed; use a new --out")
-    if old_rows % rows_per_shard:
-        (out_dir / shard_name(full)).unlink(missing_ok=True)
-    log.warning("%d rows appended since the last dump: extending it", len(rows) - old_rows)
+def _drop_stale_shards(out_dir: Path, rows: list[dict], rows_per_shard: int) -> None:
+    """Delete the shards whose token ids are not those of the rows they cover now, so they are
+    redone: rows appended since the last dump (the short last shard), rows rewritten or dropped,
+    as a repaired `--regenerate` run does. Shards past the last row are deleted too."""
+    n_shards = (len(rows) + rows_per_shard - 1) // rows_per_shard
+    stale = []
+    for path in sorted(out_dir.glob("shard_*.safetensors")):
+        i = int(path.stem.split("_")[1])
+        chunk = rows[i * rows_per_shard : (i + 1) * rows_per_shard]
+        if i < n_shards:
+            with safe_open(str(path), framework="pt") as f:
+                ids, offsets = f.get_tensor("input_ids"), f.get_tensor("offsets")
+            same = (offsets.numel() == len(chunk) + 1 and ids.tolist() == [t for r in chunk for t in r["input_ids"]])
+            if same:
+                continue
+        stale.append(i)
+        path.unlink()
+    if stale:
+        log.warning("%d shard(s) no longer match the rows (rows appended or changed): redoing them", len(stale))
 
 
 def load_shards(feature_dir: Path) -> list[dict[str, torch.Tensor]]:
