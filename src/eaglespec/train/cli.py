@@ -47,6 +47,8 @@ def add_train_parser(sub) -> None:
             s.add_argument("--ttt-steps", type=int, default=d.ttt_steps,
                            help="draft steps unrolled in training, fed the head's own predictions (1 = EAGLE-1)")
             s.add_argument("--ttt-decay", type=float, default=d.ttt_decay, help="loss weight decay per unrolled step")
+            s.add_argument("--p-weight", type=float, default=d.p_weight,
+                           help="weight of the cross-entropy term against the target's token distribution")
             s.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="0 = the full vocabulary")
             s.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
             s.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -100,7 +102,8 @@ def stage_head(args) -> None:
     from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                      draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, checkpoint_every=args.checkpoint_every,
+                      draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay,
+                      p_weight=args.p_weight, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, seed=args.seed,
                       mixed_precision=args.mixed_precision)
     target = _target(args, "float32")
