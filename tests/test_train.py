@@ -304,3 +304,17 @@ def test_unrolled_training_raises_later_step_accuracy(tmp_path, tiny_training):
         scores[name] = m
     assert scores["ttt"]["acc1"] > scores["plain"]["acc1"] + 0.05, scores
     assert scores["ttt"]["acc2"] > scores["plain"]["acc2"], scores
+
+
+def test_validation_leaves_out_rows_whose_prompt_was_trained_on():
+    from eaglespec.train.trainer import unseen_prompts
+
+    def row(prompt: list[int], answer: list[int]) -> dict:
+        ids = torch.tensor(prompt + answer)
+        return {"input_ids": ids, "loss_mask": torch.tensor([0] * len(prompt) + [1] * len(answer))}
+
+    train = [row([1, 5, 6], [7, 8]), row([1, 9], [3])]
+    val = [row([1, 5, 6], [4, 4]),  # the same prompt, another answer: seen
+           row([1, 5], [6, 7, 8]),  # a prefix of a training prompt: unseen
+           row([1, 9, 3], [2])]
+    assert [r["input_ids"].tolist() for r in unseen_prompts(val, train)] == [[1, 5, 6, 7, 8], [1, 9, 3, 2]]

@@ -99,7 +99,7 @@ def stage_features(args) -> None:
 
 def stage_head(args) -> None:
     from eaglespec.train.features import load_shards
-    from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head
+    from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head, unseen_prompts
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                       draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay,
@@ -110,7 +110,12 @@ def stage_head(args) -> None:
     parts = FrozenTargetParts.from_target(target)
     del target
     train_rows = load_shards(args.out / "features")
-    val_rows = load_shards(args.out / "val_features")[: args.val_rows] if (args.out / "val_features").is_dir() else []
+    val_rows = load_shards(args.out / "val_features") if (args.out / "val_features").is_dir() else []
+    unseen = unseen_prompts(val_rows, train_rows)
+    if len(unseen) < len(val_rows):
+        log.warning("validation: left out %d of %d rows whose prompt is also a training prompt",
+                    len(val_rows) - len(unseen), len(val_rows))
+    val_rows = unseen[: args.val_rows]
     card = {"train_tokens": int(sum(r["input_ids"].shape[0] for r in train_rows)),
             "train_loss_tokens": int(sum(int(r["loss_mask"].sum()) for r in train_rows))}
     report = args.out / "data" / "data_report.json"

@@ -196,6 +196,20 @@ def simulate_chains(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.T
             "sim_tau": round(1 + accepted_total / max(chains, 1), 4)}
 
 
+def unseen_prompts(val_rows: list[dict], train_rows: list[dict]) -> list[dict]:
+    """The validation rows whose prompt (the tokens before the first assistant token) is no
+    training row's prompt. ShareGPT repeats conversations under other ids, and the split hashes
+    ids, so a few validation prompts are also training prompts; scoring those flatters a head."""
+
+    def prompt(r: dict) -> tuple[int, ...]:
+        mask = r["loss_mask"]
+        first = int(mask.nonzero()[0]) if bool(mask.any()) else len(mask)
+        return tuple(r["input_ids"][:first].tolist())
+
+    seen = {prompt(r) for r in train_rows}
+    return [r for r in val_rows if prompt(r) not in seen]
+
+
 def lr_lambda(cfg: TrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
