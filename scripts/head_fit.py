@@ -15,7 +15,7 @@ import torch
 from eaglespec.draft import DraftHead
 from eaglespec.target import load_target
 from eaglespec.train.features import load_shards
-from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, collate, head_loss
+from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, collate, head_loss, unseen_prompts
 
 
 def agreement(head: DraftHead, parts: FrozenTargetParts, rows: list[dict], batch: int = 8) -> dict[str, float]:
@@ -44,7 +44,8 @@ def main() -> None:
     head = DraftHead.from_pretrained(args.head)
     train = load_shards(args.run / "features")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.rows].tolist()
-    sets = {"train": [train[i] for i in pick], "held-out": load_shards(args.run / "val_features")[: args.rows]}
+    held_out = unseen_prompts(load_shards(args.run / "val_features"), train)[: args.rows]
+    sets = {"train": [train[i] for i in pick], "held-out": held_out}
     print("| rows | step 1 | step 2 | step 3 | CE step 1 |\n|---|---|---|---|---|")
     for name, rows in sets.items():
         m = agreement(head, parts, rows)
