@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("dest", type=Path)
     ap.add_argument("--bench", type=Path, default=None, help="results.json of an eaglespec bench run")
     ap.add_argument("--feature-log", default=None, help="one line on how long the feature dump took")
+    ap.add_argument("--note", action="append", default=[], help="a line for the card's Notes section (repeatable)")
     args = ap.parse_args()
 
     head = DraftHead.from_pretrained(args.run / "head")
@@ -67,6 +68,8 @@ def main() -> None:
                   f"{res['settings'].get('max_new_tokens')} new tokens, {res['settings'].get('dtype')}, temperature "
                   f"{res['settings'].get('temperature')}; {res['machine']}.", ""]
         lines += [f"- {m}: tau {v['tau']}, speedup {v['speedup']}x" for m, v in s.items()]
+    if args.note:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in args.note]
     (args.dest / "README.md").write_text("\n".join(lines) + "\n")
     print(f"shipped {args.run / 'head'} -> {args.dest}")
 
@@ -89,7 +92,7 @@ def stage_lines(card: dict, feature_log: str | None) -> list[str]:
     out = [
         source,
         f"- Held out: the `val` and `bench` splits (2% of rows by id hash); {data.get('kept', {}).get('val')} val rows rendered.",
-        f"- Recipe: SmoothL1(features) + 0.1 x CE(target distribution), U(-0.1, 0.1) input noise, AdamW (0.9, 0.95),",
+        f"- Recipe: SmoothL1(features) + {cfg.get('p_weight', 0.1)} x CE(target distribution), U(-0.1, 0.1) input noise, AdamW (0.9, 0.95),",
         f"  lr {cfg.get('lr')} with {cfg.get('warmup_steps')} warm-up steps and cosine decay, clip 0.5, batch {cfg.get('batch_size')} rows,",
         f"  bf16 autocast. {card.get('steps')} steps ({card.get('epochs', card.get('epochs_started'))} epochs), {tokens} loss tokens seen.",
         f"- Wall time: {seconds} s of head training on 2 CPU cores" + (f"; {feature_log}" if feature_log else "") + ".",
