@@ -12,7 +12,7 @@ import torch
 
 from eaglespec import DraftHead, EagleDrafter, GenerationConfig, Generator, NoDrafter, TreeConfig, load_target
 from eaglespec.heads import default_head_path
-from eaglespec.train.data import read_rows, split_of, to_messages
+from eaglespec.train.data import heldout_prompts
 
 GRID = [
     TreeConfig(kind="static", static_tree="cpu_small"),
@@ -38,16 +38,8 @@ def main() -> None:
     torch.set_num_threads(2)
     target = load_target(dtype=args.dtype)
     head = DraftHead.from_pretrained(args.draft or default_head_path())
-    # first turns of the ShareGPT `val` split: neither trained on nor benchmarked
-    prompts = []
-    for row in read_rows():
-        parsed = to_messages(row)
-        if not isinstance(parsed, str) and split_of(parsed[0]) == "val":
-            first = next(m["content"] for m in parsed[1] if m["role"] == "user")
-            if len(first) < 600:
-                prompts.append(first)
-        if len(prompts) == args.prompts:
-            break
+    # first turns of the ShareGPT `val` split whose prompt opens no training row: never trained on
+    prompts = [turns[0] for _, turns in heldout_prompts("val") if len(turns[0]) < 600][: args.prompts]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     plain = Generator(target, NoDrafter())
     engines = [(tc, Generator(target, EagleDrafter(head, target, tc))) for tc in GRID]

@@ -6,7 +6,7 @@ from helpers import WORDS, greedy_rows, tiny_target
 
 from eaglespec.cli import main
 from eaglespec.target import load_target
-from eaglespec.train.data import prepare, read_rows, split_of
+from eaglespec.train.data import heldout_prompts, prepare, read_rows, split_of
 from eaglespec.train.features import dump_features, load_shards, shard_name
 from eaglespec.draft import DraftHead
 from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head
@@ -318,3 +318,24 @@ def test_validation_leaves_out_rows_whose_prompt_was_trained_on():
            row([1, 5], [6, 7, 8]),  # a prefix of a training prompt: unseen
            row([1, 9, 3], [2])]
     assert [r["input_ids"].tolist() for r in unseen_prompts(val, train)] == [[1, 5, 6, 7, 8], [1, 9, 3, 2]]
+
+
+def test_heldout_prompts_leave_out_prompts_that_open_a_training_row(tmp_path):
+    ids = {s: [i for i in range(2000) if split_of(f"row{i}") == s][:2] for s in ("bench", "val", "train")}
+
+    def row(i: int, prompt: str) -> dict:
+        return {"id": f"row{i}", "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "ok"}]}
+
+    rows = [
+        row(ids["bench"][0], "a repeated prompt"),  # listed before the training row that repeats it
+        row(ids["bench"][1], "a fresh bench prompt"),
+        row(ids["val"][0], " a repeated prompt "),  # the same prompt up to whitespace
+        row(ids["val"][1], "a fresh val prompt"),
+        row(ids["train"][0], "a repeated prompt"),
+        row(ids["train"][1], "a training prompt"),
+    ]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert [t for _, t in heldout_prompts("bench", src)] == [["a fresh bench prompt"]]
+    assert [i for i, _ in heldout_prompts("val", src)] == [f"row{ids['val'][1]}"]
+    with pytest.raises(ValueError):
+        next(heldout_prompts("train", src))

@@ -8,6 +8,7 @@ ShareGPT prompt set reads the same `bench` slice.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -204,21 +205,40 @@ def prepare(
     return report
 
 
-def bench_prompts(source: str | Path | None = None, limit: int | None = None) -> Iterator[tuple[str, list[str]]]:
-    """(id, user turns) of the held-out `bench` slice, for the benchmark's built-in ShareGPT set."""
-    n = 0
+def heldout_prompts(split: str, source: str | Path | None = None,
+                    limit: int | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(id, user turns) of the rows of a held-out split ('bench' or 'val') whose first user turn
+    opens no training row. ShareGPT repeats conversations under other ids, and the split hashes
+    ids, so without this check a benchmark or sweep prompt may be one the head trained on.
+    Reads the whole source once (the training prompts must all be known before yielding)."""
+    if split not in ("bench", "val"):
+        raise ValueError(f"split must be 'bench' or 'val', got {split!r}")
+    seen: set[bytes] = set()  # sha1 digests of training rows' first user turns
+    candidates: list[tuple[str, list[str]]] = []
     for row in read_rows(source):
         parsed = to_messages(row)
         if isinstance(parsed, str):
             continue
         row_id, messages = parsed
-        if split_of(row_id) != "bench":
+        turns = [m["content"] for m in messages if m["role"] == "user"]
+        if not turns:
             continue
-        turns = [m["content"] for m in messages if m["role"] == "user"][:2]
-        yield row_id, turns
-        n += 1
-        if limit is not None and n >= limit:
-            return
+        row_split = split_of(row_id)
+        if row_split == "train":
+            seen.add(_digest(turns[0]))
+        elif row_split == split:
+            candidates.append((row_id, turns[:2]))
+    fresh = (c for c in candidates if _digest(c[1][0]) not in seen)
+    yield from itertools.islice(fresh, limit)
+
+
+def bench_prompts(source: str | Path | None = None, limit: int | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(id, user turns) of the held-out `bench` slice, for the benchmark's built-in ShareGPT set."""
+    return heldout_prompts("bench", source, limit)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha1(text.strip().encode()).digest()
 
 
 def load_jsonl(path: Path) -> list[dict]:
