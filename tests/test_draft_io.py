@@ -32,6 +32,25 @@ def test_checkpoint_is_the_official_eagle_format(tmp_path):
         torch.testing.assert_close(again.state_dict()[k], v)
 
 
+def test_a_two_layer_head_round_trips_with_the_official_layer_keys(tmp_path):
+    from safetensors.torch import load_file
+
+    from eaglespec.draft import head_config_from_target
+
+    target = tiny_target()
+    torch.manual_seed(0)
+    head = DraftHead(head_config_from_target(target.config, num_layers=2))
+    head.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 2
+    # layers after the first carry input_layernorm, as the official EAGLE code builds them
+    second = {k.replace("layers.0.", "layers.1.") for k in OFFICIAL_KEYS if k.startswith("layers.0.")}
+    assert set(load_file(str(tmp_path / "model.safetensors"))) == OFFICIAL_KEYS | second | {"layers.1.input_layernorm.weight"}
+    again = DraftHead.from_pretrained(tmp_path)
+    feats = torch.randn(1, 5, target.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(again(feats, feats, torch.arange(5)[None]), head(feats, feats, torch.arange(5)[None]))
+
+
 def test_reads_pytorch_model_bin_and_ignores_official_extras(tmp_path):
     target = tiny_target()
     head = random_head(target)

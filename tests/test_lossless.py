@@ -35,11 +35,24 @@ def setup(request):
     return target, cfg, ps, [run(plain, p, cfg) for p in ps]
 
 
+def two_layer_head(target):
+    """The nudged oracle grown to two layers, the second small but not zero: long acceptances
+    that run through both layers' draft caches."""
+    from eaglespec.train.trainer import grow_head
+
+    head = grow_head(oracle_head(target, noise=0.2), 2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in head.layers[1].parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return head.eval()
+
+
 @pytest.mark.parametrize("kind", ["static", "dynamic"])
-@pytest.mark.parametrize("head_kind", ["random", "nudged"])
+@pytest.mark.parametrize("head_kind", ["random", "nudged", "two_layer"])
 def test_greedy_is_token_identical(setup, kind, head_kind):
     target, cfg, ps, expected = setup
-    head = random_head(target) if head_kind == "random" else oracle_head(target, noise=0.2)
+    head = {"random": random_head, "nudged": lambda t: oracle_head(t, noise=0.2), "two_layer": two_layer_head}[head_kind](target)
     spec = Generator(target, EagleDrafter(head, target, TreeConfig(kind=kind)))
     taus = []
     for p, want in zip(ps, expected):

@@ -252,17 +252,17 @@ def test_regenerate_writes_the_targets_own_answers(tmp_path, tiny_model_dir):
     assert {r["id"]: r["input_ids"] for r in repaired} == {r["id"]: r["input_ids"] for r in rows}
 
 
-def test_unrolled_steps_equal_the_engines_cached_drafting():
+@pytest.mark.parametrize("layers", [1, 2])
+def test_unrolled_steps_equal_the_engines_cached_drafting(layers):
     """Training-time test must train the computation the engine runs: step s at anchor i equals
     committing the real pairs up to i in the cache, then drafting s steps from the head's own features."""
     import torch.nn.functional as F
 
     from eaglespec.draft import DraftHead, head_config_from_target
-    from eaglespec.kv_cache import DraftKVCache
 
     target = tiny_target("llama")
     torch.manual_seed(1)
-    head = DraftHead(head_config_from_target(target.config))
+    head = DraftHead(head_config_from_target(target.config, num_layers=layers))
     for p in head.parameters():  # large enough that every input matters
         torch.nn.init.normal_(p, std=0.1)
     n, steps = 10, 3
@@ -272,9 +272,8 @@ def test_unrolled_steps_equal_the_engines_cached_drafting():
     with torch.no_grad():
         preds = head.forward_unrolled(feats, [F.embedding(ids[:, 1 + s: 1 + s + n], embed) for s in range(steps)])
         torch.testing.assert_close(preds[0], head(feats, F.embedding(ids[:, 1:n + 1], embed), torch.arange(n)[None]))
-        attn = head.layers[0].self_attn
         for i in (0, 4, n - 1):
-            cache = DraftKVCache(n + steps, attn.num_kv_heads, attn.head_dim, "cpu", torch.float32)
+            cache = head.new_cache(n + steps, "cpu", torch.float32)
             js = torch.arange(i + 1)
             vis = torch.ones(i + 1, i + 1, dtype=torch.bool).tril_()
             h = head(feats[:, js], F.embedding(ids[:, js + 1], embed), js[None], vis[None, None], cache, commit=True)[0, -1]
@@ -339,3 +338,22 @@ def test_heldout_prompts_leave_out_prompts_that_open_a_training_row(tmp_path):
     assert [i for i, _ in heldout_prompts("val", src)] == [f"row{ids['val'][1]}"]
     with pytest.raises(ValueError):
         next(heldout_prompts("train", src))
+
+
+def test_grown_head_computes_what_it_grew_from_then_trains_its_new_layer(tmp_path, tiny_training):
+    from eaglespec.train.trainer import grow_head
+
+    parts, rows = tiny_training
+    train_head(parts, rows, [], tmp_path / "one", TrainConfig(steps=3, batch_size=4, draft_vocab=0, eval_every=1000))
+    one = DraftHead.from_pretrained(tmp_path / "one" / "head")
+    two = grow_head(one, 2)
+    feats, embeds = torch.randn(1, 7, one.hidden_size), torch.randn(1, 7, one.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(two(feats, embeds, torch.arange(7)[None]), one(feats, embeds, torch.arange(7)[None]))
+    # training with --init and layers=2 grows the head, saves it as two layers, and moves the new layer
+    train_head(parts, rows, [], tmp_path / "two", TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1,
+                                                          draft_vocab=0, eval_every=1000, layers=2),
+               init_from=tmp_path / "one" / "head")
+    trained = DraftHead.from_pretrained(tmp_path / "two" / "head")
+    assert trained.num_layers == 2 and "layers.1.input_layernorm.weight" in trained.state_dict()
+    assert trained.layers[1].mlp.down_proj.weight.abs().sum() > 0

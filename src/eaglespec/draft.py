@@ -2,15 +2,16 @@
 
     input   cat(embed(token t+1), feature t)            [q, 2H]
     fc      Linear(2H -> H, bias)                       [q, H]
-    layer   Llama decoder layer without input_layernorm (attention + post-attention RMSNorm + MLP)
+    layer   Llama decoder layer without input_layernorm (attention + post-attention RMSNorm + MLP);
+            a head may stack more layers, each with its input_layernorm, as the official code reads them
     output  predicted feature t+1 (no final norm)       [q, H]  -> the target's LM head -> logits
 
 The target's embedding and LM head are reused frozen and are not stored here. A head may carry a
 reduced draft vocabulary (EAGLE-3's `d2t`/`t2d`): it then scores only K target tokens, which
 changes what is proposed, never what verification accepts.
 
-Checkpoint (official EAGLE format): `config.json` with LlamaConfig fields (`num_hidden_layers: 1`,
-`bias: true`) and `model.safetensors` (or `pytorch_model.bin`) with `fc.weight`, `fc.bias`,
+Checkpoint (official EAGLE format): `config.json` with LlamaConfig fields (`num_hidden_layers`, 1
+by default, `bias: true`) and `model.safetensors` (or `pytorch_model.bin`) with `fc.weight`, `fc.bias`,
 `layers.0.self_attn.{q,k,v,o}_proj.weight`, `layers.0.mlp.{gate,up,down}_proj.weight`,
 `layers.0.post_attention_layernorm.weight`; plus `d2t` [K] (target id minus draft id) and `t2d`
 [V] (bool) when the vocabulary is reduced.
@@ -41,8 +42,9 @@ class DraftHeadError(ValueError):
     """A draft head is missing, malformed, or does not fit the target."""
 
 
-def head_config_from_target(target_config, draft_vocab_size: int | None = None) -> LlamaConfig:
-    """A one-layer LlamaConfig with the target's width, heads and RoPE."""
+def head_config_from_target(target_config, draft_vocab_size: int | None = None, num_layers: int = 1) -> LlamaConfig:
+    """A LlamaConfig of `num_layers` decoder layers (EAGLE's default: 1) with the target's width,
+    heads and RoPE."""
     tc = target_config.to_dict()
     keep = (
         "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -51,7 +53,7 @@ def head_config_from_target(target_config, draft_vocab_size: int | None = None) 
     )
     fields = {k: tc[k] for k in keep if k in tc and tc[k] is not None}
     config = LlamaConfig(**fields)
-    config.num_hidden_layers = 1
+    config.num_hidden_layers = num_layers
     config.bias = True
     config.architectures = ["LlamaForCausalLM"]
     config.draft_vocab_size = draft_vocab_size or config.vocab_size
@@ -59,8 +61,9 @@ def head_config_from_target(target_config, draft_vocab_size: int | None = None) 
 
 
 class DraftAttention(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, index: int = 0) -> None:
         super().__init__()
+        self.index = index  # the layer's slot in the draft KV cache
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -76,7 +79,6 @@ class DraftAttention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,  # [B or 1, 1, q, kv] bool, True = attend; None = causal, no cache
         cache: DraftKVCache | None,
-        commit: bool,
     ) -> torch.Tensor:
         b, q, _ = x.shape
         qs = self.q_proj(x).view(b, q, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, q, d]
@@ -85,7 +87,7 @@ class DraftAttention(nn.Module):
         cos, sin = cos_sin
         qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
         if cache is not None:
-            ks, vs = cache.append(ks, vs, commit=commit)  # [1, nkv, kv, d]
+            ks, vs = cache.write(self.index, ks, vs)  # [1, nkv, kv, d]
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             ks = ks.repeat_interleave(groups, dim=1)
@@ -130,20 +132,26 @@ class DraftAttention(nn.Module):
 
 
 class DraftLayer(nn.Module):
-    """A Llama decoder layer without input_layernorm (the fc output goes straight to attention)."""
+    """A Llama decoder layer. The first has no input_layernorm (the fc output goes straight to
+    attention); later ones have it, as in the official EAGLE code."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, index: int = 0) -> None:
         super().__init__()
-        self.self_attn = DraftAttention(config)
+        self.self_attn = DraftAttention(config, index)
         self.mlp = LlamaMLP(config)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if index > 0:
+            self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos_sin, mask, cache, commit):
-        x = x + self.self_attn(x, cos_sin, mask, cache, commit)
+    def _norm_in(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_layernorm(x) if self.self_attn.index > 0 else x
+
+    def forward(self, x, cos_sin, mask, cache):
+        x = x + self.self_attn(self._norm_in(x), cos_sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_unrolled(self, x, cos_sin, earlier):
-        x = x + self.self_attn.forward_unrolled(x, cos_sin, earlier)
+        x = x + self.self_attn.forward_unrolled(self._norm_in(x), cos_sin, earlier)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -152,12 +160,13 @@ class DraftHead(nn.Module):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        if getattr(config, "num_hidden_layers", 1) != 1:
-            raise DraftHeadError(f"EAGLE heads have one decoder layer; config says {config.num_hidden_layers}")
+        n_layers = getattr(config, "num_hidden_layers", 1)
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise DraftHeadError(f"a draft head needs num_hidden_layers >= 1; config says {n_layers!r}")
         self.config = config
         h = config.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=True)
-        self.layers = nn.ModuleList([DraftLayer(config)])
+        self.layers = nn.ModuleList([DraftLayer(config, i) for i in range(n_layers)])
         # Not a registered submodule: a dtype cast of the head must not round inv_freq to bf16.
         object.__setattr__(self, "rotary", LlamaRotaryEmbedding(config))
         vocab = config.vocab_size
@@ -169,6 +178,15 @@ class DraftHead(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.fc.out_features
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def new_cache(self, max_len: int, device: torch.device | str, dtype: torch.dtype) -> DraftKVCache:
+        """An empty KV cache for this head: `max_len` pairs in every layer."""
+        attn = self.layers[0].self_attn
+        return DraftKVCache(max_len, attn.num_kv_heads, attn.head_dim, torch.device(device), dtype, self.num_layers)
 
     @property
     def reduced_vocab(self) -> bool:
@@ -203,7 +221,11 @@ class DraftHead(nn.Module):
         if self.rotary.inv_freq.device != x.device:
             self.rotary.to(x.device)  # device only: inv_freq stays float32
         cos_sin = self.rotary(x, positions)
-        return self.layers[0](x, cos_sin, mask, cache, commit)  # [B, q, H]
+        for layer in self.layers:
+            x = layer(x, cos_sin, mask, cache)
+        if cache is not None:
+            cache.advance(x.shape[1], commit)
+        return x  # [B, q, H]
 
     def forward_unrolled(
         self,
@@ -220,11 +242,14 @@ class DraftHead(nn.Module):
         anchors = torch.arange(n, device=features.device).expand(b, -1)  # [B, N]
         if self.rotary.inv_freq.device != features.device:
             self.rotary.to(features.device)
-        earlier: list[tuple[torch.Tensor, torch.Tensor]] = []
+        earlier: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.layers]  # per layer
         preds, feat = [], features
         for s, emb in enumerate(token_embeds):
             x = self.fc(torch.cat([emb, feat.to(emb.dtype)], dim=-1))
-            feat = self.layers[0].forward_unrolled(x, self.rotary(x, anchors + s), earlier)  # [B, N, H]
+            cos_sin = self.rotary(x, anchors + s)
+            for layer, seen in zip(self.layers, earlier):
+                x = layer.forward_unrolled(x, cos_sin, seen)
+            feat = x  # [B, N, H]
             preds.append(feat)
         return preds
 
@@ -235,7 +260,7 @@ class DraftHead(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()
-        config.update(num_hidden_layers=1, bias=True, architectures=["LlamaForCausalLM"],
+        config.update(num_hidden_layers=len(self.layers), bias=True, architectures=["LlamaForCausalLM"],
                       draft_vocab_size=int(self.d2t.shape[0]))
         config.update(extra_config or {})
         (path / "config.json").write_text(json.dumps(config, indent=2, default=str))

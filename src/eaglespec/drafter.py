@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from eaglespec.draft import DraftHead, check_fits
-from eaglespec.kv_cache import DraftKVCache
 from eaglespec.packed import PackedLinear, pack_linears, packing_available
 from eaglespec.target import Target
 from eaglespec.tree import STATIC_PRESETS, DraftTree, graft_chain, make_tree, root_only, select_dynamic, static_shape
@@ -123,8 +122,7 @@ class EagleDrafter(Drafter):
         # fewer head runs). It costs a host sync per depth, which is free on a CPU only.
         self.stop_early = device.type == "cpu"
         self.early_stops = 0  # how many proposals stopped early
-        attn = head.layers[0].self_attn
-        self.cache = DraftKVCache(target.max_len + self.slots, attn.num_kv_heads, attn.head_dim, device, dtype)
+        self.cache = self.head.new_cache(target.max_len + self.slots, device, dtype)
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_features: list[torch.Tensor] = []
 

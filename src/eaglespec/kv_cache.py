@@ -110,34 +110,47 @@ class TargetKVCache(Cache):
 
 
 class DraftKVCache:
-    """Keys and values of the draft head's single attention layer, preallocated.
+    """Keys and values of the draft head's attention layers, preallocated.
 
     Same discipline as the target cache: `length` counts committed (context) pairs; tree nodes
-    drafted during one step are appended after it and dropped by resetting `tree_len` to 0.
+    drafted during one step are appended after it and dropped by resetting `tree_len` to 0. In one
+    head forward every layer writes the same slots (`write`), then the head moves the counters once
+    (`advance`); `append` does both for a one-layer head.
     """
 
-    def __init__(self, max_len: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, max_len: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
+                 num_layers: int = 1) -> None:
         self.max_len = max_len
-        self.keys = torch.zeros(1, kv_heads, max_len, head_dim, device=device, dtype=dtype)
-        self.values = torch.zeros(1, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.keys = torch.zeros(num_layers, 1, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros(num_layers, 1, kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.length = 0  # committed context pairs
         self.tree_len = 0  # temporary tree pairs after the context
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v ([1, kv_heads, q, head_dim]) after everything held; return all keys/values."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one layer's k, v ([1, kv_heads, q, head_dim]) after everything held; return that
+        layer's keys/values up to them ([1, kv_heads, held + q, head_dim])."""
         start = self.length + self.tree_len
         end = start + k.shape[-2]
         if end > self.max_len:
             raise RuntimeError(f"draft KV cache overflow: need {end} slots, have {self.max_len}")
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, q: int, commit: bool) -> None:
+        """Count the q pairs just written: as context (commit) or as tree nodes."""
         if commit:
             if self.tree_len:
                 raise RuntimeError("commit to the draft cache while tree nodes are held; drop the tree first")
-            self.length = end
+            self.length += q
         else:
-            self.tree_len += k.shape[-2]
-        return self.keys[:, :, :end], self.values[:, :, :end]
+            self.tree_len += q
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write` into layer 0, then `advance` (a one-layer head's whole update)."""
+        out = self.write(0, k, v)
+        self.advance(k.shape[-2], commit)
+        return out
 
     def drop_tree(self) -> None:
         self.tree_len = 0

@@ -50,6 +50,8 @@ def add_train_parser(sub) -> None:
             s.add_argument("--p-weight", type=float, default=d.p_weight,
                            help="weight of the cross-entropy term against the target's token distribution")
             s.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="0 = the full vocabulary")
+            s.add_argument("--layers", type=int, default=d.layers,
+                           help="decoder layers of the head (EAGLE: 1); with --init, grow that head to this many")
             s.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
             s.add_argument("--eval-every", type=int, default=d.eval_every)
             s.add_argument("--val-rows", type=int, default=24, help="validation rows for the simulated acceptance")
@@ -103,7 +105,7 @@ def stage_head(args) -> None:
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                       draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay,
-                      p_weight=args.p_weight, checkpoint_every=args.checkpoint_every,
+                      p_weight=args.p_weight, layers=args.layers, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, seed=args.seed,
                       mixed_precision=args.mixed_precision)
     target = _target(args, "float32")

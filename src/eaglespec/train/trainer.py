@@ -16,6 +16,7 @@ the epoch's data order, so a killed run resumes where the last checkpoint left i
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -28,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from eaglespec.draft import DraftHead, check_fits, head_config_from_target
-from eaglespec.kv_cache import DraftKVCache
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,14 @@ class TrainConfig:
     ttt_steps: int = 1  # draft steps unrolled in training, each fed the head's own prediction (1 = EAGLE-1)
     ttt_decay: float = 0.8  # step s's loss weighs ttt_decay ** s
     draft_vocab: int = 8192  # K most frequent training tokens (0 = full vocabulary)
+    layers: int = 1  # decoder layers of a new head (EAGLE: 1); with an init head, grow it to this many
     checkpoint_every: int = 100
     eval_every: int = 500
     seed: int = 0
     mixed_precision: str = "bf16"  # accelerate's setting: "no", "bf16" or "fp16" (bf16 autocast suits AMX CPUs)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "eval_every", "ttt_steps"):
+        for name in ("steps", "batch_size", "checkpoint_every", "eval_every", "ttt_steps", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.draft_vocab < 0 or self.noise < 0:
@@ -156,7 +157,6 @@ def simulate_chains(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.T
     Returns per-step top-1 accuracy (given all earlier steps right) and tau = 1 + mean accepted.
     """
     head.eval()
-    attn = head.layers[0].self_attn
     right = torch.zeros(depth)
     tried = torch.zeros(depth)
     accepted_total, chains = 0, 0
@@ -164,7 +164,7 @@ def simulate_chains(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.T
         ids, feats = r["input_ids"], r["features"].float()
         n = ids.shape[0]
         greedy = F.linear(feats, parts.lm_head).argmax(-1)  # [T]: target's choice after each position
-        cache = DraftKVCache(n + depth, attn.num_kv_heads, attn.head_dim, feats.device, feats.dtype)
+        cache = head.new_cache(n + depth, feats.device, feats.dtype)
         starts = [i for i in range(0, n - depth - 2, stride) if r["loss_mask"][i + 1]]
         done = 0  # pairs committed
         for i in starts:
@@ -210,6 +210,24 @@ def unseen_prompts(val_rows: list[dict], train_rows: list[dict]) -> list[dict]:
     return [r for r in val_rows if prompt(r) not in seen]
 
 
+def grow_head(head: DraftHead, num_layers: int) -> DraftHead:
+    """The head with decoder layers appended up to `num_layers`, computing the same function: each
+    new layer's residual branches end in zeroed projections (o_proj, down_proj), so it starts as the
+    identity and training grows it from there."""
+    if num_layers < head.num_layers:
+        raise ValueError(f"cannot shrink a {head.num_layers}-layer head to {num_layers} layers")
+    config = copy.deepcopy(head.config)
+    config.num_hidden_layers = num_layers
+    grown = DraftHead(config).to(dtype=head.fc.weight.dtype, device=head.fc.weight.device)
+    missing, unexpected = grown.load_state_dict(head.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("layers.") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in grown.layers[head.num_layers:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return grown
+
+
 def lr_lambda(cfg: TrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -243,8 +261,10 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
         check_fits(head, parts.embed.shape[1], vocab_size)
         log.warning("starting from the head in %s (its draft vocabulary of %d tokens kept)", init_from,
                     head.draft_token_ids().shape[0])
+        if cfg.layers > head.num_layers:
+            head = grow_head(head, cfg.layers)
     else:
-        head = DraftHead(head_config_from_target(parts.config))
+        head = DraftHead(head_config_from_target(parts.config, num_layers=cfg.layers))
         if cfg.draft_vocab and cfg.draft_vocab < vocab_size:
             head.set_vocab(top_token_ids(train_rows, cfg.draft_vocab, vocab_size))
     vocab_ids = head.draft_token_ids()
