@@ -213,6 +213,26 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert "head" in out
 
 
+def test_train_data_regenerate_from_the_command_line(tmp_path, tiny_model_dir):
+    """`train data --regenerate` runs bf16 with sdpa over left-padded batches: every row gets a real
+    answer (no NaN rows, which greedy turns into id 0 throughout), and a second call resumes."""
+    from eaglespec.train.data import load_jsonl
+
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 3 + i % 5) for i in train_ids(6)])
+    args = ["train", "data", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(src),
+            "--regenerate", "--gen-tokens", "5", "--gen-batch", "3"]
+    assert main(args) == 0
+    rows = load_jsonl(tmp_path / "run" / "data" / "train.regen.jsonl")
+    assert len(rows) == 6
+    prompts = {len(r["loss_mask"]) - sum(r["loss_mask"]) for r in rows}
+    assert len(prompts) > 1  # prompts of several lengths: the batches were padded
+    for r in rows:
+        answer = [t for t, m in zip(r["input_ids"], r["loss_mask"]) if m]
+        assert 1 <= len(answer) <= 5 and any(answer)
+    assert main(args) == 0
+    assert len(load_jsonl(tmp_path / "run" / "data" / "train.regen.jsonl")) == 6
+
+
 def test_regenerate_writes_the_targets_own_answers(tmp_path, tiny_model_dir):
     from eaglespec.generate import GenerationConfig, Generator
     from eaglespec.train.data import load_jsonl, regenerate
