@@ -272,6 +272,68 @@ def test_regenerate_writes_the_targets_own_answers(tmp_path, tiny_model_dir):
     assert {r["id"]: r["input_ids"] for r in repaired} == {r["id"]: r["input_ids"] for r in rows}
 
 
+def multi_turn_conv(i: int, turns: int) -> dict:
+    def say(k: int, n: int) -> str:
+        return " ".join(WORDS[7 + (i * 5 + k * 11 + j) % 89] for j in range(n))
+
+    msgs = []
+    for k in range(turns):
+        msgs += [{"from": "human", "value": say(2 * k, 3 + (i + k) % 3)}, {"from": "gpt", "value": say(2 * k + 1, 4)}]
+    return {"id": f"row{i}", "conversations": msgs}
+
+
+def test_regenerate_later_turns_continue_the_targets_own_conversation(tmp_path, tiny_model_dir):
+    """With turns=3 each row gets `{id}#t2` and `{id}#t3` rows: the target's earlier conversation, closed
+    with EOS where it was cut, then the row's next user turn, then the target's greedy answer to all of
+    it, which alone carries the loss. Rows with fewer turns stop early; a rerun resumes."""
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.train.data import load_jsonl, regenerate
+
+    ids = train_ids(4)
+    rows = [multi_turn_conv(i, 1 + n % 3) for n, i in enumerate(ids)]  # 1, 2, 3, 1 user turns
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    target = load_target(str(tiny_model_dir))
+    tok = target.tokenizer
+    prepare(tok, tmp_path / "data", src, max_len=256, splits=("train",))
+    regenerate(target, tmp_path / "data", max_new_tokens=6, batch_size=3, splits=("train",), turns=3)
+    out = {r["id"]: r for r in load_jsonl(tmp_path / "data" / "train.regen.jsonl")}
+    assert sorted(out) == sorted([f"row{i}" for i in ids] + [f"row{ids[1]}#t2", f"row{ids[2]}#t2", f"row{ids[2]}#t3"])
+    plain = Generator(target)
+    for n, i in enumerate(ids):
+        for t in range(2, 1 + n % 3 + 1):
+            prev, row = out[f"row{i}" if t == 2 else f"row{i}#t{t - 1}"], out[f"row{i}#t{t}"]
+            first = row["loss_mask"].index(1)
+            ctx, answer = row["input_ids"][:first], row["input_ids"][first:]
+            assert all(row["loss_mask"][first:]) and 1 <= len(answer) <= 6
+            closed = prev["input_ids"] + ([] if prev["input_ids"][-1] == tok.eos_token_id else [tok.eos_token_id])
+            user_turn = rows[n]["conversations"][2 * (t - 1)]["value"]
+            assert ctx == closed + tok.encode(f"user : {user_turn} <eos> assistant :", add_special_tokens=False)
+            want = [x for c in plain.generate_ids(torch.tensor(ctx), GenerationConfig(max_new_tokens=6)) for x in c]
+            assert answer == want
+    regenerate(target, tmp_path / "data", max_new_tokens=6, batch_size=3, splits=("train",), turns=3)
+    assert len(load_jsonl(tmp_path / "data" / "train.regen.jsonl")) == len(out)
+
+
+def test_train_data_renders_more_rows_when_asked_and_regeneration_appends(tmp_path, tiny_model_dir):
+    from eaglespec.train.data import load_jsonl
+
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 3 + i % 4) for i in train_ids(8)])
+    base = ["train", "data", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(src),
+            "--regenerate", "--gen-tokens", "4", "--gen-batch", "2"]
+    data = tmp_path / "run" / "data"
+    assert main(base + ["--max-rows", "3"]) == 0
+    first = load_jsonl(data / "train.regen.jsonl")
+    assert len(load_jsonl(data / "train.jsonl")) == 3 and len(first) == 3
+    assert main(base + ["--max-rows", "6"]) == 0
+    grown = load_jsonl(data / "train.regen.jsonl")
+    assert len(load_jsonl(data / "train.jsonl")) == 6 and grown[:3] == first and len(grown) == 6
+    report = json.loads((data / "data_report.json").read_text())
+    assert report["kept"]["train"] == 6 and not report["exhausted"]
+    assert main(base + ["--max-rows", "50"]) == 0  # the source has 8: rendered, then never again
+    assert json.loads((data / "data_report.json").read_text())["exhausted"]
+    assert len(load_jsonl(data / "train.regen.jsonl")) == 8
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_unrolled_steps_equal_the_engines_cached_drafting(layers):
     """Training-time test must train the computation the engine runs: step s at anchor i equals

@@ -36,6 +36,9 @@ def add_train_parser(sub) -> None:
             s.add_argument("--regenerate", action="store_true", help="the target rewrites the assistant turns")
             s.add_argument("--gen-tokens", type=int, default=256, help="with --regenerate: new tokens per answer")
             s.add_argument("--gen-batch", type=int, default=16, help="with --regenerate: batch size")
+            s.add_argument("--regen-turns", type=int, default=1,
+                           help="with --regenerate: user turns the target answers per conversation (each later "
+                                "turn adds a row whose context is the target's own earlier answers)")
         if name in ("features", "run"):
             s.add_argument("--rows-per-shard", type=int, default=32)
             s.add_argument("--feature-dtype", default="bfloat16", help="dtype the target runs in for the dump")
@@ -73,20 +76,26 @@ def stage_data(args) -> None:
 
     data_dir = args.out / "data"
     report_path = data_dir / "data_report.json"
-    if report_path.is_file() and not args.regenerate:
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if report is not None and report["kept"].get("train", 0) < args.max_rows and not report.get("exhausted"):
+        # more rows asked for than were rendered: render again. The same rows come first, in the same
+        # order, so a regeneration and a feature dump over them resume and only append.
+        log.warning("data: %d training rows rendered, %d asked for: rendering again",
+                    report["kept"].get("train", 0), args.max_rows)
+        report = None
+    if report is not None and not args.regenerate:
         log.warning("data: %s exists, skipping (delete it to redo)", data_dir)
         return
     # Regeneration runs bf16 with transformers' sdpa: 2.4x faster than eaglespec's exact fp32
     # attention on a batch of 400-token prompts here. Exactness buys nothing for training text: an
     # answer may part from the engine's greedy one where a bf16 rounding flips a near-tie.
     target = _target(args, "bfloat16", "sdpa") if args.regenerate else _target(args)
-    if report_path.is_file():  # rendered earlier: only the regeneration is left to resume
-        report = json.loads(report_path.read_text())
-    else:
+    if report is None:
         report = prepare(target.tokenizer, data_dir, args.source, max_len=args.seq_len,
                          max_rows=args.max_rows).as_dict()
     if args.regenerate:
-        regenerate(target, data_dir, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch)
+        regenerate(target, data_dir, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch,
+                   turns=args.regen_turns)
     print(json.dumps({"data": report}))
 
 

@@ -152,9 +152,11 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)  # per reason
     tokens: int = 0
     loss_tokens: int = 0
+    exhausted: bool = False  # the source ran out before max_rows training rows were kept
 
     def as_dict(self) -> dict:
-        return dict(kept=dict(self.kept), skipped=dict(self.skipped), tokens=self.tokens, loss_tokens=self.loss_tokens)
+        return dict(kept=dict(self.kept), skipped=dict(self.skipped), tokens=self.tokens, loss_tokens=self.loss_tokens,
+                    exhausted=self.exhausted)
 
 
 def prepare(
@@ -194,6 +196,8 @@ def prepare(
             bar.set_postfix(kept=report.kept["train"], skipped=sum(report.skipped.values()))
             if max_rows is not None and report.kept["train"] >= max_rows:
                 break
+        else:
+            report.exhausted = True
     finally:
         for f in files.values():
             f.close()
@@ -247,54 +251,126 @@ def load_jsonl(path: Path) -> list[dict]:
 
 
 def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: int = 16,
-               splits: tuple[str, ...] = ("val", "train"), max_prompt_len: int = 512) -> None:
-    """Have the target answer each row's first user turn itself (greedy, batched), so the head
-    learns the text it will meet at inference. Writes `{split}.regen.jsonl`, appending as it goes:
-    a killed run resumes after the rows already written. Prompts longer than `max_prompt_len` are
-    left out (they would pad a whole batch)."""
-    import torch
-    from tqdm import tqdm
+               splits: tuple[str, ...] = ("val", "train"), max_prompt_len: int = 512, turns: int = 1,
+               max_context_len: int = 1024) -> None:
+    """Have the target answer each row's user turns itself (greedy, batched), so the head learns
+    the text it will meet at inference. Writes `{split}.regen.jsonl`, appending as it goes: a
+    killed run resumes after the rows already written.
 
+    Turn 1 answers the first user turn of every row whose prompt fits in `max_prompt_len` (a
+    longer one would pad a whole batch). With `turns` > 1, turn t appends a row `{id}#t{t}`: the
+    turn t-1 conversation, all of it target-written, the row's t-th user turn, and the target's
+    answer to it, the only loss positions of that row (the earlier answers are trained in their own
+    rows, so the shards already dumped stay valid). Later turns teach the head follow-ups that
+    rework what is already in the context; contexts past `max_context_len` are left out.
+    """
     tok = target.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = tok.eos_token_id
     for split in splits:
         src = load_jsonl(data_dir / f"{split}.jsonl")
         out_path = data_dir / f"{split}.regen.jsonl"
         if out_path.is_file():
             _drop_partial_line(out_path)
             _drop_nan_answers(out_path)
-        done = {r["id"] for r in load_jsonl(out_path)} if out_path.is_file() else set()
-        # Shortest prompts first, so a batch pads little; a deterministic order, so a resumed run
-        # continues where the killed one stopped.
-        todo = sorted((r for r in src if r["id"] not in done and len(_first_prompt(r)) <= max_prompt_len),
-                      key=lambda r: (len(_first_prompt(r)), r["id"]))
-        # counted in rows (answers stop at EOS, so a token total is unknown up front); written tokens in the postfix
-        bar = tqdm(total=len(todo), desc=f"regenerate {split}", unit="row")
-        written, started = 0, time.perf_counter()
-        with out_path.open("a") as f:
-            for b in range(0, len(todo), batch_size):
-                batch = todo[b : b + batch_size]
-                prompts = [_first_prompt(r) for r in batch]
-                width = max(len(p) for p in prompts)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attn = torch.zeros(len(batch), width, dtype=torch.long)
-                for i, p in enumerate(prompts):  # left padding
-                    ids[i, width - len(p):] = torch.tensor(p)
-                    attn[i, width - len(p):] = 1
-                with torch.inference_mode():
-                    out = target.model.generate(input_ids=ids.to(target.device), attention_mask=attn.to(target.device),
-                                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-                for r, p, row_out in zip(batch, prompts, out[:, width:].tolist()):
-                    if eos in row_out:
-                        row_out = row_out[: row_out.index(eos) + 1]
-                    f.write(json.dumps({"id": r["id"], "input_ids": p + row_out,
-                                        "loss_mask": [0] * len(p) + [1] * len(row_out)}) + "\n")
-                    written += len(row_out)
-                f.flush()
-                bar.update(len(batch))
-                bar.set_postfix(answer_tok_per_s=f"{written / (time.perf_counter() - started):.0f}")
-        bar.close()
+        for turn in range(1, turns + 1):
+            written = load_jsonl(out_path) if out_path.is_file() else []
+            done = {r["id"] for r in written}
+            if turn == 1:
+                prompts = {r["id"]: _first_prompt(r) for r in src if r["id"] not in done}
+                prompts = {k: v for k, v in prompts.items() if len(v) <= max_prompt_len}
+            else:
+                previous = {_base_id(r["id"]): r for r in written if _turn_of(r["id"]) == turn - 1}
+                prompts = {}
+                for r in src:
+                    rid = f"{r['id']}#t{turn}"
+                    if rid in done or r["id"] not in previous:
+                        continue
+                    ctx = _next_turn_context(previous[r["id"]], r, turn, tok.eos_token_id)
+                    if ctx is not None and len(ctx) <= max_context_len:
+                        prompts[rid] = ctx
+            _answer_batched(target, prompts, out_path, max_new_tokens, batch_size, desc=f"regenerate {split} t{turn}")
+
+
+def _answer_batched(target, prompts: dict[str, list[int]], out_path: Path, max_new_tokens: int,
+                    batch_size: int, desc: str) -> None:
+    """Greedy answers to `prompts` (id -> prompt ids) in left-padded batches, shortest first (a batch
+    pads little, and the order is deterministic, so a resumed run continues where a killed one
+    stopped); each row {id, input_ids, loss_mask} is appended to `out_path` as its batch ends."""
+    import torch
+    from tqdm import tqdm
+
+    tok = target.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = tok.eos_token_id
+    todo = sorted(prompts, key=lambda k: (len(prompts[k]), k))
+    # counted in rows (answers stop at EOS, so a token total is unknown up front); written tokens in the postfix
+    bar = tqdm(total=len(todo), desc=desc, unit="row")
+    written, started = 0, time.perf_counter()
+    with out_path.open("a") as f:
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b : b + batch_size]
+            width = max(len(prompts[k]) for k in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attn = torch.zeros(len(batch), width, dtype=torch.long)
+            for i, k in enumerate(batch):  # left padding
+                p = prompts[k]
+                ids[i, width - len(p):] = torch.tensor(p)
+                attn[i, width - len(p):] = 1
+            with torch.inference_mode():
+                out = target.model.generate(input_ids=ids.to(target.device), attention_mask=attn.to(target.device),
+                                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            for k, row_out in zip(batch, out[:, width:].tolist()):
+                if eos in row_out:
+                    row_out = row_out[: row_out.index(eos) + 1]
+                p = prompts[k]
+                f.write(json.dumps({"id": k, "input_ids": p + row_out, "loss_mask": [0] * len(p) + [1] * len(row_out)})
+                        + "\n")
+                written += len(row_out)
+            f.flush()
+            bar.update(len(batch))
+            bar.set_postfix(answer_tok_per_s=f"{written / (time.perf_counter() - started):.0f}")
+    bar.close()
+
+
+def _turn_of(row_id: str) -> int:
+    """1 for a first-turn row, t for a row `{id}#t{t}` written by a later turn."""
+    base, sep, t = row_id.rpartition("#t")
+    return int(t) if sep and t.isdigit() else 1
+
+
+def _base_id(row_id: str) -> str:
+    base, sep, t = row_id.rpartition("#t")
+    return base if sep and t.isdigit() else row_id
+
+
+def _runs(mask: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of equal mask values as (value, start, end)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, m in enumerate(mask):
+        if runs and runs[-1][0] == m:
+            runs[-1] = (m, runs[-1][1], i + 1)
+        else:
+            runs.append((m, i, i + 1))
+    return runs
+
+
+def _next_turn_context(previous: dict, src: dict, turn: int, eos: int) -> list[int] | None:
+    """The prompt for user turn `turn` of a rendered row: the target-written conversation through
+    turn-1 (`previous`, whose last answer run is the target's), closed with EOS if it was cut at the
+    token limit, the template's separator after an answer, then the row's user turn, taken from the
+    rendered row between its answers turn-1 and turn. None if the row has no complete turn `turn`
+    (fewer user turns, or cut by the rendering's max length)."""
+    answers = [r for r in _runs(src["loss_mask"]) if r[0] == 1]
+    if len(answers) < turn:  # a user turn counts only if the rendering kept the answer after it
+        return None
+    _, a_start, a_end = answers[turn - 2]
+    user = src["input_ids"][a_end : answers[turn - 1][1]]
+    # the template's text after an answer's EOS (a newline in ChatML), read off the rendered answer
+    answer = src["input_ids"][a_start:a_end]
+    sep = answer[len(answer) - answer[::-1].index(eos):] if eos in answer else []
+    ctx = list(previous["input_ids"])
+    if eos is not None and ctx[-1] != eos:
+        ctx.append(eos)
+    return ctx + sep + user
 
 
 def _drop_partial_line(path: Path) -> None:
