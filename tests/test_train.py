@@ -173,22 +173,31 @@ def test_resumed_training_restores_step_optimizer_and_data_order(tmp_path, tiny_
 
 
 def test_training_can_start_from_an_existing_head(tmp_path, tiny_training):
-    """--init: the weights and the draft vocabulary come from the given head, not a fresh one."""
+    """--init: the weights and the draft vocabulary come from the given head, not a fresh one; a
+    draft_vocab given with it picks the vocabulary afresh from the new rows and keeps the weights."""
     from safetensors.torch import load_file
+
+    from eaglespec.train.trainer import top_token_ids
 
     parts, rows = tiny_training
     cfg = TrainConfig(steps=6, batch_size=3, lr=3e-3, warmup_steps=1, draft_vocab=40, checkpoint_every=1000,
                       eval_every=1000)
     train_head(parts, rows, [], tmp_path / "first", cfg)
-    still = TrainConfig(steps=1, batch_size=3, lr=1e-12, warmup_steps=0, draft_vocab=20, checkpoint_every=1000,
-                        eval_every=1000)
+    still = TrainConfig(steps=1, batch_size=3, lr=1e-12, warmup_steps=0, checkpoint_every=1000, eval_every=1000)
     train_head(parts, rows[6:], [], tmp_path / "second", still, init_from=tmp_path / "first" / "head")
     a = load_file(str(tmp_path / "first" / "head" / "model.safetensors"))
     b = load_file(str(tmp_path / "second" / "head" / "model.safetensors"))
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=1e-5, msg=k)  # d2t/t2d included
-    fresh = TrainConfig(**{**still.__dict__})
+    repick = TrainConfig(**{**still.__dict__, "draft_vocab": 25})
+    train_head(parts, rows[6:], [], tmp_path / "repick", repick, init_from=tmp_path / "first" / "head")
+    r = DraftHead.from_pretrained(tmp_path / "repick" / "head")
+    want = top_token_ids(rows[6:], 25, parts.embed.shape[0]).sort().values
+    assert torch.equal(r.draft_token_ids(), want)
+    assert not torch.equal(r.draft_token_ids()[:25], DraftHead.from_pretrained(tmp_path / "first" / "head").draft_token_ids()[:25])
+    torch.testing.assert_close(r.fc.weight, DraftHead.from_pretrained(tmp_path / "first" / "head").fc.weight, rtol=0, atol=1e-5)
+    fresh = TrainConfig(**{**still.__dict__, "draft_vocab": 20})
     train_head(parts, rows[6:], [], tmp_path / "fresh", fresh)
     c = load_file(str(tmp_path / "fresh" / "head" / "model.safetensors"))
     assert not torch.allclose(a["fc.weight"].float(), c["fc.weight"].float())

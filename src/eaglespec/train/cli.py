@@ -52,7 +52,8 @@ def add_train_parser(sub) -> None:
             s.add_argument("--ttt-decay", type=float, default=d.ttt_decay, help="loss weight decay per unrolled step")
             s.add_argument("--p-weight", type=float, default=d.p_weight,
                            help="weight of the cross-entropy term against the target's token distribution")
-            s.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="0 = the full vocabulary")
+            s.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help="draft over the K most frequent answer tokens (0 = the full vocabulary; default 8192 for a "
+                                "new head, the --init head's own vocabulary when fine-tuning, re-picked if given)")
             s.add_argument("--layers", type=int, default=d.layers,
                            help="decoder layers of the head (EAGLE: 1); with --init, grow that head to this many")
             s.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)

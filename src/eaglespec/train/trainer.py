@@ -33,6 +33,9 @@ from eaglespec.draft import DraftHead, check_fits, head_config_from_target
 log = logging.getLogger(__name__)
 
 
+DEFAULT_DRAFT_VOCAB = 8192
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Head training hyper-parameters."""
@@ -48,7 +51,9 @@ class TrainConfig:
     p_weight: float = 0.1  # weight of the cross-entropy term
     ttt_steps: int = 1  # draft steps unrolled in training, each fed the head's own prediction (1 = EAGLE-1)
     ttt_decay: float = 0.8  # step s's loss weighs ttt_decay ** s
-    draft_vocab: int = 8192  # K most frequent training tokens (0 = full vocabulary)
+    # K most frequent training tokens (0 = full vocabulary). None: DEFAULT_DRAFT_VOCAB for a new head,
+    # the init head's own vocabulary when fine-tuning; a number with an init head picks it afresh.
+    draft_vocab: int | None = None
     layers: int = 1  # decoder layers of a new head (EAGLE: 1); with an init head, grow it to this many
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -59,7 +64,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "eval_every", "ttt_steps", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.draft_vocab < 0 or self.noise < 0:
+        if self.lr <= 0 or (self.draft_vocab or 0) < 0 or self.noise < 0:
             raise ValueError("lr must be > 0; draft_vocab and noise must be >= 0")
 
 
@@ -83,6 +88,15 @@ def top_token_ids(rows: list[dict], k: int, vocab_size: int) -> torch.Tensor:
         counts += torch.bincount(r["input_ids"][r["loss_mask"].bool()], minlength=vocab_size)
     k = min(k, int((counts > 0).sum()) or vocab_size)
     return counts.topk(k).indices
+
+
+def pick_vocab(head: DraftHead, rows: list[dict], k: int, vocab_size: int) -> None:
+    """Draft over the k most frequent loss tokens of `rows`, or the whole vocabulary for k = 0 or k >= V.
+    Only what the head proposes changes; its weights stay, since the LM head rows are the target's."""
+    if k and k < vocab_size:
+        head.set_vocab(top_token_ids(rows, k, vocab_size))
+    else:
+        head.set_vocab(torch.arange(vocab_size))
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -263,10 +277,13 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
                     head.draft_token_ids().shape[0])
         if cfg.layers > head.num_layers:
             head = grow_head(head, cfg.layers)
+        if cfg.draft_vocab is not None:
+            pick_vocab(head, train_rows, cfg.draft_vocab, vocab_size)
+            log.warning("draft vocabulary picked afresh from the training rows: %d tokens",
+                        head.draft_token_ids().shape[0])
     else:
         head = DraftHead(head_config_from_target(parts.config, num_layers=cfg.layers))
-        if cfg.draft_vocab and cfg.draft_vocab < vocab_size:
-            head.set_vocab(top_token_ids(train_rows, cfg.draft_vocab, vocab_size))
+        pick_vocab(head, train_rows, DEFAULT_DRAFT_VOCAB if cfg.draft_vocab is None else cfg.draft_vocab, vocab_size)
     vocab_ids = head.draft_token_ids()
     lm_draft = parts.lm_head[vocab_ids]  # [K, H]
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
