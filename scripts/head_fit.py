@@ -1,6 +1,8 @@
 """How well a head fits its training rows against held-out rows: teacher-forced agreement with the
 target's greedy token at draft steps 1-3 (steps 2 and 3 fed the head's own features, as the engine
-drafts), over every assistant position. A large train/held-out gap says more data would help.
+drafts), over every assistant position, and the simulated chain acceptance (`simulate_chains`, as
+the trainer's validation reports it). A large train/held-out gap says more data would help. Give
+two heads the same --run to compare them on the same rows.
 
     python scripts/head_fit.py runs/regen3/head --run runs/regen3 --rows 48
 """
@@ -15,7 +17,7 @@ import torch
 from eaglespec.draft import DraftHead
 from eaglespec.target import load_target
 from eaglespec.train.features import load_shards
-from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, collate, head_loss, unseen_prompts
+from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, collate, head_loss, simulate_chains, unseen_prompts
 
 
 def agreement(head: DraftHead, parts: FrozenTargetParts, rows: list[dict], batch: int = 8) -> dict[str, float]:
@@ -46,10 +48,13 @@ def main() -> None:
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.rows].tolist()
     held_out = unseen_prompts(load_shards(args.run / "val_features"), train)[: args.rows]
     sets = {"train": [train[i] for i in pick], "held-out": held_out}
-    print("| rows | step 1 | step 2 | step 3 | CE step 1 |\n|---|---|---|---|---|")
+    vocab_ids = head.draft_token_ids()
+    print("| rows | step 1 | step 2 | step 3 | CE step 1 | simulated tau |\n|---|---|---|---|---|---|")
     for name, rows in sets.items():
         m = agreement(head, parts, rows)
-        print(f"| {name} ({len(rows)}) | {m['acc']} | {m['acc1']} | {m['acc2']} | {m['ploss']} |")
+        with torch.no_grad():
+            sim = simulate_chains(head, parts, parts.lm_head[vocab_ids], vocab_ids, rows)
+        print(f"| {name} ({len(rows)}) | {m['acc']} | {m['acc1']} | {m['acc2']} | {m['ploss']} | {sim['sim_tau']:.3f} |")
 
 
 if __name__ == "__main__":
