@@ -48,6 +48,9 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--static-tree", default=d.static_tree, help="static tree preset (cpu_small, mc_sim_7b_63)")
     g.add_argument("--lookup", type=int, default=LOOKUP_TOKENS, metavar="N",
                    help="graft a prompt-lookup chain of up to N tokens into the draft tree (0 = off)")
+    g.add_argument("--draft-weights", choices=["auto", "int8", "full"], default="auto",
+                   help="store the draft's weights as int8 (auto: on CPU, where a draft step is bound by reading "
+                        "them); changes what is proposed, never what is accepted")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -117,7 +120,7 @@ def load_engine(args, need_tokenizer: bool = True):
             log.warning("no draft head shipped yet: plain decoding")
         if path is not None:
             head = DraftHead.from_pretrained(path)
-            drafter = EagleDrafter(head, target, tree)
+            drafter = EagleDrafter(head, target, tree, weights=args.draft_weights)
             if args.lookup < 0:
                 raise UsageError(f"--lookup must be >= 0, got {args.lookup}")
             if args.lookup:

@@ -18,6 +18,7 @@ from torch import nn
 
 from eaglespec.draft import DraftHead, check_fits
 from eaglespec.packed import PackedLinear, pack_linears, packing_available
+from eaglespec.quant import Int8Linear, int8_kernel_available, quantize_linears
 from eaglespec.target import Target
 from eaglespec.tree import STATIC_PRESETS, DraftTree, graft_chain, make_tree, root_only, select_dynamic, static_shape
 
@@ -89,28 +90,37 @@ class EagleDrafter(Drafter):
     """Drafts with an EAGLE head over the target's features, as a static or dynamic tree."""
 
     def __init__(self, head: DraftHead, target: Target, tree: TreeConfig = TreeConfig(),
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, weights: Literal["auto", "int8", "full"] = "auto") -> None:
         """dtype: what the head computes in. None: bf16 where its linears can be pre-packed (bf16
         targets on CPU; a stock bf16 matmul of a few rows is slower than fp32 there), float32
-        otherwise. The draft's precision changes what is proposed, never what is accepted."""
+        otherwise. weights: "int8" stores the head's linears and its LM head rows as int8
+        (eaglespec/quant.py; on a CPU a draft step is bound by reading them); "full" keeps them in
+        `dtype`; "auto" is int8 on CPU where torch has the int8 kernel. Neither choice changes
+        what is accepted, only what is proposed."""
+        if weights not in ("auto", "int8", "full"):
+            raise ValueError(f"draft weights must be 'auto', 'int8' or 'full', got {weights!r}")
         check_fits(head, target.hidden_size, target.vocab_size)
         device = target.device
         if dtype is None:
             dtype = torch.bfloat16 if packing_available(device, target.dtype) else torch.float32
         self.dtype = dtype
-        packing = packing_available(device, dtype)  # bf16 on CPU
-        if packing:
-            head = copy.deepcopy(head)  # packed below: the caller's head stays a plain module
+        self.int8 = weights == "int8" or (weights == "auto" and int8_kernel_available(device))
+        packing = not self.int8 and packing_available(device, dtype)  # bf16 on CPU
+        if packing or self.int8:
+            head = copy.deepcopy(head)  # changed below: the caller's head stays a plain module
         self.head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.target_embed = target.embed
         self.tree_config = tree
         self.vocab_ids = head.draft_token_ids().to(device)  # [K] target id of each draft id
         weight = target.lm_head.weight
         # [K, H] the LM head restricted to the draft vocabulary, in the head's dtype
-        self.lm_weight = (weight[self.vocab_ids] if head.reduced_vocab else weight).to(dtype)
-        self.lm = nn.Linear(self.lm_weight.shape[1], self.lm_weight.shape[0], bias=False, device=device, dtype=dtype)
-        self.lm.weight = nn.Parameter(self.lm_weight, requires_grad=False)
-        if packing:
+        lm_weight = (weight[self.vocab_ids] if head.reduced_vocab else weight).to(dtype)
+        self.lm = nn.Linear(lm_weight.shape[1], lm_weight.shape[0], bias=False, device=device, dtype=dtype)
+        self.lm.weight = nn.Parameter(lm_weight, requires_grad=False)
+        if self.int8:
+            quantize_linears(self.head, dtype)
+            self.lm = Int8Linear(self.lm, dtype)
+        elif packing:
             pack_linears(self.head)
             self.lm = PackedLinear(self.lm)
         if tree.kind == "static":

@@ -72,14 +72,16 @@ def cmd_bench(args) -> int:
     if args.lookup < 0:
         raise BenchError(f"--lookup must be >= 0, got {args.lookup}")
     # eagle-lookup grafts a chain of --lookup tokens (8 when the flag is left at 0)
-    runners = build_runners(target, methods, head, tree_config(args), lookup=args.lookup or 8)
+    runners = build_runners(target, methods, head, tree_config(args), lookup=args.lookup or 8,
+                            draft_weights=args.draft_weights)
     records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup)]
     table = summarize(records)
     import torch
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     header = (f"## eaglespec bench: {source}, {len(questions)} questions, {str(target.dtype).removeprefix('torch.')}, temperature {args.temperature}, "
-              f"max_new_tokens {args.max_new_tokens}, turns {args.turns or 'all'}\n\nMachine: {machine}. Tree: {tree_config(args)}.")
+              f"max_new_tokens {args.max_new_tokens}, turns {args.turns or 'all'}\n\nMachine: {machine}. Tree: {tree_config(args)}. "
+              f"Draft weights: {args.draft_weights}.")
     mismatches = [r for r in records if r["equal_to_baseline"] is False]
     # write into a fresh folder and swap it in, so a failed run never leaves a half-written --out
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -172,7 +172,8 @@ def hf_runner(target: Target, prompt_lookup: int | None, eos: set[int]) -> Runne
     return run
 
 
-def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lookup: int = 8) -> dict[str, Runner]:
+def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lookup: int = 8,
+                  draft_weights: str = "auto") -> dict[str, Runner]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise BenchError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -182,17 +183,21 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
     if needs_head and head is None:
         raise BenchError(f"methods {needs_head} need a draft head: pass --draft PATH")
     eos = Generator(target)._eos_ids(GenerationConfig())
+
+    def eagle(kind: str) -> EagleDrafter:
+        return EagleDrafter(head, target, replace(tree, kind=kind), weights=draft_weights)
+
     runners: dict[str, Runner] = {}
     for m in methods:
         if m == "plain":
             runners[m] = engine_runner(Generator(target, NoDrafter()))
         elif m == "eagle-static":
-            runners[m] = engine_runner(Generator(target, EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "static"}))))
+            runners[m] = engine_runner(Generator(target, eagle("static")))
         elif m == "eagle-dynamic":
-            runners[m] = engine_runner(Generator(target, EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "dynamic"}))))
+            runners[m] = engine_runner(Generator(target, eagle("dynamic")))
         elif m == "eagle-lookup":  # the dynamic tree with a prompt-lookup chain grafted in
-            eagle = EagleDrafter(head, target, TreeConfig(**{**asdict(tree), "kind": "dynamic"}))
-            runners[m] = engine_runner(Generator(target, HybridDrafter(eagle, PromptLookupDrafter(num_tokens=lookup))))
+            hybrid = HybridDrafter(eagle("dynamic"), PromptLookupDrafter(num_tokens=lookup))
+            runners[m] = engine_runner(Generator(target, hybrid))
         elif m == "prompt-lookup":
             runners[m] = engine_runner(Generator(target, PromptLookupDrafter()))
         elif m == "hf-generate":

@@ -1,0 +1,91 @@
+"""Int8 draft weights (eaglespec/quant.py): close to the full-precision draft, never lossy."""
+
+import pytest
+import torch
+from helpers import oracle_head, tiny_target
+from torch import nn
+
+from eaglespec.attention import register
+from eaglespec.drafter import EagleDrafter, TreeConfig
+from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.quant import Int8Linear, int8_kernel_available, quantize_linears, quantize_weight
+from eaglespec.target import Target
+
+
+def test_quantized_weight_is_within_half_a_step_per_channel():
+    torch.manual_seed(0)
+    w = torch.randn(48, 80) * torch.linspace(0.01, 3.0, 48)[:, None]  # rows of very different scale
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+    assert (q.abs().amax(dim=1) == 127).all()  # each row uses its full range
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_is_close_to_the_linear_on_both_paths(dtype, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 200, bias=bias).to(dtype)
+    q = Int8Linear(lin)
+    x = torch.randn(3, 5, 96, dtype=dtype)
+    with torch.inference_mode():
+        want = lin(x).float()
+        got = q(x)
+        assert got.shape == (3, 5, 200) and got.dtype == dtype
+        rel = (got.float() - want).norm() / want.norm()
+        assert rel < 0.02
+        fused = q.fused
+        q.fused = False  # the dequantizing fallback (non-CPU devices, torch without the kernel)
+        slow = q(x)
+    assert fused == int8_kernel_available(torch.device("cpu"))
+    assert (slow.float() - got.float()).norm() / want.norm() < 0.01
+
+
+def test_quantize_linears_swaps_every_linear_once():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(4, 8), shared, nn.ReLU(), shared)
+    assert quantize_linears(model) == 3
+    assert isinstance(model[0], Int8Linear) and model[1] is model[3]
+    assert not any(type(m) is nn.Linear for m in model.modules())
+
+
+def run(gen: Generator, prompt: torch.Tensor, cfg: GenerationConfig) -> list[int]:
+    return [t for chunk in gen.generate_ids(prompt, cfg) for t in chunk]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_draft_is_lossless_and_proposes_nearly_what_the_full_draft_does(dtype):
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    if dtype == torch.bfloat16:  # as load_target sets up a bf16 target: exact attention, packed linears
+        model = target.model.to(dtype)
+        model.set_attn_implementation(register())
+        target = Target(model, tokenizer=None, max_len=512)
+    head = oracle_head(target, noise=0.2)
+    cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
+    plain = Generator(target)
+    drafters = {w: EagleDrafter(head, target, TreeConfig(kind="dynamic"), weights=w) for w in ("full", "int8")}
+    assert drafters["int8"].int8 and not drafters["full"].int8
+    assert any(isinstance(m, Int8Linear) for m in drafters["int8"].head.modules())
+    assert isinstance(drafters["int8"].lm, Int8Linear)
+    assert all(type(m) is nn.Linear for m in head.modules() if isinstance(m, (nn.Linear, Int8Linear)))  # caller's head untouched
+    g = torch.Generator().manual_seed(7)
+    taus = {w: [] for w in drafters}
+    for _ in range(8):
+        prompt = torch.randint(2, target.vocab_size, (10,), generator=g)
+        want = run(plain, prompt, cfg)
+        for w, d in drafters.items():
+            spec = Generator(target, d)
+            assert run(spec, prompt, cfg) == want
+            taus[w].append(spec.last_stats.mean_accept_len)
+    full, int8 = (sum(taus[w]) / len(taus[w]) for w in ("full", "int8"))
+    assert full > 2.5  # the head is good, so a worse proposal would show
+    assert int8 > 0.9 * full
+
+
+def test_auto_weights_pick_int8_on_cpu_and_bad_values_are_refused():
+    target = tiny_target("llama")
+    head = oracle_head(tiny_target("llama", copyable=True))
+    assert EagleDrafter(head, target, TreeConfig()).int8 == int8_kernel_available(torch.device("cpu"))
+    with pytest.raises(ValueError, match="draft weights"):
+        EagleDrafter(head, target, TreeConfig(), weights="int4")
