@@ -2,6 +2,10 @@
 by side with plain decoding (interleaved per prompt) on held-out ShareGPT `val` prompts. Used to choose TreeConfig's CPU defaults.
 
     python scripts/tree_sweep.py --draft src/eaglespec/heads/smollm2-135m-instruct --prompts 6
+    python scripts/tree_sweep.py --questions ../shared/data/mt_bench/question.jsonl --prompts 8 --dtype bfloat16 \
+        --grid 4,5,16 3,5,12 3,4,10 2,5,10
+
+--grid takes dynamic trees as top_k,depth,total_tokens (default: the grid below).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import torch
 
 from eaglespec import DraftHead, EagleDrafter, GenerationConfig, Generator, NoDrafter, TreeConfig, load_target
+from eaglespec.bench.run import load_questions
 from eaglespec.heads import default_head_path
 from eaglespec.train.data import heldout_prompts
 
@@ -34,19 +39,33 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--questions", default=None,
+                    help="MT-bench / Spec-Bench question file: first turns, one per category in turn (default: ShareGPT val)")
+    ap.add_argument("--grid", nargs="+", default=None, metavar="K,D,N", help="dynamic trees top_k,depth,total_tokens")
+    ap.add_argument("--draft-weights", default="auto", choices=["auto", "int8", "full"])
     args = ap.parse_args()
+    grid = GRID if args.grid is None else [
+        TreeConfig(kind="dynamic", top_k=k, depth=d, total_tokens=n) for k, d, n in (map(int, g.split(",")) for g in args.grid)]
     torch.set_num_threads(2)
     target = load_target(dtype=args.dtype)
     head = DraftHead.from_pretrained(args.draft or default_head_path())
     # first turns of the ShareGPT `val` split whose prompt opens no training row: never trained on
-    prompts = [turns[0] for _, turns in heldout_prompts("val") if len(turns[0]) < 600][: args.prompts]
+    if args.questions:
+        qs = load_questions(args.questions)
+        by_cat: dict[str, list[str]] = {}
+        for q in qs:
+            by_cat.setdefault(q.category, []).append(q.turns[0])
+        rounds = max(len(v) for v in by_cat.values())
+        prompts = [v[i] for i in range(rounds) for v in by_cat.values() if i < len(v)][: args.prompts]
+    else:
+        prompts = [turns[0] for _, turns in heldout_prompts("val") if len(turns[0]) < 600][: args.prompts]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     plain = Generator(target, NoDrafter())
-    engines = [(tc, Generator(target, EagleDrafter(head, target, tc))) for tc in GRID]
+    engines = [(tc, Generator(target, EagleDrafter(head, target, tc, weights=args.draft_weights))) for tc in grid]
     plain.generate("Hi", GenerationConfig(max_new_tokens=8))
-    tps = {i: [] for i in range(len(GRID))}
-    taus = {i: [] for i in range(len(GRID))}
-    equal = {i: 0 for i in range(len(GRID))}
+    tps = {i: [] for i in range(len(grid))}
+    taus = {i: [] for i in range(len(grid))}
+    equal = {i: 0 for i in range(len(grid))}
     base = []
     for p in prompts:
         ids = plain.encode(p)
