@@ -3,7 +3,8 @@ committed tokens, then one head run per tree depth), the target's verification f
 rest (acceptance, cache compaction, bookkeeping). Plain decoding's one-token forward is timed in
 the same run, so the overhead per step can be set against what a step saves.
 
-    python scripts/step_profile.py --questions ../shared/data/mt_bench/question.jsonl --limit 1
+    python scripts/step_profile.py --questions ../shared/data/mt_bench/question.jsonl --limit 2 \
+        --draft-weights int8 full --forward-scan 200
 
 Timing wraps the drafter's and the target's methods (the engine's loop is not changed); on CUDA
 it synchronizes around each phase, which a real run would not.
@@ -55,8 +56,28 @@ class Clock:
         self.calls.clear()
 
 
+class Tally:
+    """Totals over one method's answers."""
+
+    def __init__(self) -> None:
+        self.seconds, self.tokens, self.steps, self.equal = 0.0, 0, 0, 0
+
+    def add(self, result, baseline) -> None:
+        self.seconds += result.stats.elapsed_s
+        self.tokens += result.stats.new_tokens
+        self.steps += len(result.stats.accept_lengths) or result.stats.new_tokens
+        self.equal += result.token_ids == baseline.token_ids
+
+
+def forward_s(total: dict[str, float], calls: dict[str, int], prefix: str, steps: int) -> float:
+    """Seconds per decode-loop target forward (the prompt's prefill set apart)."""
+    n = calls[prefix + "target forward (prefill included)"] - calls[prefix + "target prefill"]
+    return (total[prefix + "target forward (prefill included)"] - total[prefix + "target prefill"]) / max(n, 1)
+
+
 def instrument(clock: Clock, drafter: EagleDrafter, target) -> None:
-    """Wrap the methods whose time we want, on these instances only."""
+    """Wrap the methods whose time we want, on these instances only (target: None when an earlier
+    call wrapped it already)."""
 
     def wrap(obj, name: str, label: str) -> None:
         inner = getattr(obj, name)
@@ -71,9 +92,30 @@ def instrument(clock: Clock, drafter: EagleDrafter, target) -> None:
     wrap(drafter, "_commit_pending", "draft: head over committed tokens")
     wrap(drafter, "_tree_step", "draft: head per tree depth")
     wrap(drafter, "_logprobs", "draft: LM head + log-softmax")
-    wrap(target, "forward", "target forward (prefill included)")
-    wrap(target, "prefill", "target prefill")
-    wrap(target.cache, "compact", "cache compaction")
+    if target is not None:
+        wrap(target, "forward", "target forward (prefill included)")
+        wrap(target, "prefill", "target prefill")
+        wrap(target.cache, "compact", "cache compaction")
+
+
+def forward_scan(target, context: int, reps: int = 12, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32)) -> None:
+    """Median time of one target forward over q causal new tokens (a chain: the cost of a tree
+    of q nodes), after `context` committed random tokens; sizes interleaved to share the drift."""
+    g = torch.Generator().manual_seed(0)
+    target.prefill(torch.randint(100, target.vocab_size, (context,), generator=g).to(target.device))
+    times: dict[int, list[float]] = {q: [] for q in sizes}
+    for _ in range(reps):
+        for q in sizes:
+            tokens = torch.randint(100, target.vocab_size, (q,), generator=g).to(target.device)
+            mask = torch.ones(q, q, dtype=torch.bool, device=target.device).tril_() if q > 1 else None
+            t0 = time.perf_counter()
+            target.forward(tokens, tree_mask=mask)
+            times[q].append(time.perf_counter() - t0)
+    one = sorted(times[1])[reps // 2]
+    print(f"target forward after {context} tokens | " + " | ".join(f"q={q}" for q in sizes))
+    print("|---" * (len(sizes) + 1) + "|")
+    print("| ms | " + " | ".join(f"{1000 * sorted(times[q])[reps // 2]:.1f}" for q in sizes) + " |")
+    print("| x one token | " + " | ".join(f"{sorted(times[q])[reps // 2] / one:.2f}" for q in sizes) + " |")
 
 
 def main() -> None:
@@ -87,7 +129,10 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=TreeConfig.top_k)
     ap.add_argument("--depth", type=int, default=TreeConfig.depth)
     ap.add_argument("--total-tokens", type=int, default=TreeConfig.total_tokens)
-    ap.add_argument("--draft-weights", default="auto", choices=["auto", "int8", "full"])
+    ap.add_argument("--draft-weights", nargs="+", default=["auto"], choices=["auto", "int8", "full"],
+                    help="one or more; several are run in turn on each prompt, side by side")
+    ap.add_argument("--forward-scan", type=int, default=0, metavar="CTX",
+                    help="also time one target forward over q = 1..32 new tokens after a CTX-token context")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -98,54 +143,53 @@ def main() -> None:
     target = load_target(dtype=args.dtype)
     head = DraftHead.from_pretrained(args.draft or default_head_path())
     tree = TreeConfig(kind="dynamic", top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens)
-    drafter = EagleDrafter(head, target, tree, weights=args.draft_weights)
-    plain, eagle = Generator(target, NoDrafter()), Generator(target, drafter)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
-
     clock = Clock(target.device)
-    instrument(clock, drafter, target)
-    plain.generate("Hi", GenerationConfig(max_new_tokens=8))  # warm-up
-    eagle.generate("Hi", GenerationConfig(max_new_tokens=8))
-    clock.reset()
+    plain = Generator(target, NoDrafter())
+    variants: dict[str, Generator] = {}
+    for w in args.draft_weights:
+        drafter = EagleDrafter(head, target, tree, weights=w)
+        instrument(clock, drafter, target if not variants else None)
+        variants[w if w != "auto" else f"auto ({'int8' if drafter.int8 else 'full'})"] = Generator(target, drafter)
+    for gen in (plain, *variants.values()):
+        gen.generate("Hi", GenerationConfig(max_new_tokens=8))  # warm-up
 
-    plain_s = plain_tokens = eagle_s = 0.0
-    steps = accepted = equal = 0
-    for q in questions:
+    runs = {name: Tally() for name in ["plain", *variants]}
+    for i, q in enumerate(questions):
         ids = plain.encode(q.turns[0])
-        clock.active, clock.prefix = True, "plain: "
-        r = plain.generate(ids, cfg)
-        clock.prefix = ""
-        e = eagle.generate(ids, cfg)
+        clock.active = True
+        clock.prefix = "plain: "
+        base = plain.generate(ids, cfg)
+        runs["plain"].add(base, base)
+        names = list(variants) if i % 2 == 0 else list(variants)[::-1]  # alternate who goes first
+        for name in names:
+            clock.prefix = f"{name}: "
+            runs[name].add(variants[name].generate(ids, cfg), base)
         clock.active = False
-        plain_s += r.stats.elapsed_s
-        plain_tokens += r.stats.new_tokens
-        eagle_s += e.stats.elapsed_s
-        steps += len(e.stats.accept_lengths)
-        accepted += sum(e.stats.accept_lengths)
-        equal += e.token_ids == r.token_ids
 
-    per_token = plain_s / plain_tokens
-    step_s = eagle_s / steps
-    print(f"{len(questions)} prompts, {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads, "
-          f"tree top_k {args.top_k} depth {args.depth} total {args.total_tokens}, "
-          f"{'int8' if drafter.int8 else 'full'} draft weights; {equal}/{len(questions)} equal to plain")
-    print(f"plain: {1000 * per_token:.1f} ms/token ({1 / per_token:.2f} tok/s)")
-    print(f"eagle: {1000 * step_s:.1f} ms/step, tau {accepted / steps:.2f}, {accepted / eagle_s:.2f} tok/s, "
-          f"speedup {per_token * accepted / eagle_s:.2f}x; break-even tau {step_s / per_token:.2f}")
+    per_token = runs["plain"].seconds / runs["plain"].tokens
     tot, calls = clock.total, clock.calls
-    plain_fwd = (tot["plain: target forward (prefill included)"] - tot["plain: target prefill"]) / (
-        calls["plain: target forward (prefill included)"] - calls["plain: target prefill"])
-    verify = (tot["target forward (prefill included)"] - tot["target prefill"]) / steps
-    print(f"target forward over 1 token (plain decoding): {1000 * plain_fwd:.1f} ms; "
-          f"over the tree (verification): {1000 * verify:.1f} ms")
-    print("| phase | ms per step | calls per step |\n|---|---|---|")
-    names = ["draft: whole proposal", "draft: head over committed tokens", "draft: head per tree depth",
-             "draft: LM head + log-softmax", "cache compaction", "target prefill"]
-    print(f"| verification forward | {1000 * verify:.1f} | 1.00 |")
-    for name in names:
-        print(f"| {name} | {1000 * tot[name] / steps:.1f} | {calls[name] / steps:.2f} |")
-    rest = step_s - verify - (tot["draft: whole proposal"] + tot["cache compaction"] + tot["target prefill"]) / steps
-    print(f"| rest of the loop (acceptance, observe, bookkeeping) | {1000 * rest:.1f} | |")
+    print(f"{len(questions)} prompts, {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads, "
+          f"tree top_k {args.top_k} depth {args.depth} total {args.total_tokens}; variants run in turn on each prompt")
+    print(f"plain: {1000 * per_token:.1f} ms/token ({1 / per_token:.2f} tok/s), one-token forward "
+          f"{1000 * forward_s(tot, calls, 'plain: ', runs['plain'].steps):.1f} ms")
+    header = ["draft weights", "tok/s", "speedup", "tau", "ms/step (prefill included)", "break-even tau", "verification forward",
+              "draft: whole proposal", "draft: head over committed tokens", "draft: head per tree depth",
+              "draft: LM head + log-softmax", "cache compaction", "rest of the loop", "equal to plain"]
+    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    for name in variants:
+        r, pre = runs[name], f"{name}: "
+        step_s = r.seconds / r.steps
+        verify = forward_s(tot, calls, pre, r.steps)
+        ms = lambda phase: 1000 * tot[pre + phase] / r.steps  # noqa: E731
+        prefill = tot[pre + "target prefill"] / r.steps
+        rest = step_s - verify - prefill - (tot[pre + "draft: whole proposal"] + tot[pre + "cache compaction"]) / r.steps
+        cells = [name, f"{r.tokens / r.seconds:.2f}", f"{per_token * r.tokens / r.seconds:.2f}x", f"{r.tokens / r.steps:.2f}",
+                 f"{1000 * step_s:.1f}", f"{step_s / per_token:.2f}", f"{1000 * verify:.1f}",
+                 *(f"{ms(p):.1f}" for p in header[7:12]), f"{1000 * rest:.1f}", f"{r.equal}/{len(questions)}"]
+        print("| " + " | ".join(cells) + " |")
+    if args.forward_scan:
+        forward_scan(target, args.forward_scan)
 
 
 if __name__ == "__main__":
