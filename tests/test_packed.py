@@ -88,6 +88,14 @@ def test_eagle_drafter_packs_a_copy_of_the_head_on_a_bf16_target():
 
 
 @needs_packing
+def test_a_linear_shared_by_two_slots_is_packed_once_in_both():
+    shared = nn.Linear(32, 32).to(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(16, 32).to(torch.bfloat16), shared, nn.ReLU(), shared)
+    assert pack_linears(model) == 3
+    assert isinstance(model[3], PackedLinear) and model[1] is model[3]
+
+
+@needs_packing
 def test_no_packing_when_bits_differ_or_the_ops_fail(monkeypatch):
     import eaglespec.packed as packed_mod
 

@@ -85,7 +85,8 @@ def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
 
     Does nothing (returns 0) if packing is unavailable or a probe on any weight shape finds a bit
     difference. Shared modules (tied weights) are packed once."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    # parent._modules, not named_children(): the latter lists a module shared by two slots once
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
              if type(child) is nn.Linear]
     if not found:
         return 0
