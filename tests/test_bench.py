@@ -72,3 +72,22 @@ def test_mismatched_head_is_refused(tiny_model_dir, bench_files, capsys):
     code = main(["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "small_head"),
                  "--questions", str(bench_files / "q.jsonl"), "--methods", "eagle-dynamic"])
     assert code == 2 and "does not fit" in capsys.readouterr().err
+
+
+def test_compare_draft_runs_other_heads_in_the_same_loop(tiny_model_dir, bench_files, capsys):
+    random_head(load_target(str(tiny_model_dir)), seed=5).save_pretrained(bench_files / "alt" / "head")
+    out = bench_files / "cmp"
+    code = main(["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "head"),
+                 "--compare-draft", str(bench_files / "alt" / "head"), "--methods", "plain,eagle-dynamic",
+                 "--questions", str(bench_files / "q.jsonl"), "--max-new-tokens", "12", "--limit", "1",
+                 "--dtype", "float32", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["runs"][:3]] == ["plain", "eagle-dynamic", "eagle-dynamic@alt"]  # interleaved
+    assert all(r["equal_to_baseline"] for r in res["runs"])
+    assert set(res["summary"]["overall"]) == {"plain", "eagle-dynamic", "eagle-dynamic@alt"}
+    capsys.readouterr()
+    assert main(["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "head"),
+                 "--compare-draft", str(bench_files / "nope"),
+                 "--questions", str(bench_files / "q.jsonl"), "--methods", "plain,eagle-dynamic"]) == 2
+    assert "nope: not found" in capsys.readouterr().err

@@ -28,6 +28,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds per method")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
+    p.add_argument("--compare-draft", nargs="+", default=[], metavar="HEAD",
+                   help="more draft heads: their eagle methods run in the same loop, labelled METHOD@NAME "
+                        "(NAME: the head's folder, or its parent's when the folder is called 'head'), so heads "
+                        "are compared side by side rather than across noisy runs")
     add_model_args(p)
     add_draft_args(p)
 
@@ -68,12 +72,20 @@ def cmd_bench(args) -> int:
     if head is None and any(m.startswith("eagle") for m in methods):
         raise BenchError("eagle methods need a draft head: pass --draft PATH (none ships for this model)")
 
+    extra_heads = compared_heads(args.compare_draft)
+    if extra_heads and not any(m.startswith("eagle") for m in methods):
+        raise BenchError("--compare-draft needs an eagle method in --methods")
     target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len, pack=not args.no_pack)
     if args.lookup < 0:
         raise BenchError(f"--lookup must be >= 0, got {args.lookup}")
     # eagle-lookup grafts a chain of --lookup tokens (8 when the flag is left at 0)
     runners = build_runners(target, methods, head, tree_config(args), lookup=args.lookup or 8,
                             draft_weights=args.draft_weights)
+    eagle_methods = [m for m in methods if m.startswith("eagle")]
+    for name, other in extra_heads.items():
+        more = build_runners(target, eagle_methods, other, tree_config(args), lookup=args.lookup or 8,
+                             draft_weights=args.draft_weights)
+        runners.update({f"{m}@{name}": run for m, run in more.items() if m in eagle_methods})
     records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup)]
     table = summarize(records)
     import torch
@@ -100,3 +112,22 @@ def cmd_bench(args) -> int:
     tmp.replace(args.out)
     print(md)
     return 0
+
+
+def compared_heads(paths: list[str]) -> dict:
+    """Label -> loaded DraftHead for --compare-draft; labels are folder names, made unique."""
+    from eaglespec.bench.run import BenchError
+    from eaglespec.draft import DraftHead
+
+    heads = {}
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise BenchError(f"--compare-draft {p}: not found")
+        name = path.resolve().parent.name if path.name == "head" else path.name
+        label, n = name, 2
+        while label in heads:
+            label, n = f"{name}-{n}", n + 1
+        heads[label] = DraftHead.from_pretrained(path)
+    return heads
+
