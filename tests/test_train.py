@@ -308,6 +308,12 @@ def test_rows_put_back_by_an_early_stopping_batch_end_with_the_targets_answer(tm
         first = r["loss_mask"].index(1)
         assert r["input_ids"][:first] == prompts[k] and all(r["loss_mask"][first:])
         assert r["input_ids"][first:] == want[k]
+    # contexts longer than twice the answer budget: a put-back row would cost more to prefill again
+    # than its batch wastes, so such batches run to their end
+    long = {k: (p * 8)[:30] for k, p in prompts.items()}
+    assert _answer_batched(target, long, tmp_path / "long.jsonl", max_new_tokens=14, batch_size=4, desc="t",
+                           release=0.5, eos_id=eos) == 0
+    assert len(load_jsonl(tmp_path / "long.jsonl")) == len(long)
 
 
 def multi_turn_conv(i: int, turns: int) -> dict:
