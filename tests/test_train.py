@@ -483,3 +483,21 @@ def test_grown_head_computes_what_it_grew_from_then_trains_its_new_layer(tmp_pat
     trained = DraftHead.from_pretrained(tmp_path / "two" / "head")
     assert trained.num_layers == 2 and "layers.1.input_layernorm.weight" in trained.state_dict()
     assert trained.layers[1].mlp.down_proj.weight.abs().sum() > 0
+
+
+def test_train_features_attention_choice(tmp_path, tiny_model_dir):
+    """`train features` dumps with sdpa by default and with the exact attention on request: both
+    record which one ran, and in bf16 they agree to rounding (the exact path is not the dump's)."""
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 20 + i % 5) for i in train_ids(4)])
+    feats = {}
+    for attention in ("sdpa", "exact"):
+        out = tmp_path / attention
+        assert main(["train", "data", "--out", str(out), "--model", str(tiny_model_dir), "--source", str(src)]) == 0
+        assert main(["train", "features", "--out", str(out), "--model", str(tiny_model_dir),
+                     "--feature-attention", attention]) == 0
+        meta = json.loads((out / "features" / "features.json").read_text())
+        assert meta["attention"] == ("sdpa" if attention == "sdpa" else "eaglespec_fp32")
+        feats[attention] = torch.cat([r["features"].float() for r in load_shards(out / "features")])
+    a, b = feats["sdpa"], feats["exact"]
+    assert a.shape == b.shape
+    assert (a - b).abs().mean() < 0.02 * a.abs().mean()

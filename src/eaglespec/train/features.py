@@ -50,7 +50,8 @@ def dump_features(
     n_shards = (len(rows) + rows_per_shard - 1) // rows_per_shard
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"rows": len(rows), "rows_per_shard": rows_per_shard, "hidden_size": target.hidden_size,
-            "source": str(rows_path), "dtype": str(target.dtype)}
+            "source": str(rows_path), "dtype": str(target.dtype),
+            "attention": getattr(target.config, "_attn_implementation", None)}
     meta_path = out_dir / "features.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
