@@ -5,6 +5,7 @@ the same run, so the overhead per step can be set against what a step saves.
 
     python scripts/step_profile.py --questions ../shared/data/mt_bench/question.jsonl --limit 2 \
         --draft-weights int8 full --forward-scan 200
+    python scripts/step_profile.py --prefill-scan 100 500 1000     # prompt prefill only
 
 Timing wraps the drafter's and the target's methods (the engine's loop is not changed); on CUDA
 it synchronizes around each phase, which a real run would not.
@@ -118,6 +119,26 @@ def forward_scan(target, context: int, reps: int = 12, sizes: tuple[int, ...] = 
     print("| x one token | " + " | ".join(f"{sorted(times[q])[reps // 2] / one:.2f}" for q in sizes) + " |")
 
 
+def prefill_scan(target, lengths: list[int], reps: int = 5) -> None:
+    """Median time of `Target.prefill` over random prompts of each length, with the prefill's sdpa
+    (the default) and with the exact attention throughout; the two interleaved."""
+    g = torch.Generator().manual_seed(0)
+    print("prompt tokens | exact attention (ms) | sdpa prefill (ms) | exact / sdpa")
+    print("|---|---|---|---|")
+    for n in lengths:
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(reps):
+            prompt = torch.randint(100, target.vocab_size, (n,), generator=g).to(target.device)
+            for fast in (True, False):
+                target.sdpa_prefill = fast
+                t0 = time.perf_counter()
+                target.prefill(prompt)
+                times[fast].append(time.perf_counter() - t0)
+        target.sdpa_prefill = True
+        exact, fast = (sorted(times[k])[reps // 2] for k in (False, True))
+        print(f"| {n} | {1000 * exact:.0f} | {1000 * fast:.0f} | {exact / fast:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", default="sharegpt", help="a question file (MT-bench / Spec-Bench JSONL) or 'sharegpt'")
@@ -133,8 +154,13 @@ def main() -> None:
                     help="one or more; several are run in turn on each prompt, side by side")
     ap.add_argument("--forward-scan", type=int, default=0, metavar="CTX",
                     help="also time one target forward over q = 1..32 new tokens after a CTX-token context")
+    ap.add_argument("--prefill-scan", type=int, nargs="+", default=None, metavar="LEN",
+                    help="only time the prompt prefill at these lengths, with and without its sdpa")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.prefill_scan:
+        prefill_scan(load_target(dtype=args.dtype), args.prefill_scan)
+        return
 
     if args.questions == "sharegpt":
         questions = builtin_questions("sharegpt", args.limit)

@@ -186,3 +186,44 @@ def test_bf16_left_padded_batch_generates_what_each_prompt_does_alone():
             alone = target.model.generate(input_ids=p[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
             new = alone[0, len(p):].tolist()  # may stop early at EOS; the batch then pads the row
             assert len(new) >= 2 and batched[i, : len(new)].tolist() == new, i
+
+
+def test_prefill_runs_sdpa_close_to_the_exact_attention(monkeypatch):
+    """Target.prefill hands the prompt to sdpa (one call per layer) and the exact path stays a
+    switch away; the two prefills agree to bf16 rounding, and the next step, from either cache,
+    still gets the same bits alone or in a tree (checked with the prefill's sdpa above)."""
+    import eaglespec.attention as attention
+
+    register()
+    target = bf16_target(FP32_ATTENTION)
+    calls = []
+    real = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = torch.randint(2, target.vocab_size, (60,), generator=torch.Generator().manual_seed(3))
+    fast = target.prefill(prompt).features.float()
+    assert len(calls) == target.config.num_hidden_layers
+    target.sdpa_prefill = False
+    exact = target.prefill(prompt).features.float()
+    assert len(calls) == target.config.num_hidden_layers  # not called again
+    assert (fast - exact).abs().mean() < 0.02 * exact.abs().mean()
+    cont = torch.randint(2, target.vocab_size, (8,), generator=torch.Generator().manual_seed(4))
+    chain, steps = chain_vs_steps(target, prompt, cont)
+    assert torch.equal(chain, steps)
+
+
+def test_sdpa_prefill_only_takes_forwards_over_an_empty_cache():
+    """Inside sdpa_prefill a step after the prompt (fewer queries than keys) keeps the exact path."""
+    from eaglespec.attention import sdpa_prefill
+
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(1, 4, 3, 16, generator=g).to(torch.bfloat16)
+    key = torch.randn(1, 2, 9, 16, generator=g)
+    value = torch.randn(1, 2, 9, 16, generator=g).double()
+    exact, _ = fp32_attention(torch.nn.Module(), query, key, value, None)
+    with sdpa_prefill():
+        inside, _ = fp32_attention(torch.nn.Module(), query, key, value, None)
+        prompt, _ = fp32_attention(torch.nn.Module(), query, key[:, :, :3], value[:, :, :3], None)
+    assert torch.equal(inside, exact)
+    want = reference(query.float(), key[:, :, :3].bfloat16().float(), value[:, :, :3].bfloat16().float(),
+                     torch.ones(3, 3, dtype=torch.bool).tril()[None, None])
+    torch.testing.assert_close(prompt.float(), want, atol=2e-2, rtol=2e-2)

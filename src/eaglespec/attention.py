@@ -20,11 +20,20 @@ with float64 sums all 6.
 
 It is registered with transformers' `AttentionInterface` (no modeling file is forked), and
 `load_target` picks it for half-precision targets.
+
+A prompt's prefill needs none of this: plain and speculative decoding prefill the same prompt the
+same way, so only the steps after it have to agree. Inside `sdpa_prefill()` (`Target.prefill`
+uses it) a forward whose queries are all of its keys runs sdpa in the model's dtype instead, 2.1x
+faster on 500-token prompts here; the cache still stores the same widened bf16 keys and values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -52,6 +61,8 @@ def fp32_attention(
     kv_heads, length = key.shape[1], key.shape[2]
     group = heads // kv_heads  # query heads sharing one key/value head (GQA)
     scale = scaling if scaling is not None else d**-0.5
+    if _prefill_depth and q == length:
+        return _sdpa(query, key, value, attention_mask, scale, group), None
     # [b, kv, group*q, d] @ [b, kv, d, L]: query head h reads kv head h // group, as repeat_kv does
     scores = query.float().reshape(b, kv_heads, group * q, d) @ key.float().transpose(-1, -2)
     scores = scores.reshape(b, heads, q, length).mul_(scale)
@@ -76,6 +87,37 @@ def fp32_attention(
     total = weights.sum(dim=-1, keepdim=True).clamp_(min=1.0)
     out = (weights @ value.double()).div_(total).reshape(b, heads, q, d)
     return out.transpose(1, 2).contiguous().to(query.dtype), None
+
+
+_prefill_depth = 0  # > 0 inside sdpa_prefill()
+
+
+@contextmanager
+def sdpa_prefill() -> Iterator[None]:
+    """Within, `fp32_attention` hands a forward over an empty cache (as many queries as keys: a
+    prompt) to sdpa in the query's dtype. Not thread-safe: it is a module-level switch."""
+    global _prefill_depth
+    _prefill_depth += 1
+    try:
+        yield
+    finally:
+        _prefill_depth -= 1
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+          scale: float, group: int) -> torch.Tensor:
+    """sdpa in the query's dtype; returns [b, q, heads, d]. The cache's widened keys and values
+    are exact bf16 values, so narrowing them back loses nothing."""
+    key = key.to(query.dtype).repeat_interleave(group, dim=1)  # [b, heads, L, d]
+    value = value.to(query.dtype).repeat_interleave(group, dim=1)
+    q, length = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=q > 1, scale=scale)
+    else:
+        mask = attention_mask[..., :length]
+        mask = mask if mask.dtype == torch.bool else mask.to(query.dtype)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous()
 
 
 def register() -> str:

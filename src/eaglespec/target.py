@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from eaglespec.attention import FP32_ATTENTION, default_implementation
+from eaglespec.attention import FP32_ATTENTION, default_implementation, sdpa_prefill
 from eaglespec.kv_cache import TargetKVCache
 from eaglespec.packed import pack_linears
 
@@ -176,6 +176,9 @@ class Target:
         self.config = config
         self.max_len = max_len
         self.cache = TargetKVCache(config.num_hidden_layers, max_len, *cache_dtypes(config))
+        #: prefill with sdpa under eaglespec's exact attention (attention.sdpa_prefill): every
+        #: decoding path prefills a prompt alike, so only later steps need batch-invariant bits
+        self.sdpa_prefill = True
 
     @property
     def device(self) -> torch.device:
@@ -266,7 +269,11 @@ class Target:
         ([1, vocab]: the 49k-wide LM head over a whole prompt is wasted work), features of all."""
         self.cache.reset()
         self.cache.set_storage(*cache_dtypes(self.config))  # the attention may have been switched since
-        out = self.forward(tokens, last_logits_only=True)
+        if self.sdpa_prefill:
+            with sdpa_prefill():
+                out = self.forward(tokens, last_logits_only=True)
+        else:
+            out = self.forward(tokens, last_logits_only=True)
         self.cache.length = tokens.shape[0]
         return out
 
