@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from eaglespec.draft import DraftHead
+from eaglespec.train.data import _turn_of
 
 
 def main() -> None:
@@ -52,8 +54,9 @@ def main() -> None:
             break
         stages.insert(0, json.loads(parent.read_text()))
     for i, stage in enumerate(stages, start=1):
-        lines += [f"### Stage {i} of {len(stages)}" if len(stages) > 1 else "", ""] + stage_lines(stage, args.feature_log
-                  if stage is card else None) + [""]
+        current = stage is card
+        lines += [f"### Stage {i} of {len(stages)}" if len(stages) > 1 else "", ""] + stage_lines(
+            stage, args.feature_log if current else None, turn_counts(args.run, card) if current else None) + [""]
     lines += [
         "## Validation (held-out rows, `eaglespec.train.trainer.simulate_chains`)",
         "",
@@ -74,13 +77,33 @@ def main() -> None:
     print(f"shipped {args.run / 'head'} -> {args.dest}")
 
 
-def stage_lines(card: dict, feature_log: str | None) -> list[str]:
-    """What one training run saw and cost, from its training.json."""
+def turn_counts(run: Path, card: dict) -> dict[int, int] | None:
+    """Rows per user turn among the run's training rows (a later turn's row is `{id}#t{t}`), read
+    from its regenerated data, whose first `train_rows` rows are the ones it trained on."""
+    path = run / "data" / "train.regen.jsonl"
+    if not card.get("regenerated") or not path.is_file():
+        return None
+    counts: Counter[int] = Counter()
+    with path.open() as f:
+        for _, line in zip(range(card.get("train_rows", 0)), f):
+            counts[_turn_of(json.loads(line)["id"])] += 1
+    return dict(sorted(counts.items()))
+
+
+def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | None = None) -> list[str]:
+    """What one training run saw and cost, from its training.json (turns: rows per user turn)."""
     data = card.get("data", {})
     cfg = card.get("config", {})
     seconds = card.get("train_seconds", card.get("session_seconds"))
     tokens = card.get("loss_tokens_seen", card.get("loss_tokens_this_session"))
-    if card.get("regenerated"):
+    if card.get("regenerated") and turns and len(turns) > 1:
+        later = ", ".join(f"{n} to turn {t}" for t, n in turns.items() if t > 1)
+        source = (f"- Data: the target's own greedy answers (bf16, at most 256 tokens) in {card.get('train_rows')} rows: "
+                  f"{turns.get(1, 0)} to the first user turn of ShareGPT V3 conversations (prompts of at most 512 tokens, "
+                  f"shortest first) and {later}, whose context is the conversation so far with the target's own earlier "
+                  f"answers (only the new answer carries loss); {card.get('train_tokens')} tokens, "
+                  f"{card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
+    elif card.get("regenerated"):
         source = (f"- Data: the target's own greedy answers (bf16, at most 256 tokens) to the first user turn of "
                   f"{card.get('train_rows')} ShareGPT V3 conversations (prompts of at most 512 tokens, shortest first); "
                   f"{card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
