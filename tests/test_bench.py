@@ -91,3 +91,28 @@ def test_compare_draft_runs_other_heads_in_the_same_loop(tiny_model_dir, bench_f
                  "--compare-draft", str(bench_files / "nope"),
                  "--questions", str(bench_files / "q.jsonl"), "--methods", "plain,eagle-dynamic"]) == 2
     assert "nope: not found" in capsys.readouterr().err
+
+
+def test_method_order_rotates_and_speedup_pairs_the_same_turns(tiny_model_dir, bench_files):
+    out = bench_files / "rot"
+    base = ["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "head"),
+            "--methods", "plain,eagle-dynamic,prompt-lookup", "--questions", str(bench_files / "q.jsonl"),
+            "--turns", "1", "--max-new-tokens", "8", "--dtype", "float32", "--out", str(out)]
+    assert main(base) == 0
+    res = json.loads((out / "results.json").read_text())
+    order = [r["method"] for r in res["runs"]]
+    # 4 questions, 3 methods: question i starts with method i mod 3
+    assert order[:3] == ["plain", "eagle-dynamic", "prompt-lookup"]
+    assert order[3:6] == ["eagle-dynamic", "prompt-lookup", "plain"]
+    assert order[6:9] == ["prompt-lookup", "plain", "eagle-dynamic"]
+    # the equality check waits for the baseline even when plain ran last
+    assert all(r["equal_to_baseline"] for r in res["runs"])
+    for m, s in res["summary"]["overall"].items():
+        mine = [r for r in res["runs"] if r["method"] == m]
+        plain = [r for r in res["runs"] if r["method"] == "plain"]
+        tps = lambda rs: sum(r["new_tokens"] for r in rs) / sum(r["seconds"] for r in rs)
+        assert s["tokens_per_s"] == pytest.approx(tps(mine), rel=1e-3)
+        assert s["speedup"] == pytest.approx(tps(mine) / tps(plain), rel=1e-3)
+    assert main(base + ["--fixed-order"]) == 0
+    fixed = [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]]
+    assert fixed == ["plain", "eagle-dynamic", "prompt-lookup"] * 4

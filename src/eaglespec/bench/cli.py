@@ -27,6 +27,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds per method")
+    p.add_argument("--fixed-order", action="store_true",
+                   help="run the methods in the same order on every question (default: the order rotates by one "
+                        "method per question, so that none always runs first)")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--compare-draft", nargs="+", default=[], metavar="HEAD",
                    help="more draft heads: their eagle methods run in the same loop, labelled METHOD@NAME "
@@ -86,7 +89,8 @@ def cmd_bench(args) -> int:
         more = build_runners(target, eagle_methods, other, tree_config(args), lookup=args.lookup or 8,
                              draft_weights=args.draft_weights)
         runners.update({f"{m}@{name}": run for m, run in more.items() if m in eagle_methods})
-    records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup)]
+    records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup,
+                                                rotate=not args.fixed_order)]
     table = summarize(records)
     import torch
 

@@ -1,9 +1,10 @@
 """Benchmark decoding methods side by side at batch 1 (Spec-Bench's protocol).
 
 Every method answers the same questions with the same settings; methods are interleaved per
-question so that machine noise hits all alike; timing covers prefill to the last token and
-excludes tokenization. Speedup = mean per-question tokens/s of a method over that of `plain`
-(our engine without a draft: the baseline). tau = new tokens / target forwards.
+question, in an order rotated from one question to the next, so that machine noise hits all
+alike; timing covers prefill to the last token and excludes tokenization. tokens/s = all new
+tokens over all seconds; speedup = that of a method over that of `plain` (our engine without a
+draft: the baseline) on the same turns. tau = new tokens / target forwards.
 """
 
 from __future__ import annotations
@@ -210,8 +211,11 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
 # -- the run -----------------------------------------------------------------------------------
 
 def run_bench(target: Target, runners: dict[str, Runner], questions: list[Question], cfg: GenerationConfig,
-              warmup: int = 1) -> Iterator[RunRecord]:
-    """Yield one record per (question, turn, method), methods interleaved within each turn."""
+              warmup: int = 1, rotate: bool = True) -> Iterator[RunRecord]:
+    """Yield one record per (question, turn, method), methods interleaved within each turn.
+
+    rotate: question i runs the methods in an order rotated by i, so that no method always runs
+    first or last after another (the machine's drift within a question then falls on all alike)."""
     from tqdm import tqdm
 
     tok = target.tokenizer
@@ -220,47 +224,61 @@ def run_bench(target: Target, runners: dict[str, Runner], questions: list[Questi
     for _ in range(warmup):
         for run in runners.values():
             run(warm_ids, GenerationConfig(max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed))
-    for q in tqdm(questions, desc="bench", unit="q"):
+    names = list(runners)
+    for i, q in enumerate(tqdm(questions, desc="bench", unit="q")):
+        shift = i % len(names) if rotate else 0
+        order = names[shift:] + names[:shift]
         history: dict[str, list[dict]] = {m: [] for m in runners}
         for turn, user in enumerate(q.turns):
-            base_tokens = None
-            for method, run in runners.items():
+            answers: dict[str, Answer] = {}
+            for method in order:
                 messages = history[method] + [{"role": "user", "content": user}]
                 ids = gen.encode(messages)
                 if ids.shape[0] + cfg.max_new_tokens + 64 > target.max_len:
                     log.warning("question %s turn %d: prompt of %d tokens too long, skipped", q.question_id, turn, ids.shape[0])
                     break
-                ans = run(ids, cfg)
-                text = tok.decode(ans.tokens, skip_special_tokens=True)
-                history[method] = messages + [{"role": "assistant", "content": text}]
-                if method == BASELINE:
-                    base_tokens = ans.tokens
-                equal = None if cfg.temperature > 0 or base_tokens is None else ans.tokens == base_tokens
+                answers[method] = ans = runners[method](ids, cfg)
+                history[method] = messages + [{"role": "assistant", "content": tok.decode(ans.tokens, skip_special_tokens=True)}]
+            base = answers.get(BASELINE)
+            for method, ans in answers.items():
+                equal = None if cfg.temperature > 0 or base is None else ans.tokens == base.tokens
                 n = len(ans.tokens)
                 yield RunRecord(q.question_id, q.category, turn, method, n, round(ans.seconds, 5), ans.forwards,
                                 round(n / ans.forwards, 4) if ans.forwards else 0.0,
-                                round(n / ans.seconds, 4) if ans.seconds else 0.0, ans.accept_lengths, equal, text)
+                                round(n / ans.seconds, 4) if ans.seconds else 0.0, ans.accept_lengths, equal,
+                                history[method][-1]["content"])
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per category and overall: mean tokens/s, speedup over the baseline, tau, equal-output rate."""
+    """Per category and overall: tokens/s (all new tokens over all seconds, as Spec-Bench counts),
+    speedup over the baseline on the same turns, tau, equal-output rate.
+
+    The speedup pairs a method's turns with the baseline's: sum of the baseline's seconds per token
+    over the same turns divided by the method's, so a turn that only one of them answered does not
+    count and every turn weighs by its tokens."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     cats = list(dict.fromkeys(r["category"] for r in records)) + ["overall"]
     table: dict[str, dict[str, dict]] = {}
     for c in cats:
         rows = [r for r in records if c == "overall" or r["category"] == c]
-        base = [r["tokens_per_s"] for r in rows if r["method"] == BASELINE]
-        base_tps = sum(base) / len(base) if base else 0.0
+        base = {(r["question_id"], r["turn"]): r for r in rows if r["method"] == BASELINE}
         table[c] = {}
         for m in methods:
             mine = [r for r in rows if r["method"] == m]
             if not mine:
                 continue
-            tps = sum(r["tokens_per_s"] for r in mine) / len(mine)
+            pairs = [(base[k], r) for r in mine if (k := (r["question_id"], r["turn"])) in base]
+            speedup = None
+            if pairs and all(b["new_tokens"] and r["seconds"] for b, r in pairs):
+                base_tps = sum(b["new_tokens"] for b, _ in pairs) / sum(b["seconds"] for b, _ in pairs)
+                mine_tps = sum(r["new_tokens"] for _, r in pairs) / sum(r["seconds"] for _, r in pairs)
+                speedup = round(mine_tps / base_tps, 3)
+            seconds = sum(r["seconds"] for r in mine)
             eq = [r["equal_to_baseline"] for r in mine if r["equal_to_baseline"] is not None]
             table[c][m] = {
-                "runs": len(mine), "tokens_per_s": round(tps, 3),
-                "speedup": round(tps / base_tps, 3) if base_tps else None,
+                "runs": len(mine),
+                "tokens_per_s": round(sum(r["new_tokens"] for r in mine) / seconds, 3) if seconds else 0.0,
+                "speedup": speedup,
                 "tau": round(sum(r["new_tokens"] for r in mine) / max(1, sum(r["target_forwards"] for r in mine)), 3),
                 "equal_rate": round(sum(eq) / len(eq), 3) if eq else None,
             }
