@@ -70,11 +70,21 @@ def main() -> None:
         lines += ["", "## Measured with `eaglespec bench`", "", f"Settings: {res['settings'].get('questions')}, "
                   f"{res['settings'].get('max_new_tokens')} new tokens, {res['settings'].get('dtype')}, temperature "
                   f"{res['settings'].get('temperature')}; {res['machine']}.", ""]
-        lines += [f"- {m}: tau {v['tau']}, speedup {v['speedup']}x" for m, v in s.items()]
+        lines += [f"- {m}: tau {v['tau']}, speedup {v['speedup']}x{bench_label(m, s, args.run)}" for m, v in s.items()]
     if args.note:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in args.note]
     (args.dest / "README.md").write_text("\n".join(lines) + "\n")
     print(f"shipped {args.run / 'head'} -> {args.dest}")
+
+
+def bench_label(method: str, summary: dict, run: Path) -> str:
+    """' (this head)' on the rows of the head being shipped: with --compare-draft, the bench labels
+    a compared head's rows METHOD@NAME (NAME: its run folder); otherwise every eagle row is this head."""
+    mine = f"@{run.resolve().name}"
+    compared = any(m.endswith(mine) for m in summary)
+    if compared:
+        return " (this head)" if method.endswith(mine) else (" (the head it was compared with)" if "eagle" in method else "")
+    return " (this head)" if method.startswith("eagle") and "@" not in method else ""
 
 
 def turn_counts(run: Path, card: dict) -> dict[int, int] | None:
