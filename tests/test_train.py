@@ -501,3 +501,36 @@ def test_train_features_attention_choice(tmp_path, tiny_model_dir):
     a, b = feats["sdpa"], feats["exact"]
     assert a.shape == b.shape
     assert (a - b).abs().mean() < 0.02 * a.abs().mean()
+
+
+def test_other_inputs_change_what_the_head_is_fed_not_what_it_is_scored_against(tiny_training):
+    """`inputs` (scripts/fused_ab.py's extra layers) replaces the head's input at committed
+    positions; the targets (next feature, the target's distribution, its greedy tokens) stay."""
+    from eaglespec.train.trainer import collate, head_loss, simulate_chains
+    from helpers import random_head
+
+    parts, rows = tiny_training
+    head = random_head(tiny_target("llama"), seed=3)
+    lm_draft = parts.lm_head[head.draft_token_ids()]
+    cfg = TrainConfig(noise=0.0)
+    batch = collate(rows[:4])
+    with torch.no_grad():
+        _, plain = head_loss(head, parts, lm_draft, batch, cfg)
+        _, same = head_loss(head, parts, lm_draft, {**batch, "inputs": batch["features"].clone()}, cfg)
+        _, other = head_loss(head, parts, lm_draft, {**batch, "inputs": torch.zeros_like(batch["features"])}, cfg)
+    assert same == plain
+    assert other["vloss"] != plain["vloss"]
+    # zero inputs: the head's prediction no longer depends on the features, its targets still do
+    with torch.no_grad():
+        _, other2 = head_loss(head, parts, lm_draft, {**batch, "features": batch["features"] * 2,
+                                                        "inputs": torch.zeros_like(batch["features"])}, cfg)
+    assert other2["vloss"] != other["vloss"]
+
+    vocab = head.draft_token_ids()
+    sim = lambda rs: simulate_chains(head, parts, lm_draft, vocab, rs, stride=4)
+    assert sim([{**r, "inputs": r["features"]} for r in rows]) == sim(rows)
+    fed = []
+    forward = head.forward
+    head.forward = lambda feats, *a, **k: (fed.append(feats.clone()), forward(feats, *a, **k))[1]
+    sim([{**r, "inputs": torch.full_like(r["features"], 7.0)} for r in rows[:1]])
+    assert bool((fed[0] == 7.0).all())  # the first commit was fed the inputs, not the features

@@ -131,7 +131,9 @@ def head_loss(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.Tensor,
     ttt_decay ** s. With ttt_steps = 1 this is the plain EAGLE-1 loss."""
     feats = batch["features"].float()  # [B, T, H]
     ids = batch["input_ids"]
-    inp = feats[:, :-1]
+    # what step 0 is fed at each position: the features, unless the batch brings other inputs
+    # (an experiment that adds information the target has there, e.g. scripts/fused_ab.py)
+    inp = batch.get("inputs", feats).float()[:, :-1]
     if cfg.noise > 0:
         noise = torch.rand(inp.shape, generator=generator, device=inp.device) * (2 * cfg.noise) - cfg.noise
         inp = inp + noise
@@ -168,6 +170,8 @@ def simulate_chains(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.T
 
     A guess can only be checked while the row's own tokens follow the target's greedy path, so on
     human-written rows the simulated tau is a lower bound; on `--regenerate` rows it is close.
+    A row may carry `inputs` [T, H]: what the head is fed at committed positions instead of its
+    features (the greedy tokens still come from the features).
     Returns per-step top-1 accuracy (given all earlier steps right) and tau = 1 + mean accepted.
     """
     head.eval()
@@ -176,6 +180,7 @@ def simulate_chains(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.T
     accepted_total, chains = 0, 0
     for r in rows:
         ids, feats = r["input_ids"], r["features"].float()
+        inputs = r["inputs"].float() if "inputs" in r else feats
         n = ids.shape[0]
         greedy = F.linear(feats, parts.lm_head).argmax(-1)  # [T]: target's choice after each position
         cache = head.new_cache(n + depth, feats.device, feats.dtype)
@@ -185,7 +190,7 @@ def simulate_chains(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.T
             # commit the real pairs (f_j, t_{j+1}) for j in [done, i]
             js = torch.arange(done, i + 1)
             vis = torch.ones(len(js), i + 1, dtype=torch.bool).tril_(diagonal=done)
-            h = head(feats[js][None], F.embedding(ids[js + 1], parts.embed)[None], js[None], vis[None, None], cache, commit=True)[0, -1]
+            h = head(inputs[js][None], F.embedding(ids[js + 1], parts.embed)[None], js[None], vis[None, None], cache, commit=True)[0, -1]
             done = i + 1
             accepted = 0
             for k in range(depth):
