@@ -73,6 +73,16 @@ class DraftAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
+    def _qkv(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, q, H] -> queries [B, nh, q, d] and keys, values [B, nkv, q, d], RoPE applied."""
+        b, q, _ = x.shape
+        qs = self.q_proj(x).view(b, q, self.num_heads, self.head_dim).transpose(1, 2)
+        ks = self.k_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        vs = self.v_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qs, ks = apply_rotary_pos_emb(qs, ks, *cos_sin)
+        return qs, ks, vs
+
     def forward(
         self,
         x: torch.Tensor,  # [B, q, H]
@@ -81,11 +91,7 @@ class DraftAttention(nn.Module):
         cache: DraftKVCache | None,
     ) -> torch.Tensor:
         b, q, _ = x.shape
-        qs = self.q_proj(x).view(b, q, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, q, d]
-        ks = self.k_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, q, d]
-        vs = self.v_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos_sin
-        qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
+        qs, ks, vs = self._qkv(x, cos_sin)
         if cache is not None:
             ks, vs = cache.write(self.index, ks, vs)  # [1, nkv, kv, d]
         groups = self.num_heads // self.num_kv_heads
@@ -107,11 +113,7 @@ class DraftAttention(nn.Module):
         would: step 0's keys at anchors <= i (the committed real pairs) and its own chain, the keys
         of steps 1..s at anchor i. Appends this step's keys/values to `earlier`."""
         b, n, _ = x.shape
-        qs = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, N, d]
-        ks = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, N, d]
-        vs = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos_sin
-        qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
+        qs, ks, vs = self._qkv(x, cos_sin)
         groups = self.num_heads // self.num_kv_heads
         ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)  # [B, nh, N, d]
         earlier.append((ks, vs))
