@@ -53,6 +53,26 @@ def test_malformed_rows_are_counted_not_fatal(tmp_path, tiny_model_dir):
         assert masked[-1] == "<eos>" and all(w.startswith("w") for w in masked[:-1])
 
 
+def test_skip_rows_leaves_out_the_leading_training_rows_and_keeps_validation(tmp_path, tiny_model_dir):
+    """A run that continues from a head trained on the first N rows renders the next ones; the val
+    rows of the skipped stretch stay, so validation compares heads on the same rows."""
+    val = [i for i in range(2000) if split_of(f"row{i}") == "val"][:2]
+    train = train_ids(12)
+    rows = [conv(i) for i in train[:2] + val[:1] + train[2:6] + val[1:] + train[6:]]  # val rows in the skipped stretch
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    tok = load_target(str(tiny_model_dir)).tokenizer
+
+    def written(out, split):
+        return [json.loads(x)["id"] for x in (tmp_path / out / f"{split}.jsonl").read_text().splitlines()]
+
+    full = prepare(tok, tmp_path / "full", src, max_len=64, max_rows=9)
+    part = prepare(tok, tmp_path / "part", src, max_len=64, max_rows=5, skip_rows=4)
+    assert part.skip_rows == 4 and part.kept["train"] == 5
+    assert written("part", "train") == written("full", "train")[4:]
+    assert written("part", "val") == written("full", "val") == [f"row{i}" for i in val]
+    assert part.tokens < full.tokens
+
+
 def test_truncated_json_list_counts_the_broken_tail(tmp_path):
     text = json.dumps([conv(1), conv(2)])
     (tmp_path / "cut.json").write_text(text[:-40])

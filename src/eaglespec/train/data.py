@@ -153,25 +153,28 @@ class DataReport:
     tokens: int = 0
     loss_tokens: int = 0
     exhausted: bool = False  # the source ran out before max_rows training rows were kept
+    skip_rows: int = 0  # leading training rows left out
 
     def as_dict(self) -> dict:
         return dict(kept=dict(self.kept), skipped=dict(self.skipped), tokens=self.tokens, loss_tokens=self.loss_tokens,
-                    exhausted=self.exhausted)
+                    exhausted=self.exhausted, skip_rows=self.skip_rows)
 
 
 def prepare(
     tokenizer, out_dir: Path, source: str | Path | None = None, max_len: int = 1024, max_rows: int | None = None,
-    splits: tuple[str, ...] = ("train", "val"),
+    splits: tuple[str, ...] = ("train", "val"), skip_rows: int = 0,
 ) -> DataReport:
     """Write `{split}.jsonl` rows of {id, input_ids, loss_mask} and `data_report.json`.
 
     Only the first `max_rows` kept training rows are written (val rows come along from the same
-    stretch of the file); malformed rows are skipped and counted by reason.
+    stretch of the file); malformed rows are skipped and counted by reason. `skip_rows` leaves out
+    the first that many training rows (those an earlier head trained on) and writes the next
+    `max_rows`; the val rows of the skipped stretch stay, so validation keeps its rows.
     """
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = DataReport()
+    report = DataReport()  # skip_rows counts up to the argument as rows are left out
     files = {s: (out_dir / f"{s}.jsonl.tmp").open("w") for s in splits}
     try:
         bar = tqdm(read_rows(source), desc="render", unit="rows")
@@ -189,6 +192,9 @@ def prepare(
                 report.skipped[rendered] += 1
                 continue
             ids, mask = rendered
+            if split == "train" and skip_rows > report.skip_rows:
+                report.skip_rows += 1
+                continue
             files[split].write(json.dumps({"id": row_id, "input_ids": ids, "loss_mask": mask}) + "\n")
             report.kept[split] += 1
             report.tokens += len(ids)
