@@ -21,7 +21,7 @@ def tiny_config(arch: str = "llama", vocab: int = 96, hidden: int = 64, layers: 
 
 
 def tiny_target(arch: str = "llama", seed: int = 0, max_len: int = 512, logit_scale: float = 1.0,
-                copyable: bool = False, **kw) -> Target:
+                copyable: bool = False, pack: bool = True, **kw) -> Target:
     """A random tiny target. copyable=True makes one a draft head can copy exactly (see
     `oracle_head`): one layer, unit-RMS embedding rows (so the input norm is the identity) and no
     attention biases."""
@@ -39,7 +39,7 @@ def tiny_target(arch: str = "llama", seed: int = 0, max_len: int = 512, logit_sc
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                 if proj.bias is not None:
                     proj.bias.zero_()
-    return Target(model, tokenizer=None, max_len=max_len)
+    return Target(model, tokenizer=None, max_len=max_len, pack=pack)
 
 
 def oracle_head(target: Target, noise: float = 0.0, seed: int = 0) -> DraftHead:

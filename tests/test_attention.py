@@ -39,7 +39,7 @@ def test_fp32_attention_equals_sdpa(heads, kv_heads, mask_kind):
 
 def bf16_target(attn: str, pack: bool = True):
     """A tiny bf16 target; with pack, its linears pre-packed as load_target does on CPU."""
-    model = tiny_target("llama", copyable=True, logit_scale=30.0, hidden=128).model.to(torch.bfloat16)
+    model = tiny_target("llama", copyable=True, logit_scale=30.0, hidden=128, pack=False).model.to(torch.bfloat16)
     model.set_attn_implementation(attn)
     return Target(model, tokenizer=None, max_len=512, pack=pack)
 

@@ -1,4 +1,5 @@
-"""Pre-packed bf16 linears (eaglespec/packed.py): same bits as nn.Linear, swapped in and out."""
+"""Pre-packed linears (eaglespec/packed.py): bf16 with nn.Linear's bits, fp32 with bits that do not
+depend on the block a row is in; swapped in and out."""
 
 import pytest
 import torch
@@ -9,11 +10,13 @@ from eaglespec.packed import PackedLinear, pack_linears, packing_available, same
 from eaglespec.target import Target
 
 needs_packing = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16),
-                                   reason="this torch/CPU has no oneDNN packed linear")
+                                   reason="this torch/CPU has no oneDNN packed bf16 linear")
+needs_fp32_packing = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.float32),
+                                        reason="this torch/CPU has no oneDNN packed fp32 linear")
 
 
 def bf16_model(arch: str = "llama"):
-    return tiny_target(arch, hidden=128).model.to(torch.bfloat16)
+    return tiny_target(arch, hidden=128, pack=False).model.to(torch.bfloat16)
 
 
 @needs_packing
@@ -56,11 +59,38 @@ def test_packed_linear_keeps_the_linear_interface_and_falls_back_for_gradients()
     assert x.grad is not None and lin.weight.grad is not None
 
 
-def test_float32_and_opt_out_are_left_alone():
-    model = tiny_target("llama", hidden=128).model  # float32
-    assert pack_linears(model) == 0
-    assert Target(bf16_model(), tokenizer=None, pack=False).packed_linears == 0
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+def test_opt_out_is_left_alone():
+    target = Target(bf16_model(), tokenizer=None, pack=False)
+    assert target.packed_linears == 0
+    assert not any(isinstance(m, PackedLinear) for m in target.model.modules())
+
+
+@needs_fp32_packing
+def test_float32_packs_with_block_invariant_rows_close_to_stock():
+    """fp32 packed products round unlike the stock ones (~1e-6) but give a row the same bits in any
+    block, which is what speculative decoding needs."""
+    model = tiny_target("llama", hidden=128, pack=False).model
+    ids = torch.randint(2, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(ids).logits
+        assert pack_linears(model) > 0
+        got = model(ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    lin = nn.Linear(576, 1536, bias=False)
+    assert same_bits(lin, PackedLinear(lin))
+
+
+@needs_fp32_packing
+def test_a_model_cast_after_packing_runs_its_stock_product():
+    model = tiny_target("llama", hidden=128, pack=False).model
+    ids = torch.randint(2, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        pack_linears(model)
+        model.to(torch.bfloat16)
+        got = model(ids).logits
+        with unpacked(model):
+            want = model(ids).logits
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 @needs_packing

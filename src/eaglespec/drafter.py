@@ -18,7 +18,7 @@ from torch import nn
 
 from eaglespec.draft import DraftHead, check_fits
 from eaglespec.packed import PackedLinear, pack_linears, packing_available
-from eaglespec.quant import Int8Linear, int8_kernel_available, quantize_linears
+from eaglespec.quant import Int8Linear, int8_pays, quantize_linears
 from eaglespec.target import Target
 from eaglespec.tree import STATIC_PRESETS, DraftTree, graft_chain, make_tree, root_only, select_dynamic, static_shape
 
@@ -91,21 +91,22 @@ class EagleDrafter(Drafter):
 
     def __init__(self, head: DraftHead, target: Target, tree: TreeConfig = TreeConfig(),
                  dtype: torch.dtype | None = None, weights: Literal["auto", "int8", "full"] = "auto") -> None:
-        """dtype: what the head computes in. None: bf16 where its linears can be pre-packed (bf16
-        targets on CPU; a stock bf16 matmul of a few rows is slower than fp32 there), float32
+        """dtype: what the head computes in. None: bf16 for bf16 targets on CPU where its linears
+        can be pre-packed (a stock bf16 matmul of a few rows is slower than fp32 there), float32
         otherwise. weights: "int8" stores the head's linears and its LM head rows as int8
         (eaglespec/quant.py; on a CPU a draft step is bound by reading them); "full" keeps them in
-        `dtype`; "auto" is int8 on CPU where torch has the int8 kernel. Neither choice changes
-        what is accepted, only what is proposed."""
+        `dtype`, pre-packed on CPU; "auto" is int8 on CPUs where the int8 kernel pays (AVX-512),
+        full elsewhere. Neither choice changes what is accepted, only what is proposed."""
         if weights not in ("auto", "int8", "full"):
             raise ValueError(f"draft weights must be 'auto', 'int8' or 'full', got {weights!r}")
         check_fits(head, target.hidden_size, target.vocab_size)
         device = target.device
         if dtype is None:
-            dtype = torch.bfloat16 if packing_available(device, target.dtype) else torch.float32
+            bf16 = target.dtype == torch.bfloat16 and packing_available(device, torch.bfloat16)
+            dtype = torch.bfloat16 if bf16 else torch.float32
         self.dtype = dtype
-        self.int8 = weights == "int8" or (weights == "auto" and int8_kernel_available(device))
-        packing = not self.int8 and packing_available(device, dtype)  # bf16 on CPU
+        self.int8 = weights == "int8" or (weights == "auto" and int8_pays(device))
+        packing = not self.int8 and packing_available(device, dtype)  # on CPU
         if packing or self.int8:
             head = copy.deepcopy(head)  # changed below: the caller's head stays a plain module
         self.head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
