@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1, help="questions per category")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--draft", default=None, help="head folder (default: the shipped head)")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top-k", type=int, default=TreeConfig.top_k)
     ap.add_argument("--depth", type=int, default=TreeConfig.depth)

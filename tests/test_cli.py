@@ -85,3 +85,18 @@ def test_real_process_exit_code(tiny_model_dir):
                         "--top-p", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "top_p" in r.stderr
+
+
+@pytest.mark.parametrize("dtype, extra, want", [
+    ("float32", [], (3, 5, 10)),  # fp32 on CPU: every verified node costs full arithmetic
+    ("bfloat16", [], (4, 5, 16)),
+    ("float32", ["--total-tokens", "6", "--top-k-draft", "2"], (2, 5, 6)),  # flags win
+])
+def test_the_default_tree_follows_the_targets_dtype(tiny_model_dir, tmp_path, dtype, extra, want):
+    from eaglespec.cli import build_parser, load_engine
+
+    random_head(load_target(str(tiny_model_dir))).save_pretrained(tmp_path / "head")
+    args = build_parser().parse_args(["generate", "w1", "--model", str(tiny_model_dir), "--dtype", dtype,
+                                      "--draft", str(tmp_path / "head"), "--lookup", "0", *extra])
+    tree = load_engine(args).drafter.tree_config
+    assert (tree.top_k, tree.depth, tree.total_tokens) == want

@@ -11,7 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from eaglespec.drafter import TreeConfig
+import torch
+
+from eaglespec.drafter import CPU_FP32_TREE, TreeConfig, default_tree
 
 log = logging.getLogger("eaglespec")
 
@@ -42,9 +44,13 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
     d = TreeConfig()
     g.add_argument("--tree", choices=["static", "dynamic"], default=d.kind)
-    g.add_argument("--top-k-draft", type=int, default=d.top_k, help="dynamic tree: children per node")
-    g.add_argument("--depth", type=int, default=d.depth, help="dynamic tree: deepest guess")
-    g.add_argument("--total-tokens", type=int, default=d.total_tokens, help="dynamic tree: nodes verified per step")
+    g.add_argument("--top-k-draft", type=int, default=None,
+                   help=f"dynamic tree: children per node (default {d.top_k}; fp32 on CPU: {CPU_FP32_TREE['top_k']})")
+    g.add_argument("--depth", type=int, default=None,
+                   help=f"dynamic tree: deepest guess (default {d.depth}; fp32 on CPU: {CPU_FP32_TREE['depth']})")
+    g.add_argument("--total-tokens", type=int, default=None,
+                   help=f"dynamic tree: nodes verified per step (default {d.total_tokens}; fp32 on CPU: "
+                        f"{CPU_FP32_TREE['total_tokens']})")
     g.add_argument("--static-tree", default=d.static_tree, help="static tree preset (cpu_small, mc_sim_7b_63)")
     g.add_argument("--lookup", type=int, default=LOOKUP_TOKENS, metavar="N",
                    help="graft a prompt-lookup chain of up to N tokens into the draft tree (0 = off)")
@@ -63,9 +69,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def tree_config(args) -> TreeConfig:
-    return TreeConfig(kind=args.tree, top_k=args.top_k_draft, depth=args.depth, total_tokens=args.total_tokens,
-                      static_tree=args.static_tree)
+def tree_config(args, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> TreeConfig:
+    """The tree the flags ask for; unset sizes come from `default_tree` for the target's device and dtype."""
+    return default_tree(torch.device(device), dtype, kind=args.tree, top_k=args.top_k_draft, depth=args.depth,
+                        total_tokens=args.total_tokens, static_tree=args.static_tree)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +116,9 @@ def load_engine(args, need_tokenizer: bool = True):
 
     if args.max_len < 16:
         raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
-    tree = tree_config(args)
+    tree_config(args)  # bad sizes fail before the model loads
     target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len, pack=not args.no_pack)
+    tree = tree_config(args, target.device, target.dtype)
     if need_tokenizer and target.tokenizer is None:
         raise UsageError(f"{args.model}: no tokenizer found")
     drafter = None
