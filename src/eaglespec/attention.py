@@ -8,12 +8,16 @@ differently, by up to 0.5 in the final features, and greedy answers part ways wi
 tokens. Linear layers are not the problem: a bf16 row's product is the same bits whatever the
 number of rows on the CPUs we test on (tests/test_attention.py checks the whole forward bitwise).
 
-`fp32_attention` rounds once, at the end, to the model's dtype. The scores q.k are float32 dot
-products over head_dim, the same bits for a key wherever it sits in the cache, and so are the
-float32 exp(score - max). The normalising sum and the weighted sum run in float64: they sum over
-the keys, and a tree node's ancestors sit at other cache slots (another summation grouping) than
-the same tokens do after compaction; in float32 that regrouping changed bf16 results now and then,
-in float64 it is ~1e-16, far below the final rounding. Measured on SmolLM2 in bf16 with the
+`fp32_attention` rounds once, at the end, to the model's dtype. The scores q.k are dot products
+over head_dim computed in float64 and rounded to float32: a product of two bf16 values is exact in
+float64, so the score's bits cannot depend on how the matmul kernel groups its sum, which changes
+with the number of query rows. (In float32 it did on an AVX2 EPYC: plain decoding and prompt lookup
+parted at the 8th token of a bf16 answer. On a Xeon with AVX-512 the float32 kernel happened to
+agree.) The exp(score - max) are float32, elementwise. The normalising sum and the weighted sum
+run in float64: they sum over the keys, and a tree node's ancestors sit at other cache slots
+(another summation grouping) than the same tokens do after compaction; in float32 that
+regrouping changed bf16 results now and then, in float64 it is ~1e-16, far below the final
+rounding. Measured on SmolLM2 in bf16 with the
 shipped head (MT-bench first turns, 128 tokens, dynamic tree): with sdpa 1 of 8 answers equaled
 plain decoding; on 6 of those prompts a float32 softmax left 3 of 6 equal, float32 exponentials
 with float64 sums all 6.
@@ -51,8 +55,8 @@ def fp32_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Scores and exponentials in float32, sums in float64, one rounding at the end;
-    returns ([b, q, heads, d], None)."""
+    """Scores summed in float64 and rounded to float32, exponentials in float32, sums in float64,
+    one rounding at the end; returns ([b, q, heads, d], None)."""
     if kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise NotImplementedError("eaglespec's fp32 attention does not support logit soft-capping or attention sinks")
     if dropout and module.training:
@@ -63,9 +67,10 @@ def fp32_attention(
     scale = scaling if scaling is not None else d**-0.5
     if _prefill_depth and q == length:
         return _sdpa(query, key, value, attention_mask, scale, group), None
-    # [b, kv, group*q, d] @ [b, kv, d, L]: query head h reads kv head h // group, as repeat_kv does
-    scores = query.float().reshape(b, kv_heads, group * q, d) @ key.float().transpose(-1, -2)
-    scores = scores.reshape(b, heads, q, length).mul_(scale)
+    # [b, kv, group*q, d] @ [b, kv, d, L] in float64, rounded to float32: query head h reads kv
+    # head h // group, as repeat_kv does
+    scores = query.double().reshape(b, kv_heads, group * q, d) @ key.double().transpose(-1, -2)
+    scores = scores.float().reshape(b, heads, q, length).mul_(scale)
     if attention_mask is not None:
         mask = attention_mask[..., :length]
         if mask.dtype == torch.bool:

@@ -8,7 +8,7 @@ the committed prefix and `length` is set past them; whatever lies beyond `length
 the next forward overwrites and the attention mask never reads.
 
 The buffers may be wider than the model's dtype: with eaglespec's fp32 attention (bf16 targets)
-keys are kept in float32 and values in float64, the precisions that attention computes in, so each
+keys and values are kept in float64, the precision its sums run in, so each
 step converts only its q new rows instead of the whole cache, in every layer (the conversion is
 exact, so the attention's output bits do not change).
 """

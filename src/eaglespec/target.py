@@ -140,10 +140,10 @@ EXACT_HALF_ROWS = 32
 
 
 def cache_dtypes(config) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """KV storage dtypes: float32 keys and float64 values for eaglespec's fp32 attention (what it
-    computes in, so no per-step conversion of the whole cache), the model's dtype otherwise."""
+    """KV storage dtypes: float64 keys and values for eaglespec's fp32 attention (what its sums
+    run in, so no per-step conversion of the whole cache), the model's dtype otherwise."""
     if getattr(config, "_attn_implementation", None) == FP32_ATTENTION:
-        return torch.float32, torch.float64
+        return torch.float64, torch.float64
     return None, None
 
 
