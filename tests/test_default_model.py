@@ -95,8 +95,8 @@ def test_bf16_speculative_greedy_equals_plain_on_the_default_model():
 
 def test_bf16_trees_over_32_nodes_keep_their_bits_on_the_default_model():
     """On this model's shapes a bf16 matmul of more than 32 rows rounds a row unlike a single-row
-    one (the control, with blocks turned off); verified in blocks of 32, a 60-token chain gets the
-    bits of one-at-a-time decoding."""
+    one on an AVX-512 Xeon (the control, with blocks turned off); verified in blocks of 32, a
+    60-token chain gets the bits of one-at-a-time decoding."""
     from test_attention import chain_vs_steps
 
     torch.set_num_threads(2)
@@ -107,7 +107,10 @@ def test_bf16_trees_over_32_nodes_keep_their_bits_on_the_default_model():
     assert target.exact_rows == 32
     chain, steps = chain_vs_steps(target, prompt, cont)
     assert torch.equal(chain, steps)
-    target.exact_rows = None  # the control: one 60-row forward
-    chain, steps = chain_vs_steps(target, prompt, cont)
-    assert not torch.equal(chain, steps)
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        # the control, on the AVX-512 Xeon where it was measured: one 60-row forward. (An AVX2
+        # EPYC's stock bf16 kernel gave the same bits at any row count, so there it cannot fail.)
+        target.exact_rows = None
+        chain, steps = chain_vs_steps(target, prompt, cont)
+        assert not torch.equal(chain, steps)
     torch.set_num_threads(1)

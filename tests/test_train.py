@@ -514,7 +514,7 @@ def test_train_features_attention_choice(tmp_path, tiny_model_dir):
         out = tmp_path / attention
         assert main(["train", "data", "--out", str(out), "--model", str(tiny_model_dir), "--source", str(src)]) == 0
         assert main(["train", "features", "--out", str(out), "--model", str(tiny_model_dir),
-                     "--feature-attention", attention]) == 0
+                     "--feature-dtype", "bfloat16", "--feature-attention", attention]) == 0
         meta = json.loads((out / "features" / "features.json").read_text())
         assert meta["attention"] == ("sdpa" if attention == "sdpa" else "eaglespec_fp32")
         feats[attention] = torch.cat([r["features"].float() for r in load_shards(out / "features")])
