@@ -7,7 +7,7 @@ from helpers import WORDS, greedy_rows, tiny_target
 
 from eaglespec.cli import main
 from eaglespec.target import load_target
-from eaglespec.train.data import heldout_prompts, prepare, read_rows, split_of
+from eaglespec.train.data import heldout_prompts, prepare, read_rows, render, split_of
 from eaglespec.train.features import dump_features, load_shards, shard_name
 from eaglespec.draft import DraftHead
 from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head
@@ -71,6 +71,36 @@ def test_skip_rows_leaves_out_the_leading_training_rows_and_keeps_validation(tmp
     assert written("part", "train") == written("full", "train")[4:]
     assert written("part", "val") == written("full", "val") == [f"row{i}" for i in val]
     assert part.tokens < full.tokens
+
+
+def test_rows_opening_with_the_assistant_are_skipped_dropped_or_kept_alone(tmp_path, tiny_model_dir):
+    """A later part of a split ShareGPT conversation opens with the assistant's turn."""
+    def part(i):  # gpt, human, gpt
+        c = conv(i)["conversations"]
+        return {"id": f"row{i}", "conversations": [c[1], c[0], c[1]]}
+
+    train, val = train_ids(6), [i for i in range(2000) if split_of(f"row{i}") == "val"][:2]
+    rows = [conv(i) for i in train[:3]] + [part(i) for i in train[3:]] + [conv(val[0]), part(val[1])]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    tok = load_target(str(tiny_model_dir)).tokenizer
+
+    def written(out, split):
+        return [json.loads(x) for x in (tmp_path / out / f"{split}.jsonl").read_text().splitlines()]
+
+    report = {m: prepare(tok, tmp_path / m, src, max_len=64, leading_assistant=m) for m in ("skip", "drop", "only")}
+    assert report["skip"].skipped["not_user_first"] == 4 and not report["drop"].skipped
+    ids = {m: [r["id"] for r in written(m, "train")] for m in report}
+    assert ids["skip"] == [f"row{i}" for i in train[:3]]
+    assert ids["drop"] == [f"row{i}" for i in train] and ids["only"] == [f"row{i}" for i in train[3:]]
+    assert [r["id"] for r in written("drop", "val")] == [f"row{i}" for i in val]
+    assert written("only", "val") == written("skip", "val") and [r["id"] for r in written("skip", "val")] == [f"row{val[0]}"]
+    # the dropped turn leaves a conversation that opens with the user: same tokens as a plain row's
+    same = {r["id"]: r for r in written("drop", "train")}
+    assert same[f"row{train[3]}"]["input_ids"] == render(
+        [{"role": "user", "content": conv(train[3])["conversations"][0]["value"]},
+         {"role": "assistant", "content": conv(train[3])["conversations"][1]["value"]}], tok, 64)[0]
+    with pytest.raises(ValueError, match="leading_assistant"):
+        prepare(tok, tmp_path / "bad", src, leading_assistant="keep")
 
 
 def test_truncated_json_list_counts_the_broken_tail(tmp_path):

