@@ -5,7 +5,8 @@ by side with plain decoding (interleaved per prompt) on held-out ShareGPT `val` 
     python scripts/tree_sweep.py --questions ../shared/data/mt_bench/question.jsonl --prompts 8 --dtype bfloat16 \
         --grid 4,5,16 3,5,12 3,4,10 2,5,10
 
---grid takes dynamic trees as top_k,depth,total_tokens (default: the grid below).
+--grid takes dynamic trees as top_k,depth,total_tokens (default: the grid below), optionally with a
+fourth number: the length of a prompt-lookup chain grafted into the tree (as `generate --lookup`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import torch
 
 from eaglespec import DraftHead, EagleDrafter, GenerationConfig, Generator, NoDrafter, TreeConfig, load_target
+from eaglespec.drafter import HybridDrafter, PromptLookupDrafter
 from eaglespec.bench.run import load_questions
 from eaglespec.heads import default_head_path
 from eaglespec.train.data import heldout_prompts
@@ -41,11 +43,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--questions", default=None,
                     help="MT-bench / Spec-Bench question file: first turns, one per category in turn (default: ShareGPT val)")
-    ap.add_argument("--grid", nargs="+", default=None, metavar="K,D,N", help="dynamic trees top_k,depth,total_tokens")
+    ap.add_argument("--grid", nargs="+", default=None, metavar="K,D,N[,L]",
+                    help="dynamic trees top_k,depth,total_tokens[,lookup chain length]")
     ap.add_argument("--draft-weights", default="auto", choices=["auto", "int8", "full"])
     args = ap.parse_args()
-    grid = GRID if args.grid is None else [
-        TreeConfig(kind="dynamic", top_k=k, depth=d, total_tokens=n) for k, d, n in (map(int, g.split(",")) for g in args.grid)]
+    grid, lookups = GRID, [0] * len(GRID)
+    if args.grid is not None:
+        specs = [[int(x) for x in g.split(",")] for g in args.grid]
+        if any(len(v) not in (3, 4) for v in specs):
+            ap.error("--grid entries are K,D,N or K,D,N,L")
+        grid = [TreeConfig(kind="dynamic", top_k=v[0], depth=v[1], total_tokens=v[2]) for v in specs]
+        lookups = [v[3] if len(v) == 4 else 0 for v in specs]
     torch.set_num_threads(2)
     target = load_target(dtype=args.dtype)
     head = DraftHead.from_pretrained(args.draft or default_head_path())
@@ -61,7 +69,11 @@ def main() -> None:
         prompts = [turns[0] for _, turns in heldout_prompts("val") if len(turns[0]) < 600][: args.prompts]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     plain = Generator(target, NoDrafter())
-    engines = [(tc, Generator(target, EagleDrafter(head, target, tc, weights=args.draft_weights))) for tc in grid]
+    def drafter(tc: TreeConfig, lookup: int):
+        eagle = EagleDrafter(head, target, tc, weights=args.draft_weights)
+        return HybridDrafter(eagle, PromptLookupDrafter(num_tokens=lookup)) if lookup else eagle
+
+    engines = [(tc, Generator(target, drafter(tc, n))) for tc, n in zip(grid, lookups)]
     plain.generate("Hi", GenerationConfig(max_new_tokens=8))
     tps = {i: [] for i in range(len(grid))}
     taus = {i: [] for i in range(len(grid))}
@@ -83,6 +95,7 @@ def main() -> None:
     print("| tree | tok/s | speedup | tau | equal to plain |\n|---|---|---|---|---|")
     for i, (tc, _) in enumerate(engines):
         shape = tc.static_tree if tc.kind == "static" else f"top_k {tc.top_k}, depth {tc.depth}, total {tc.total_tokens}"
+        shape += f" + lookup {lookups[i]}" if lookups[i] else ""
         m = sum(tps[i]) / len(tps[i])
         print(f"| {tc.kind} {shape} | {m:.2f} | {m / b:.2f}x | {sum(taus[i]) / len(taus[i]):.2f} | {equal[i]}/{len(prompts)} |")
 
