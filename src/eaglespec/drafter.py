@@ -87,8 +87,8 @@ class TreeConfig:
         return self.static_paths if self.static_paths is not None else STATIC_PRESETS[self.static_tree]
 
 
-#: fp32 on CPU: a verified node costs ~1.6 ms of fp32 FMAs on 2 AVX2 cores (a 16-node forward
-#: 1.45-1.8x a one-node one), so the tree that pays is smaller. On 8 MT-bench first turns
+#: fp32 on CPU: a verified node costs 3-4 ms of fp32 arithmetic on 2 AVX2 cores (a 16-node forward
+#: 1.79x a one-node one), so the tree that pays is smaller. On 8 MT-bench first turns
 #: (`scripts/tree_sweep.py --dtype float32`, an AVX2 EPYC) 10 nodes gave 1.28x against 1.05x for 16.
 CPU_FP32_TREE = dict(top_k=3, depth=5, total_tokens=10)
 

@@ -82,11 +82,12 @@ def cmd_bench(args) -> int:
     if args.lookup < 0:
         raise BenchError(f"--lookup must be >= 0, got {args.lookup}")
     # eagle-lookup grafts a chain of --lookup tokens (8 when the flag is left at 0)
-    runners = build_runners(target, methods, head, tree_config(args, target.device, target.dtype), lookup=args.lookup or 8,
+    tree = tree_config(args, target.device, target.dtype)
+    runners = build_runners(target, methods, head, tree, lookup=args.lookup or 8,
                             draft_weights=args.draft_weights)
     eagle_methods = [m for m in methods if m.startswith("eagle")]
     for name, other in extra_heads.items():
-        more = build_runners(target, eagle_methods, other, tree_config(args, target.device, target.dtype), lookup=args.lookup or 8,
+        more = build_runners(target, eagle_methods, other, tree, lookup=args.lookup or 8,
                              draft_weights=args.draft_weights)
         runners.update({f"{m}@{name}": run for m, run in more.items() if m in eagle_methods})
     records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup,
@@ -97,7 +98,7 @@ def cmd_bench(args) -> int:
     machine = (f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
                f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = (f"## eaglespec bench: {source}, {len(questions)} questions, {str(target.dtype).removeprefix('torch.')}, temperature {args.temperature}, "
-              f"max_new_tokens {args.max_new_tokens}, turns {args.turns or 'all'}\n\nMachine: {machine}. Tree: {tree_config(args, target.device, target.dtype)}. "
+              f"max_new_tokens {args.max_new_tokens}, turns {args.turns or 'all'}\n\nMachine: {machine}. Tree: {tree}. "
               f"Draft weights: {args.draft_weights}.")
     mismatches = [r for r in records if r["equal_to_baseline"] is False]
     # write into a fresh folder and swap it in, so a failed run never leaves a half-written --out
