@@ -47,12 +47,7 @@ def main() -> None:
         "## Training",
         "",
     ]
-    stages = [card]
-    while stages[0].get("initialized_from"):
-        parent = Path(stages[0]["initialized_from"]) / "training.json"
-        if not parent.is_file():
-            break
-        stages.insert(0, json.loads(parent.read_text()))
+    stages = lineage(card)
     for i, stage in enumerate(stages, start=1):
         current = stage is card
         lines += [f"### Stage {i} of {len(stages)}" if len(stages) > 1 else "", ""] + stage_lines(
@@ -75,6 +70,21 @@ def main() -> None:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in args.note]
     (args.dest / "README.md").write_text("\n".join(lines) + "\n")
     print(f"shipped {args.run / 'head'} -> {args.dest}")
+
+
+def lineage(card: dict) -> list[dict]:
+    """The training cards of every stage, first to last: each card carries the one it was
+    fine-tuned from under "parent" (older cards only name its folder, read if it still exists)."""
+    stages = [card]
+    while True:
+        first = stages[0]
+        if "parent" in first:
+            stages.insert(0, first["parent"])
+            continue
+        path = Path(first.get("initialized_from") or "") / "training.json"
+        if not first.get("initialized_from") or not path.is_file():
+            return stages
+        stages.insert(0, json.loads(path.read_text()))
 
 
 def bench_label(method: str, summary: dict, run: Path) -> str:
@@ -106,15 +116,16 @@ def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | Non
     cfg = card.get("config", {})
     seconds = card.get("train_seconds", card.get("session_seconds"))
     tokens = card.get("loss_tokens_seen", card.get("loss_tokens_this_session"))
+    written = "/".join(d.replace("bfloat16", "bf16").replace("float32", "fp32") for d in data.get("regen_dtypes", ["bf16"]))
     if card.get("regenerated") and turns and len(turns) > 1:
         later = ", ".join(f"{n} to turn {t}" for t, n in turns.items() if t > 1)
-        source = (f"- Data: the target's own greedy answers (bf16, at most 256 tokens) in {card.get('train_rows')} rows: "
+        source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) in {card.get('train_rows')} rows: "
                   f"{turns.get(1, 0)} to the first user turn of ShareGPT V3 conversations (prompts of at most 512 tokens, "
                   f"shortest first) and {later}, whose context is the conversation so far with the target's own earlier "
                   f"answers (only the new answer carries loss); {card.get('train_tokens')} tokens, "
                   f"{card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
     elif card.get("regenerated"):
-        source = (f"- Data: the target's own greedy answers (bf16, at most 256 tokens) to the first user turn of "
+        source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) to the first user turn of "
                   f"{card.get('train_rows')} ShareGPT V3 conversations (prompts of at most 512 tokens, shortest first); "
                   f"{card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
     else:
@@ -122,12 +133,14 @@ def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | Non
                   f"target's chat template, at most 1024 tokens each; {card.get('train_tokens')} tokens, "
                   f"{card.get('train_loss_tokens')} of them assistant tokens (the loss positions). Rows skipped as malformed: "
                   + ", ".join(f"{k} {v}" for k, v in data.get("skipped", {}).items()) + ".")
+    precision = card.get("mixed_precision", cfg.get("mixed_precision", "bf16"))
+    autocast = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(precision, "fp32, no autocast")
     out = [
         source,
         f"- Held out: the `val` and `bench` splits (2% of rows by id hash); {data.get('kept', {}).get('val')} val rows rendered.",
         f"- Recipe: SmoothL1(features) + {cfg.get('p_weight', 0.1)} x CE(target distribution), U(-0.1, 0.1) input noise, AdamW (0.9, 0.95),",
         f"  lr {cfg.get('lr')} with {cfg.get('warmup_steps')} warm-up steps and cosine decay, clip 0.5, batch {cfg.get('batch_size')} rows,",
-        f"  bf16 autocast. {card.get('steps')} steps ({card.get('epochs', card.get('epochs_started'))} epochs), {tokens} loss tokens seen.",
+        f"  {autocast}. {card.get('steps')} steps ({card.get('epochs', card.get('epochs_started'))} epochs), {tokens} loss tokens seen.",
         f"- Wall time: {seconds} s of head training on 2 CPU cores" + (f"; {feature_log}" if feature_log else "") + ".",
     ]
     if cfg.get("ttt_steps", 1) > 1:

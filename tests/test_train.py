@@ -1,12 +1,15 @@
+import importlib.util
 import json
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import WORDS, greedy_rows, tiny_target
 
 from eaglespec.cli import main
-from eaglespec.target import load_target
+from eaglespec.target import auto_dtype, load_target
 from eaglespec.train.data import heldout_prompts, prepare, read_rows, render, split_of
 from eaglespec.train.features import dump_features, load_shards, shard_name
 from eaglespec.draft import DraftHead
@@ -189,6 +192,18 @@ def test_loss_decreases(tmp_path, tiny_training):
     assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
     card = json.loads((tmp_path / "head" / "training.json").read_text())
     assert card["steps"] == 40 and "sim_tau" in card["validation"]
+    assert card["mixed_precision"] in {"no", "bf16", "fp16"}  # "auto" resolved for this machine
+
+
+def test_mixed_precision_auto_follows_the_targets_auto_dtype(monkeypatch):
+    import eaglespec.train.trainer as trainer
+
+    for dtype, want in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "no")):
+        monkeypatch.setattr(trainer, "auto_dtype", lambda device, d=dtype: d)
+        assert trainer.resolve_mixed_precision("auto", torch.device("cpu")) == want
+        assert trainer.resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
 
 
 def test_resumed_training_restores_step_optimizer_and_data_order(tmp_path, tiny_training, monkeypatch):
@@ -271,6 +286,21 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
                  "--max-new-tokens", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 6
     assert "head" in out
+    # a fine-tune from that head carries its training card, so a shipped card can list every stage
+    # even after the earlier run folders are gone
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    (run2 / "features").symlink_to(tmp_path / "run" / "features")
+    assert main(["train", "head", "--out", str(run2), "--model", str(tiny_model_dir), "--init", str(head_dir),
+                 "--steps", "2", "--batch-size", "2", "--checkpoint-every", "3"]) == 0
+    first = json.loads((head_dir / "training.json").read_text())
+    second = json.loads((run2 / "head" / "training.json").read_text())
+    assert second["parent"] == first and second["initialized_from"] == str(head_dir)
+    shutil.rmtree(tmp_path / "run")
+    spec = importlib.util.spec_from_file_location("ship_head", Path(__file__).parents[1] / "scripts" / "ship_head.py")
+    ship_head = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_head)
+    assert ship_head.lineage(second) == [first, second]
 
 
 def test_train_data_regenerate_from_the_command_line(tmp_path, tiny_model_dir):
@@ -291,6 +321,8 @@ def test_train_data_regenerate_from_the_command_line(tmp_path, tiny_model_dir):
         assert 1 <= len(answer) <= 5 and any(answer)
     assert main(args) == 0
     assert len(load_jsonl(tmp_path / "run" / "data" / "train.regen.jsonl")) == 6
+    report = json.loads((tmp_path / "run" / "data" / "data_report.json").read_text())
+    assert report["regen_dtypes"] == [str(auto_dtype(torch.device("cpu"))).removeprefix("torch.")]  # once, not per run
 
 
 def test_regenerate_writes_the_targets_own_answers(tmp_path, tiny_model_dir):

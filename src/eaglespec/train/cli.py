@@ -74,7 +74,8 @@ def add_train_parser(sub) -> None:
             s.add_argument("--eval-every", type=int, default=d.eval_every)
             s.add_argument("--val-rows", type=int, default=24, help="validation rows for the simulated acceptance")
             s.add_argument("--seed", type=int, default=d.seed)
-            s.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "bf16", "fp16"])
+            s.add_argument("--mixed-precision", default=d.mixed_precision, choices=["auto", "no", "bf16", "fp16"],
+                           help="autocast for training (auto: bf16 on AMX CPUs and bf16 GPUs, none on other CPUs)")
             s.add_argument("--init", type=Path, default=None, metavar="HEAD",
                            help="start from this head's weights and draft vocabulary (fine-tuning)")
 
@@ -117,6 +118,11 @@ def stage_data(args) -> None:
                          max_rows=args.max_rows, skip_rows=args.skip_rows,
                          leading_assistant=args.leading_assistant).as_dict()
     if args.regenerate:
+        # the dtypes the answers were written in (a resumed run may use another), for the model card
+        dtype = str(target.dtype).removeprefix("torch.")
+        if dtype not in report.setdefault("regen_dtypes", []):
+            report["regen_dtypes"].append(dtype)
+            report_path.write_text(json.dumps(report, indent=2))
         regenerate(target, data_dir, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch,
                    turns=args.regen_turns)
     print(json.dumps({"data": report}))
@@ -169,6 +175,9 @@ def stage_head(args) -> None:
         if not args.init.is_dir():
             raise FileNotFoundError(f"--init: no head folder at {args.init}")
         card["initialized_from"] = str(args.init)
+        parent_card = args.init / "training.json"
+        if parent_card.is_file():  # the whole lineage travels with the head, as run folders may not
+            card["parent"] = json.loads(parent_card.read_text())
     result = train_head(parts, train_rows, val_rows, args.out, cfg, extra_card=card, init_from=args.init)
     print(json.dumps({"head": str(args.out / "head"), "validation": result}))
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from eaglespec.draft import DraftHead, check_fits, head_config_from_target
+from eaglespec.target import auto_dtype
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_every: int = 500
     seed: int = 0
-    mixed_precision: str = "bf16"  # accelerate's setting: "no", "bf16" or "fp16" (bf16 autocast suits AMX CPUs)
+    # accelerate's setting: "no", "bf16" or "fp16"; "auto" follows the target's auto dtype for the
+    # device (bf16 autocast on AMX CPUs and bf16 GPUs, none on CPUs without native bf16)
+    mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "eval_every", "ttt_steps", "layers"):
@@ -66,6 +69,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or (self.draft_vocab or 0) < 0 or self.noise < 0:
             raise ValueError("lr must be > 0; draft_vocab and noise must be >= 0")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {sorted(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+
+
+MIXED_PRECISION = {"auto", "no", "bf16", "fp16"}
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """accelerate's mixed-precision setting for `device`: "auto" autocasts to the dtype that
+    `auto_dtype` picks for a target there (bf16 on AMX CPUs, where autocast is fast; none on an
+    AVX2 CPU, whose bf16 matmuls are emulated); any other setting is kept."""
+    if setting != "auto":
+        return setting
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(auto_dtype(device), "no")
 
 
 class FrozenTargetParts:
@@ -267,7 +284,10 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision, device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    log.warning("mixed precision: %s", mixed_precision)
     set_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir, state_path = out_dir / "checkpoint", out_dir / "checkpoint" / "trainer.json"
@@ -377,7 +397,7 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
         card = {"steps": step, "epochs": round(step * cfg.batch_size / len(train_rows), 2),
                 "train_rows": len(train_rows), "train_seconds": round(done_seconds + time.perf_counter() - started, 1),
                 "loss_tokens_seen": tokens_seen, "validation": final,
-                "config": asdict(cfg), **(extra_card or {})}
+                "config": asdict(cfg), "mixed_precision": mixed_precision, **(extra_card or {})}
         model.save_pretrained(out_dir / "head")
         (out_dir / "head" / "training.json").write_text(json.dumps(card, indent=2))
         (out_dir / "history.json").write_text(json.dumps(history))
