@@ -6,7 +6,8 @@ by side with plain decoding (interleaved per prompt) on held-out ShareGPT `val` 
         --grid 4,5,16 3,5,12 3,4,10 2,5,10
 
 --grid takes dynamic trees as top_k,depth,total_tokens (default: the grid below), optionally with a
-fourth number: the length of a prompt-lookup chain grafted into the tree (as `generate --lookup`).
+fourth number: the length of a prompt-lookup chain grafted into the tree (as `generate --lookup`),
+and a fifth: the tree's confidence floor (TreeConfig.min_prob), e.g. 3,6,12,0,0.05.
 """
 
 from __future__ import annotations
@@ -43,17 +44,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--questions", default=None,
                     help="MT-bench / Spec-Bench question file: first turns, one per category in turn (default: ShareGPT val)")
-    ap.add_argument("--grid", nargs="+", default=None, metavar="K,D,N[,L]",
-                    help="dynamic trees top_k,depth,total_tokens[,lookup chain length]")
+    ap.add_argument("--grid", nargs="+", default=None, metavar="K,D,N[,L[,P]]",
+                    help="dynamic trees top_k,depth,total_tokens[,lookup chain length[,min_prob]]")
     ap.add_argument("--draft-weights", default="auto", choices=["auto", "int8", "full"])
     args = ap.parse_args()
     grid, lookups = GRID, [0] * len(GRID)
     if args.grid is not None:
-        specs = [[int(x) for x in g.split(",")] for g in args.grid]
-        if any(len(v) not in (3, 4) for v in specs):
-            ap.error("--grid entries are K,D,N or K,D,N,L")
-        grid = [TreeConfig(kind="dynamic", top_k=v[0], depth=v[1], total_tokens=v[2]) for v in specs]
-        lookups = [v[3] if len(v) == 4 else 0 for v in specs]
+        specs = [g.split(",") for g in args.grid]
+        if any(len(v) not in (3, 4, 5) for v in specs):
+            ap.error("--grid entries are K,D,N or K,D,N,L or K,D,N,L,P")
+        grid = [TreeConfig(kind="dynamic", top_k=int(v[0]), depth=int(v[1]), total_tokens=int(v[2]),
+                           min_prob=float(v[4]) if len(v) == 5 else 0.0) for v in specs]
+        lookups = [int(v[3]) if len(v) >= 4 else 0 for v in specs]
     torch.set_num_threads(2)
     target = load_target(dtype=args.dtype)
     head = DraftHead.from_pretrained(args.draft or default_head_path())
@@ -78,6 +80,7 @@ def main() -> None:
     tps = {i: [] for i in range(len(grid))}
     taus = {i: [] for i in range(len(grid))}
     equal = {i: 0 for i in range(len(grid))}
+    nodes = {i: [] for i in range(len(grid))}
     base = []
     for p in prompts:
         ids = plain.encode(p)
@@ -90,14 +93,16 @@ def main() -> None:
             equal[i] += s.token_ids == r.token_ids  # bf16: tree and one-token forwards round differently
             tps[i].append(s.stats.tokens_per_s)
             taus[i].append(s.stats.mean_accept_len)
+            nodes[i].extend(s.stats.tree_sizes)
     b = sum(base) / len(base)
     print(f"plain: {b:.2f} tok/s over {len(prompts)} prompts, {args.dtype}")
-    print("| tree | tok/s | speedup | tau | equal to plain |\n|---|---|---|---|---|")
+    print("| tree | tok/s | speedup | tau | nodes verified per step | equal to plain |\n|---|---|---|---|---|---|")
     for i, (tc, _) in enumerate(engines):
         shape = tc.static_tree if tc.kind == "static" else f"top_k {tc.top_k}, depth {tc.depth}, total {tc.total_tokens}"
+        shape += f", min_prob {tc.min_prob}" if tc.min_prob else ""
         shape += f" + lookup {lookups[i]}" if lookups[i] else ""
         m = sum(tps[i]) / len(tps[i])
-        print(f"| {tc.kind} {shape} | {m:.2f} | {m / b:.2f}x | {sum(taus[i]) / len(taus[i]):.2f} | {equal[i]}/{len(prompts)} |")
+        print(f"| {tc.kind} {shape} | {m:.2f} | {m / b:.2f}x | {sum(taus[i]) / len(taus[i]):.2f} | {sum(nodes[i]) / len(nodes[i]):.1f} | {equal[i]}/{len(prompts)} |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 import json
 
 import pytest
+import torch
 from helpers import random_head
 
 from eaglespec.cli import main
+from eaglespec.drafter import default_tree
 from eaglespec.target import load_target
 
 
@@ -35,6 +37,12 @@ def test_quick_bench_on_a_tiny_model(tiny_model_dir, bench_files, capsys):
     assert all(r["equal_to_baseline"] for r in runs)
     assert res["summary"]["overall"]["plain"]["speedup"] == 1.0
     assert res["summary"]["overall"]["hf-generate"]["tau"] == 1.0
+    # nodes verified per step: the root alone for plain decoding, unknown for transformers' generate()
+    summary = res["summary"]["overall"]
+    assert summary["plain"]["tree_nodes"] == 1.0 and summary["hf-generate"]["tree_nodes"] is None
+    tree = [r for r in runs if r["method"] == "eagle-dynamic"]
+    assert all(len(r["tree_sizes"]) == r["target_forwards"] - 1 for r in tree)  # one per step after the prefill
+    assert 1.0 < summary["eagle-dynamic"]["tree_nodes"] <= default_tree(torch.device("cpu"), torch.float32).total_tokens
     md = (out / "results.md").read_text()
     assert "| overall | eagle-dynamic |" in md and "| math |" in md
     for png in ("speedup.png", "accept_lengths.png"):

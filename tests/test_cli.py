@@ -20,8 +20,10 @@ def test_generate_json_plain_and_speculative_agree(capsys, tiny_model_dir, tmp_p
     code, out, _ = cli(capsys, *base, "--no-draft")
     assert code == 0
     plain = json.loads(out)
-    assert set(plain) == {"text", "new_tokens", "target_forwards", "mean_accept_len", "tokens_per_s", "elapsed_s"}
+    assert set(plain) == {"text", "new_tokens", "target_forwards", "mean_accept_len", "mean_tree_size",
+                          "tokens_per_s", "elapsed_s"}
     assert plain["mean_accept_len"] == 1.0 and plain["target_forwards"] == plain["new_tokens"]
+    assert plain["mean_tree_size"] == 1.0  # the root alone at every step
 
     random_head(load_target(str(tiny_model_dir))).save_pretrained(tmp_path / "head")
     for tree in ("static", "dynamic"):
@@ -88,9 +90,10 @@ def test_real_process_exit_code(tiny_model_dir):
 
 
 @pytest.mark.parametrize("dtype, extra, want", [
-    ("float32", [], (3, 5, 10)),  # fp32 on CPU: every verified node costs full arithmetic
-    ("bfloat16", [], (4, 5, 16)),
-    ("float32", ["--total-tokens", "6", "--top-k-draft", "2"], (2, 5, 6)),  # flags win
+    # fp32 on CPU: every verified node costs full arithmetic, so only likely guesses are verified
+    ("float32", [], (4, 8, 20, 0.1)),
+    ("bfloat16", [], (4, 5, 16, 0.0)),
+    ("float32", ["--total-tokens", "6", "--top-k-draft", "2", "--min-draft-prob", "0"], (2, 8, 6, 0.0)),  # flags win
 ])
 def test_the_default_tree_follows_the_targets_dtype(tiny_model_dir, tmp_path, dtype, extra, want):
     from eaglespec.cli import build_parser, load_engine
@@ -99,4 +102,4 @@ def test_the_default_tree_follows_the_targets_dtype(tiny_model_dir, tmp_path, dt
     args = build_parser().parse_args(["generate", "w1", "--model", str(tiny_model_dir), "--dtype", dtype,
                                       "--draft", str(tmp_path / "head"), "--lookup", "0", *extra])
     tree = load_engine(args).drafter.tree_config
-    assert (tree.top_k, tree.depth, tree.total_tokens) == want
+    assert (tree.top_k, tree.depth, tree.total_tokens, tree.min_prob) == want

@@ -56,6 +56,42 @@ def test_select_dynamic_keeps_parents_and_best_scores():
     assert tree.depths.tolist() == [0, 1, 2, 2, 3]
 
 
+def test_select_dynamic_floor_drops_unlikely_guesses_but_keeps_the_best():
+    scores = torch.tensor([-0.1, -1.0, -0.3, -2.0, -0.2, -0.5])
+    parents = torch.tensor([-1, -1, 0, 1, 0, 4])
+    tokens = torch.tensor([5, 6, 7, 8, 9, 4])
+    tree, kept = select_dynamic(scores, parents, tokens, total_tokens=6, max_depth=3, min_score=-0.4)
+    assert kept.tolist() == [0, 2, 4]  # -0.5, -1.0 and -2.0 fall below the floor
+    assert tree.parents.tolist() == [-1, 0, 1, 1]
+    _, kept = select_dynamic(scores, parents, tokens, total_tokens=3, max_depth=3, min_score=-0.4)
+    assert kept.tolist() == [0, 4]  # the node budget still binds
+    _, kept = select_dynamic(scores, parents, tokens, total_tokens=6, max_depth=3, min_score=-0.01)
+    assert kept.tolist() == [0]  # nothing passes: the best guess is verified anyway
+
+
+def test_dynamic_tree_floor_shrinks_unsure_steps():
+    """With min_prob, a step verifies only guesses the draft is sure enough of: a random head is
+    unsure, so its tree keeps fewer nodes than total_tokens."""
+    from helpers import random_head, tiny_target
+
+    from eaglespec.drafter import EagleDrafter, TreeConfig
+
+    target = tiny_target("llama")
+    head = random_head(target)
+    ids = torch.randint(2, target.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
+    sizes = {}
+    for floor in (0.0, 0.2):
+        d = EagleDrafter(head, target, TreeConfig(top_k=3, depth=4, total_tokens=10, min_prob=floor))
+        d.stop_early = False
+        out = target.prefill(ids)
+        d.begin()
+        d.observe(torch.cat([ids[1:], ids[-1:]]), out.features)
+        sizes[floor] = d.propose(ids[-1:]).tokens.shape[0]
+    assert sizes[0.0] == 10 and 2 <= sizes[0.2] < 10
+    with pytest.raises(ValueError, match="min_prob"):
+        TreeConfig(min_prob=1.0)
+
+
 def test_select_dynamic_ties_keep_parent():
     # child has the same score as its parent (log-prob 0): the parent must still come first
     scores = torch.tensor([-1.0, -1.0, -1.0])
@@ -112,7 +148,8 @@ def test_dynamic_drafting_stops_early_only_when_the_tree_cannot_change():
     g = torch.Generator().manual_seed(5)
     fired = 0
     for head in (random_head(target), oracle_head(target, noise=0.3)):
-        for tree_cfg in (TreeConfig(), TreeConfig(top_k=3, depth=6, total_tokens=8)):
+        for tree_cfg in (TreeConfig(), TreeConfig(top_k=3, depth=6, total_tokens=8),
+                         TreeConfig(top_k=3, depth=6, total_tokens=16, min_prob=0.05)):
             drafters = [EagleDrafter(head, target, tree_cfg) for _ in range(2)]
             drafters[1].stop_early = False
             for _ in range(12):

@@ -51,6 +51,9 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--total-tokens", type=int, default=None,
                    help=f"dynamic tree: nodes verified per step (default {d.total_tokens}; fp32 on CPU: "
                         f"{CPU_FP32_TREE['total_tokens']})")
+    g.add_argument("--min-draft-prob", type=float, default=None, metavar="P",
+                   help="dynamic tree: verify only guesses of cumulative draft probability >= P, the best one "
+                        f"always (default {d.min_prob}; fp32 on CPU: {CPU_FP32_TREE['min_prob']}; 0 = total-tokens nodes every step)")
     g.add_argument("--static-tree", default=d.static_tree, help="static tree preset (cpu_small, mc_sim_7b_63)")
     g.add_argument("--lookup", type=int, default=LOOKUP_TOKENS, metavar="N",
                    help="graft a prompt-lookup chain of up to N tokens into the draft tree (0 = off)")
@@ -72,7 +75,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def tree_config(args, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> TreeConfig:
     """The tree the flags ask for; unset sizes come from `default_tree` for the target's device and dtype."""
     return default_tree(torch.device(device), dtype, kind=args.tree, top_k=args.top_k_draft, depth=args.depth,
-                        total_tokens=args.total_tokens, static_tree=args.static_tree)
+                        total_tokens=args.total_tokens, min_prob=args.min_draft_prob, static_tree=args.static_tree)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ any future drafter share one loop, and the benchmark gets its baseline for free.
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
@@ -70,6 +71,9 @@ class TreeConfig:
     top_k: int = 4  # dynamic: children drafted per expanded node, and frontier width
     depth: int = 5  # dynamic: deepest guessed token
     total_tokens: int = 16  # dynamic: nodes verified per step, root included
+    # dynamic: verify only guesses whose cumulative draft probability is at least this (the best
+    # guess is always kept), so unsure steps verify fewer nodes; 0 keeps total_tokens every step
+    min_prob: float = 0.0
     static_tree: str = "cpu_small"  # static: a preset name from eaglespec.tree.STATIC_PRESETS
     static_paths: tuple[tuple[int, ...], ...] | None = field(default=None)  # static: explicit rank paths
 
@@ -80,6 +84,8 @@ class TreeConfig:
             raise ValueError(
                 f"tree needs top_k >= 1, depth >= 1, total_tokens >= 2; got {self.top_k}, {self.depth}, {self.total_tokens}"
             )
+        if not 0.0 <= self.min_prob < 1.0:
+            raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
         if self.kind == "static" and self.static_paths is None and self.static_tree not in STATIC_PRESETS:
             raise ValueError(f"unknown static tree {self.static_tree!r}; presets: {sorted(STATIC_PRESETS)}")
 
@@ -88,9 +94,11 @@ class TreeConfig:
 
 
 #: fp32 on CPU: a verified node costs 3-4 ms of fp32 arithmetic on 2 AVX2 cores (a 16-node forward
-#: 1.79x a one-node one), so the tree that pays is smaller. On 8 MT-bench first turns
-#: (`scripts/tree_sweep.py --dtype float32`, an AVX2 EPYC) 10 nodes gave 1.28x against 1.05x for 16.
-CPU_FP32_TREE = dict(top_k=3, depth=5, total_tokens=10)
+#: 1.79x a one-node one), so a node pays only if it is likely to be accepted. On 8 MT-bench first
+#: turns (`scripts/tree_sweep.py --dtype float32`, an AVX2 EPYC) a fixed 10 nodes gave 1.28x against
+#: 1.05x for 16; on 16 first turns (256 tokens) a tree of up to 20 nodes that verifies only guesses
+#: of draft probability >= 0.1 gave 1.41x against 1.29x for the fixed 10 (README, session 12).
+CPU_FP32_TREE = dict(top_k=4, depth=8, total_tokens=20, min_prob=0.1)
 
 
 def default_tree(device: torch.device, dtype: torch.dtype, **overrides) -> TreeConfig:
@@ -279,8 +287,9 @@ class EagleDrafter(Drafter):
         n_cand = k
         arange_k = torch.arange(k, device=device)
         keep_n = cfg.total_tokens - 1
+        floor = math.log(cfg.min_prob) if cfg.min_prob > 0 else None
         for d in range(1, cfg.depth):
-            if self.stop_early and n_cand >= keep_n and self._deeper_is_hopeless(all_scores, front_scores, keep_n):
+            if self.stop_early and self._deeper_is_hopeless(all_scores, front_scores, keep_n, n_cand, floor):
                 self.early_stops += 1
                 break
             rows = front_rows.clone()
@@ -298,19 +307,24 @@ class EagleDrafter(Drafter):
                 front_feats, front_rows = hidden[best // k], rows[best // k]
             n_cand += k * k
         tree, _ = select_dynamic(
-            torch.cat(all_scores), torch.cat(all_parents), torch.cat(all_tokens), cfg.total_tokens, cfg.depth
+            torch.cat(all_scores), torch.cat(all_parents), torch.cat(all_tokens), cfg.total_tokens, cfg.depth,
+            min_score=floor,
         )
         tree.tokens[0] = root[0]
         return tree
 
     @staticmethod
-    def _deeper_is_hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tensor, keep_n: int) -> bool:
+    def _deeper_is_hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tensor, keep_n: int, n_cand: int,
+                            floor: float | None = None) -> bool:
         """True when no descendant of the frontier can enter the kept set, so drafting deeper would
-        not change the tree: a child scores at most its parent (log-probabilities <= 0) and, tied,
-        ranks after every earlier candidate, so `keep_n` candidates already scoring at least the
-        frontier's best keep it out. One host sync."""
-        best = front_scores.max()
-        return int(sum(int((s >= best).sum()) for s in all_scores)) >= keep_n
+        not change the tree: a child scores at most its parent (log-probabilities <= 0), so none
+        passes a `floor` that the frontier's best misses; and, tied, a child ranks after every
+        earlier candidate, so `keep_n` candidates already scoring at least the frontier's best keep
+        it out. One host sync."""
+        best = float(front_scores.max())
+        if floor is not None and best < floor:
+            return True
+        return n_cand >= keep_n and int(sum(int((s >= best).sum()) for s in all_scores)) >= keep_n
 
 
 class PromptLookupDrafter(Drafter):

@@ -52,10 +52,15 @@ class GenerationStats:
     target_forwards: int = 0
     elapsed_s: float = 0.0
     accept_lengths: list[int] = field(default_factory=list)  # tokens added per decode-step forward
+    tree_sizes: list[int] = field(default_factory=list)  # nodes verified per decode-step forward, root included
 
     @property
     def mean_accept_len(self) -> float:
         return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def mean_tree_size(self) -> float:
+        return sum(self.tree_sizes) / len(self.tree_sizes) if self.tree_sizes else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,7 +68,8 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         return dict(new_tokens=self.new_tokens, target_forwards=self.target_forwards,
-                    mean_accept_len=round(self.mean_accept_len, 4), tokens_per_s=round(self.tokens_per_s, 3),
+                    mean_accept_len=round(self.mean_accept_len, 4), mean_tree_size=round(self.mean_tree_size, 3),
+                    tokens_per_s=round(self.tokens_per_s, 3),
                     elapsed_s=round(self.elapsed_s, 4))
 
 
@@ -146,6 +152,7 @@ class Generator:
                 positions = target.cache.length + tree.depths
                 res = target.forward(tree.tokens, positions, tree.mask)
                 stats.target_forwards += 1
+                stats.tree_sizes.append(tree.tokens.shape[0])
                 # 3. accept the longest agreeing path, plus a bonus token
                 verdict = verify(tree, res.logits, params, rng)
                 # 4. move the accepted nodes' keys into place

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -55,6 +55,7 @@ class RunRecord:
     accept_lengths: list[int]
     equal_to_baseline: bool | None
     text: str
+    tree_sizes: list[int] = field(default_factory=list)  # nodes verified per decode step (engine methods)
 
 
 # -- prompt sets ---------------------------------------------------------------------------------
@@ -125,6 +126,7 @@ class Answer:
     seconds: float
     forwards: int
     accept_lengths: list[int]
+    tree_sizes: list[int] = field(default_factory=list)
 
 
 Runner = Callable[[torch.Tensor, GenerationConfig], Answer]
@@ -134,7 +136,7 @@ def engine_runner(gen: Generator) -> Runner:
     def run(ids: torch.Tensor, cfg: GenerationConfig) -> Answer:
         tokens = [t for chunk in gen.generate_ids(ids, cfg) for t in chunk]
         s = gen.last_stats
-        return Answer(tokens, s.elapsed_s, s.target_forwards, list(s.accept_lengths))
+        return Answer(tokens, s.elapsed_s, s.target_forwards, list(s.accept_lengths), list(s.tree_sizes))
     return run
 
 
@@ -246,7 +248,7 @@ def run_bench(target: Target, runners: dict[str, Runner], questions: list[Questi
                 yield RunRecord(q.question_id, q.category, turn, method, n, round(ans.seconds, 5), ans.forwards,
                                 round(n / ans.forwards, 4) if ans.forwards else 0.0,
                                 round(n / ans.seconds, 4) if ans.seconds else 0.0, ans.accept_lengths, equal,
-                                history[method][-1]["content"])
+                                history[method][-1]["content"], ans.tree_sizes)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -275,23 +277,27 @@ def summarize(records: list[dict]) -> dict:
                 speedup = round(mine_tps / base_tps, 3)
             seconds = sum(r["seconds"] for r in mine)
             eq = [r["equal_to_baseline"] for r in mine if r["equal_to_baseline"] is not None]
+            sizes = [n for r in mine for n in r.get("tree_sizes", [])]
             table[c][m] = {
                 "runs": len(mine),
                 "tokens_per_s": round(sum(r["new_tokens"] for r in mine) / seconds, 3) if seconds else 0.0,
                 "speedup": speedup,
                 "tau": round(sum(r["new_tokens"] for r in mine) / max(1, sum(r["target_forwards"] for r in mine)), 3),
                 "equal_rate": round(sum(eq) / len(eq), 3) if eq else None,
+                "tree_nodes": round(sum(sizes) / len(sizes), 2) if sizes else None,  # verified per step
             }
     return table
 
 
 def markdown(table: dict, header: str) -> str:
-    lines = [header, "", "| category | method | tokens/s | speedup | tau | equal to plain |", "|---|---|---|---|---|---|"]
+    lines = [header, "", "| category | method | tokens/s | speedup | tau | nodes verified per step | equal to plain |",
+             "|---|---|---|---|---|---|---|"]
     for c, per in table.items():
         for m, s in per.items():
             eq = "n/a" if s["equal_rate"] is None else f"{s['equal_rate']:.0%}"
             sp = "n/a" if s["speedup"] is None else f"{s['speedup']:.2f}x"
-            lines.append(f"| {c} | {m} | {s['tokens_per_s']:.2f} | {sp} | {s['tau']:.2f} | {eq} |")
+            nodes = "n/a" if s.get("tree_nodes") is None else f"{s['tree_nodes']:.1f}"
+            lines.append(f"| {c} | {m} | {s['tokens_per_s']:.2f} | {sp} | {s['tau']:.2f} | {nodes} | {eq} |")
     return "\n".join(lines) + "\n"
 
 
