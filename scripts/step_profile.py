@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=None, help="default: eaglespec's tree for the target's device and dtype")
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--total-tokens", type=int, default=None)
+    ap.add_argument("--min-prob", type=float, default=None, help="the tree's confidence floor (default: the target's)")
     ap.add_argument("--draft-weights", nargs="+", default=["auto"], choices=["auto", "int8", "full"],
                     help="one or more; several are run in turn on each prompt, side by side")
     ap.add_argument("--forward-scan", type=int, default=0, metavar="CTX",
@@ -169,7 +170,8 @@ def main() -> None:
         questions = select(load_questions(args.questions), None, args.limit)
     target = load_target(dtype=args.dtype)
     head = DraftHead.from_pretrained(args.draft or default_head_path())
-    tree = default_tree(target.device, target.dtype, top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens)
+    tree = default_tree(target.device, target.dtype, top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens,
+                        min_prob=args.min_prob)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     clock = Clock(target.device)
     plain = Generator(target, NoDrafter())
@@ -197,7 +199,7 @@ def main() -> None:
     per_token = runs["plain"].seconds / runs["plain"].tokens
     tot, calls = clock.total, clock.calls
     print(f"{len(questions)} prompts, {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads, "
-          f"tree top_k {tree.top_k} depth {tree.depth} total {tree.total_tokens}; variants run in turn on each prompt")
+          f"tree top_k {tree.top_k} depth {tree.depth} total {tree.total_tokens} min_prob {tree.min_prob}; variants run in turn on each prompt")
     print(f"plain: {1000 * per_token:.1f} ms/token ({1 / per_token:.2f} tok/s), one-token forward "
           f"{1000 * forward_s(tot, calls, 'plain: ', runs['plain'].steps):.1f} ms")
     header = ["draft weights", "tok/s", "speedup", "tau", "ms/step (prefill included)", "break-even tau", "verification forward",
