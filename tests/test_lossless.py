@@ -48,12 +48,17 @@ def two_layer_head(target):
     return head.eval()
 
 
-@pytest.mark.parametrize("kind", ["static", "dynamic"])
+TREES = {"static": TreeConfig(kind="static"), "dynamic": TreeConfig(kind="dynamic"),
+         # a confidence floor: the number of nodes verified changes from step to step
+         "floored": TreeConfig(kind="dynamic", top_k=4, depth=8, total_tokens=20, min_prob=0.1)}
+
+
+@pytest.mark.parametrize("kind", list(TREES))
 @pytest.mark.parametrize("head_kind", ["random", "nudged", "two_layer"])
 def test_greedy_is_token_identical(setup, kind, head_kind):
     target, cfg, ps, expected = setup
     head = {"random": random_head, "nudged": lambda t: oracle_head(t, noise=0.2), "two_layer": two_layer_head}[head_kind](target)
-    spec = Generator(target, EagleDrafter(head, target, TreeConfig(kind=kind)))
+    spec = Generator(target, EagleDrafter(head, target, TREES[kind]))
     taus = []
     for p, want in zip(ps, expected):
         got = run(spec, p, cfg)
@@ -163,6 +168,14 @@ def test_sampling_matches_target_distribution(sampling_setup, params):
     joint = exact_joint(target, prompt, params)
     assert abs(sum(joint.values()) - 1) < 1e-4
     stat, crit = chi_square_excess(draw(target, head, prompt, params), joint)
+    assert stat < crit, f"chi-square {stat:.1f} exceeds the 1e-4 critical value {crit:.1f}"
+
+
+def test_sampling_with_a_confidence_floor_matches_target_distribution(sampling_setup):
+    target, head, prompt = sampling_setup
+    params = SamplingParams(1.0)
+    drafter = EagleDrafter(head, target, TreeConfig(top_k=3, depth=3, total_tokens=8, min_prob=0.2))
+    stat, crit = chi_square_excess(draw(target, head, prompt, params, drafter=drafter), exact_joint(target, prompt, params))
     assert stat < crit, f"chi-square {stat:.1f} exceeds the 1e-4 critical value {crit:.1f}"
 
 
