@@ -287,7 +287,8 @@ class EagleDrafter(Drafter):
         n_cand = k
         arange_k = torch.arange(k, device=device)
         keep_n = cfg.total_tokens - 1
-        floor = math.log(cfg.min_prob) if cfg.min_prob > 0 else None
+        # the floor as a float32 value, as the scores are: the early stop and the selection then agree exactly
+        floor = float(torch.tensor(math.log(cfg.min_prob), dtype=torch.float32)) if cfg.min_prob > 0 else None
         for d in range(1, cfg.depth):
             if self.stop_early and self._deeper_is_hopeless(all_scores, front_scores, keep_n, n_cand, floor):
                 self.early_stops += 1
