@@ -38,7 +38,7 @@ def test_generate_streams_text(capsys, tiny_model_dir):
                          "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
     assert code == 0
     assert out.strip() and all(w.startswith("w") for w in out.split())
-    assert "tok/s" in err
+    assert "tok/s" in err and "nodes verified per step" in err
 
 
 def test_messages_file(capsys, tiny_model_dir, tmp_path):

@@ -171,7 +171,7 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     s = engine.last_stats
     print(f"[{s.new_tokens} tokens, {s.target_forwards} target forwards, tau {s.mean_accept_len:.2f}, "
-          f"{s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+          f"{s.mean_tree_size:.1f} nodes verified per step, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
 
 
