@@ -13,7 +13,7 @@ from eaglespec.target import auto_dtype, load_target
 from eaglespec.train.data import heldout_prompts, prepare, read_rows, render, split_of
 from eaglespec.train.features import dump_features, load_shards, shard_name
 from eaglespec.draft import DraftHead
-from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head
+from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, epoch_batches, train_head
 
 
 def conv(i: int, n_words: int = 12) -> dict:
@@ -206,10 +206,39 @@ def test_mixed_precision_auto_follows_the_targets_auto_dtype(monkeypatch):
         TrainConfig(mixed_precision="fp8")
 
 
-def test_resumed_training_restores_step_optimizer_and_data_order(tmp_path, tiny_training, monkeypatch):
+def test_length_groups_keep_batches_random_but_pad_less():
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(20, 1000, (203,), generator=g).tolist()
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    plain = epoch_batches(lengths, 4, 1, seed=7)
+    # group 1 is the order training always had: a seeded permutation cut into full batches
+    order = torch.randperm(203, generator=torch.Generator().manual_seed(7)).tolist()
+    assert plain == [order[s:s + 4] for s in range(0, 200, 4)]
+    grouped = epoch_batches(lengths, 4, 10, seed=7)
+    assert len(grouped) == 50 and all(len(b) == 4 for b in grouped)
+    flat = [i for b in grouped for i in b]
+    assert len(set(flat)) == 200  # no row twice in an epoch
+    assert padding(grouped) < 0.3 * padding(plain)
+    assert grouped == epoch_batches(lengths, 4, 10, seed=7)  # fixed by the seed: resumable
+    assert grouped != epoch_batches(lengths, 4, 10, seed=8)
+    # the batches come shuffled, not longest first
+    firsts = [max(lengths[i] for i in b) for b in grouped]
+    assert firsts != sorted(firsts, reverse=True)
+
+
+@pytest.mark.parametrize("begun_before_length_groups", [False, True])
+def test_resumed_training_restores_step_optimizer_and_data_order(tmp_path, tiny_training, monkeypatch,
+                                                                 begun_before_length_groups):
+    """A run killed mid-epoch resumes to the very weights of an uninterrupted one. A checkpoint
+    written before length groups existed resumes with the plain random order it began with."""
     parts, rows = tiny_training
+    # rows of several lengths, so the length groups shape the batches
+    rows = [{k: v[: 14 + 2 * i] for k, v in r.items()} for i, r in enumerate(rows)]
     cfg = TrainConfig(steps=12, batch_size=3, lr=1e-3, warmup_steps=2, draft_vocab=40, checkpoint_every=4,
-                      eval_every=1000)
+                      eval_every=1000, length_group=1 if begun_before_length_groups else 4)
     train_head(parts, rows, [], tmp_path / "straight", cfg)
 
     import eaglespec.train.trainer as trainer
@@ -227,6 +256,10 @@ def test_resumed_training_restores_step_optimizer_and_data_order(tmp_path, tiny_
         train_head(parts, rows, [], tmp_path / "killed", cfg)
     state = json.loads((tmp_path / "killed" / "checkpoint" / "trainer.json").read_text())
     assert state["step"] == 4
+    if begun_before_length_groups:  # its checkpoint has no such setting; this version's default does
+        del state["config"]["length_group"]
+        (tmp_path / "killed" / "checkpoint" / "trainer.json").write_text(json.dumps(state))
+        cfg = TrainConfig(**{**cfg.__dict__, "length_group": TrainConfig().length_group})
     monkeypatch.setattr(trainer, "head_loss", real_loss)
     train_head(parts, rows, [], tmp_path / "killed", cfg)
 
@@ -493,9 +526,12 @@ def test_unrolled_steps_equal_the_engines_cached_drafting(layers):
                 torch.testing.assert_close(preds[s][0, i], h, rtol=1e-4, atol=1e-4, msg=f"anchor {i} step {s}")
 
 
-def test_unrolled_training_raises_later_step_accuracy(tmp_path, tiny_training):
-    """Trained on its own predicted features, a head drafts step 2 better than one trained on step 1
-    alone, measured by both runs' own step-2 metric on the same batches."""
+def test_unrolled_training_lowers_later_step_loss(tmp_path, tiny_training):
+    """Trained on its own predicted features, a head predicts the feature two drafts ahead better
+    than one trained on step 1 alone, by both runs' own step-3 metric on the same batches. (A random
+    tiny target's token distributions are near uniform, so its agreement figures are noise-level;
+    the feature loss at the unrolled steps carries the signal: lower in 8 of 8 runs over seeds and
+    batch orders when this test was written.)"""
     from eaglespec.train.trainer import collate, head_loss
 
     parts, rows = tiny_training
@@ -509,8 +545,7 @@ def test_unrolled_training_raises_later_step_accuracy(tmp_path, tiny_training):
         with torch.no_grad():
             _, m = head_loss(head, parts, lm_draft, collate(rows), TrainConfig(**base, ttt_steps=3))
         scores[name] = m
-    assert scores["ttt"]["acc1"] > scores["plain"]["acc1"] + 0.05, scores
-    assert scores["ttt"]["acc2"] > scores["plain"]["acc2"], scores
+    assert scores["ttt"]["vloss2"] < scores["plain"]["vloss2"] - 0.004, scores
 
 
 def test_validation_leaves_out_rows_whose_prompt_was_trained_on():

@@ -59,6 +59,9 @@ def add_train_parser(sub) -> None:
         if name in ("head", "run"):
             s.add_argument("--steps", type=int, default=d.steps)
             s.add_argument("--batch-size", type=int, default=d.batch_size)
+            s.add_argument("--length-group", type=int, default=d.length_group,
+                           help="batches per length group: rows of similar length share a batch, which then "
+                                "pads less (1 = plain random batches)")
             s.add_argument("--lr", type=float, default=d.lr)
             s.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
             s.add_argument("--ttt-steps", type=int, default=d.ttt_steps,
@@ -148,7 +151,7 @@ def stage_head(args) -> None:
     from eaglespec.train.features import load_shards
     from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head, unseen_prompts
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, length_group=args.length_group, lr=args.lr, warmup_steps=args.warmup_steps,
                       draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay,
                       p_weight=args.p_weight, layers=args.layers, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, seed=args.seed,

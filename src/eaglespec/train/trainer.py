@@ -17,6 +17,7 @@ the epoch's data order, so a killed run resumes where the last checkpoint left i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -43,6 +44,10 @@ class TrainConfig:
 
     steps: int = 2000  # optimizer steps in all
     batch_size: int = 4  # rows per step (per process)
+    # batches per length group: each epoch's shuffled rows are sorted by length in runs of
+    # length_group * batch_size rows, cut into batches, and the batches shuffled, so a batch pads
+    # to a length near its rows' own (1 = plain random batches)
+    length_group: int = 50
     lr: float = 5e-4  # peak learning rate
     warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
@@ -64,7 +69,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "eval_every", "ttt_steps", "layers"):
+        for name in ("steps", "batch_size", "length_group", "checkpoint_every", "eval_every", "ttt_steps", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or (self.draft_vocab or 0) < 0 or self.noise < 0:
@@ -129,6 +134,25 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         feats[i, :n] = r["features"]
         mask[i, :n] = r["loss_mask"].bool()
     return {"input_ids": ids, "features": feats, "loss_mask": mask}
+
+
+def epoch_batches(lengths: list[int], batch_size: int, group: int, seed: int) -> list[list[int]]:
+    """One epoch's batches of row indices, fixed by `seed` (so a resumed run replays them).
+
+    A seeded shuffle of the rows, cut into full batches (the last partial one is dropped). With
+    group > 1, each run of group * batch_size shuffled rows is first sorted by length, and the
+    batches of all runs are then shuffled: a batch's rows have similar lengths, so it pads little,
+    while which rows meet in a batch, and the order batches come in, stay random."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if group > 1:
+        span = group * batch_size
+        order = [i for s in range(0, len(order), span)
+                 for i in sorted(order[s:s + span], key=lambda i: lengths[i], reverse=True)]
+    batches = [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
+    if group > 1:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
 
 
 def shifted(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -326,15 +350,19 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
     if state_path.is_file():
         accelerator.load_state(str(ckpt_dir))
         state = json.loads(state_path.read_text())
+        if "length_group" not in state["config"]:  # begun before length groups: replay that run's order
+            cfg = dataclasses.replace(cfg, length_group=1)
         if state["config"] != asdict(cfg):
             log.warning("resuming with changed settings: %s -> %s", state["config"], asdict(cfg))
         step, epoch, pos, history = state["step"], state["epoch"], state["pos"], state["history"]
         done_seconds, tokens_seen = state.get("seconds", 0.0), state.get("tokens_seen", 0)
         log.warning("resumed at step %d (epoch %d, batch %d)", step, epoch, pos)
 
+    lengths = [r["input_ids"].shape[0] for r in train_rows]
+
     def epoch_loader(e: int):
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + e)).tolist()
-        dl = torch.utils.data.DataLoader(train_rows, batch_size=cfg.batch_size, sampler=order, collate_fn=collate, drop_last=True)
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.length_group, cfg.seed + e)
+        dl = torch.utils.data.DataLoader(train_rows, batch_sampler=batches, collate_fn=collate)
         return accelerator.prepare_data_loader(dl)
 
     def save_checkpoint() -> None:
