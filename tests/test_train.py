@@ -12,7 +12,7 @@ from eaglespec.cli import main
 from eaglespec.target import auto_dtype, load_target
 from eaglespec.train.data import heldout_prompts, prepare, read_rows, render, split_of
 from eaglespec.train.features import dump_features, load_shards, shard_name
-from eaglespec.draft import DraftHead
+from eaglespec.draft import DraftHead, head_config_from_target
 from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, epoch_batches, train_head
 
 
@@ -546,6 +546,42 @@ def test_unrolled_training_lowers_later_step_loss(tmp_path, tiny_training):
             _, m = head_loss(head, parts, lm_draft, collate(rows), TrainConfig(**base, ttt_steps=3))
         scores[name] = m
     assert scores["ttt"]["vloss2"] < scores["plain"]["vloss2"] - 0.004, scores
+
+
+def test_loss_scores_loss_positions_only_as_the_dense_masked_loss_does(tiny_training):
+    """The loss runs the LM head on loss positions alone; it equals the dense loss that scores
+    every position and masks afterwards, at every unrolled step, on padded rows with prompts."""
+    import torch.nn.functional as F
+
+    from eaglespec.train.trainer import collate, head_loss, shifted
+
+    parts, rows = tiny_training
+    rows = [{**{k: v[: 20 + 3 * i] for k, v in r.items()}} for i, r in enumerate(rows[:4])]
+    for i, r in enumerate(rows):  # a prompt of 5 + i tokens carries no loss
+        r["loss_mask"] = r["loss_mask"].clone()
+        r["loss_mask"][: 5 + i] = 0
+    torch.manual_seed(0)
+    head = DraftHead(head_config_from_target(parts.config))
+    lm_draft = parts.lm_head
+    cfg = TrainConfig(noise=0.0, ttt_steps=3)
+    batch = collate(rows)
+    loss, metrics = head_loss(head, parts, lm_draft, batch, cfg)
+
+    feats, ids = batch["features"].float(), batch["input_ids"]
+    next_feat, mask = feats[:, 1:], batch["loss_mask"][:, 1:].float()
+    target_p = F.linear(next_feat, lm_draft).softmax(-1)
+    preds = head.forward_unrolled(feats[:, :-1], [F.embedding(shifted(ids[:, 1:], s), parts.embed) for s in range(3)])
+    want = torch.zeros(())
+    for s, pred in enumerate(preds):
+        m = shifted(mask, s)
+        vloss = (F.smooth_l1_loss(pred, shifted(next_feat, s), reduction="none").mean(-1) * m).sum() / m.sum()
+        logq = F.linear(pred, lm_draft).log_softmax(-1)
+        ploss = (-(shifted(target_p, s) * logq).sum(-1) * m).sum() / m.sum()
+        want = want + cfg.ttt_decay**s * (vloss + cfg.p_weight * ploss)
+        tag = "" if s == 0 else str(s)
+        assert metrics[f"vloss{tag}"] == pytest.approx(vloss.item(), rel=1e-5)
+        assert metrics[f"ploss{tag}"] == pytest.approx(ploss.item(), rel=1e-5)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
 
 
 def test_validation_leaves_out_rows_whose_prompt_was_trained_on():

@@ -180,23 +180,25 @@ def head_loss(head: DraftHead, parts: FrozenTargetParts, lm_draft: torch.Tensor,
         inp = inp + noise
     next_feat = feats[:, 1:]  # [B, N = T-1, H]
     next_ids = ids[:, 1:]  # [B, N]
-    mask = batch["loss_mask"][:, 1:].float()  # [B, N]
-    with torch.no_grad():
-        target_p = F.linear(next_feat, lm_draft).softmax(-1)  # [B, N, K]
+    mask = batch["loss_mask"][:, 1:].bool()  # [B, N]
     steps = min(cfg.ttt_steps, next_ids.shape[1])
     preds = head.forward_unrolled(inp, [F.embedding(shifted(next_ids, s), parts.embed) for s in range(steps)])
     loss = torch.zeros((), device=inp.device)
     metrics: dict[str, float] = {}
     for s, pred in enumerate(preds):
+        # only loss positions are scored: prompt and padding rows never meet the LM head, which is
+        # about half of a step's arithmetic at an 8k draft vocabulary
         m = shifted(mask, s)
-        denom = m.sum().clamp(min=1.0)
-        vloss = (F.smooth_l1_loss(pred, shifted(next_feat, s), reduction="none").mean(-1) * m).sum() / denom
-        tp = shifted(target_p, s)
-        logq = F.linear(pred, lm_draft).log_softmax(-1)
-        ploss = (-(tp * logq).sum(-1) * m).sum() / denom
+        denom = m.sum().clamp(min=1)
+        pred_m, next_m = pred[m], shifted(next_feat, s)[m]  # [M, H]
+        vloss = F.smooth_l1_loss(pred_m, next_m, reduction="none").mean(-1).sum() / denom
+        with torch.no_grad():
+            target_p = F.linear(next_m, lm_draft).softmax(-1)  # [M, K]
+        logq = F.linear(pred_m, lm_draft).log_softmax(-1)
+        ploss = -(target_p * logq).sum() / denom
         loss = loss + cfg.ttt_decay**s * (vloss + cfg.p_weight * ploss)
         with torch.no_grad():
-            acc = ((logq.argmax(-1) == tp.argmax(-1)).float() * m).sum() / denom
+            acc = (logq.argmax(-1) == target_p.argmax(-1)).sum() / denom
         tag = "" if s == 0 else str(s)
         metrics.update({f"vloss{tag}": vloss.item(), f"ploss{tag}": ploss.item(), f"acc{tag}": acc.item()})
     return loss, {"loss": loss.item(), **metrics}
