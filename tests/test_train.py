@@ -13,7 +13,7 @@ from eaglespec.target import auto_dtype, load_target
 from eaglespec.train.data import heldout_prompts, prepare, read_rows, render, split_of
 from eaglespec.train.features import dump_features, load_shards, shard_name
 from eaglespec.draft import DraftHead, head_config_from_target
-from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, epoch_batches, train_head
+from eaglespec.train.trainer import EpochBatches, FrozenTargetParts, TrainConfig, epoch_batches, train_head
 
 
 def conv(i: int, n_words: int = 12) -> dict:
@@ -227,6 +227,12 @@ def test_length_groups_keep_batches_random_but_pad_less():
     # the batches come shuffled, not longest first
     firsts = [max(lengths[i] for i in b) for b in grouped]
     assert firsts != sorted(firsts, reverse=True)
+    # under `accelerate launch`, each of 3 processes gets its own full batches, none dropped but the tail
+    from accelerate.data_loader import BatchSamplerShard
+
+    shards = [list(BatchSamplerShard(EpochBatches(grouped, 4), num_processes=3, process_index=p)) for p in range(3)]
+    assert [len(x) for x in shards] == [16, 16, 16]
+    assert sorted(map(tuple, sum(shards, []))) == sorted(map(tuple, grouped[:48]))
 
 
 @pytest.mark.parametrize("begun_before_length_groups", [False, True])

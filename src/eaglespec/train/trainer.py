@@ -155,6 +155,20 @@ def epoch_batches(lengths: list[int], batch_size: int, group: int, seed: int) ->
     return batches
 
 
+class EpochBatches(torch.utils.data.Sampler):
+    """A fixed list of batches as a batch sampler, with the attributes accelerate reads when it
+    shards one across processes (full batches only, as drop_last)."""
+
+    def __init__(self, batches: list[list[int]], batch_size: int) -> None:
+        self.batches, self.batch_size, self.drop_last = batches, batch_size, True
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def shifted(x: torch.Tensor, s: int) -> torch.Tensor:
     """x[:, s:] padded with zeros at the end back to x's length (dim 1)."""
     if s == 0:
@@ -363,7 +377,7 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
     lengths = [r["input_ids"].shape[0] for r in train_rows]
 
     def epoch_loader(e: int):
-        batches = epoch_batches(lengths, cfg.batch_size, cfg.length_group, cfg.seed + e)
+        batches = EpochBatches(epoch_batches(lengths, cfg.batch_size, cfg.length_group, cfg.seed + e), cfg.batch_size)
         dl = torch.utils.data.DataLoader(train_rows, batch_sampler=batches, collate_fn=collate)
         return accelerator.prepare_data_loader(dl)
 
