@@ -330,11 +330,15 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
     run2 = tmp_path / "run2"
     run2.mkdir()
     (run2 / "features").symlink_to(tmp_path / "run" / "features")
+    # (--also-features: another run's rows join the training rows, here the same rows twice)
     assert main(["train", "head", "--out", str(run2), "--model", str(tiny_model_dir), "--init", str(head_dir),
-                 "--steps", "2", "--batch-size", "2", "--checkpoint-every", "3"]) == 0
+                 "--steps", "2", "--batch-size", "2", "--checkpoint-every", "3",
+                 "--also-features", str(tmp_path / "run" / "features")]) == 0
     first = json.loads((head_dir / "training.json").read_text())
     second = json.loads((run2 / "head" / "training.json").read_text())
     assert second["parent"] == first and second["initialized_from"] == str(head_dir)
+    assert second["train_rows"] == 2 * first["train_rows"]
+    assert second["also_features"] == {str(tmp_path / "run" / "features"): first["train_rows"]}
     shutil.rmtree(tmp_path / "run")
     spec = importlib.util.spec_from_file_location("ship_head", Path(__file__).parents[1] / "scripts" / "ship_head.py")
     ship_head = importlib.util.module_from_spec(spec)

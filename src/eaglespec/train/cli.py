@@ -81,6 +81,9 @@ def add_train_parser(sub) -> None:
                            help="autocast for training (auto: bf16 on AMX CPUs and bf16 GPUs, none on other CPUs)")
             s.add_argument("--init", type=Path, default=None, metavar="HEAD",
                            help="start from this head's weights and draft vocabulary (fine-tuning)")
+            s.add_argument("--also-features", type=Path, nargs="+", default=[], metavar="DIR",
+                           help="feature folders of other runs (e.g. runs/other/features) whose rows join this "
+                                "run's training rows; validation stays this run's")
 
 
 def _target(args, dtype: str | None = None, attn_implementation: str | None = None):
@@ -160,6 +163,15 @@ def stage_head(args) -> None:
     parts = FrozenTargetParts.from_target(target)
     del target
     train_rows = load_shards(args.out / "features")
+    also = {}
+    for extra in args.also_features:
+        more = load_shards(extra)
+        if more and train_rows and more[0]["features"].shape[1] != train_rows[0]["features"].shape[1]:
+            raise SystemExit(f"--also-features {extra}: hidden size {more[0]['features'].shape[1]}, "
+                             f"not this run's {train_rows[0]['features'].shape[1]}: features of another target")
+        log.warning("training rows: %d from %s", len(more), extra)
+        also[str(extra)] = len(more)
+        train_rows += more
     val_rows = load_shards(args.out / "val_features") if (args.out / "val_features").is_dir() else []
     unseen = unseen_prompts(val_rows, train_rows)
     if len(unseen) < len(val_rows):
@@ -168,6 +180,8 @@ def stage_head(args) -> None:
     val_rows = unseen[: args.val_rows]
     card = {"train_tokens": int(sum(r["input_ids"].shape[0] for r in train_rows)),
             "train_loss_tokens": int(sum(int(r["loss_mask"].sum()) for r in train_rows))}
+    if also:
+        card["also_features"] = also
     report = args.out / "data" / "data_report.json"
     if report.is_file():
         card["data"] = json.loads(report.read_text())
