@@ -154,7 +154,8 @@ def stage_head(args) -> None:
     from eaglespec.train.features import load_shards
     from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head, unseen_prompts
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, length_group=args.length_group, lr=args.lr, warmup_steps=args.warmup_steps,
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, length_group=args.length_group, lr=args.lr,
+                      warmup_steps=args.warmup_steps,
                       draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay,
                       p_weight=args.p_weight, layers=args.layers, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, seed=args.seed,
