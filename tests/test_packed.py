@@ -126,6 +126,50 @@ def test_a_linear_shared_by_two_slots_is_packed_once_in_both():
 
 
 @needs_packing
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_split_input_is_row_invariant_and_close_to_the_whole_product(dtype):
+    """Llama's down projection (1536 wide) packed in parts: each row gets its own bits in any block
+    (same_bits), the parts add up to the stock product, and the bias is added once."""
+    lin = nn.Linear(1536, 576).to(dtype)
+    p = PackedLinear(lin, k_chunks=2)
+    assert [(s.start, s.stop) for s in p.k_slices] == [(0, 768), (768, 1536)]
+    assert same_bits(lin, p)
+    x = torch.randn(7, 1536, dtype=dtype)
+    with torch.inference_mode():
+        want, got = lin(x).float(), p(x).float()
+    assert got.shape == (7, 576)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    with pytest.raises(ValueError, match="k_chunks"):
+        PackedLinear(lin, k_chunks=0)
+
+
+@needs_packing
+def test_a_shape_whose_whole_product_varies_by_block_is_packed_in_parts(monkeypatch):
+    """As on a Zen 4 EPYC, where oneDNN splits inputs wider than 1024 differently for different row
+    counts: pack_linears tries input splits until one is row-invariant, once per weight shape."""
+    import eaglespec.packed as packed_mod
+
+    real = packed_mod.same_bits
+    tried = []
+
+    def whole_products_vary(lin, p, *a, **k):
+        tried.append((lin.in_features, len(p.k_slices)))
+        return (lin.in_features <= 64 or len(p.k_slices) >= 3) and real(lin, p, *a, **k)
+
+    monkeypatch.setattr(packed_mod, "same_bits", whole_products_vary)
+    model = nn.Sequential(nn.Linear(32, 384), nn.ReLU(), nn.Linear(384, 32), nn.Linear(384, 32)).to(torch.bfloat16)
+    with torch.inference_mode():
+        x = torch.randn(5, 32, dtype=torch.bfloat16)
+        want = model[2](model[1](model[0](x))).float()
+        assert pack_linears(model) == 3
+        got = model[2](model[1](model[0](x))).float()
+    assert len(model[0].k_slices) == 1 and len(model[2].k_slices) == 3 and len(model[3].k_slices) == 3
+    assert tried.count((384, 3)) == 1  # the second 384-wide weight reuses the split found for the first
+    assert torch.allclose(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+@needs_packing
 def test_no_packing_when_bits_differ_or_the_ops_fail(monkeypatch):
     import eaglespec.packed as packed_mod
 

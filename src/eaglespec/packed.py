@@ -14,8 +14,12 @@ torch.compile's CPU backend uses for frozen linears). Measured on the two CPUs t
   which is what lets a small tree pay there.
 
 Packing must not make a row's bits depend on how many rows share the product, or speculative
-decoding would stop being lossless: `pack_linears` checks on each distinct weight shape that a
-block of rows gives each row the bits it gets alone, and leaves the model alone when it does not.
+decoding would stop being lossless: `pack_linears` checks on each distinct weight shape that
+blocks of 2 to 32 rows give each row the bits it gets alone. On a Zen 4 EPYC (AVX-512 with bf16,
+no AMX) products over inputs wider than 1024 fail that in fp32 and bf16, stock or packed: the
+1536-wide down projection gave some rows other bits from 2 to 16 rows on (the stock fp32 product
+fails it for every shape). Such a weight is packed in input parts narrow enough to pass, whose
+products are summed in float32 in a fixed order; if no split passes, the model is left alone.
 In bf16 it also asks for the stock product's bits. In fp32 oneDNN's packed kernel rounds
 differently from the stock one (by ~1e-6); only the row invariance matters there.
 
@@ -72,15 +76,24 @@ class PackedLinear(nn.Module):
     and parameter names do not change) and keeps the original module, unregistered, as
     `.linear` for `unpacked`."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = PACK_BATCH_HINT) -> None:
+    def __init__(self, linear: nn.Linear, batch_hint: int = PACK_BATCH_HINT, k_chunks: int = 1) -> None:
+        """k_chunks > 1 splits the input dimension into that many near-equal parts, each packed on its
+        own; their products are summed in float32, in a fixed order, and rounded once (see
+        `pack_linears` for why)."""
         super().__init__()
+        if not 1 <= k_chunks <= linear.in_features:
+            raise ValueError(f"k_chunks must be in [1, {linear.in_features}], got {k_chunks}")
         self.weight = linear.weight  # [out, in]
         self.bias = linear.bias  # [out] or None
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.__dict__["linear"] = linear  # not a submodule: its parameters are ours already
+        bounds = torch.linspace(0, self.in_features, k_chunks + 1).round().long().tolist()
+        self.k_slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         with torch.inference_mode():
-            # an opaque oneDNN tensor: kept out of the state dict and of .to() on purpose
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+            w = linear.weight.detach()
+            # opaque oneDNN tensors: kept out of the state dict and of .to() on purpose
+            self._packed = [torch.ops.mkldnn._reorder_linear_weight(w[:, s].contiguous(), batch_hint)
+                            for s in self.k_slices]
         self._packed_dtype = linear.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -88,36 +101,71 @@ class PackedLinear(nn.Module):
             return self.linear(x)  # the packed op has no backward
         if self.weight.dtype != self._packed_dtype or x.dtype != self._packed_dtype:
             return self.linear(x)  # the model was cast after packing: its weight now lives in the stock module
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.bias, "none", [], "")
+        flat = x.reshape(-1, x.shape[-1])  # [N, in]
+        if len(self._packed) == 1:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self._packed[0], self.bias, "none", [], "")
+        else:
+            out = None  # [N, out] float32: the chunks' products summed in order
+            for s, w in zip(self.k_slices, self._packed):
+                part = torch.ops.mkldnn._linear_pointwise(flat[:, s].contiguous(), w, None, "none", [], "").float()
+                out = part if out is None else out + part
+            if self.bias is not None:
+                out = out + self.bias.float()
+            out = out.to(x.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
+        chunks = f", k_chunks={len(self._packed)}" if len(self._packed) > 1 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed{chunks}"
 
 
-def same_bits(linear: nn.Linear, packed: PackedLinear, rows: int = 32, seed: int = 0) -> bool:
-    """A block of `rows` rows through the packed weight gives each row the bits it gets alone
-    (that is what makes trees lossless); for half precision, also the stock `nn.Linear`'s bits.
-    For fp32 the stock product must only be close (the kernels round differently)."""
+#: block sizes at which `same_bits` compares a row with itself alone (up to a tree verified in one
+#: forward on CPU; see `Target.exact_rows`): kernels change strategy with the row count
+CHECK_BLOCKS = (2, 3, 5, 8, 13, 16, 24, 32)
+
+#: input splits `pack_linears` tries, in order, for a weight shape whose whole product is not
+#: row-invariant (a Zen 4 EPYC: only inputs wider than 1024, e.g. Llama's down projection)
+K_CHUNK_TRIES = (1, 2, 3, 4, 6, 8)
+
+
+def same_bits(linear: nn.Linear, packed: PackedLinear, blocks: tuple[int, ...] = CHECK_BLOCKS, seed: int = 0) -> bool:
+    """Every block of rows through the packed weight gives each row the bits it gets alone (that is
+    what makes trees lossless). Also, for an unsplit half-precision weight, the stock `nn.Linear`'s
+    bits; for fp32 or a split weight (which rounds its parts), only a close result."""
     g = torch.Generator().manual_seed(seed)
     w = linear.weight
+    rows = max(blocks)
     x = (torch.randn(rows, w.shape[1], generator=g) * w.float().std().clamp(min=1e-3)).to(w.dtype)
     with torch.inference_mode():
-        block = packed(x)
-        if not torch.equal(block, torch.cat([packed(x[i : i + 1]) for i in range(rows)])):
+        alone = torch.cat([packed(x[i : i + 1]) for i in range(rows)])
+        if not all(torch.equal(packed(x[:n]), alone[:n]) for n in blocks):
             return False
         stock = torch.cat([linear(x[i : i + 1]) for i in range(rows)])
         if w.dtype == torch.float32:
-            return torch.allclose(block, stock, rtol=1e-4, atol=1e-5)
-        return torch.equal(block, stock)
+            return torch.allclose(alone, stock, rtol=1e-4, atol=1e-5)
+        if len(packed.k_slices) > 1:  # a few roundings of bf16/fp16 parts: within a few units in the last place
+            return torch.allclose(alone.float(), stock.float(), rtol=2**-6, atol=2**-7 * stock.float().abs().max().item())
+        return torch.equal(alone, stock)
+
+
+def _pack_exactly(lin: nn.Linear, batch_hint: int) -> PackedLinear | None:
+    """The first split of `lin`'s input (K_CHUNK_TRIES) whose packed product passes `same_bits`."""
+    for k in K_CHUNK_TRIES:
+        if k > 1 and lin.in_features // k < 64:
+            break
+        p = PackedLinear(lin, batch_hint, k_chunks=k)
+        if same_bits(lin, p):
+            return p
+    return None
 
 
 def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
     """Swap every bf16 or fp32 `nn.Linear` of `model` (on CPU) for a `PackedLinear`; returns how many.
 
-    Does nothing (returns 0) if packing is unavailable or a probe on any weight shape finds a bit
-    difference. Shared modules (tied weights) are packed once."""
+    A weight shape whose product gives a row other bits inside a block (oneDNN splits a wide input
+    dimension differently for different row counts) is packed in input chunks whose products are
+    row-invariant, and summed in a fixed order. Does nothing (returns 0) if packing is unavailable
+    or no split of some weight shape is row-invariant. Shared modules (tied weights) are packed once."""
     # parent._modules, not named_children(): the latter lists a module shared by two slots once
     found = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
              if type(child) is nn.Linear]
@@ -127,22 +175,22 @@ def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
     if not packing_available(w.device, w.dtype):
         return 0
     packed: dict[int, PackedLinear] = {}
-    checked: set[tuple] = set()
+    chunks: dict[tuple, int] = {}  # weight shape -> the split that passed
     for _, _, lin in found:
         if id(lin) in packed:
             continue
         shape = (tuple(lin.weight.shape), lin.bias is not None)
         try:
-            p = packed[id(lin)] = PackedLinear(lin, batch_hint)
-            exact = shape in checked or same_bits(lin, p)
+            p = PackedLinear(lin, batch_hint, chunks[shape]) if shape in chunks else _pack_exactly(lin, batch_hint)
         except RuntimeError as e:  # a torch build whose private oneDNN ops differ
             log.warning("cannot pack linear weights with this torch (%s); not packing", e)
             return 0
-        if not exact:
-            log.warning("packed %s linears give a row other bits inside a block, or differ from nn.Linear, on "
-                        "this CPU; not packing", w.dtype)
+        if p is None:
+            log.warning("packed %s linears of shape %s give a row other bits inside a block, or differ from "
+                        "nn.Linear, on this CPU; not packing", w.dtype, shape[0])
             return 0
-        checked.add(shape)
+        packed[id(lin)] = p
+        chunks[shape] = len(p.k_slices)
     for parent, name, lin in found:
         setattr(parent, name, packed[id(lin)])
     return len(found)
