@@ -117,8 +117,8 @@ class EagleDrafter(Drafter):
         can be pre-packed (a stock bf16 matmul of a few rows is slower than fp32 there), float32
         otherwise. weights: "int8" stores the head's linears and its LM head rows as int8
         (eaglespec/quant.py; on a CPU a draft step is bound by reading them); "full" keeps them in
-        `dtype`, pre-packed on CPU; "auto" is int8 on CPUs where the int8 kernel pays (AVX-512),
-        full elsewhere. Neither choice changes what is accepted, only what is proposed."""
+        `dtype`, pre-packed on CPU; "auto" is int8 where the int8 kernel pays (bf16 drafts on
+        AVX-512 CPUs), full elsewhere. Neither choice changes what is accepted, only what is proposed."""
         if weights not in ("auto", "int8", "full"):
             raise ValueError(f"draft weights must be 'auto', 'int8' or 'full', got {weights!r}")
         check_fits(head, target.hidden_size, target.vocab_size)
@@ -127,7 +127,7 @@ class EagleDrafter(Drafter):
             bf16 = target.dtype == torch.bfloat16 and packing_available(device, torch.bfloat16)
             dtype = torch.bfloat16 if bf16 else torch.float32
         self.dtype = dtype
-        self.int8 = weights == "int8" or (weights == "auto" and int8_pays(device))
+        self.int8 = weights == "int8" or (weights == "auto" and int8_pays(device, dtype))
         packing = not self.int8 and packing_available(device, dtype)  # on CPU
         if packing or self.int8:
             head = copy.deepcopy(head)  # changed below: the caller's head stays a plain module
