@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import random_head
 
 from eaglespec.cli import main
@@ -103,3 +104,17 @@ def test_the_default_tree_follows_the_targets_dtype(tiny_model_dir, tmp_path, dt
                                       "--draft", str(tmp_path / "head"), "--lookup", "0", *extra])
     tree = load_engine(args).drafter.tree_config
     assert (tree.top_k, tree.depth, tree.total_tokens, tree.min_prob) == want
+
+
+@pytest.mark.parametrize("flags, want", [
+    ("fpu avx2 fma sse4_2", False),  # Zen 3 EPYC: bf16 emulated
+    ("avx2 avx512f avx512bw avx512_bf16 avx512_vnni", True),  # Zen 4 EPYC
+    ("avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", True),  # Sapphire Rapids Xeon
+    ("avx512f avx512_vnni xamx_bf16_like", False),  # a flag that only contains the name does not count
+])
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, flags, want):
+    import eaglespec.target as target_mod
+
+    assert target_mod.native_bf16(f"processor : 0\nflags\t\t: {flags}\n") == want
+    monkeypatch.setattr(target_mod.Path, "read_text", lambda self, *a, **k: f"flags\t\t: {flags}\n")
+    assert target_mod.auto_dtype(torch.device("cpu")) == (torch.bfloat16 if want else torch.float32)

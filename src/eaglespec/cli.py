@@ -26,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="transformers folder or .gguf file (default: SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto",
-                   help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPUs and AMX CPUs, else float32)")
+                   help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPUs and CPUs with native bf16: AMX or AVX-512 bf16; else float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--max-len", type=int, default=2048, help="KV cache length: prompt + new tokens + tree")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")

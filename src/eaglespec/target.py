@@ -49,9 +49,16 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> 
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
 
 
+#: /proc/cpuinfo flags of CPUs with native bf16 arithmetic: AMX tiles (Xeon, Sapphire Rapids on)
+#: or AVX-512 bf16 dot products (Zen 4 EPYC, Cooper Lake). On a Zen 4 EPYC bf16 decoded 51 tok/s
+#: against 40.5 in fp32, speculative decoding 65 against 55, and a head training step with bf16
+#: autocast took 0.33-0.45 s against 0.86-1.0 s.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
 def auto_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs that have it and on CPUs with AMX (where a bf16 forward over a draft tree
-    costs about what one token does); float32 elsewhere, where bf16 matmuls are emulated and slow."""
+    """bfloat16 on GPUs that have it and on CPUs with native bf16 arithmetic (AMX or AVX-512 bf16);
+    float32 elsewhere, where bf16 matmuls are emulated and slow."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
@@ -59,8 +66,14 @@ def auto_dtype(device: torch.device) -> torch.dtype:
             flags = Path("/proc/cpuinfo").read_text()
         except OSError:
             return torch.float32
-        return torch.bfloat16 if "amx_bf16" in flags else torch.float32
+        return torch.bfloat16 if native_bf16(flags) else torch.float32
     return torch.float32
+
+
+def native_bf16(cpuinfo: str) -> bool:
+    """The CPU described by `cpuinfo` (/proc/cpuinfo's text) computes bf16 natively."""
+    flags = set(cpuinfo.split())
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
 def cache_root() -> Path:

@@ -50,8 +50,8 @@ def add_train_parser(sub) -> None:
         if name in ("features", "run"):
             s.add_argument("--rows-per-shard", type=int, default=32)
             s.add_argument("--feature-dtype", default="auto",
-                           help="dtype the target runs in for the dump (auto: bf16 on GPUs and AMX CPUs, else "
-                                "fp32; the features are stored in bf16 either way)")
+                           help="dtype the target runs in for the dump (auto: bf16 on GPUs and CPUs with AMX or "
+                                "AVX-512 bf16, else fp32; the features are stored in bf16 either way)")
             s.add_argument("--feature-attention", default="sdpa", choices=["sdpa", "exact"],
                            help="attention for the dump: transformers' sdpa (default, 2.1x faster on 500-token rows "
                                 "here) or eaglespec's exact attention that decoding uses; they differ by bf16 "
@@ -78,7 +78,7 @@ def add_train_parser(sub) -> None:
             s.add_argument("--val-rows", type=int, default=24, help="validation rows for the simulated acceptance")
             s.add_argument("--seed", type=int, default=d.seed)
             s.add_argument("--mixed-precision", default=d.mixed_precision, choices=["auto", "no", "bf16", "fp16"],
-                           help="autocast for training (auto: bf16 on AMX CPUs and bf16 GPUs, none on other CPUs)")
+                           help="autocast for training (auto: bf16 on CPUs with AMX or AVX-512 bf16 and on bf16 GPUs, none on other CPUs)")
             s.add_argument("--init", type=Path, default=None, metavar="HEAD",
                            help="start from this head's weights and draft vocabulary (fine-tuning)")
             s.add_argument("--also-features", type=Path, nargs="+", default=[], metavar="DIR",
@@ -116,8 +116,8 @@ def stage_data(args) -> None:
     # Regeneration runs with transformers' sdpa: in bf16 2.4x faster than eaglespec's exact
     # attention on a batch of 400-token prompts on a Xeon with AMX. Exactness buys nothing for
     # training text: an answer may part from the engine's greedy one where a rounding flips a
-    # near-tie. --dtype auto runs bf16 only where the CPU computes it natively (AMX); on an AVX2
-    # EPYC a batch of 48 generated 34 tok/s in bf16.
+    # near-tie. --dtype auto runs bf16 only where the CPU computes it natively (AMX, AVX-512 bf16);
+    # on an AVX2 EPYC a batch of 48 generated 34 tok/s in bf16.
     target = _target(args, None, "sdpa") if args.regenerate else _target(args)
     if report is None:
         report = prepare(target.tokenizer, data_dir, args.source, max_len=args.seq_len,

@@ -65,7 +65,7 @@ class TrainConfig:
     eval_every: int = 500
     seed: int = 0
     # accelerate's setting: "no", "bf16" or "fp16"; "auto" follows the target's auto dtype for the
-    # device (bf16 autocast on AMX CPUs and bf16 GPUs, none on CPUs without native bf16)
+    # device (bf16 autocast on native-bf16 CPUs and bf16 GPUs, none on CPUs without native bf16)
     mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -83,8 +83,8 @@ MIXED_PRECISION = {"auto", "no", "bf16", "fp16"}
 
 def resolve_mixed_precision(setting: str, device: torch.device) -> str:
     """accelerate's mixed-precision setting for `device`: "auto" autocasts to the dtype that
-    `auto_dtype` picks for a target there (bf16 on AMX CPUs, where autocast is fast; none on an
-    AVX2 CPU, whose bf16 matmuls are emulated); any other setting is kept."""
+    `auto_dtype` picks for a target there (bf16 on CPUs with AMX or AVX-512 bf16, where autocast is
+    fast; none on an AVX2 CPU, whose bf16 matmuls are emulated); any other setting is kept."""
     if setting != "auto":
         return setting
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(auto_dtype(device), "no")
