@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from eaglespec.drafter import CPU_FP32_TREE, TreeConfig, default_tree
+from eaglespec.drafter import CPU_BF16_NO_AMX_TREE, CPU_FP32_TREE, TreeConfig, default_tree
 
 log = logging.getLogger("eaglespec")
 
@@ -44,16 +44,17 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
     d = TreeConfig()
     g.add_argument("--tree", choices=["static", "dynamic"], default=d.kind)
-    g.add_argument("--top-k-draft", type=int, default=None,
-                   help=f"dynamic tree: children per node (default {d.top_k}; fp32 on CPU: {CPU_FP32_TREE['top_k']})")
-    g.add_argument("--depth", type=int, default=None,
-                   help=f"dynamic tree: deepest guess (default {d.depth}; fp32 on CPU: {CPU_FP32_TREE['depth']})")
-    g.add_argument("--total-tokens", type=int, default=None,
-                   help=f"dynamic tree: nodes verified per step (default {d.total_tokens}; fp32 on CPU: "
-                        f"{CPU_FP32_TREE['total_tokens']})")
+    f, b16 = CPU_FP32_TREE, CPU_BF16_NO_AMX_TREE
+
+    def tree_help(what: str, key: str) -> str:
+        return f"dynamic tree: {what} (default {getattr(d, key)}; fp32 on CPU: {f[key]}; bf16 on a CPU without AMX: {b16[key]})"
+
+    g.add_argument("--top-k-draft", type=int, default=None, help=tree_help("children per node", "top_k"))
+    g.add_argument("--depth", type=int, default=None, help=tree_help("deepest guess", "depth"))
+    g.add_argument("--total-tokens", type=int, default=None, help=tree_help("nodes verified per step", "total_tokens"))
     g.add_argument("--min-draft-prob", type=float, default=None, metavar="P",
-                   help="dynamic tree: verify only guesses of cumulative draft probability >= P, the best one "
-                        f"always (default {d.min_prob}; fp32 on CPU: {CPU_FP32_TREE['min_prob']}; 0 = total-tokens nodes every step)")
+                   help=tree_help("verify only guesses of cumulative draft probability >= P, the best one always; "
+                                  "0 = total-tokens nodes every step", "min_prob"))
     g.add_argument("--static-tree", default=d.static_tree, help="static tree preset (cpu_small, mc_sim_7b_63)")
     g.add_argument("--lookup", type=int, default=LOOKUP_TOKENS, metavar="N",
                    help="graft a prompt-lookup chain of up to N tokens into the draft tree (0 = off)")

@@ -20,7 +20,7 @@ from torch import nn
 from eaglespec.draft import DraftHead, check_fits
 from eaglespec.packed import PackedLinear, pack_linears, packing_available
 from eaglespec.quant import Int8Linear, int8_pays, quantize_linears
-from eaglespec.target import Target
+from eaglespec.target import Target, has_amx
 from eaglespec.tree import STATIC_PRESETS, DraftTree, graft_chain, make_tree, root_only, select_dynamic, static_shape
 
 
@@ -101,10 +101,23 @@ class TreeConfig:
 CPU_FP32_TREE = dict(top_k=4, depth=8, total_tokens=20, min_prob=0.1)
 
 
+#: bf16 on a CPU with AVX-512 bf16 but no AMX (a Zen 4 EPYC): a 16-node forward costs 1.49x a
+#: one-node one, so here too a floor beats a fixed tree. On 8 MT-bench first turns (128 tokens,
+#: `scripts/tree_sweep.py --dtype bfloat16`, two sweeps) it gave 1.46x and 1.45x against 1.27x
+#: for the AMX default of 16 fixed nodes and 1.31x / 1.37x for 10 (README, session 14).
+CPU_BF16_NO_AMX_TREE = dict(top_k=4, depth=8, total_tokens=32, min_prob=0.05)
+
+
 def default_tree(device: torch.device, dtype: torch.dtype, **overrides) -> TreeConfig:
     """The dynamic tree for a target on `device` in `dtype`; `overrides` (e.g. from the command
-    line) win. fp32 on CPU verifies nodes at full arithmetic cost and gets a smaller tree."""
-    base = CPU_FP32_TREE if torch.device(device).type == "cpu" and dtype == torch.float32 else {}
+    line) win. On a CPU, fp32 and bf16 without AMX verify nodes at full arithmetic cost and get a
+    floored tree; bf16 with AMX, GPUs keep a fixed 16 nodes."""
+    base = {}
+    if torch.device(device).type == "cpu":
+        if dtype == torch.float32:
+            base = CPU_FP32_TREE
+        elif dtype == torch.bfloat16 and not has_amx():
+            base = CPU_BF16_NO_AMX_TREE
     return TreeConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 

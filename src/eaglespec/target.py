@@ -62,11 +62,7 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return torch.float32
-        return torch.bfloat16 if native_bf16(flags) else torch.float32
+        return torch.bfloat16 if native_bf16(cpu_flags()) else torch.float32
     return torch.float32
 
 
@@ -74,6 +70,19 @@ def native_bf16(cpuinfo: str) -> bool:
     """The CPU described by `cpuinfo` (/proc/cpuinfo's text) computes bf16 natively."""
     flags = set(cpuinfo.split())
     return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def cpu_flags() -> str:
+    """/proc/cpuinfo's text ("" where there is none)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def has_amx() -> bool:
+    """This CPU has AMX bf16 tiles."""
+    return "amx_bf16" in set(cpu_flags().split())
 
 
 def cache_root() -> Path:
