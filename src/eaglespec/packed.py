@@ -78,8 +78,9 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, batch_hint: int = PACK_BATCH_HINT, k_chunks: int = 1) -> None:
         """k_chunks > 1 splits the input dimension into that many near-equal parts, each packed on its
-        own; their products are summed in float32, in a fixed order, and rounded once (see
-        `pack_linears` for why)."""
+        own. Each part's product comes out in the weight's dtype (so in bf16 it is rounded once
+        more than the whole product); the parts are summed in float32 in a fixed order and rounded
+        to that dtype (see `pack_linears` for why)."""
         super().__init__()
         if not 1 <= k_chunks <= linear.in_features:
             raise ValueError(f"k_chunks must be in [1, {linear.in_features}], got {k_chunks}")
