@@ -184,3 +184,36 @@ def test_no_packing_when_bits_differ_or_the_ops_fail(monkeypatch):
     monkeypatch.setattr(packed_mod.PackedLinear, "__init__", broken)
     assert pack_linears(model) == 0
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def _row_by_row(lin: nn.Linear) -> None:
+    """Make `lin` compute each row on its own: row-invariant on any CPU."""
+    def forward(x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        rows = [nn.functional.linear(r, lin.weight, lin.bias) for r in x.reshape(-1, x.shape[-1])]
+        return torch.stack(rows).reshape(*x.shape[:-1], lin.out_features)
+
+    lin.forward = forward
+
+
+@pytest.mark.parametrize("varies", [False, True])
+def test_an_unpacked_target_says_whether_its_rows_keep_their_bits(caplog, varies):
+    """A stock product that rounds a row differently inside a block (the stock fp32 one on a Zen 4
+    EPYC) is found at load, flagged and warned about; a row-invariant one is not."""
+    from eaglespec.packed import stock_rows_vary
+
+    model = tiny_target("llama", hidden=64, pack=False).model
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    for lin in linears:
+        _row_by_row(lin)
+    assert stock_rows_vary(model) == []
+    if varies:  # the down projections: the row count leaks into each row's result
+        for lin in linears:
+            if lin.in_features > lin.out_features:
+                lin.forward = lambda x, lin=lin: nn.functional.linear(x, lin.weight, lin.bias) + 1e-3 * x[..., 0].numel()
+    caplog.clear()  # tiny_target's own Target checked the stock products already
+    with caplog.at_level("WARNING"):
+        target = Target(model, tokenizer=None, pack=False)
+    assert target.row_invariant == (not varies)
+    assert ("nearly tie" in caplog.text) == varies
+    if varies:
+        assert all(shape[1] > shape[0] for shape in stock_rows_vary(model))

@@ -133,20 +133,45 @@ def same_bits(linear: nn.Linear, packed: PackedLinear, blocks: tuple[int, ...] =
     """Every block of rows through the packed weight gives each row the bits it gets alone (that is
     what makes trees lossless). Also, for an unsplit half-precision weight, the stock `nn.Linear`'s
     bits; for fp32 or a split weight (which rounds its parts), only a close result."""
-    g = torch.Generator().manual_seed(seed)
     w = linear.weight
-    rows = max(blocks)
-    x = (torch.randn(rows, w.shape[1], generator=g) * w.float().std().clamp(min=1e-3)).to(w.dtype)
+    x = _probe_rows(w, max(blocks), seed)
     with torch.inference_mode():
-        alone = torch.cat([packed(x[i : i + 1]) for i in range(rows)])
-        if not all(torch.equal(packed(x[:n]), alone[:n]) for n in blocks):
+        alone = _rows_alone(packed, x, blocks)
+        if alone is None:
             return False
-        stock = torch.cat([linear(x[i : i + 1]) for i in range(rows)])
+        stock = torch.cat([linear(x[i : i + 1]) for i in range(x.shape[0])])
         if w.dtype == torch.float32:
             return torch.allclose(alone, stock, rtol=1e-4, atol=1e-5)
         if len(packed.k_slices) > 1:  # a few roundings of bf16/fp16 parts: within a few units in the last place
             return torch.allclose(alone.float(), stock.float(), rtol=2**-6, atol=2**-7 * stock.float().abs().max().item())
         return torch.equal(alone, stock)
+
+
+def _probe_rows(weight: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """[rows, in] random inputs of about the weight's scale, in its dtype and on its device."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, weight.shape[1], generator=g) * weight.float().std().clamp(min=1e-3)
+    return x.to(device=weight.device, dtype=weight.dtype)
+
+
+def _rows_alone(linear: nn.Module, x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor | None:
+    """Each row of x through `linear` alone ([rows, out]), if every leading block of x gives each
+    of its rows those same bits; else None."""
+    alone = torch.cat([linear(x[i : i + 1]) for i in range(x.shape[0])])
+    return alone if all(torch.equal(linear(x[:n]), alone[:n]) for n in blocks) else None
+
+
+def stock_rows_vary(model: nn.Module, blocks: tuple[int, ...] = CHECK_BLOCKS) -> list[tuple[int, int]]:
+    """The [out, in] weight shapes of `model`'s stock `nn.Linear`s whose product gives a row other
+    bits inside a block than alone (as the stock fp32 product does on a Zen 4 EPYC). Where a model
+    runs such products unpacked, a tree's logits can round unlike one-token decoding's."""
+    shapes: dict[tuple[int, int], nn.Linear] = {}
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            shapes.setdefault(tuple(m.weight.shape), m)
+    with torch.inference_mode():
+        return [shape for shape, lin in shapes.items()
+                if _rows_alone(lin, _probe_rows(lin.weight, max(blocks), 0), blocks) is None]
 
 
 def _pack_exactly(lin: nn.Linear, batch_hint: int) -> PackedLinear | None:

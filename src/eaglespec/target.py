@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from eaglespec.attention import FP32_ATTENTION, default_implementation, sdpa_prefill
 from eaglespec.kv_cache import TargetKVCache
-from eaglespec.packed import pack_linears
+from eaglespec.packed import pack_linears, stock_rows_vary
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,18 @@ class Target:
             raise TargetLoadError(f"{config.model_type}: logits post-processed after the LM head are not supported")
         self.model = model.eval().requires_grad_(False)
         self.packed_linears = pack_linears(model) if pack else 0
+        #: whether the model's linears give a row the same bits in any block of up to 32 rows as
+        #: alone (what makes a tree's verification match one-token decoding bit for bit); checked
+        #: on CPU where the model runs stock linears, assumed elsewhere
+        self.row_invariant = True
+        if model.device.type == "cpu" and self.packed_linears == 0:
+            varying = stock_rows_vary(model)
+            self.row_invariant = not varying
+            if varying:
+                log.warning("on this CPU the stock %s product of weight shapes %s gives a row other bits inside a "
+                            "block than alone: speculative output may part from plain decoding where two tokens "
+                            "nearly tie (packing, the default where oneDNN has it, avoids this)",
+                            model.dtype, varying)
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
