@@ -209,7 +209,8 @@ def test_an_unpacked_target_says_whether_its_rows_keep_their_bits(caplog, varies
     if varies:  # the down projections: the row count leaks into each row's result
         for lin in linears:
             if lin.in_features > lin.out_features:
-                lin.forward = lambda x, lin=lin: nn.functional.linear(x, lin.weight, lin.bias) + 1e-3 * x[..., 0].numel()
+                lin.forward = (lambda x, lin=lin:
+                               nn.functional.linear(x, lin.weight, lin.bias) + 1e-3 * x[..., 0].numel())
     caplog.clear()  # tiny_target's own Target checked the stock products already
     with caplog.at_level("WARNING"):
         target = Target(model, tokenizer=None, pack=False)

@@ -26,7 +26,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="transformers folder or .gguf file (default: SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto",
-                   help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPUs and CPUs with native bf16: AMX or AVX-512 bf16; else float32)")
+                   help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPUs and on CPUs with AMX or "
+                        "AVX-512 bf16, else float32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--max-len", type=int, default=2048, help="KV cache length: prompt + new tokens + tree")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -47,7 +48,8 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     f, b16 = CPU_FP32_TREE, CPU_BF16_NO_AMX_TREE
 
     def tree_help(what: str, key: str) -> str:
-        return f"dynamic tree: {what} (default {getattr(d, key)}; fp32 on CPU: {f[key]}; bf16 on a CPU without AMX: {b16[key]})"
+        return (f"dynamic tree: {what} (default {getattr(d, key)}; fp32 on CPU: {f[key]}; "
+                f"bf16 on a CPU without AMX: {b16[key]})")
 
     g.add_argument("--top-k-draft", type=int, default=None, help=tree_help("children per node", "top_k"))
     g.add_argument("--depth", type=int, default=None, help=tree_help("deepest guess", "depth"))

@@ -117,7 +117,8 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         chunks = f", k_chunks={len(self._packed)}" if len(self._packed) > 1 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed{chunks}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"packed{chunks}")
 
 
 #: block sizes at which `same_bits` compares a row with itself alone (up to a tree verified in one
@@ -143,7 +144,8 @@ def same_bits(linear: nn.Linear, packed: PackedLinear, blocks: tuple[int, ...] =
         if w.dtype == torch.float32:
             return torch.allclose(alone, stock, rtol=1e-4, atol=1e-5)
         if len(packed.k_slices) > 1:  # a few roundings of bf16/fp16 parts: within a few units in the last place
-            return torch.allclose(alone.float(), stock.float(), rtol=2**-6, atol=2**-7 * stock.float().abs().max().item())
+            scale = stock.float().abs().max().item()
+            return torch.allclose(alone.float(), stock.float(), rtol=2**-6, atol=2**-7 * scale)
         return torch.equal(alone, stock)
 
 
