@@ -697,3 +697,47 @@ def test_other_inputs_change_what_the_head_is_fed_not_what_it_is_scored_against(
     head.forward = lambda feats, *a, **k: (fed.append(feats.clone()), forward(feats, *a, **k))[1]
     sim([{**r, "inputs": torch.full_like(r["features"], 7.0)} for r in rows[:1]])
     assert bool((fed[0] == 7.0).all())  # the first commit was fed the inputs, not the features
+
+
+def test_an_answer_store_restores_a_lost_run_without_generating(tmp_path, tiny_model_dir, monkeypatch):
+    """Answers kept in a store folder rebuild a lost run's regenerated rows, later turns included,
+    with no generation; a run killed before its last chunk was written adds those answers next time;
+    a store written with another answer budget is refused."""
+    from eaglespec.train import answers
+    from eaglespec.train.answers import AnswerStore, StoreMismatch, fingerprint
+    from eaglespec.train.data import load_jsonl, regenerate
+
+    monkeypatch.setattr(answers, "CHUNK_ROWS", 2)
+    rows = [multi_turn_conv(i, 1 + n % 3) for n, i in enumerate(train_ids(5))]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    target = load_target(str(tiny_model_dir))
+    store_dir = tmp_path / "store"
+    runs = {}
+    for name in ("a", "b"):
+        prepare(target.tokenizer, tmp_path / name, src, max_len=256, splits=("train",))
+    regenerate(target, tmp_path / "a", max_new_tokens=6, batch_size=3, splits=("train",), turns=2,
+               store=AnswerStore(store_dir, fingerprint(target, 6)))
+    runs["a"] = {r["id"]: r for r in load_jsonl(tmp_path / "a" / "train.regen.jsonl")}
+    assert len(runs["a"]) == 5 + 3  # 3 rows have a second user turn
+    chunks = sorted(store_dir.glob("answers-*.npz"))
+    assert len(chunks) == 4  # chunks of 2 answers, the last one written at the end
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the store held every answer: nothing should be generated")
+
+    monkeypatch.setattr(target.model, "generate", no_generation)
+    regenerate(target, tmp_path / "b", max_new_tokens=6, batch_size=3, splits=("train",), turns=2,
+               store=AnswerStore(store_dir, fingerprint(target, 6)))
+    runs["b"] = {r["id"]: r for r in load_jsonl(tmp_path / "b" / "train.regen.jsonl")}
+    assert runs["b"] == runs["a"]
+    # a kill lost the last chunk: the run folder still has those rows, and the next run adds them
+    lost = answers.read_chunk(chunks[-1])
+    chunks[-1].unlink()
+    assert all(k not in AnswerStore(store_dir, fingerprint(target, 6)) for k in lost)
+    regenerate(target, tmp_path / "a", max_new_tokens=6, batch_size=3, splits=("train",), turns=2,
+               store=AnswerStore(store_dir, fingerprint(target, 6)))
+    again = AnswerStore(store_dir, fingerprint(target, 6))
+    assert all(again.answers[k] == v for k, v in lost.items()) and len(again) == 8
+    assert sorted(p.name for p in store_dir.glob("answers-*.npz"))[:3] == [p.name for p in chunks[:3]]
+    with pytest.raises(StoreMismatch, match="max_new_tokens"):
+        AnswerStore(store_dir, fingerprint(target, 7))

@@ -47,6 +47,10 @@ def add_train_parser(sub) -> None:
             s.add_argument("--regen-turns", type=int, default=1,
                            help="with --regenerate: user turns the target answers per conversation (each later "
                                 "turn adds a row whose context is the target's own earlier answers)")
+            s.add_argument("--answer-store", type=Path, default=None, metavar="DIR",
+                           help="with --regenerate: a folder of target-written answers kept across runs (in git, "
+                                "say): answers found there are not generated again, and this run's answers are "
+                                "added to it in chunks")
         if name in ("features", "run"):
             s.add_argument("--rows-per-shard", type=int, default=32)
             s.add_argument("--feature-dtype", default="auto",
@@ -129,8 +133,14 @@ def stage_data(args) -> None:
         if dtype not in report.setdefault("regen_dtypes", []):
             report["regen_dtypes"].append(dtype)
             report_path.write_text(json.dumps(report, indent=2))
+        store = None
+        if args.answer_store is not None:
+            from eaglespec.train.answers import AnswerStore, fingerprint
+
+            store = AnswerStore(args.answer_store, fingerprint(target, args.gen_tokens))
+            log.warning("answer store %s: %d answers", args.answer_store, len(store))
         regenerate(target, data_dir, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch,
-                   turns=args.regen_turns)
+                   turns=args.regen_turns, store=store)
     print(json.dumps({"data": report}))
 
 

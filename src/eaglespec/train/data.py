@@ -16,7 +16,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from eaglespec.train.answers import answer_of
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +279,13 @@ def load_jsonl(path: Path) -> list[dict]:
 
 def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: int = 16,
                splits: tuple[str, ...] = ("val", "train"), max_prompt_len: int = 512, turns: int = 1,
-               max_context_len: int = 1024) -> None:
+               max_context_len: int = 1024, store=None) -> None:
     """Have the target answer each row's user turns itself (greedy, batched), so the head learns
     the text it will meet at inference. Writes `{split}.regen.jsonl`, appending as it goes: a
     killed run resumes after the rows already written.
+
+    `store` (an `answers.AnswerStore`): answers found there are written without generating them,
+    and every answer of the run, old or new, is added to it.
 
     Turn 1 answers the first user turn of every row whose prompt fits in `max_prompt_len` (a
     longer one would pad a whole batch). With `turns` > 1, turn t appends a row `{id}#t{t}`: the
@@ -299,6 +304,8 @@ def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: in
         for turn in range(1, turns + 1):
             written = load_jsonl(out_path) if out_path.is_file() else []
             done = {r["id"] for r in written}
+            if store is not None:
+                store.add((r["id"], answer_of(r)) for r in written)
             if turn == 1:
                 prompts = {r["id"]: _first_prompt(r) for r in src if r["id"] not in done}
                 prompts = {k: v for k, v in prompts.items() if len(v) <= max_prompt_len}
@@ -312,7 +319,27 @@ def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: in
                     ctx = _next_turn_context(previous[r["id"]], r, turn, tok.eos_token_id)
                     if ctx is not None and len(ctx) <= max_context_len:
                         prompts[rid] = ctx
-            _answer_batched(target, prompts, out_path, max_new_tokens, batch_size, desc=f"regenerate {split} t{turn}")
+            if store is not None:
+                prompts = _restore(prompts, store, out_path, f"{split} t{turn}")
+            on_row = None if store is None else (lambda k, answer: store.add([(k, answer)]))
+            _answer_batched(target, prompts, out_path, max_new_tokens, batch_size, desc=f"regenerate {split} t{turn}",
+                            on_row=on_row)
+    if store is not None:
+        store.flush()
+
+
+def _restore(prompts: dict[str, list[int]], store, out_path: Path, what: str) -> dict[str, list[int]]:
+    """Write the rows whose answer `store` holds (in generation order); return the prompts left."""
+    found = sorted((k for k in prompts if k in store), key=lambda k: (len(prompts[k]), k))
+    if found:
+        with out_path.open("a") as f:
+            for k in found:
+                p, answer = prompts[k], store.answers[k]
+                f.write(json.dumps({"id": k, "input_ids": p + answer, "loss_mask": [0] * len(p) + [1] * len(answer)})
+                        + "\n")
+        log.warning("regenerate %s: %d of %d answers restored from the store %s", what, len(found), len(prompts),
+                    store.root)
+    return {k: v for k, v in prompts.items() if k not in store}
 
 
 #: a batch stops once this share of its rows has ended; the rest go back in the queue. On 96
@@ -322,7 +349,8 @@ RELEASE_SHARE = 0.5
 
 
 def _answer_batched(target, prompts: dict[str, list[int]], out_path: Path, max_new_tokens: int,
-                    batch_size: int, desc: str, release: float = RELEASE_SHARE, eos_id: int | None = None) -> int:
+                    batch_size: int, desc: str, release: float = RELEASE_SHARE, eos_id: int | None = None,
+                    on_row: Callable[[str, list[int]], None] | None = None) -> int:
     """Greedy answers to `prompts` (id -> prompt ids) in left-padded batches, shortest first (a batch
     pads little, and the order is deterministic, so a resumed run continues where a killed one
     stopped); each row {id, input_ids, loss_mask} is appended to `out_path` as it ends.
@@ -334,7 +362,8 @@ def _answer_batched(target, prompts: dict[str, list[int]], out_path: Path, max_n
     their context, which costs less than the idle rows did while contexts are short; batches whose
     contexts exceed twice the answer budget run to the end as before). In bf16 a continued answer may part
     from an uninterrupted one where a rounding flips a near-tie: both are the target's greedy text
-    under slightly different arithmetic. Returns how many times rows were put back."""
+    under slightly different arithmetic. `on_row(id, answer)` is called for each row written.
+    Returns how many times rows were put back."""
     import torch
     from tqdm import tqdm
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -398,6 +427,8 @@ def _answer_batched(target, prompts: dict[str, list[int]], out_path: Path, max_n
                 f.write(json.dumps({"id": k, "input_ids": p + answer, "loss_mask": [0] * len(p) + [1] * len(answer)})
                         + "\n")
                 written += len(answer)
+                if on_row is not None:
+                    on_row(k, answer)
             f.flush()
             requeued += len(back)
             queue = sorted(queue + back, key=lambda k: (len(context(k)), k))
