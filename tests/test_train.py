@@ -366,6 +366,14 @@ def test_train_data_regenerate_from_the_command_line(tmp_path, tiny_model_dir):
     assert len(load_jsonl(tmp_path / "run" / "data" / "train.regen.jsonl")) == 6
     report = json.loads((tmp_path / "run" / "data" / "data_report.json").read_text())
     assert report["regen_dtypes"] == [str(auto_dtype(torch.device("cpu"))).removeprefix("torch.")]  # once, not per run
+    # --answer-store: the first run fills the store, a run into a new folder restores every answer
+    store = tmp_path / "store"
+    assert main(args + ["--answer-store", str(store)]) == 0
+    assert main([a if a != str(tmp_path / "run") else str(tmp_path / "run2") for a in args]
+                + ["--answer-store", str(store)]) == 0
+    restored = load_jsonl(tmp_path / "run2" / "data" / "train.regen.jsonl")
+    assert {r["id"]: r["input_ids"] for r in restored} == {r["id"]: r["input_ids"] for r in rows}
+    assert json.loads((store / "store.json").read_text())["max_new_tokens"] == 5 and list(store.glob("answers-*.npz"))
 
 
 def test_regenerate_writes_the_targets_own_answers(tmp_path, tiny_model_dir):
