@@ -749,3 +749,34 @@ def test_an_answer_store_restores_a_lost_run_without_generating(tmp_path, tiny_m
     assert sorted(p.name for p in store_dir.glob("answers-*.npz"))[:3] == [p.name for p in chunks[:3]]
     with pytest.raises(StoreMismatch, match="max_new_tokens"):
         AnswerStore(store_dir, fingerprint(target, 7))
+
+
+@pytest.mark.parametrize("refill", [1, 3])
+def test_continuous_batching_gives_each_row_the_targets_greedy_answer(tmp_path, tiny_model_dir, refill):
+    """Rows leave the batch when they end and new prompts join the running batch, padded into its
+    KV cache (to the left of shorter rows or of longer ones); each row must still get the target's
+    own greedy answer to its prompt alone."""
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.train.data import _answer_continuous, load_jsonl
+
+    target = load_target(str(tiny_model_dir))
+    plain = Generator(target)
+    g = torch.Generator().manual_seed(1)
+    prompts = {f"p{i}": torch.randint(7, target.vocab_size, (3 + (i * 7) % 11,), generator=g).tolist()
+               for i in range(13)}
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    full = {k: [t for c in plain.generate_ids(torch.tensor(p), cfg) for t in c] for k, p in prompts.items()}
+    counts = Counter(t for a in full.values() for t in a[1:9])
+    eos = counts.most_common(1)[0][0]  # a token that ends answers at different points
+    want = {k: a[: a.index(eos) + 1] if eos in a else a for k, a in full.items()}
+    assert len({len(a) for a in want.values()}) > 2
+    seen = []
+    prefills = _answer_continuous(target, prompts, tmp_path / "a.jsonl", max_new_tokens=12, batch_size=4, desc="t",
+                                  eos_id=eos, on_row=lambda k, a: seen.append((k, a)), refill=refill)
+    assert prefills > 13 // 4  # newcomers joined running batches
+    rows = {r["id"]: r for r in load_jsonl(tmp_path / "a.jsonl")}
+    assert sorted(rows) == sorted(prompts) and dict(seen) == want
+    for k, r in rows.items():
+        first = r["loss_mask"].index(1)
+        assert r["input_ids"][:first] == prompts[k] and all(r["loss_mask"][first:])
+        assert r["input_ids"][first:] == want[k], k

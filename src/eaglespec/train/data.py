@@ -322,8 +322,8 @@ def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: in
             if store is not None:
                 prompts = _restore(prompts, store, out_path, f"{split} t{turn}")
             on_row = None if store is None else (lambda k, answer: store.add([(k, answer)]))
-            _answer_batched(target, prompts, out_path, max_new_tokens, batch_size, desc=f"regenerate {split} t{turn}",
-                            on_row=on_row)
+            _answer_continuous(target, prompts, out_path, max_new_tokens, batch_size,
+                               desc=f"regenerate {split} t{turn}", on_row=on_row)
     if store is not None:
         store.flush()
 
@@ -354,6 +354,9 @@ def _answer_batched(target, prompts: dict[str, list[int]], out_path: Path, max_n
     """Greedy answers to `prompts` (id -> prompt ids) in left-padded batches, shortest first (a batch
     pads little, and the order is deterministic, so a resumed run continues where a killed one
     stopped); each row {id, input_ids, loss_mask} is appended to `out_path` as it ends.
+
+    `regenerate` used this batcher until session 15 and now uses `_answer_continuous`, which was
+    1.12-1.46x faster side by side (scripts/regen_batching.py, which keeps this one to compare).
 
     A batch runs as long as its longest answer, so rows that end early would idle: follow-up
     answers average 100-150 tokens under a 256 cap, and one long row kept whole batches going. A batch
@@ -436,6 +439,112 @@ def _answer_batched(target, prompts: dict[str, list[int]], out_path: Path, max_n
             bar.set_postfix(answer_tok_per_s=f"{written / (time.perf_counter() - started):.0f}", put_back=requeued)
     bar.close()
     return requeued
+
+
+def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, max_new_tokens: int,
+                       batch_size: int, desc: str, eos_id: int | None = None,
+                       on_row: Callable[[str, list[int]], None] | None = None, refill: int | None = None) -> int:
+    """Greedy answers to `prompts` (id -> prompt ids) with continuous batching: up to `batch_size`
+    rows decode together, a row leaves the batch as soon as it ends (EOS or `max_new_tokens`) and is
+    appended to `out_path` as {id, input_ids, loss_mask}, and once `refill` slots are free (default a
+    quarter of the batch) the next prompts, shortest first, are prefilled together and join the
+    running batch. No row idles after its end and none is prefilled twice, which `_answer_batched`'s
+    early release did. Calls `on_row(id, answer)` per row written; returns how many prefills ran.
+
+    The joined rows share one left-padded KV cache: a newcomer's keys are padded on the left to the
+    batch's width (or the batch's to the newcomer's), and columns that no row uses any more are cut
+    off the left. Each row keeps its own position ids, so its tokens are those of a greedy decode of
+    its prompt alone, up to rounding where rows of other lengths share a product."""
+    import torch
+    from tqdm import tqdm
+    from transformers import DynamicCache
+
+    tok = target.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = tok.eos_token_id if eos_id is None else eos_id
+    refill = max(1, batch_size // 4) if refill is None else refill
+    device = target.device
+    queue = sorted(prompts, key=lambda k: (len(prompts[k]), k))
+    active: list[str] = []  # row ids, in batch order
+    answers: dict[str, list[int]] = {}
+    cache: DynamicCache | None = None
+    attn = pos = None  # [B, W] mask of the cached columns; [B] position of each row's next token
+    bar = tqdm(total=len(queue), desc=desc, unit="row")
+    written, prefills, started = 0, 0, time.perf_counter()
+
+    def left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+        if x.shape[dim] == width:
+            return x
+        shape = list(x.shape)
+        shape[dim] = width - x.shape[dim]
+        return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+    with out_path.open("a") as f, torch.inference_mode():
+        while queue or active:
+            if queue and len(active) <= batch_size - min(refill, len(queue)):
+                take, queue = queue[: batch_size - len(active)], queue[batch_size - len(active):]
+                width = max(len(prompts[k]) for k in take)
+                ids = torch.full((len(take), width), pad_id, dtype=torch.long)
+                new_attn = torch.zeros(len(take), width, dtype=torch.long)
+                for i, k in enumerate(take):
+                    ids[i, width - len(prompts[k]):] = torch.tensor(prompts[k])
+                    new_attn[i, width - len(prompts[k]):] = 1
+                ids, new_attn = ids.to(device), new_attn.to(device)
+                new_cache = DynamicCache()
+                hidden = target.decoder(input_ids=ids, attention_mask=new_attn,
+                                        position_ids=(new_attn.cumsum(-1) - 1).clamp(min=0),
+                                        past_key_values=new_cache, use_cache=True).last_hidden_state[:, -1]
+                first = target.lm_head(hidden).argmax(-1).tolist()
+                prefills += 1
+                for k, t in zip(take, first):
+                    answers[k] = [t]
+                new_pos = new_attn.sum(-1)
+                if cache is None:
+                    cache, attn, pos = new_cache, new_attn, new_pos
+                else:
+                    w = max(attn.shape[1], width)
+                    for old, new in zip(cache.layers, new_cache.layers):
+                        old.keys = torch.cat([left_pad(old.keys, w, 2), left_pad(new.keys, w, 2)])
+                        old.values = torch.cat([left_pad(old.values, w, 2), left_pad(new.values, w, 2)])
+                    attn = torch.cat([left_pad(attn, w, 1), left_pad(new_attn, w, 1)])
+                    pos = torch.cat([pos, new_pos])
+                active += take
+            ended = [i for i, k in enumerate(active)
+                     if answers[k][-1] == eos or len(answers[k]) >= max_new_tokens]
+            if ended:
+                for i in ended:
+                    k = active[i]
+                    answer, p = answers.pop(k), prompts[k]
+                    f.write(json.dumps({"id": k, "input_ids": p + answer,
+                                        "loss_mask": [0] * len(p) + [1] * len(answer)}) + "\n")
+                    written += len(answer)
+                    if on_row is not None:
+                        on_row(k, answer)
+                f.flush()
+                keep = [i for i in range(len(active)) if i not in set(ended)]
+                active = [active[i] for i in keep]
+                bar.update(len(ended))
+                bar.set_postfix(answer_tok_per_s=f"{written / (time.perf_counter() - started):.0f}", prefills=prefills)
+                if not active:
+                    cache = attn = pos = None
+                    continue
+                index = torch.tensor(keep, device=device)
+                used = int(attn[index].any(0).nonzero()[0])  # the first column any remaining row needs
+                for layer in cache.layers:
+                    layer.keys = layer.keys[index, :, used:]
+                    layer.values = layer.values[index, :, used:]
+                attn, pos = attn[index, used:], pos[index]
+            if not active or (queue and len(active) <= batch_size - min(refill, len(queue))):
+                continue  # refill before the next step
+            last = torch.tensor([answers[k][-1] for k in active], device=device)
+            attn = torch.cat([attn, attn.new_ones(len(active), 1)], dim=1)
+            hidden = target.decoder(input_ids=last[:, None], attention_mask=attn, position_ids=pos[:, None],
+                                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            pos = pos + 1
+            for k, t in zip(active, target.lm_head(hidden).argmax(-1).tolist()):
+                answers[k].append(t)
+    bar.close()
+    return prefills
 
 
 def _turn_of(row_id: str) -> int:
