@@ -751,6 +751,37 @@ def test_an_answer_store_restores_a_lost_run_without_generating(tmp_path, tiny_m
         AnswerStore(store_dir, fingerprint(target, 7))
 
 
+
+def test_a_regeneration_stopped_with_ctrl_c_keeps_its_answers_in_the_store(tmp_path, tiny_model_dir, monkeypatch):
+    """Chunks are written every CHUNK_ROWS answers; a run stopped between them (Ctrl-C) still writes
+    what it has, so nothing it generated is missing from the store."""
+    from eaglespec.train import answers, data
+    from eaglespec.train.answers import AnswerStore, fingerprint
+    from eaglespec.train.data import load_jsonl, regenerate
+
+    monkeypatch.setattr(answers, "CHUNK_ROWS", 100)
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 3 + i % 5) for i in train_ids(6)])
+    target = load_target(str(tiny_model_dir))
+    prepare(target.tokenizer, tmp_path / "run", src, max_len=64, splits=("train",))
+    real = data._answer_continuous
+
+    def stopped_after_some_rows(*args, on_row, **kwargs):
+        def row_then_stop(k, answer):
+            on_row(k, answer)
+            if len(load_jsonl(tmp_path / "run" / "train.regen.jsonl")) >= 3:
+                raise KeyboardInterrupt
+        return real(*args, on_row=row_then_stop, **kwargs)
+
+    monkeypatch.setattr(data, "_answer_continuous", stopped_after_some_rows)
+    with pytest.raises(KeyboardInterrupt):
+        regenerate(target, tmp_path / "run", max_new_tokens=5, batch_size=2, splits=("train",),
+                   store=AnswerStore(tmp_path / "store", fingerprint(target, 5)))
+    written = load_jsonl(tmp_path / "run" / "train.regen.jsonl")
+    assert 3 <= len(written) < 6
+    kept = AnswerStore(tmp_path / "store", fingerprint(target, 5))
+    assert {r["id"] for r in written} == set(kept.answers)
+
+
 @pytest.mark.parametrize("refill", [1, 3])
 def test_continuous_batching_gives_each_row_the_targets_greedy_answer(tmp_path, tiny_model_dir, refill):
     """Rows leave the batch when they end and new prompts join the running batch, padded into its

@@ -294,38 +294,46 @@ def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: in
     rows, so the shards already dumped stay valid). Later turns teach the head follow-ups that
     rework what is already in the context; contexts past `max_context_len` are left out.
     """
+    try:
+        for split in splits:
+            _regenerate_split(target, data_dir, split, max_new_tokens, batch_size, max_prompt_len, turns,
+                              max_context_len, store)
+    finally:
+        if store is not None:  # a run stopped with Ctrl-C keeps every answer it wrote
+            store.flush()
+
+
+def _regenerate_split(target, data_dir: Path, split: str, max_new_tokens: int, batch_size: int,
+                      max_prompt_len: int, turns: int, max_context_len: int, store) -> None:
     tok = target.tokenizer
-    for split in splits:
-        src = load_jsonl(data_dir / f"{split}.jsonl")
-        out_path = data_dir / f"{split}.regen.jsonl"
-        if out_path.is_file():
-            _drop_partial_line(out_path)
-            _drop_nan_answers(out_path)
-        for turn in range(1, turns + 1):
-            written = load_jsonl(out_path) if out_path.is_file() else []
-            done = {r["id"] for r in written}
-            if store is not None:
-                store.add((r["id"], answer_of(r)) for r in written)
-            if turn == 1:
-                prompts = {r["id"]: _first_prompt(r) for r in src if r["id"] not in done}
-                prompts = {k: v for k, v in prompts.items() if len(v) <= max_prompt_len}
-            else:
-                previous = {_base_id(r["id"]): r for r in written if _turn_of(r["id"]) == turn - 1}
-                prompts = {}
-                for r in src:
-                    rid = f"{r['id']}#t{turn}"
-                    if rid in done or r["id"] not in previous:
-                        continue
-                    ctx = _next_turn_context(previous[r["id"]], r, turn, tok.eos_token_id)
-                    if ctx is not None and len(ctx) <= max_context_len:
-                        prompts[rid] = ctx
-            if store is not None:
-                prompts = _restore(prompts, store, out_path, f"{split} t{turn}")
-            on_row = None if store is None else (lambda k, answer: store.add([(k, answer)]))
-            _answer_continuous(target, prompts, out_path, max_new_tokens, batch_size,
-                               desc=f"regenerate {split} t{turn}", on_row=on_row)
-    if store is not None:
-        store.flush()
+    src = load_jsonl(data_dir / f"{split}.jsonl")
+    out_path = data_dir / f"{split}.regen.jsonl"
+    if out_path.is_file():
+        _drop_partial_line(out_path)
+        _drop_nan_answers(out_path)
+    for turn in range(1, turns + 1):
+        written = load_jsonl(out_path) if out_path.is_file() else []
+        done = {r["id"] for r in written}
+        if store is not None:
+            store.add((r["id"], answer_of(r)) for r in written)
+        if turn == 1:
+            prompts = {r["id"]: _first_prompt(r) for r in src if r["id"] not in done}
+            prompts = {k: v for k, v in prompts.items() if len(v) <= max_prompt_len}
+        else:
+            previous = {_base_id(r["id"]): r for r in written if _turn_of(r["id"]) == turn - 1}
+            prompts = {}
+            for r in src:
+                rid = f"{r['id']}#t{turn}"
+                if rid in done or r["id"] not in previous:
+                    continue
+                ctx = _next_turn_context(previous[r["id"]], r, turn, tok.eos_token_id)
+                if ctx is not None and len(ctx) <= max_context_len:
+                    prompts[rid] = ctx
+        if store is not None:
+            prompts = _restore(prompts, store, out_path, f"{split} t{turn}")
+        on_row = None if store is None else (lambda k, answer: store.add([(k, answer)]))
+        _answer_continuous(target, prompts, out_path, max_new_tokens, batch_size,
+                           desc=f"regenerate {split} t{turn}", on_row=on_row)
 
 
 def _restore(prompts: dict[str, list[int]], store, out_path: Path, what: str) -> dict[str, list[int]]:
