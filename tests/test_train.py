@@ -811,3 +811,31 @@ def test_continuous_batching_gives_each_row_the_targets_greedy_answer(tmp_path, 
         first = r["loss_mask"].index(1)
         assert r["input_ids"][:first] == prompts[k] and all(r["loss_mask"][first:])
         assert r["input_ids"][first:] == want[k], k
+
+
+def test_train_data_killed_in_the_background_writes_its_answers_to_the_store(tmp_path, tiny_model_dir):
+    """`kill PID` (SIGTERM) on a background `train data --regenerate` flushes the partial chunk, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from eaglespec.train.answers import read_chunk
+    from eaglespec.train.data import load_jsonl
+
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 3 + i % 5) for i in train_ids(200)])
+    run, store = tmp_path / "run", tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "eaglespec.cli", "train", "data", "--out", str(run), "--model",
+                             str(tiny_model_dir), "--source", str(src), "--regenerate", "--gen-tokens", "64",
+                             "--gen-batch", "2", "--answer-store", str(store)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    rows = run / "data" / "train.regen.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (rows.is_file() and rows.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    written = {r["id"] for r in load_jsonl(rows)}
+    assert 3 <= len(written) < 200
+    kept = {k for chunk in store.glob("answers-*.npz") for k in read_chunk(chunk)}
+    assert written <= kept

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,16 @@ def stage_data(args) -> None:
 
             store = AnswerStore(args.answer_store, fingerprint(target, args.gen_tokens))
             log.warning("answer store %s: %d answers", args.answer_store, len(store))
+        # `kill PID` stops a background regeneration like Ctrl-C does, so the answer store gets its
+        # last partial chunk (a shell starts background jobs with SIGINT ignored: `kill -INT` does nothing)
+        signal.signal(signal.SIGTERM, _interrupt)
         regenerate(target, data_dir, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch,
                    turns=args.regen_turns, store=store)
     print(json.dumps({"data": report}))
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def stage_features(args) -> None:
