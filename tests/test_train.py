@@ -415,40 +415,6 @@ def test_regenerate_writes_the_targets_own_answers(tmp_path, tiny_model_dir):
     assert {r["id"]: r["input_ids"] for r in repaired} == {r["id"]: r["input_ids"] for r in rows}
 
 
-def test_rows_put_back_by_an_early_stopping_batch_end_with_the_targets_answer(tmp_path, tiny_model_dir):
-    """A batch stops once `release` of its rows have ended; the rest continue in later batches from
-    their answer so far. Every row must still end with the target's own greedy answer."""
-    from eaglespec.generate import GenerationConfig, Generator
-    from eaglespec.train.data import _answer_batched, load_jsonl
-
-    target = load_target(str(tiny_model_dir))
-    plain = Generator(target)
-    g = torch.Generator().manual_seed(0)
-    prompts = {f"p{i}": torch.randint(7, target.vocab_size, (4 + i % 5,), generator=g).tolist() for i in range(10)}
-    cfg = GenerationConfig(max_new_tokens=14, ignore_eos=True)
-    full = {k: [t for c in plain.generate_ids(torch.tensor(p), cfg) for t in c] for k, p in prompts.items()}
-    # make "EOS" a token that ends answers at different points, so batches have early and late rows
-    counts = Counter(t for a in full.values() for t in a[1:10])
-    eos = counts.most_common(1)[0][0]
-    want = {k: a[: a.index(eos) + 1] if eos in a else a for k, a in full.items()}
-    assert len({len(a) for a in want.values()}) > 2
-    out = tmp_path / "answers.jsonl"
-    put_back = _answer_batched(target, prompts, out, max_new_tokens=14, batch_size=4, desc="t", release=0.5, eos_id=eos)
-    assert put_back > 0  # the mechanism was exercised
-    rows = {r["id"]: r for r in load_jsonl(out)}
-    assert sorted(rows) == sorted(prompts)
-    for k, r in rows.items():
-        first = r["loss_mask"].index(1)
-        assert r["input_ids"][:first] == prompts[k] and all(r["loss_mask"][first:])
-        assert r["input_ids"][first:] == want[k]
-    # contexts longer than twice the answer budget: a put-back row would cost more to prefill again
-    # than its batch wastes, so such batches run to their end
-    long = {k: (p * 8)[:30] for k, p in prompts.items()}
-    assert _answer_batched(target, long, tmp_path / "long.jsonl", max_new_tokens=14, batch_size=4, desc="t",
-                           release=0.5, eos_id=eos) == 0
-    assert len(load_jsonl(tmp_path / "long.jsonl")) == len(long)
-
-
 def multi_turn_conv(i: int, turns: int) -> dict:
     def say(k: int, n: int) -> str:
         return " ".join(WORDS[7 + (i * 5 + k * 11 + j) % 89] for j in range(n))

@@ -350,105 +350,6 @@ def _restore(prompts: dict[str, list[int]], store, out_path: Path, what: str) ->
     return {k: v for k, v in prompts.items() if k not in store}
 
 
-#: a batch stops once this share of its rows has ended; the rest go back in the queue. On 96
-#: turn-2 prompts (scripts/regen_release.py), 0.75 never fired (over a quarter of the answers run
-#: to the 256-token cap) and 0.5 gave 114 answer tok/s against 93-95 without release.
-RELEASE_SHARE = 0.5
-
-
-def _answer_batched(target, prompts: dict[str, list[int]], out_path: Path, max_new_tokens: int,
-                    batch_size: int, desc: str, release: float = RELEASE_SHARE, eos_id: int | None = None,
-                    on_row: Callable[[str, list[int]], None] | None = None) -> int:
-    """Greedy answers to `prompts` (id -> prompt ids) in left-padded batches, shortest first (a batch
-    pads little, and the order is deterministic, so a resumed run continues where a killed one
-    stopped); each row {id, input_ids, loss_mask} is appended to `out_path` as it ends.
-
-    `regenerate` used this batcher until session 15 and now uses `_answer_continuous`, which was
-    1.12-1.46x faster side by side (scripts/regen_batching.py, which keeps this one to compare).
-
-    A batch runs as long as its longest answer, so rows that end early would idle: follow-up
-    answers average 100-150 tokens under a 256 cap, and one long row kept whole batches going. A batch
-    therefore stops once `release` of its rows have ended; the others go back in the queue with
-    their answer so far appended to the prompt, and continue in a later batch (one more prefill of
-    their context, which costs less than the idle rows did while contexts are short; batches whose
-    contexts exceed twice the answer budget run to the end as before). In bf16 a continued answer may part
-    from an uninterrupted one where a rounding flips a near-tie: both are the target's greedy text
-    under slightly different arithmetic. `on_row(id, answer)` is called for each row written.
-    Returns how many times rows were put back."""
-    import torch
-    from tqdm import tqdm
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    tok = target.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = tok.eos_token_id if eos_id is None else eos_id
-    partial: dict[str, list[int]] = {k: [] for k in prompts}  # answer so far of rows put back
-
-    class MostEnded(StoppingCriteria):
-        """Per row: ended (EOS or its own token budget); all rows once `release` of them have."""
-
-        def __init__(self, width: int, budgets: torch.Tensor, share: float) -> None:
-            self.width, self.budgets, self.share = width, budgets, share
-
-        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-            new = input_ids[:, self.width:]
-            ended = (new == eos).any(dim=1) | (new.shape[1] >= self.budgets)
-            if ended.float().mean() >= self.share:
-                return torch.ones_like(ended)
-            return ended
-
-    def context(k: str) -> list[int]:
-        return prompts[k] + partial[k]
-
-    queue = sorted(prompts, key=lambda k: (len(prompts[k]), k))
-    # counted in rows (answers stop at EOS, so a token total is unknown up front); written tokens in the postfix
-    bar = tqdm(total=len(queue), desc=desc, unit="row")
-    written, requeued, started = 0, 0, time.perf_counter()
-    with out_path.open("a") as f:
-        while queue:
-            batch, queue = queue[:batch_size], queue[batch_size:]
-            width = max(len(context(k)) for k in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attn = torch.zeros(len(batch), width, dtype=torch.long)
-            for i, k in enumerate(batch):  # left padding
-                c = context(k)
-                ids[i, width - len(c):] = torch.tensor(c)
-                attn[i, width - len(c):] = 1
-            budgets = torch.tensor([max_new_tokens - len(partial[k]) for k in batch])
-            # a put-back row is prefilled again, which costs in proportion to its context: past about
-            # twice the answer budget that costs more than the idle rows it saves (an estimate from
-            # prefill at ~1,150 tok/s against batched decode steps; measured only on short contexts)
-            share = release if width <= 2 * max_new_tokens else 1.0
-            stop = StoppingCriteriaList([MostEnded(width, budgets.to(target.device), share)])
-            with torch.inference_mode():
-                out = target.model.generate(input_ids=ids.to(target.device), attention_mask=attn.to(target.device),
-                                            max_new_tokens=int(budgets.max()), do_sample=False, pad_token_id=pad_id,
-                                            eos_token_id=eos, stopping_criteria=stop)
-            back = []
-            for k, budget, row_out in zip(batch, budgets.tolist(), out[:, width:].tolist()):
-                row_out = row_out[:budget]
-                if eos in row_out:
-                    row_out = row_out[: row_out.index(eos) + 1]
-                elif len(row_out) < budget:  # stopped with the batch: continue later
-                    partial[k] += row_out
-                    back.append(k)
-                    continue
-                answer = partial.pop(k) + row_out
-                p = prompts[k]
-                f.write(json.dumps({"id": k, "input_ids": p + answer, "loss_mask": [0] * len(p) + [1] * len(answer)})
-                        + "\n")
-                written += len(answer)
-                if on_row is not None:
-                    on_row(k, answer)
-            f.flush()
-            requeued += len(back)
-            queue = sorted(queue + back, key=lambda k: (len(context(k)), k))
-            bar.update(len(batch) - len(back))
-            bar.set_postfix(answer_tok_per_s=f"{written / (time.perf_counter() - started):.0f}", put_back=requeued)
-    bar.close()
-    return requeued
-
-
 def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, max_new_tokens: int,
                        batch_size: int, desc: str, eos_id: int | None = None,
                        on_row: Callable[[str, list[int]], None] | None = None, refill: int | None = None) -> int:
@@ -456,8 +357,8 @@ def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, ma
     rows decode together, a row leaves the batch as soon as it ends (EOS or `max_new_tokens`) and is
     appended to `out_path` as {id, input_ids, loss_mask}, and once `refill` slots are free (default a
     quarter of the batch) the next prompts, shortest first, are prefilled together and join the
-    running batch. No row idles after its end and none is prefilled twice, which `_answer_batched`'s
-    early release did. Calls `on_row(id, answer)` per row written; returns how many prefills ran.
+    running batch. No row idles after its end and none is prefilled twice (session 8's batcher let
+    rows idle, then put them back to be prefilled again; it was 1.12-1.46x slower side by side). Calls `on_row(id, answer)` per row written; returns how many prefills ran.
 
     The joined rows share one left-padded KV cache: a newcomer's keys are padded on the left to the
     batch's width (or the batch's to the newcomer's), and columns that no row uses any more are cut
