@@ -40,13 +40,17 @@ def main() -> None:
     ap.add_argument("head", type=Path)
     ap.add_argument("--run", type=Path, required=True, help="run directory with features/ and val_features/")
     ap.add_argument("--rows", type=int, default=48, help="rows of each set (training rows drawn at random)")
+    ap.add_argument("--also-features", type=Path, nargs="+", default=[], metavar="DIR",
+                    help="the feature folders the head's stage also trained on (as `train head --also-features`): "
+                         "held-out prompts they train on are left out too, so the rows are the trainer's")
     args = ap.parse_args()
     torch.set_num_threads(2)
     parts = FrozenTargetParts.from_target(load_target(dtype="float32", pack=False))
     head = DraftHead.from_pretrained(args.head)
     train = load_shards(args.run / "features")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.rows].tolist()
-    held_out = unseen_prompts(load_shards(args.run / "val_features"), train)[: args.rows]
+    seen = train + [r for d in args.also_features for r in load_shards(d)]
+    held_out = unseen_prompts(load_shards(args.run / "val_features"), seen)[: args.rows]
     sets = {"train": [train[i] for i in pick], "held-out": held_out}
     vocab_ids = head.draft_token_ids()
     print("| rows | step 1 | step 2 | step 3 | CE step 1 | simulated tau |\n|---|---|---|---|---|---|")
