@@ -94,6 +94,9 @@ def test_compare_draft_runs_other_heads_in_the_same_loop(tiny_model_dir, bench_f
     assert [r["method"] for r in res["runs"][:3]] == ["plain", "eagle-dynamic", "eagle-dynamic@alt"]  # interleaved
     assert all(r["equal_to_baseline"] for r in res["runs"])
     assert set(res["summary"]["overall"]) == {"plain", "eagle-dynamic", "eagle-dynamic@alt"}
+    (pair,) = res["head_pairs"]
+    assert (pair["method"], pair["compared"], pair["turns"]) == ("eagle-dynamic", "eagle-dynamic@alt", 4)
+    assert "Heads side by side" in (out / "results.md").read_text()
     capsys.readouterr()
     assert main(["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "head"),
                  "--compare-draft", str(bench_files / "nope"),
@@ -125,3 +128,21 @@ def test_method_order_rotates_and_speedup_pairs_the_same_turns(tiny_model_dir, b
     assert main(base + ["--fixed-order"]) == 0
     fixed = [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]]
     assert fixed == ["plain", "eagle-dynamic", "prompt-lookup"] * 4
+
+
+def test_head_pairs_pairs_turns_of_the_same_question():
+    from eaglespec.bench.run import head_pairs
+
+    def rec(method, q, turn, tau):
+        return {"method": method, "question_id": q, "turn": turn, "tau": tau}
+
+    records = [rec("plain", "1", 0, 1.0), rec("eagle-dynamic", "1", 0, 3.0), rec("eagle-dynamic@old", "1", 0, 2.5),
+               rec("eagle-dynamic", "1", 1, 2.0), rec("eagle-dynamic@old", "1", 1, 2.5),
+               rec("eagle-dynamic", "2", 0, 4.0), rec("eagle-dynamic@old", "2", 0, 3.0),
+               rec("eagle-dynamic@old", "3", 0, 9.0)]  # no --draft run on this turn: left out
+    (p,) = head_pairs(records)
+    assert (p["method"], p["compared"], p["turns"], p["ahead"], p["behind"]) == ("eagle-dynamic", "eagle-dynamic@old", 3, 2, 1)
+    assert p["tau_diff"] == pytest.approx((0.5 - 0.5 + 1.0) / 3, abs=1e-4)
+    # differences 0.5, -0.5, 1.0: sample sd 0.7638, s.e. 0.441
+    assert p["std_err"] == pytest.approx(0.441, abs=1e-3)
+    assert head_pairs([rec("plain", "1", 0, 1.0)]) == []

@@ -41,7 +41,8 @@ def add_bench_parser(sub) -> None:
 
 def cmd_bench(args) -> int:
     from eaglespec.bench.run import (BUILTIN_SETS, BenchError, builtin_questions, build_runners, load_questions,
-                                     markdown, plots, run_bench, select, summarize)
+                                     head_pairs, head_pairs_markdown, markdown, plots, run_bench, select,
+                                     summarize)
     from eaglespec.cli import tree_config
     from eaglespec.draft import DraftHead
     from eaglespec.generate import GenerationConfig
@@ -93,6 +94,7 @@ def cmd_bench(args) -> int:
     records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup,
                                                 rotate=not args.fixed_order)]
     table = summarize(records)
+    pairs = head_pairs(records)
     import torch
 
     machine = (f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
@@ -106,8 +108,10 @@ def cmd_bench(args) -> int:
     tmp = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}-"))
     (tmp / "results.json").write_text(json.dumps({"settings": {**{k: str(v) for k, v in vars(args).items() if k != "func"},
                                                              "dtype": str(target.dtype).removeprefix("torch.")},
-                                                  "machine": machine, "summary": table, "runs": records}, indent=1))
+                                                  "machine": machine, "summary": table, "head_pairs": pairs, "runs": records}, indent=1))
     md = markdown(table, header)
+    if pairs:
+        md += "\nHeads side by side, per turn (the --draft head's tau minus the compared head's):\n\n" + head_pairs_markdown(pairs)
     if mismatches:
         md += "\nOutputs that differ from plain decoding:\n" + "".join(
             f"- question {r['question_id']} turn {r['turn']} {r['method']}\n" for r in mismatches)

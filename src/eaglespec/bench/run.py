@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -287,6 +288,33 @@ def summarize(records: list[dict]) -> dict:
                 "tree_nodes": round(sum(sizes) / len(sizes), 2) if sizes else None,  # verified per step
             }
     return table
+
+
+def head_pairs(records: list[dict]) -> list[dict]:
+    """For each `METHOD@NAME` (a --compare-draft head) the per-turn tau of METHOD (the --draft head)
+    minus that of METHOD@NAME on the same turns: mean, its standard error, and on how many turns
+    each head was ahead. Pairing by turn removes the questions' own spread, which dwarfs a head's."""
+    tau = {(r["method"], r["question_id"], r["turn"]): r["tau"] for r in records}
+    out = []
+    for compared in dict.fromkeys(r["method"] for r in records if "@" in r["method"]):
+        method = compared.split("@", 1)[0]
+        diffs = [tau[(method, q, t)] - v for (m, q, t), v in tau.items() if m == compared and (method, q, t) in tau]
+        if not diffs:
+            continue
+        mean = sum(diffs) / len(diffs)
+        var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) if len(diffs) > 1 else float("nan")
+        out.append({"method": method, "compared": compared, "turns": len(diffs), "tau_diff": round(mean, 4),
+                    "std_err": round(math.sqrt(var / len(diffs)), 4), "ahead": sum(d > 0 for d in diffs),
+                    "behind": sum(d < 0 for d in diffs)})
+    return out
+
+
+def head_pairs_markdown(pairs: list[dict]) -> str:
+    lines = ["| method | against | turns | tau difference (mean +- s.e.) | turns ahead | turns behind |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {p['method']} | {p['compared']} | {p['turns']} | {p['tau_diff']:+.3f} +- {p['std_err']:.3f} | "
+              f"{p['ahead']} | {p['behind']} |" for p in pairs]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(table: dict, header: str) -> str:
