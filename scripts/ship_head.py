@@ -25,10 +25,13 @@ def main() -> None:
     ap.add_argument("--bench", type=Path, default=None, help="results.json of an eaglespec bench run")
     ap.add_argument("--feature-log", default=None, help="one line on how long the feature dump took")
     ap.add_argument("--note", action="append", default=[], help="a line for the card's Notes section (repeatable)")
+    ap.add_argument("--keep-notes", action="store_true",
+                    help="start the Notes section with the notes of the card being replaced (earlier stages' notes)")
     args = ap.parse_args()
 
     head = DraftHead.from_pretrained(args.run / "head")
     card = json.loads((args.run / "head" / "training.json").read_text())
+    notes = (previous_notes(args.dest / "README.md") if args.keep_notes else []) + args.note
     if args.dest.exists():
         shutil.rmtree(args.dest)
     head.save_pretrained(args.dest, dtype=torch.bfloat16)
@@ -66,10 +69,21 @@ def main() -> None:
                   f"{res['settings'].get('max_new_tokens')} new tokens, {res['settings'].get('dtype')}, temperature "
                   f"{res['settings'].get('temperature')}; {res['machine']}.", ""]
         lines += [f"- {m}: tau {v['tau']}, speedup {v['speedup']}x{bench_label(m, s, args.run)}" for m, v in s.items()]
-    if args.note:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in args.note]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     (args.dest / "README.md").write_text("\n".join(lines) + "\n")
     print(f"shipped {args.run / 'head'} -> {args.dest}")
+
+
+def previous_notes(readme: Path) -> list[str]:
+    """The bullet lines of a card's Notes section (its last section), without the bullet."""
+    if not readme.is_file():
+        return []
+    text = readme.read_text()
+    if "\n## Notes\n" not in text:
+        return []
+    section = text.split("\n## Notes\n", 1)[1]
+    return [line[2:] for line in section.splitlines() if line.startswith("- ")]
 
 
 def lineage(card: dict) -> list[dict]:
@@ -94,7 +108,9 @@ def bench_label(method: str, summary: dict, run: Path) -> str:
     compared = any(m.endswith(mine) for m in summary)
     if compared:
         return " (this head)" if method.endswith(mine) else (" (the head it was compared with)" if "eagle" in method else "")
-    return " (this head)" if method.startswith("eagle") and "@" not in method else ""
+    if "@" in method:
+        return " (the head it was compared with)"
+    return " (this head)" if method.startswith("eagle") else ""
 
 
 def turn_counts(run: Path, card: dict) -> dict[int, int] | None:
@@ -124,6 +140,11 @@ def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | Non
                   f"shortest first) and {later}, whose context is the conversation so far with the target's own earlier "
                   f"answers (only the new answer carries loss); {card.get('train_tokens')} tokens, "
                   f"{card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
+    elif card.get("regenerated") and data.get("leading_assistant") == "only":
+        own = card.get("train_rows", 0) - sum(card.get("also_features", {}).values())
+        source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) to the first user turn of "
+                  f"{own} later parts of split ShareGPT V3 conversations (rows that open with an assistant turn, which "
+                  f"is dropped; prompts of at most 512 tokens, shortest first).")
     elif card.get("regenerated"):
         source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) to the first user turn of "
                   f"{card.get('train_rows')} ShareGPT V3 conversations (prompts of at most 512 tokens, shortest first); "
@@ -133,6 +154,10 @@ def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | Non
                   f"target's chat template, at most 1024 tokens each; {card.get('train_tokens')} tokens, "
                   f"{card.get('train_loss_tokens')} of them assistant tokens (the loss positions). Rows skipped as malformed: "
                   + ", ".join(f"{k} {v}" for k, v in data.get("skipped", {}).items()) + ".")
+    if card.get("also_features"):
+        joined = ", ".join(f"{d} ({n} rows)" for d, n in card["also_features"].items())
+        source += (f" Joined by the rows of other runs' feature folders: {joined}; {card.get('train_rows')} rows, "
+                   f"{card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
     precision = card.get("mixed_precision", cfg.get("mixed_precision", "bf16"))
     autocast = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(precision, "fp32, no autocast")
     out = [
