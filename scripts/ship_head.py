@@ -172,7 +172,8 @@ def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | Non
         out.append(f"- Training-time test: {cfg['ttt_steps']} draft steps unrolled, each fed the head's own predicted "
                    f"features; step s's loss weighs {cfg.get('ttt_decay')}^s.")
     if card.get("initialized_from"):
-        out.append(f"- Started from the stage before's head ({card['initialized_from']}).")
+        at = f" at commit {card['initialized_from_commit'][:10]}" if card.get("initialized_from_commit") else ""
+        out.append(f"- Started from the stage before's head ({card['initialized_from']}{at}).")
     return out
 
 

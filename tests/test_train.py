@@ -805,3 +805,34 @@ def test_train_data_killed_in_the_background_writes_its_answers_to_the_store(tmp
     assert 3 <= len(written) < 200
     kept = {k for chunk in store.glob("answers-*.npz") for k in read_chunk(chunk)}
     assert written <= kept
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_init_head_commit_is_named_only_while_the_folder_is_as_committed(tmp_path):
+    """A stage fine-tuned from the shipped head records the commit that holds that head, since the
+    next stage overwrites the folder; an edited or untracked folder gets no commit."""
+    import subprocess
+
+    from eaglespec.train.cli import committed_at
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "config.json").write_text("{}")
+    assert committed_at(head) is None  # not a git work tree
+    git("init", "-q")
+    assert committed_at(head) is None  # untracked
+    git("add", "head")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "head")
+    shipped = git("rev-parse", "HEAD")
+    (tmp_path / "other.txt").write_text("x")
+    git("add", "other.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "later")
+    assert committed_at(head) == shipped  # the commit that last changed the folder, not HEAD
+    (head / "model.safetensors").write_text("new")
+    assert committed_at(head) is None  # a file git does not know
+    (head / "model.safetensors").unlink()
+    (head / "config.json").write_text('{"a": 1}')
+    assert committed_at(head) is None  # edited

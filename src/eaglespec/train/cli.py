@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import signal
+import subprocess
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -211,11 +212,30 @@ def stage_head(args) -> None:
         if not args.init.is_dir():
             raise FileNotFoundError(f"--init: no head folder at {args.init}")
         card["initialized_from"] = str(args.init)
+        commit = committed_at(args.init)
+        if commit:  # a shipped head's folder is overwritten by the next stage: name the version too
+            card["initialized_from_commit"] = commit
         parent_card = args.init / "training.json"
         if parent_card.is_file():  # the whole lineage travels with the head, as run folders may not
             card["parent"] = json.loads(parent_card.read_text())
     result = train_head(parts, train_rows, val_rows, args.out, cfg, extra_card=card, init_from=args.init)
     print(json.dumps({"head": str(args.out / "head"), "validation": result}))
+
+
+def committed_at(folder: Path) -> str | None:
+    """The last git commit that changed `folder`, when the folder is exactly as that commit left it
+    (every file tracked and unmodified), or None: not in a git work tree, untracked or edited files,
+    or no git."""
+    try:
+        def git(*cmd: str) -> str:
+            return subprocess.run(["git", *cmd], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        tracked = git("ls-files", "--", ".").splitlines()
+        if not files or len(tracked) != len(files) or git("status", "--porcelain", "--", "."):
+            return None
+        return git("log", "-1", "--format=%H", "--", ".") or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def cmd_train(args) -> int:
