@@ -114,14 +114,16 @@ def bench_label(method: str, summary: dict, run: Path) -> str:
 
 
 def turn_counts(run: Path, card: dict) -> dict[int, int] | None:
-    """Rows per user turn among the run's training rows (a later turn's row is `{id}#t{t}`), read
-    from its regenerated data, whose first `train_rows` rows are the ones it trained on."""
+    """Rows per user turn among the run's own training rows (a later turn's row is `{id}#t{t}`),
+    read from its regenerated data, whose first rows are the ones it trained on (`train_rows` less
+    the rows of joined `also_features` folders)."""
     path = run / "data" / "train.regen.jsonl"
     if not card.get("regenerated") or not path.is_file():
         return None
     counts: Counter[int] = Counter()
+    own = card.get("train_rows", 0) - sum(card.get("also_features", {}).values())  # the rest are joined folders'
     with path.open() as f:
-        for _, line in zip(range(card.get("train_rows", 0)), f):
+        for _, line in zip(range(own), f):
             counts[_turn_of(json.loads(line)["id"])] += 1
     return dict(sorted(counts.items()))
 
@@ -135,11 +137,13 @@ def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | Non
     written = "/".join(d.replace("bfloat16", "bf16").replace("float32", "fp32") for d in data.get("regen_dtypes", ["bf16"]))
     if card.get("regenerated") and turns and len(turns) > 1:
         later = ", ".join(f"{n} to turn {t}" for t, n in turns.items() if t > 1)
-        source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) in {card.get('train_rows')} rows: "
+        source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) in {sum(turns.values())} rows: "
                   f"{turns.get(1, 0)} to the first user turn of ShareGPT V3 conversations (prompts of at most 512 tokens, "
                   f"shortest first) and {later}, whose context is the conversation so far with the target's own earlier "
-                  f"answers (only the new answer carries loss); {card.get('train_tokens')} tokens, "
-                  f"{card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
+                  f"answers (only the new answer carries loss)")
+        # with joined folders the totals below cover every row, so they are given once, there
+        source += "." if card.get("also_features") else (
+            f"; {card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
     elif card.get("regenerated") and data.get("leading_assistant") == "only":
         own = card.get("train_rows", 0) - sum(card.get("also_features", {}).values())
         source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) to the first user turn of "

@@ -836,3 +836,22 @@ def test_init_head_commit_is_named_only_while_the_folder_is_as_committed(tmp_pat
     (head / "model.safetensors").unlink()
     (head / "config.json").write_text('{"a": 1}')
     assert committed_at(head) is None  # edited
+
+
+def test_ship_card_counts_a_runs_own_rows_apart_from_joined_folders(tmp_path):
+    """A multi-turn run joined by other runs' feature folders: the card counts the run's own rows
+    per turn, and gives the all-rows totals once, with the joined folders."""
+    spec = importlib.util.spec_from_file_location("ship_head", Path(__file__).parents[1] / "scripts" / "ship_head.py")
+    ship_head = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_head)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.regen.jsonl",
+                [{"id": i, "input_ids": [1, 2], "loss_mask": [0, 1]} for i in ("a_0", "b_0", "a_0#t2")])
+    card = {"regenerated": True, "train_rows": 7, "also_features": {"runs/x/features": 4},
+            "train_tokens": 70, "train_loss_tokens": 30, "data": {}, "config": {}}
+    turns = ship_head.turn_counts(tmp_path, card)
+    assert turns == {1: 2, 2: 1}
+    data_line = ship_head.stage_lines(card, None, turns)[0]
+    assert "in 3 rows: 2 to the first user turn" in data_line and "1 to turn 2" in data_line
+    assert "runs/x/features (4 rows); 7 rows, 70 tokens" in data_line
+    assert data_line.count("70 tokens") == 1
