@@ -44,6 +44,8 @@ def parse_tree(text: str) -> tuple[int, int, int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("head", type=Path)
+    ap.add_argument("--model", default=None,
+                    help="the head's target: transformers folder or .gguf file (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--questions", required=True, help="MT-bench / Spec-Bench question.jsonl, or a built-in set: sharegpt (held-out ShareGPT prompts)")
     ap.add_argument("--limit", type=int, default=4, help="questions per category")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -56,7 +58,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the per-question figures here (JSON)")
     args = ap.parse_args()
 
-    target = load_target(dtype=args.dtype, max_len=args.max_len)
+    target = load_target(args.model, dtype=args.dtype, max_len=args.max_len)
     head = DraftHead.from_pretrained(args.head)  # for the simulation, in float32
     parts = FrozenTargetParts.from_target(target)
     vocab_ids = head.draft_token_ids()

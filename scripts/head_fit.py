@@ -38,14 +38,16 @@ def agreement(head: DraftHead, parts: FrozenTargetParts, rows: list[dict], batch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("head", type=Path)
+    ap.add_argument("--model", default=None,
+                    help="the target the run's features came from: transformers folder or .gguf file "
+                         "(default: SmolLM2-135M-Instruct)")
     ap.add_argument("--run", type=Path, required=True, help="run directory with features/ and val_features/")
     ap.add_argument("--rows", type=int, default=48, help="rows of each set (training rows drawn at random)")
     ap.add_argument("--also-features", type=Path, nargs="+", default=[], metavar="DIR",
                     help="the feature folders the head's stage also trained on (as `train head --also-features`): "
                          "held-out prompts they train on are left out too, so the rows are the trainer's")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    parts = FrozenTargetParts.from_target(load_target(dtype="float32", pack=False))
+    parts = FrozenTargetParts.from_target(load_target(args.model, dtype="float32", pack=False))
     head = DraftHead.from_pretrained(args.head)
     train = load_shards(args.run / "features")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.rows].tolist()
@@ -55,6 +57,9 @@ def main() -> None:
     vocab_ids = head.draft_token_ids()
     print("| rows | step 1 | step 2 | step 3 | CE step 1 | simulated tau |\n|---|---|---|---|---|---|")
     for name, rows in sets.items():
+        if not rows:  # e.g. every held-out prompt was also trained on
+            print(f"| {name} (0) | - | - | - | - | - |")
+            continue
         m = agreement(head, parts, rows)
         with torch.no_grad():
             sim = simulate_chains(head, parts, parts.lm_head[vocab_ids], vocab_ids, rows)
@@ -62,4 +67,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(2)
     main()

@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,14 @@ from eaglespec.train.trainer import EpochBatches, FrozenTargetParts, TrainConfig
 def conv(i: int, n_words: int = 12) -> dict:
     words = " ".join(WORDS[7 + (i * 7 + j) % 89] for j in range(n_words))
     return {"id": f"row{i}", "conversations": [{"from": "human", "value": words}, {"from": "gpt", "value": words}]}
+
+
+def load_script(name: str):
+    """A module from the repository's scripts/ folder (they are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_jsonl(path, rows, raw_lines=()):
@@ -308,8 +317,9 @@ def test_training_can_start_from_an_existing_head(tmp_path, tiny_training):
     assert not torch.allclose(a["fc.weight"].float(), c["fc.weight"].float())
 
 
-def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
-    src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 10) for i in range(40)])
+def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    # row219 hashes to the validation split, and its prompt opens no training row
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(219, 10)] + [conv(i, 10) for i in range(40)])
     args = ["train", "run", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(src),
             "--max-rows", "20", "--seq-len", "48", "--steps", "6", "--batch-size", "2", "--draft-vocab", "30",
             "--checkpoint-every", "3", "--rows-per-shard", "8", "--ttt-steps", "2", "--p-weight", "0.5"]
@@ -325,6 +335,13 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
                  "--max-new-tokens", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 6
     assert "head" in out
+    # scripts/head_fit.py scores a head of any target (--model) on its run's rows
+    head_fit = load_script("head_fit")
+    monkeypatch.setattr(sys, "argv", ["head_fit.py", str(head_dir), "--model", str(tiny_model_dir),
+                                      "--run", str(tmp_path / "run"), "--rows", "3"])
+    head_fit.main()
+    table = capsys.readouterr().out
+    assert "| train (3) |" in table and "| held-out (1) |" in table
     # a fine-tune from that head carries its training card, so a shipped card can list every stage
     # even after the earlier run folders are gone
     run2 = tmp_path / "run2"
@@ -340,9 +357,7 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert second["train_rows"] == 2 * first["train_rows"]
     assert second["also_features"] == {str(tmp_path / "run" / "features"): first["train_rows"]}
     shutil.rmtree(tmp_path / "run")
-    spec = importlib.util.spec_from_file_location("ship_head", Path(__file__).parents[1] / "scripts" / "ship_head.py")
-    ship_head = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship_head)
+    ship_head = load_script("ship_head")
     assert ship_head.lineage(second) == [first, second]
 
 
@@ -841,9 +856,7 @@ def test_init_head_commit_is_named_only_while_the_folder_is_as_committed(tmp_pat
 def test_ship_card_counts_a_runs_own_rows_apart_from_joined_folders(tmp_path):
     """A multi-turn run joined by other runs' feature folders: the card counts the run's own rows
     per turn, and gives the all-rows totals once, with the joined folders."""
-    spec = importlib.util.spec_from_file_location("ship_head", Path(__file__).parents[1] / "scripts" / "ship_head.py")
-    ship_head = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship_head)
+    ship_head = load_script("ship_head")
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "train.regen.jsonl",
                 [{"id": i, "input_ids": [1, 2], "loss_mask": [0, 1]} for i in ("a_0", "b_0", "a_0#t2")])
