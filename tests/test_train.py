@@ -885,3 +885,66 @@ def test_ship_card_counts_a_runs_own_rows_apart_from_joined_folders(tmp_path):
     assert "first user turn" not in later_only and later_only.count("70 tokens") == 1
     first_only = ship_head.stage_lines(card, None, {1: 3})[0]
     assert "to the first user turn of 3 ShareGPT V3 conversations" in first_only and first_only.count("70 tokens") == 1
+
+
+def prose(i: int, marker: str = "") -> str:
+    """An English-looking passage of about 400 characters, different for each i."""
+    words = ["river", "stone", "market", "garden", "window", "letter", "bridge", "winter", "signal", "harbor",
+             "lantern", "meadow", "copper", "season", "travel", "pocket", "silver", "forest", "planet", "basket"]
+    return " ".join([marker] * bool(marker) + [f"entry{i}"] + [words[(i * 3 + j * 7) % len(words)] for j in range(60)]) + "."
+
+
+def test_make_prompts_writes_fresh_prompts_that_train_data_answers(tmp_path, tiny_model_dir):
+    """scripts/make_prompts.py: passages come only from ShareGPT's training split, the same seed
+    writes the same rows, ids follow the prompt, math problems have the answers they claim, and
+    `train data --regenerate` answers every row, replacing the placeholder."""
+    import random
+    import re
+
+    from eaglespec.train.data import load_jsonl
+
+    mp = load_script("make_prompts")
+    rows = []
+    for i in range(400):
+        rid = f"p{i}"
+        held_out = split_of(rid) != "train"
+        rows.append({"id": rid, "conversations": [{"from": "human", "value": "tell me"},
+                                                  {"from": "gpt", "value": prose(i, "HELDOUT" if held_out else "")}]})
+    src = write_jsonl(tmp_path / "sharegpt.jsonl", rows)
+    counts = {"extraction": 30, "math": 60, "stem": 20, "humanities": 20}
+    built = mp.build(random.Random(0), counts, str(src))
+    assert built == mp.build(random.Random(0), counts, str(src))
+    assert built != mp.build(random.Random(1), counts, str(src))
+    kinds = Counter(r["kind"] for r in built)
+    assert kinds["extraction"] == 30 and kinds["math"] > 40 and kinds["stem"] > 10 and kinds["humanities"] > 10
+    assert len({r["id"] for r in built}) == len(built)
+    for r in built:
+        prompt = r["conversations"][0]["value"]
+        assert "HELDOUT" not in prompt and "{" not in prompt.replace('{"', "")  # templates fully filled
+        assert r["id"].endswith(hashlib_digest(prompt)) and r["id"].startswith(f"synth-{r['kind']}-")
+    # a sample of generated problems, solved: they have the answers their numbers promise
+    rng = random.Random(3)
+    templates = {f.__name__: f for f in mp._math_templates()}
+    for _ in range(50):
+        m = re.fullmatch(r"Solve for x: (\d+)x ([+-]) (\d+) = (-?\d+)\. Show each step\.", templates["linear"](rng))
+        a, sign, b, rhs = int(m[1]), m[2], int(m[3]), int(m[4])
+        assert (rhs - (b if sign == "+" else -b)) % a == 0  # an integer solution
+        m = re.search(r"is (\d+) years older .* In (\d+) years the sum of their ages will be (\d+)\.", templates["ages"](rng))
+        diff, k, total = int(m[1]), int(m[2]), int(m[3])
+        assert (total - 2 * k - diff) % 2 == 0 and total - 2 * k - diff > 0  # the younger one's age is a whole number
+    # the file runs through train data --regenerate: every row answered, no placeholder left
+    out = tmp_path / "prompts.jsonl"
+    write_jsonl(out, built[:6])
+    assert main(["train", "data", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(out),
+                 "--regenerate", "--gen-tokens", "4", "--gen-batch", "3", "--threads", "1"]) == 0
+    kept = load_jsonl(tmp_path / "run" / "data" / "train.jsonl")
+    regen = load_jsonl(tmp_path / "run" / "data" / "train.regen.jsonl")
+    assert kept and {r["id"] for r in regen} == {r["id"] for r in kept}
+    for r in regen:
+        assert 1 <= sum(r["loss_mask"]) <= 4
+
+
+def hashlib_digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
