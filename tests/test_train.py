@@ -885,6 +885,10 @@ def test_ship_card_counts_a_runs_own_rows_apart_from_joined_folders(tmp_path):
     assert "first user turn" not in later_only and later_only.count("70 tokens") == 1
     first_only = ship_head.stage_lines(card, None, {1: 3})[0]
     assert "to the first user turn of 3 ShareGPT V3 conversations" in first_only and first_only.count("70 tokens") == 1
+    # rows rendered from a file of prompts say so
+    card["data"] = {"source": "runs/synth/prompts.jsonl"}
+    from_file = ship_head.stage_lines(card, None, {1: 3})[0]
+    assert "to the first user turn of 3 conversations of `prompts.jsonl`" in from_file and "ShareGPT" not in from_file
 
 
 def prose(i: int, marker: str = "") -> str:
@@ -942,6 +946,11 @@ def test_make_prompts_writes_fresh_prompts_that_train_data_answers(tmp_path, tin
     assert kept and {r["id"] for r in regen} == {r["id"] for r in kept}
     for r in regen:
         assert 1 <= sum(r["loss_mask"]) <= 4
+    report = json.loads((tmp_path / "run" / "data" / "data_report.json").read_text())
+    assert report["source"] == str(out)
+    # the folder's rows came from that file: asking it for the package's rows is refused, not mixed in
+    with pytest.raises(SystemExit, match="prompts.jsonl"):
+        main(["train", "data", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--regenerate"])
 
 
 def hashlib_digest(text: str) -> str:

