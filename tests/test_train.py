@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -912,15 +913,22 @@ def test_make_prompts_writes_fresh_prompts_that_train_data_answers(tmp_path, tin
     for i in range(400):
         rid = f"p{i}"
         held_out = split_of(rid) != "train"
-        rows.append({"id": rid, "conversations": [{"from": "human", "value": "tell me"},
+        ask = f"please tell me about thing {i}" + (" HELDOUT" if held_out else "")
+        rows.append({"id": rid, "conversations": [{"from": "human", "value": ask},
                                                   {"from": "gpt", "value": prose(i, "HELDOUT" if held_out else "")}]})
     src = write_jsonl(tmp_path / "sharegpt.jsonl", rows)
-    counts = {"extraction": 30, "math": 60, "stem": 20, "humanities": 20}
+    counts = {"extraction": 30, "math": 60, "stem": 20, "humanities": 20,
+              "reasoning": 40, "classify": 20, "writing": 20, "explain": 20}
     built = mp.build(random.Random(0), counts, str(src))
     assert built == mp.build(random.Random(0), counts, str(src))
     assert built != mp.build(random.Random(1), counts, str(src))
     kinds = Counter(r["kind"] for r in built)
     assert kinds["extraction"] == 30 and kinds["math"] > 40 and kinds["stem"] > 10 and kinds["humanities"] > 10
+    assert kinds["reasoning"] > 30 and kinds["classify"] > 15 and kinds["writing"] > 15 and kinds["explain"] > 10
+    # kinds added later leave an older set's file as it was: zero of them rebuilds it exactly
+    first = {k: counts[k] for k in ("extraction", "math", "stem", "humanities")}
+    assert mp.build(random.Random(0), first, str(src)) == mp.build(
+        random.Random(0), {**first, "reasoning": 0, "classify": 0, "writing": 0, "explain": 0}, str(src))
     assert len({r["id"] for r in built}) == len(built)
     for r in built:
         prompt = r["conversations"][0]["value"]
@@ -936,6 +944,26 @@ def test_make_prompts_writes_fresh_prompts_that_train_data_answers(tmp_path, tin
         m = re.search(r"is (\d+) years older .* In (\d+) years the sum of their ages will be (\d+)\.", templates["ages"](rng))
         diff, k, total = int(m[1]), int(m[2]), int(m[3])
         assert (total - 2 * k - diff) % 2 == 0 and total - 2 * k - diff > 0  # the younger one's age is a whole number
+    # classification prompts list short user turns (of the training split only: HELDOUT above)
+    listed = [r for r in built if r["kind"] == "classify" and "\n1. please tell me about thing " in r["conversations"][0]["value"]]
+    assert len(listed) >= 5
+    # ordering puzzles state a chain without a contradiction, and walks end a whole number of km away
+    for _ in range(50):
+        m = re.fullmatch(r"(.*) (Who is the \w+\?|Rank them from first to last\.) Explain your reasoning\.",
+                         mp._reasoning_templates()[0](rng))
+        pairs = re.findall(r"(\w+) is \w+ than (\w+)\.", m[1])
+        names = {a for a, _ in pairs} | {b for _, b in pairs}
+        assert len(pairs) == len(names) - 1 and len({a for a, _ in pairs}) == len(pairs)  # one chain
+        m = re.search(r"walks (\d+) km north, then turns right and walks (\d+) km", mp._reasoning_templates()[6](rng))
+        assert (int(m[1]) ** 2 + int(m[2]) ** 2) ** 0.5 % 1 == 0
+    # --exclude leaves out the prompts of an earlier file
+    earlier = write_jsonl(tmp_path / "earlier.jsonl", built[:10])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_prompts.py"
+    again = tmp_path / "again.jsonl"
+    subprocess.run([sys.executable, str(script), "--out", str(again), "--source", str(src), "--exclude", str(earlier),
+                    *[a for k, n in counts.items() for a in (f"--{k}", str(n))]], check=True, capture_output=True)
+    again_ids = {r["id"] for r in load_jsonl(again)}
+    assert again_ids == {r["id"] for r in built[10:]}
     # the file runs through train data --regenerate: every row answered, no placeholder left
     out = tmp_path / "prompts.jsonl"
     write_jsonl(out, built[:6])
