@@ -27,6 +27,7 @@ def load_script(name: str):
     """A module from the repository's scripts/ folder (they are not part of the package)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -166,3 +166,78 @@ def test_dynamic_drafting_stops_early_only_when_the_tree_cannot_change():
             fired += drafters[0].early_stops
             assert drafters[1].early_stops == 0
     assert fired > 0  # the shortcut was taken, so the equality above tested it
+
+
+def _tree_calibration():
+    from test_train import load_script
+    return load_script("tree_calibration")
+
+
+def test_tree_calibration_judges_candidates_against_what_the_target_wrote():
+    """scripts/tree_calibration.py: a candidate is right only if its whole path is the output;
+    selections replay EAGLE-2's top-N rule; the ceiling is the deepest right path cut to N - 1."""
+    import math
+
+    tc = _tree_calibration()
+    log = math.log
+    # root -> a (0.7), b (0.2); a -> c (0.9), d (0.05); b -> e (0.8)
+    scores = [log(0.7), log(0.2), log(0.7 * 0.9), log(0.7 * 0.05), log(0.2 * 0.8)]
+    parents = [-1, -1, 0, 0, 1]
+    tokens = [10, 11, 12, 13, 12]  # e has c's token under the wrong parent
+    step = tc.to_step(scores, parents, tokens, truth=[10, 13, 99])
+    assert step.right == [True, False, False, True, False]
+    assert step.depth == [1, 1, 2, 2, 2]
+    assert step.top == [True, False, True, False, True]
+    assert math.isclose(step.prob[2], 0.9) and math.isclose(step.prob[4], 0.8)
+    # draft order: a .7, c .63, b .2, e .16, d .035: the right d comes last
+    assert [tc.accept_length(step, step.scores, n) for n in (1, 2, 3, 5, 6)] == [1, 2, 2, 2, 3]
+    assert [tc.ceiling(step, n) for n in (1, 2, 3, 6)] == [1, 2, 3, 3]
+    table = tc.calibration([step])
+    # parent-right candidates only: a, b (root's), c, d (a is right); e's parent b is wrong
+    assert sum(n for n, _ in table.values()) == 4 and sum(r for _, r in table.values()) == 2
+    assert table[(9, True)] == (1, 0)  # c: p 0.9, top guess, wrong
+    # a table that says top guesses of p >= .9 are never right and others always are ranks d early
+    rates = {(9, True): 0.0, (0, False): 1.0, (7, True): 1.0, (2, False): 0.5}
+    cal = tc.calibrated_scores(step, rates)
+    assert all(cal[c] <= cal[p] for c, p in enumerate(parents) if p >= 0)
+    assert tc.accept_length(step, cal, 3) == 3
+    # steps_of: output[0] is the first root; the second root is output[3] after a step that added 3
+    out = [5, 10, 13, 99, 11, 12, 7]
+    steps = tc.steps_of(out, [3, 1, 1], [(scores, parents, tokens)] * 3, max_depth=3)
+    assert len(steps) == 2  # the third (root output[4]) lacks 3 tokens of truth
+    assert steps[0].right == step.right and steps[1].right == [False, True, False, False, True]
+
+
+def test_tree_calibration_replay_reproduces_the_engine_acceptance():
+    """Replaying the draft rule on the recorded candidates with the run's own tree size gives the
+    accept lengths the engine measured, step by step: the recording and judging are faithful."""
+    import torch
+    from helpers import oracle_head, tiny_target
+
+    from eaglespec.drafter import EagleDrafter, TreeConfig
+    from eaglespec.generate import GenerationConfig, Generator
+
+    tc = _tree_calibration()
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    plain = Generator(target, None)
+    g = torch.Generator().manual_seed(3)
+    checked, lengths = 0, set()
+    for cfg in (TreeConfig(top_k=3, depth=5, total_tokens=8), TreeConfig(top_k=3, depth=5, total_tokens=4),
+                TreeConfig(top_k=4, depth=5, total_tokens=6), TreeConfig(top_k=2, depth=4, total_tokens=3)):
+        drafter = EagleDrafter(oracle_head(target, noise=0.6), target, cfg)
+        engine = Generator(target, drafter)
+        ids = torch.randint(2, target.vocab_size, (6,), generator=g)
+        drafter.candidate_log = []
+        config = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+        out = [t for chunk in engine.generate_ids(ids, config) for t in chunk]
+        accepted = engine.last_stats.accept_lengths
+        assert out == [t for chunk in plain.generate_ids(ids, config) for t in chunk]
+        proposals = [(s.tolist(), p.tolist(), t.tolist()) for s, p, t in drafter.candidate_log]
+        assert len(proposals) == len(accepted)
+        steps = tc.steps_of(out, accepted, proposals, cfg.depth)
+        for step, measured in zip(steps, accepted):
+            assert tc.accept_length(step, step.scores, cfg.total_tokens) == measured
+            assert tc.ceiling(step, cfg.total_tokens) >= measured
+            lengths.add(measured)
+        checked += len(steps)
+    assert checked > 20 and len(lengths) > 2  # several steps, and not all alike

@@ -168,6 +168,10 @@ class EagleDrafter(Drafter):
         # fewer head runs). It costs a host sync per depth, which is free on a CPU only.
         self.stop_early = device.type == "cpu"
         self.early_stops = 0  # how many proposals stopped early
+        #: when a list, each dynamic proposal appends its candidates before selection as (scores
+        #: [C] cumulative log-probabilities, parents [C], tokens [C]), in creation order
+        #: (scripts/tree_calibration.py reads them); None records nothing
+        self.candidate_log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self.cache = self.head.new_cache(target.max_len + self.slots, device, dtype)
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_features: list[torch.Tensor] = []
@@ -320,10 +324,10 @@ class EagleDrafter(Drafter):
                 front_tokens, front_scores = all_tokens[-1][best], scores[best]
                 front_feats, front_rows = hidden[best // k], rows[best // k]
             n_cand += k * k
-        tree, _ = select_dynamic(
-            torch.cat(all_scores), torch.cat(all_parents), torch.cat(all_tokens), cfg.total_tokens, cfg.depth,
-            min_score=floor,
-        )
+        scores, parents, tokens = torch.cat(all_scores), torch.cat(all_parents), torch.cat(all_tokens)
+        if self.candidate_log is not None:
+            self.candidate_log.append((scores, parents, tokens))
+        tree, _ = select_dynamic(scores, parents, tokens, cfg.total_tokens, cfg.depth, min_score=floor)
         tree.tokens[0] = root[0]
         return tree
 
