@@ -485,14 +485,16 @@ def test_regenerate_later_turns_continue_the_targets_own_conversation(tmp_path, 
     assert len(load_jsonl(tmp_path / "data" / "train.regen.jsonl")) == len(out)
 
 
-def test_train_data_renders_more_rows_when_asked_and_regeneration_appends(tmp_path, tiny_model_dir):
+def test_train_data_renders_more_rows_when_asked_and_regeneration_appends(tmp_path, tiny_model_dir, caplog):
     from eaglespec.train.data import load_jsonl
 
     src = write_jsonl(tmp_path / "d.jsonl", [conv(i, 3 + i % 4) for i in train_ids(8)])
     base = ["train", "data", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(src),
             "--regenerate", "--gen-tokens", "4", "--gen-batch", "2"]
     data = tmp_path / "run" / "data"
-    assert main(base + ["--max-rows", "3"]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(base + ["--max-rows", "3"]) == 0
+    assert "kept the first 3 training rows" in caplog.text  # the file's other rows are not silently lost
     first = load_jsonl(data / "train.regen.jsonl")
     assert len(load_jsonl(data / "train.jsonl")) == 3 and len(first) == 3
     assert main(base + ["--max-rows", "6"]) == 0
@@ -500,7 +502,9 @@ def test_train_data_renders_more_rows_when_asked_and_regeneration_appends(tmp_pa
     assert len(load_jsonl(data / "train.jsonl")) == 6 and grown[:3] == first and len(grown) == 6
     report = json.loads((data / "data_report.json").read_text())
     assert report["kept"]["train"] == 6 and not report["exhausted"]
+    caplog.clear()
     assert main(base + ["--max-rows", "50"]) == 0  # the source has 8: rendered, then never again
+    assert "kept the first" not in caplog.text
     assert json.loads((data / "data_report.json").read_text())["exhausted"]
     assert len(load_jsonl(data / "train.regen.jsonl")) == 8
 
@@ -977,6 +981,11 @@ def test_make_prompts_writes_fresh_prompts_that_train_data_answers(tmp_path, tin
         assert 1 <= sum(r["loss_mask"]) <= 4
     report = json.loads((tmp_path / "run" / "data" / "data_report.json").read_text())
     assert report["source"] == str(out)
+    # the report counts the target's answers, not the placeholders they replaced
+    written = report["regenerated"]["train"]
+    assert written == {"rows": len(regen), "tokens": sum(len(r["input_ids"]) for r in regen),
+                       "loss_tokens": sum(sum(r["loss_mask"]) for r in regen)}
+    assert written["loss_tokens"] < report["loss_tokens"]  # a placeholder is longer than 4 tokens
     # the folder's rows came from that file: asking it for the package's rows is refused, not mixed in
     with pytest.raises(SystemExit, match="prompts.jsonl"):
         main(["train", "data", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--regenerate"])

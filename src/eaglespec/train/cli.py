@@ -106,7 +106,7 @@ def _source_name(source: str | Path | None) -> str | None:
 
 
 def stage_data(args) -> None:
-    from eaglespec.train.data import prepare, regenerate
+    from eaglespec.train.data import count_rows, prepare, regenerate
 
     data_dir = args.out / "data"
     report_path = data_dir / "data_report.json"
@@ -155,6 +155,11 @@ def stage_data(args) -> None:
         signal.signal(signal.SIGTERM, _interrupt)
         regenerate(target, data_dir, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch,
                    turns=args.regen_turns, store=store)
+        # `tokens` and `loss_tokens` above count the rendered rows, whose answers (ShareGPT's, or a
+        # prompt file's placeholders) training never sees: count what the target wrote
+        report["regenerated"] = {s: count_rows(data_dir / f"{s}.regen.jsonl") for s in ("train", "val")
+                                 if (data_dir / f"{s}.regen.jsonl").is_file()}
+        report_path.write_text(json.dumps(report, indent=2))
     print(json.dumps({"data": report}))
 
 

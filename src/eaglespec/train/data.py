@@ -227,6 +227,9 @@ def prepare(
                 break
         else:
             report.exhausted = True
+        if not report.exhausted and source is not None:
+            log.warning("kept the first %d training rows of %s and left the rest: raise --max-rows to use more",
+                        report.kept["train"], source)
     finally:
         for f in files.values():
             f.close()
@@ -277,6 +280,18 @@ def _digest(text: str) -> bytes:
 def load_jsonl(path: Path) -> list[dict]:
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def count_rows(path: Path) -> dict[str, int]:
+    """Rows, tokens and loss tokens of a rendered or regenerated JSONL file."""
+    rows = tokens = loss_tokens = 0
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            rows += 1
+            tokens += len(row["input_ids"])
+            loss_tokens += sum(row["loss_mask"])
+    return dict(rows=rows, tokens=tokens, loss_tokens=loss_tokens)
 
 
 def regenerate(target, data_dir: Path, max_new_tokens: int = 256, batch_size: int = 16,
