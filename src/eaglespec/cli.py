@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from eaglespec.drafter import CPU_BF16_NO_AMX_TREE, CPU_FP32_TREE, TreeConfig, default_tree
+from eaglespec.drafter import CPU_BF16_AMX_TREE, CPU_BF16_NO_AMX_TREE, CPU_FP32_TREE, TreeConfig, default_tree
 
 log = logging.getLogger("eaglespec")
 
@@ -45,11 +45,11 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
     d = TreeConfig()
     g.add_argument("--tree", choices=["static", "dynamic"], default=d.kind)
-    f, b16 = CPU_FP32_TREE, CPU_BF16_NO_AMX_TREE
+    f, amx, b16 = CPU_FP32_TREE, CPU_BF16_AMX_TREE, CPU_BF16_NO_AMX_TREE
 
     def tree_help(what: str, key: str) -> str:
-        return (f"dynamic tree: {what} (default {getattr(d, key)}; fp32 on CPU: {f[key]}; "
-                f"bf16 on a CPU without AMX: {b16[key]})")
+        return (f"dynamic tree: {what} (default {getattr(d, key)}; on CPU: fp32 {f[key]}, "
+                f"bf16 with AMX {amx[key]}, bf16 without AMX {b16[key]})")
 
     g.add_argument("--top-k-draft", type=int, default=None, help=tree_help("children per node", "top_k"))
     g.add_argument("--depth", type=int, default=None, help=tree_help("deepest guess", "depth"))

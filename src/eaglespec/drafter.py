@@ -62,9 +62,9 @@ class NoDrafter(Drafter):
 class TreeConfig:
     """The shape of the draft tree.
 
-    Defaults suit a 2-core CPU computing bf16 with AMX and a 135M target, where each verified node
-    costs time: see the README for the sweep that chose them (`scripts/tree_sweep.py`).
-    `default_tree` gives the shape for where a target runs.
+    Defaults are a fixed 16-node tree, chosen in early sessions on a 2-core AMX CPU (README,
+    `scripts/tree_sweep.py`) and kept for GPUs; `default_tree` gives the shape for where a target
+    runs (CPUs get a confidence floor).
     """
 
     kind: Literal["static", "dynamic"] = "dynamic"  # EAGLE-1 static tree or EAGLE-2 dynamic tree
@@ -108,16 +108,25 @@ CPU_FP32_TREE = dict(top_k=4, depth=8, total_tokens=20, min_prob=0.1)
 CPU_BF16_NO_AMX_TREE = dict(top_k=4, depth=8, total_tokens=32, min_prob=0.05)
 
 
+#: bf16 on a CPU with AMX (a Xeon): a node costs little, so the floor is lower and the tree deeper
+#: than without AMX. With the stage-14 head on MT-bench first turns (256 tokens), against the fixed
+#: 16 nodes (top_k 4, depth 5) that were the default: 1.99x / tau 3.27 vs 1.98x / 3.14 on 16 turns
+#: (`scripts/tree_sweep.py --dtype bfloat16`), 1.89x / 3.06 vs 1.87x / 2.98 on 32 (`eaglespec
+#: bench --limit 4`), both at about 15 nodes per step (README, session 24).
+CPU_BF16_AMX_TREE = dict(top_k=4, depth=8, total_tokens=32, min_prob=0.02)
+
+
 def default_tree(device: torch.device, dtype: torch.dtype, **overrides) -> TreeConfig:
     """The dynamic tree for a target on `device` in `dtype`; `overrides` (e.g. from the command
-    line) win. On a CPU, fp32 and bf16 without AMX verify nodes at full arithmetic cost and get a
-    floored tree; bf16 with AMX, GPUs keep a fixed 16 nodes."""
+    line) win. On a CPU every tree has a confidence floor: high in fp32 and bf16 without AMX, which
+    verify nodes at full arithmetic cost, low in bf16 with AMX; other dtypes and GPUs keep a fixed
+    16 nodes (TreeConfig's defaults)."""
     base = {}
     if torch.device(device).type == "cpu":
         if dtype == torch.float32:
             base = CPU_FP32_TREE
-        elif dtype == torch.bfloat16 and not has_amx():
-            base = CPU_BF16_NO_AMX_TREE
+        elif dtype == torch.bfloat16:
+            base = CPU_BF16_AMX_TREE if has_amx() else CPU_BF16_NO_AMX_TREE
     return TreeConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
