@@ -93,7 +93,7 @@ def test_real_process_exit_code(tiny_model_dir):
 @pytest.mark.parametrize("dtype, extra, want", [
     # fp32 on CPU: every verified node costs full arithmetic, so only likely guesses are verified
     ("float32", [], (4, 8, 20, 0.1)),
-    ("bfloat16", [], (4, 8, 32, 0.02) if has_amx() else (4, 8, 32, 0.05)),  # AMX makes a node cheap
+    ("bfloat16", [], (4, 10, 32, 0.02) if has_amx() else (4, 8, 32, 0.05)),  # AMX makes a node cheap
     ("float32", ["--total-tokens", "6", "--top-k-draft", "2", "--min-draft-prob", "0"], (2, 8, 6, 0.0)),  # flags win
 ])
 def test_the_default_tree_follows_the_targets_dtype(tiny_model_dir, tmp_path, dtype, extra, want):
@@ -126,8 +126,7 @@ def test_bf16_on_a_cpu_with_amx_gets_a_lower_floor(monkeypatch, amx):
 
     monkeypatch.setattr(drafter_mod, "has_amx", lambda: amx)
     tree = drafter_mod.default_tree(torch.device("cpu"), torch.bfloat16)
-    assert tree.min_prob == (0.02 if amx else 0.05)
-    assert (tree.top_k, tree.depth, tree.total_tokens) == (4, 8, 32)
+    assert (tree.top_k, tree.depth, tree.total_tokens, tree.min_prob) == ((4, 10, 32, 0.02) if amx else (4, 8, 32, 0.05))
     gpu = drafter_mod.default_tree(torch.device("cuda"), torch.bfloat16)
     assert (gpu.min_prob, gpu.depth, gpu.total_tokens) == (0.0, 5, 16)  # GPUs: the fixed tree
     assert drafter_mod.default_tree(torch.device("cpu"), torch.float16).min_prob == 0.0
