@@ -461,6 +461,8 @@ def train(data: Path, target: str | None, out: Path, cfg: Eagle3TrainConfig, dev
     final["finished"] = state["step"] >= total
     final["minutes"] = (time.monotonic() - started) / 60
     final["seconds_per_step"] = float(np.mean(step_times)) if step_times else None
+    if dev.type == "cuda":
+        final["max_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     write_metrics(final)
     return final
 
