@@ -2,18 +2,27 @@
 # Train an EAGLE-3 head on a GPU machine without network access, from the repository root.
 #
 #   tools/gpu_train_eagle3.sh [MINUTES] [extra arguments of python -m eaglespec.train.eagle3]
+#   tools/gpu_train_eagle3.sh --stage    only copy the target pieces carried in this call to
+#                                        /tmp/eagle3-target-parts (for a target too big for one call)
 #
 # Inputs (beside the repository):
 #   .whl/*.whl                 wheels the machine lacks (gguf, for a GGUF target), installed into /tmp/site
-#   .gpu/target.gguf.part*     the target GGUF in pieces (cat in name order), or .gpu/target.gguf,
-#                              or TARGET=PATH (a .gguf file or a transformers folder)
-#   DATA=PATH                  the packed training set (default: .gpu/sharegpt-smollm2.npz, else
+#   .gpu*/target.gguf.part*    the target GGUF in pieces, in any .gpu* folders and in pieces staged by an
+#                              earlier --stage call on the same (warm) machine; joined in name order.
+#                              Or .gpu*/target.gguf, or TARGET=PATH (a .gguf file or a transformers folder).
+#   DATA=PATH                  the packed training set (default: the first of .gpu*/*.npz and
 #                              runs/eagle3/sharegpt-smollm2.npz), from `python -m eaglespec.train.pack`
 # Outputs, in "$OUT" (at most 8 files of < 16 MiB come back): metrics.json, train.log, config.json,
 # and model.safetensors, cut into model.safetensors.part-aa, -ab, ... when larger than 15 MiB
 # (rejoin with `cat model.safetensors.part-* > model.safetensors`).
 set -euo pipefail
 
+STAGE=/tmp/eagle3-target-parts
+if [ "${1:-}" = "--stage" ]; then
+    mkdir -p "$STAGE"
+    cp -v .gpu*/target.gguf.part* "$STAGE"/
+    exit 0
+fi
 MINUTES="${1:-6}"
 shift || true
 OUT="${OUT:-runs/eagle3/gpu-out}"
@@ -33,24 +42,27 @@ export TOKENIZERS_PARALLELISM=false
 
 TARGET="${TARGET:-}"
 if [ -z "$TARGET" ]; then
-    if compgen -G ".gpu/target.gguf.part*" > /dev/null; then
-        cat $(ls .gpu/target.gguf.part* | sort) > /tmp/target.gguf
+    parts=$(ls .gpu*/target.gguf.part* "$STAGE"/target.gguf.part* 2>/dev/null \
+            | awk -F/ '{print $NF "\t" $0}' | sort -u -k1,1 | cut -f2 || true)
+    if [ -n "$parts" ]; then
+        cat $parts > /tmp/target.gguf
+        say "joined $(echo $parts | wc -w) pieces: $(md5sum /tmp/target.gguf | cut -c1-32)"
         TARGET=/tmp/target.gguf
-    elif [ -f .gpu/target.gguf ]; then
-        TARGET=.gpu/target.gguf
+    elif compgen -G ".gpu*/target.gguf" > /dev/null; then
+        TARGET=$(ls .gpu*/target.gguf | head -1)
     else
-        say "no target: give .gpu/target.gguf.part*, .gpu/target.gguf or TARGET=PATH"
+        say "no target: give .gpu*/target.gguf.part*, .gpu*/target.gguf or TARGET=PATH"
         exit 2
     fi
 fi
 DATA="${DATA:-}"
 if [ -z "$DATA" ]; then
-    for f in .gpu/sharegpt-smollm2.npz runs/eagle3/sharegpt-smollm2.npz; do
+    for f in .gpu*/*.npz runs/eagle3/sharegpt-smollm2.npz; do
         if [ -f "$f" ]; then DATA="$f"; break; fi
     done
 fi
 if [ -z "$DATA" ] || [ ! -f "$DATA" ]; then
-    say "no packed data: give DATA=PATH or .gpu/sharegpt-smollm2.npz"
+    say "no packed data: give DATA=PATH or .gpu*/sharegpt-smollm2.npz"
     exit 2
 fi
 say "target $TARGET ($(du -h "$TARGET" | cut -f1)), data $DATA ($(du -h "$DATA" | cut -f1)), budget $MINUTES min"
