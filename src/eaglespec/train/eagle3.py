@@ -349,7 +349,7 @@ def train(data: Path, target: str | None, out: Path, cfg: Eagle3TrainConfig, dev
             log.warning("torch.compile failed (%s): training eagerly", e)
 
     per_epoch = len(epoch_batches(packed, train_rows, cfg.batch_tokens, cfg.seed, 0))
-    state = {"step": 0, "epoch": 0, "batch": 0, "total_steps": None, "history": []}
+    state = {"step": 0, "epoch": 0, "batch": 0, "total_steps": None, "history": [], "train_loss": []}
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -380,7 +380,7 @@ def train(data: Path, target: str | None, out: Path, cfg: Eagle3TrainConfig, dev
         doc = {"config": asdict(cfg), "aux_layer_ids": list(layer_ids), "draft_vocab": int(len(vocab_np)),
                "draft_vocab_coverage": packed.meta.get("draft_vocab_coverage"), "train_rows": int(len(train_rows)),
                "val_rows": int(len(val_rows)), "batches_per_epoch": per_epoch, "device": str(dev),
-               "total_steps": state["total_steps"], "history": state["history"]}
+               "total_steps": state["total_steps"], "history": state["history"], "train_loss": state["train_loss"]}
         if final is not None:
             doc["final"] = final
         metrics_path.write_text(json.dumps(doc, indent=2))
@@ -419,6 +419,7 @@ def train(data: Path, target: str | None, out: Path, cfg: Eagle3TrainConfig, dev
             state["batch"] += 1
             loss = float(st.loss.detach())  # host sync, once per step
             step_times.append(time.monotonic() - t0)
+            state["train_loss"].append(loss)
             acc0 = float(st.correct[0].sum()) / max(float(st.valid[0].sum()), 1.0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", acc0=f"{acc0:.3f}", epoch=state["epoch"],
