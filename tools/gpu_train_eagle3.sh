@@ -2,25 +2,31 @@
 # Train an EAGLE-3 head on a GPU machine without network access, from the repository root.
 #
 #   tools/gpu_train_eagle3.sh [MINUTES] [extra arguments of python -m eaglespec.train.eagle3]
-#   tools/gpu_train_eagle3.sh --stage    only copy the target pieces carried in this call to
-#                                        /tmp/eagle3-target-parts (for a target too big for one call)
+#   tools/gpu_train_eagle3.sh --stage    only copy what this call carried in .gpu*/ and .whl/ to
+#                                        /tmp/eagle3-stage, where a later call on the same (warm)
+#                                        machine finds it: inputs too big for one 64 MiB transfer
+#                                        travel over several calls
 #
 # Inputs (beside the repository):
 #   .whl/*.whl                 wheels the machine lacks (gguf, for a GGUF target), installed into /tmp/site
-#   .gpu*/target.gguf.part*    the target GGUF in pieces, in any .gpu* folders and in pieces staged by an
-#                              earlier --stage call on the same (warm) machine; joined in name order.
+#   .gpu*/target.gguf.part*    the target GGUF in pieces, in any .gpu* folders and in /tmp/eagle3-stage;
+#                              joined in name order.
 #                              Or .gpu*/target.gguf, or TARGET=PATH (a .gguf file or a transformers folder).
-#   DATA=PATH                  the packed training set (default: the first of .gpu*/*.npz and
-#                              runs/eagle3/sharegpt-smollm2.npz), from `python -m eaglespec.train.pack`
+#   DATA=PATH                  the packed training set (default: the first of .gpu*/*.npz,
+#                              /tmp/eagle3-stage/*.npz and runs/eagle3/sharegpt-smollm2.npz), written by
+#                              `python -m eaglespec.train.pack`
 # Outputs, in "$OUT" (at most 8 files of < 16 MiB come back): metrics.json, train.log, config.json,
 # and model.safetensors, cut into model.safetensors.part-aa, -ab, ... when larger than 15 MiB
 # (rejoin with `cat model.safetensors.part-* > model.safetensors`).
 set -euo pipefail
 
-STAGE=/tmp/eagle3-target-parts
+STAGE=/tmp/eagle3-stage
 if [ "${1:-}" = "--stage" ]; then
     mkdir -p "$STAGE"
-    cp -v .gpu*/target.gguf.part* "$STAGE"/
+    for f in .gpu*/* .whl/*.whl; do
+        if [ -f "$f" ]; then cp "$f" "$STAGE"/; fi
+    done
+    ls -l "$STAGE"
     exit 0
 fi
 MINUTES="${1:-6}"
@@ -32,13 +38,14 @@ LOG="$OUT/train.log"
 : > "$LOG"
 say() { echo "[gpu_train_eagle3] $*" | tee -a "$LOG"; }
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python -m pip install --quiet --no-deps --no-index --target /tmp/site .whl/*.whl >> "$LOG" 2>&1
-    say "installed $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
+wheels=$(ls .whl/*.whl "$STAGE"/*.whl 2>/dev/null | awk -F/ '{print $NF "\t" $0}' | sort -u -k1,1 | cut -f2 || true)
+if [ -n "$wheels" ]; then
+    python -m pip install --quiet --no-deps --no-index --no-compile --upgrade --target /tmp/site $wheels >> "$LOG" 2>&1
+    say "installed $(for w in $wheels; do basename "$w"; done | tr '\n' ' ')"
 fi
 export PYTHONPATH="src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export EAGLESPEC_CACHE="${EAGLESPEC_CACHE:-/tmp/eaglespec-cache}"  # where a GGUF target is converted
-export TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 TARGET="${TARGET:-}"
 if [ -z "$TARGET" ]; then
@@ -46,7 +53,11 @@ if [ -z "$TARGET" ]; then
             | awk -F/ '{print $NF "\t" $0}' | sort -u -k1,1 | cut -f2 || true)
     if [ -n "$parts" ]; then
         cat $parts > /tmp/target.gguf
-        say "joined $(echo $parts | wc -w) pieces: $(md5sum /tmp/target.gguf | cut -c1-32)"
+        say "joined $(echo $parts | wc -w) pieces: $(stat -c %s /tmp/target.gguf) bytes, md5 $(md5sum /tmp/target.gguf | cut -c1-32)"
+        if [ "$(head -c 4 /tmp/target.gguf)" != "GGUF" ]; then
+            say "the joined target does not start with GGUF's magic: a piece is missing or out of order"
+            exit 2
+        fi
         TARGET=/tmp/target.gguf
     elif compgen -G ".gpu*/target.gguf" > /dev/null; then
         TARGET=$(ls .gpu*/target.gguf | head -1)
@@ -57,7 +68,7 @@ if [ -z "$TARGET" ]; then
 fi
 DATA="${DATA:-}"
 if [ -z "$DATA" ]; then
-    for f in .gpu*/*.npz runs/eagle3/sharegpt-smollm2.npz; do
+    for f in .gpu*/*.npz "$STAGE"/*.npz runs/eagle3/sharegpt-smollm2.npz; do
         if [ -f "$f" ]; then DATA="$f"; break; fi
     done
 fi
@@ -71,11 +82,10 @@ python -c "import torch, transformers, accelerate; print('torch', torch.__versio
 
 # H200 settings: 64k padded tokens per batch (about 50-500 rows, bucketed by length), 7 unrolled
 # steps, bf16 autocast; without --max-steps the cosine schedule is sized to fit the budget.
-status=0
+status=0  # the log is written as it goes (a run killed at its time limit keeps it)
 python -m eaglespec.train.eagle3 --data "$DATA" --target "$TARGET" --out "$RUN" --device "${DEVICE:-cuda}" \
     --max-minutes "$MINUTES" --batch-tokens 65536 --ttt-steps 7 --draft-vocab 8192 --lr 6e-4 \
-    --warmup-steps 50 --eval-every 150 --checkpoint-every 150 "$@" 2>&1 \
-    | tr '\r' '\n' | awk 'NR % 20 == 1 || !/step\/s|s\/step/' >> "$LOG" || status=$?
+    --warmup-steps 50 --eval-every 150 --checkpoint-every 150 "$@" >> "$LOG" 2>&1 || status=$?
 say "training exited with status $status"
 
 [ -f "$RUN/metrics.json" ] && cp "$RUN/metrics.json" "$OUT/"

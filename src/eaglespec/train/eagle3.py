@@ -395,7 +395,7 @@ def train(data: Path, target: str | None, out: Path, cfg: Eagle3TrainConfig, dev
         return m
 
     eval_seconds = 0.0
-    bar = tqdm(total=total, initial=state["step"], desc="eagle3", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state["step"], desc="eagle3", unit="step", dynamic_ncols=True, mininterval=2.0)
     step_times: list[float] = []
     try:
         head.train()
