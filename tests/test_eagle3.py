@@ -80,6 +80,26 @@ def test_capture_concatenates_calls_with_a_cache():
     assert not decoder.layers[2]._forward_pre_hooks  # hooks are removed on exit
 
 
+def test_capture_around_the_engines_target():
+    """The engine's use: wrap Target.prefill / Target.forward (a tree forward, run in blocks where
+    the target verifies big trees that way) and read [n, 3H] per call."""
+    from helpers import tiny_target
+
+    target = tiny_target(layers=LAYERS, hidden=HIDDEN, vocab=VOCAB)
+    ids = torch.randint(0, VOCAB, (10,))
+    decoder = target.decoder
+    with torch.no_grad(), capture_aux(decoder, aux_layer_ids(LAYERS)) as whole:
+        decoder(input_ids=ids[None])
+    with capture_aux(decoder, aux_layer_ids(LAYERS)) as aux:
+        target.prefill(ids[:6])
+    prefix = aux.fused()[0]  # [6, 3H]
+    target.exact_rows = 2  # verify in blocks of 2 nodes: three decoder calls for one tree
+    with capture_aux(decoder, aux_layer_ids(LAYERS)) as aux:
+        target.forward(ids[6:], tree_mask=torch.ones(4, 4, dtype=torch.bool).tril_())
+    tree = aux.fused()[0]  # [4, 3H]
+    torch.testing.assert_close(torch.cat([prefix, tree]), whole.fused()[0], rtol=1e-4, atol=1e-4)
+
+
 # -- the head ------------------------------------------------------------------------------------------
 
 
