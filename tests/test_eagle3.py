@@ -420,3 +420,15 @@ def test_kill_and_resume_reach_the_same_state(toy_run):
     assert a["state"]["train_loss"] == b["state"]["train_loss"]
     for k, v in a["head"].items():
         assert torch.equal(v, b["head"][k]), k
+
+
+def test_compile_falls_back_to_eager(monkeypatch):
+    from eaglespec.train import eagle3 as trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(trainer.torch, "compile", lambda fn, **kw: broken)
+    wrapped = trainer.CompiledOrEager(lambda x: x + 1)
+    assert wrapped(1) == 2 and wrapped.works is False
+    assert wrapped(2) == 3

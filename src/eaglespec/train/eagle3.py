@@ -264,6 +264,30 @@ class Stop:
         self.requested = True
 
 
+class CompiledOrEager:
+    """torch.compile of `fn`, falling back to `fn` itself if the first compiled call fails (compiling
+    happens then, not at torch.compile); a failure after a compiled call worked is raised."""
+
+    def __init__(self, fn) -> None:
+        self.eager = fn
+        self.compiled = torch.compile(fn, dynamic=True)
+        self.works: bool | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self.works is False:
+            return self.eager(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compile failure means eager, which is always correct
+            if self.works:
+                raise
+            log.warning("torch.compile failed (%s: %s): training eagerly", type(e).__name__, e)
+            self.works = False
+            return self.eager(*args, **kwargs)
+        self.works = True
+        return out
+
+
 def load_target_model(path: str | None, device: torch.device, dtype: torch.dtype):
     """The frozen target: a transformers folder, or a GGUF file (converted once; needs `gguf`)."""
     from transformers import AutoModelForCausalLM
@@ -343,10 +367,7 @@ def train(data: Path, target: str | None, out: Path, cfg: Eagle3TrainConfig, dev
     raw_head: Eagle3Head = accelerator.unwrap_model(head)
     unrolled = raw_head.forward_unrolled
     if cfg.compile:
-        try:
-            raw_head.forward_unrolled = torch.compile(raw_head.forward_unrolled, dynamic=True)
-        except Exception as e:  # noqa: BLE001 - any compile failure means eager, which is always correct
-            log.warning("torch.compile failed (%s): training eagerly", e)
+        raw_head.forward_unrolled = CompiledOrEager(unrolled)
 
     per_epoch = len(epoch_batches(packed, train_rows, cfg.batch_tokens, cfg.seed, 0))
     state = {"step": 0, "epoch": 0, "batch": 0, "total_steps": None, "history": [], "train_loss": []}
