@@ -90,6 +90,7 @@ def write_pack(path: Path, rows: list[dict], vocab_size: int, meta: dict | None 
         np.savez_compressed(tmp, tokens=tokens.astype(dtype), offsets=offsets, loss_bits=np.packbits(mask),
                             row_ids=np.array([r["id"] for r in rows], dtype=str), split=split,
                             token_counts=counts, meta=np.array(json.dumps(meta)))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the copy that travels to another machine private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
