@@ -19,6 +19,7 @@
 # and model.safetensors, cut into model.safetensors.part-aa, -ab, ... when larger than 15 MiB
 # (rejoin with `cat model.safetensors.part-* > model.safetensors`).
 set -euo pipefail
+PY="${PYTHON:-python3}"
 
 STAGE=/tmp/eagle3-stage
 if [ "${1:-}" = "--stage" ]; then
@@ -40,7 +41,7 @@ say() { echo "[gpu_train_eagle3] $*" | tee -a "$LOG"; }
 
 wheels=$(ls .whl/*.whl "$STAGE"/*.whl 2>/dev/null | awk -F/ '{print $NF "\t" $0}' | sort -u -k1,1 | cut -f2 || true)
 if [ -n "$wheels" ]; then
-    python -m pip install --quiet --no-deps --no-index --no-compile --upgrade --target /tmp/site $wheels >> "$LOG" 2>&1
+    "$PY" -m pip install --quiet --no-deps --no-index --no-compile --upgrade --target /tmp/site $wheels >> "$LOG" 2>&1
     say "installed $(for w in $wheels; do basename "$w"; done | tr '\n' ' ')"
 fi
 export PYTHONPATH="src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -78,14 +79,26 @@ if [ -z "$DATA" ] || [ ! -f "$DATA" ]; then
 fi
 say "target $TARGET ($(du -h "$TARGET" | cut -f1)), data $DATA ($(du -h "$DATA" | cut -f1)), budget $MINUTES min"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader >> "$LOG" 2>&1 || true
-python -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" >> "$LOG" 2>&1
+"$PY" -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" >> "$LOG" 2>&1
 
 # H200 settings: 64k padded tokens per batch (about 50-500 rows, bucketed by length), 7 unrolled
 # steps, bf16 autocast; without --max-steps the cosine schedule is sized to fit the budget.
 status=0  # the log is written as it goes (a run killed at its time limit keeps it)
-python -m eaglespec.train.eagle3 --data "$DATA" --target "$TARGET" --out "$RUN" --device "${DEVICE:-cuda}" \
-    --max-minutes "$MINUTES" --batch-tokens 65536 --ttt-steps 7 --draft-vocab 8192 --lr 6e-4 \
-    --warmup-steps 50 --eval-every 150 --checkpoint-every 150 "$@" >> "$LOG" 2>&1 || status=$?
+started=$(date +%s)
+train() {  # train BATCH_TOKENS MINUTES RUN_DIR [extra...]
+    local tokens=$1 minutes=$2 run=$3; shift 3
+    "$PY" -m eaglespec.train.eagle3 --data "$DATA" --target "$TARGET" --out "$run" --device "${DEVICE:-cuda}" \
+        --max-minutes "$minutes" --batch-tokens "$tokens" --ttt-steps 7 --draft-vocab 8192 --lr 6e-4 \
+        --warmup-steps 50 --eval-every 150 --checkpoint-every 150 "$@" >> "$LOG" 2>&1
+}
+train 65536 "$MINUTES" "$RUN" "$@" || status=$?
+if [ "$status" -ne 0 ] && grep -qi "out of memory" "$LOG"; then
+    # one retry at half the batch, in the time left: a borrowed GPU has no second chance
+    left=$(awk -v m="$MINUTES" -v s="$(( $(date +%s) - started ))" 'BEGIN { printf "%.1f", m - s / 60 - 0.3 }')
+    say "out of memory at 64k tokens per batch: retrying at 32k for $left min"
+    RUN="$RUN-32k"; mkdir -p "$RUN"; status=0
+    train 32768 "$left" "$RUN" "$@" || status=$?
+fi
 say "training exited with status $status"
 
 [ -f "$RUN/metrics.json" ] && cp "$RUN/metrics.json" "$OUT/"
