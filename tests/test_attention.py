@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from helpers import oracle_head, tiny_target
 
 from eaglespec.attention import FP32_ATTENTION, fp32_attention, register
+from eaglespec.backends import optimize_target
 from eaglespec.drafter import EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.target import Target
@@ -41,7 +42,10 @@ def bf16_target(attn: str, pack: bool = True):
     """A tiny bf16 target; with pack, its linears pre-packed as load_target does on CPU."""
     model = tiny_target("llama", copyable=True, logit_scale=30.0, hidden=128, pack=False).model.to(torch.bfloat16)
     model.set_attn_implementation(attn)
-    return Target(model, tokenizer=None, max_len=512, pack=pack)
+    target = Target(model, tokenizer=None, max_len=512)
+    if pack:
+        optimize_target(target)
+    return target
 
 
 def chain_vs_steps(target, prompt, cont) -> tuple[torch.Tensor, torch.Tensor]:

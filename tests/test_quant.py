@@ -1,4 +1,4 @@
-"""Int8 draft weights (eaglespec/quant.py): close to the full-precision draft, never lossy."""
+"""Int8 draft weights (eaglespec/backends/cpu/quant.py): close to the full-precision draft, never lossy."""
 
 import pytest
 import torch
@@ -6,9 +6,10 @@ from helpers import oracle_head, tiny_target
 from torch import nn
 
 from eaglespec.attention import register
+from eaglespec.backends import optimize_target
+from eaglespec.backends.cpu.quant import Int8Linear, int8_kernel_available, quantize_linears, quantize_weight
 from eaglespec.drafter import EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
-from eaglespec.quant import Int8Linear, int8_kernel_available, quantize_linears, quantize_weight
 from eaglespec.target import Target
 
 
@@ -61,6 +62,7 @@ def test_int8_draft_is_lossless_and_proposes_nearly_what_the_full_draft_does(dty
         model = target.model.to(dtype)
         model.set_attn_implementation(register())
         target = Target(model, tokenizer=None, max_len=512)
+        optimize_target(target)
     head = oracle_head(target, noise=0.2)
     cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
     plain = Generator(target)

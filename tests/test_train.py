@@ -10,8 +10,9 @@ import pytest
 import torch
 from helpers import WORDS, greedy_rows, tiny_target
 
+from eaglespec.backends import auto_dtype
 from eaglespec.cli import main
-from eaglespec.target import auto_dtype, load_target
+from eaglespec.target import load_target
 from eaglespec.train.data import heldout_prompts, prepare, read_rows, render, split_of
 from eaglespec.train.features import dump_features, load_shards, shard_name
 from eaglespec.draft import DraftHead, head_config_from_target

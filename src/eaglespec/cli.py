@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from eaglespec.drafter import CPU_BF16_AMX_TREE, CPU_BF16_NO_AMX_TREE, CPU_FP32_TREE, TreeConfig, default_tree
+from eaglespec.backends import default_tree
+from eaglespec.backends.cpu.trees import CPU_BF16_AMX_TREE, CPU_BF16_NO_AMX_TREE, CPU_FP32_TREE
+from eaglespec.drafter import TreeConfig
 
 log = logging.getLogger("eaglespec")
 

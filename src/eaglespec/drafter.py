@@ -17,10 +17,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from eaglespec.backends import convert_draft, draft_setup
 from eaglespec.draft import DraftHead, check_fits
-from eaglespec.packed import PackedLinear, pack_linears, packing_available
-from eaglespec.quant import Int8Linear, int8_pays, quantize_linears
-from eaglespec.target import Target, has_amx
+from eaglespec.target import Target
 from eaglespec.tree import STATIC_PRESETS, DraftTree, graft_chain, make_tree, root_only, select_dynamic, static_shape
 
 
@@ -62,9 +61,9 @@ class NoDrafter(Drafter):
 class TreeConfig:
     """The shape of the draft tree.
 
-    Defaults are a fixed 16-node tree, chosen in early sessions on a 2-core AMX CPU (README,
-    `scripts/tree_sweep.py`) and kept for GPUs; `default_tree` gives the shape for where a target
-    runs (CPUs get a confidence floor).
+    Defaults are a fixed 16-node tree, chosen early on a 2-core AMX CPU (README,
+    `scripts/tree_sweep.py`) and kept for GPUs; `eaglespec.backends.default_tree` gives the shape for
+    where a target runs (CPUs get a confidence floor).
     """
 
     kind: Literal["static", "dynamic"] = "dynamic"  # EAGLE-1 static tree or EAGLE-2 dynamic tree
@@ -93,44 +92,6 @@ class TreeConfig:
         return self.static_paths if self.static_paths is not None else STATIC_PRESETS[self.static_tree]
 
 
-#: fp32 on CPU: a verified node costs 3-4 ms of fp32 arithmetic on 2 AVX2 cores (a 16-node forward
-#: 1.79x a one-node one), so a node pays only if it is likely to be accepted. On 8 MT-bench first
-#: turns (`scripts/tree_sweep.py --dtype float32`, an AVX2 EPYC) a fixed 10 nodes gave 1.28x against
-#: 1.05x for 16; on 16 first turns (256 tokens) a tree of up to 20 nodes that verifies only guesses
-#: of draft probability >= 0.1 gave 1.41x against 1.29x for the fixed 10 (README, session 12).
-CPU_FP32_TREE = dict(top_k=4, depth=8, total_tokens=20, min_prob=0.1)
-
-
-#: bf16 on a CPU with AVX-512 bf16 but no AMX (a Zen 4 EPYC): a 16-node forward costs 1.49x a
-#: one-node one, so here too a floor beats a fixed tree. On 8 MT-bench first turns (128 tokens,
-#: `scripts/tree_sweep.py --dtype bfloat16`, two sweeps) it gave 1.46x and 1.45x against 1.27x
-#: for the AMX default of 16 fixed nodes and 1.31x / 1.37x for 10 (README, session 14).
-CPU_BF16_NO_AMX_TREE = dict(top_k=4, depth=8, total_tokens=32, min_prob=0.05)
-
-
-#: bf16 on a CPU with AMX (a Xeon): a node costs little, so the floor is lower and the tree deeper
-#: than without AMX. With the stage-14 head on MT-bench first turns (256 tokens), against the fixed
-#: 16 nodes (top_k 4, depth 5) that were the default: depth 8 read 1.99x / tau 3.27 vs 1.98x / 3.14
-#: on 16 turns (`scripts/tree_sweep.py --dtype bfloat16`), 1.89x / 3.06 vs 1.87x / 2.98 on 32
-#: (`eaglespec bench --limit 4`), both at about 15 nodes per step; depth 10 added 0.06 and 0.03 tau
-#: at the same speed (README, session 24).
-CPU_BF16_AMX_TREE = dict(top_k=4, depth=10, total_tokens=32, min_prob=0.02)
-
-
-def default_tree(device: torch.device, dtype: torch.dtype, **overrides) -> TreeConfig:
-    """The dynamic tree for a target on `device` in `dtype`; `overrides` (e.g. from the command
-    line) win. On a CPU every tree has a confidence floor: high in fp32 and bf16 without AMX, which
-    verify nodes at full arithmetic cost, low in bf16 with AMX; other dtypes and GPUs keep a fixed
-    16 nodes (TreeConfig's defaults)."""
-    base = {}
-    if torch.device(device).type == "cpu":
-        if dtype == torch.float32:
-            base = CPU_FP32_TREE
-        elif dtype == torch.bfloat16:
-            base = CPU_BF16_AMX_TREE if has_amx() else CPU_BF16_NO_AMX_TREE
-    return TreeConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-
 class EagleDrafter(Drafter):
     """Drafts with an EAGLE head over the target's features, as a static or dynamic tree."""
 
@@ -142,17 +103,12 @@ class EagleDrafter(Drafter):
         (eaglespec/quant.py; on a CPU a draft step is bound by reading them); "full" keeps them in
         `dtype`, pre-packed on CPU; "auto" is int8 where the int8 kernel pays (bf16 drafts on
         AVX-512 CPUs), full elsewhere. Neither choice changes what is accepted, only what is proposed."""
-        if weights not in ("auto", "int8", "full"):
-            raise ValueError(f"draft weights must be 'auto', 'int8' or 'full', got {weights!r}")
         check_fits(head, target.hidden_size, target.vocab_size)
         device = target.device
-        if dtype is None:
-            bf16 = target.dtype == torch.bfloat16 and packing_available(device, torch.bfloat16)
-            dtype = torch.bfloat16 if bf16 else torch.float32
-        self.dtype = dtype
-        self.int8 = weights == "int8" or (weights == "auto" and int8_pays(device, dtype))
-        packing = not self.int8 and packing_available(device, dtype)  # on CPU
-        if packing or self.int8:
+        setup = draft_setup(device, target.dtype, weights, dtype)
+        self.dtype = dtype = setup.dtype
+        self.int8 = setup.weights == "int8"
+        if setup.weights != "plain":
             head = copy.deepcopy(head)  # changed below: the caller's head stays a plain module
         self.head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.target_embed = target.embed
@@ -161,14 +117,9 @@ class EagleDrafter(Drafter):
         weight = target.lm_head.weight
         # [K, H] the LM head restricted to the draft vocabulary, in the head's dtype
         lm_weight = (weight[self.vocab_ids] if head.reduced_vocab else weight).to(dtype)
-        self.lm = nn.Linear(lm_weight.shape[1], lm_weight.shape[0], bias=False, device=device, dtype=dtype)
-        self.lm.weight = nn.Parameter(lm_weight, requires_grad=False)
-        if self.int8:
-            quantize_linears(self.head, dtype)
-            self.lm = Int8Linear(self.lm, dtype)
-        elif packing:
-            pack_linears(self.head)
-            self.lm = PackedLinear(self.lm)
+        lm = nn.Linear(lm_weight.shape[1], lm_weight.shape[0], bias=False, device=device, dtype=dtype)
+        lm.weight = nn.Parameter(lm_weight, requires_grad=False)
+        self.head, self.lm = convert_draft(self.head, lm, setup)
         if tree.kind == "static":
             self._init_static(tree, device)
         else:

@@ -22,8 +22,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from eaglespec.attention import FP32_ATTENTION, default_implementation, sdpa_prefill
+from eaglespec.backends import auto_dtype, exact_rows, optimize_target
 from eaglespec.kv_cache import TargetKVCache
-from eaglespec.packed import pack_linears, stock_rows_vary
+from eaglespec.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -47,48 +48,6 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> 
         return DTYPES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
-
-
-#: /proc/cpuinfo flags of CPUs with native bf16 arithmetic: AMX tiles (Xeon, Sapphire Rapids on)
-#: or AVX-512 bf16 dot products (Zen 4 EPYC, Cooper Lake). On a Zen 4 EPYC bf16 decoded 51 tok/s
-#: against 40.5 in fp32, speculative decoding 65 against 55, and a head training step with bf16
-#: autocast took 0.33-0.45 s against 0.86-1.0 s.
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def auto_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs that have it and on CPUs with native bf16 arithmetic (AMX or AVX-512 bf16);
-    float32 elsewhere, where bf16 matmuls are emulated and slow."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if native_bf16(cpu_flags()) else torch.float32
-    return torch.float32
-
-
-def native_bf16(cpuinfo: str) -> bool:
-    """The CPU described by `cpuinfo` (/proc/cpuinfo's text) computes bf16 natively."""
-    flags = set(cpuinfo.split())
-    return any(f in flags for f in NATIVE_BF16_FLAGS)
-
-
-def cpu_flags() -> str:
-    """/proc/cpuinfo's text ("" where there is none)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def has_amx() -> bool:
-    """This CPU has AMX bf16 tiles."""
-    return "amx_bf16" in set(cpu_flags().split())
-
-
-def cache_root() -> Path:
-    """Where converted weights live: $EAGLESPEC_CACHE, else ~/.cache/eaglespec."""
-    env = os.environ.get("EAGLESPEC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "eaglespec"
 
 
 def default_gguf_path() -> Path:
@@ -156,11 +115,6 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-#: on the CPUs we test, a half-precision matmul gives a row the same bits in a block of up to 32
-#: rows as alone; above that oneDNN switches kernels, so bigger trees are verified in blocks
-EXACT_HALF_ROWS = 32
-
-
 def cache_dtypes(config) -> tuple[torch.dtype | None, torch.dtype | None]:
     """KV storage dtypes: float64 keys and values for eaglespec's fp32 attention (what its sums
     run in, so no per-step conversion of the whole cache), the model's dtype otherwise."""
@@ -176,43 +130,33 @@ class TargetOutput:
 
 
 class Target:
-    """A causal LM with a preallocated KV cache and a forward over token trees."""
+    """A causal LM with a preallocated KV cache and a forward over token trees.
 
-    def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, max_len: int = 2048,
-        pack: bool = True,
-    ) -> None:
-        """pack: on CPU in bf16, pre-pack the linear weights for oneDNN (eaglespec/packed.py; the
-        same bits, several times faster); ignored elsewhere."""
+    The constructor leaves the model's modules as they are: making them fast on the hardware
+    (pre-packed weights on a CPU) is the explicit step `eaglespec.backends.optimize_target`, which
+    `load_target` takes by default."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, max_len: int = 2048) -> None:
         config = model.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise TargetLoadError(f"{config.model_type}: logits post-processed after the LM head are not supported")
         self.model = model.eval().requires_grad_(False)
-        self.packed_linears = pack_linears(model) if pack else 0
-        #: whether the model's linears give a row the same bits in any block of up to 32 rows as
-        #: alone (what makes a tree's verification match one-token decoding bit for bit); checked
-        #: on CPU where the model runs stock linears, assumed elsewhere
-        self.row_invariant = True
-        if model.device.type == "cpu" and self.packed_linears == 0:
-            varying = stock_rows_vary(model)
-            self.row_invariant = not varying
-            if varying:
-                log.warning("on this CPU the stock %s product of weight shapes %s gives a row other bits inside a "
-                            "block than alone: speculative output may part from plain decoding where two tokens "
-                            "nearly tie (packing, the default where oneDNN has it, avoids this)",
-                            model.dtype, varying)
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
-        #: largest tree verified in one forward (None: no limit); bigger trees run in blocks
-        self.exact_rows: int | None = EXACT_HALF_ROWS if self.dtype != torch.float32 and self.device.type == "cpu" else None
         self.embed = model.get_input_embeddings()
         self.config = config
         self.max_len = max_len
+        #: largest tree verified in one forward (None: no limit); bigger trees run in blocks
+        self.exact_rows: int | None = exact_rows(self.device, self.dtype)
         self.cache = TargetKVCache(config.num_hidden_layers, max_len, *cache_dtypes(config))
         #: prefill with sdpa under eaglespec's exact attention (attention.sdpa_prefill): every
         #: decoding path prefills a prompt alike, so only later steps need batch-invariant bits
         self.sdpa_prefill = True
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        """The LM head, read from the model each time (`optimize_target` may swap it for a packed one)."""
+        return self.model.get_output_embeddings()
 
     @property
     def device(self) -> torch.device:
@@ -312,20 +256,18 @@ class Target:
         return out
 
 
-def load_target(
+def load_model(
     model: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
-    max_len: int = 2048,
     attn_implementation: str | None = None,
-    pack: bool = True,
-) -> Target:
-    """Load the target: a transformers folder, a GGUF file, or (None) SmolLM2-135M-Instruct.
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The stock transformers model and tokenizer of a target: a transformers folder, a GGUF file,
+    or (None) SmolLM2-135M-Instruct.
 
     attn_implementation: None picks sdpa in float32 and, in half precision, eaglespec's float32
     attention, whose outputs do not depend on how many tokens are verified at once (see
     eaglespec/attention.py): without it bf16 speculative output drifts from plain decoding.
-    pack: pre-pack bf16 linear weights on CPU (see `Target`).
     """
     path = resolve_model_path(model)
     torch_dtype = parse_dtype(dtype, device)
@@ -338,4 +280,20 @@ def load_target(
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise TargetLoadError(f"could not load {path}: {e}") from e
-    return Target(hf_model, tokenizer, max_len=max_len, pack=pack)
+    return hf_model, tokenizer
+
+
+def load_target(
+    model: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    max_len: int = 2048,
+    attn_implementation: str | None = None,
+    pack: bool = True,
+) -> Target:
+    """`load_model`, wrapped in a `Target`, then `backends.optimize_target(target, pack=pack)`:
+    pack=False keeps stock linear weights (and checks their bits). For a target without the
+    optimization step, build `Target(*load_model(...))`."""
+    target = Target(*load_model(model, dtype, device, attn_implementation), max_len=max_len)
+    optimize_target(target, pack=pack)
+    return target
