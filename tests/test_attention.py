@@ -77,7 +77,7 @@ def test_bf16_speculative_greedy_equals_plain():
     register()
     target = bf16_target(FP32_ATTENTION)
     plain = Generator(target)
-    spec = Generator(target, EagleDrafter(oracle_head(target, noise=0.2), target, TreeConfig(kind="dynamic")))
+    spec = Generator(target, EagleDrafter.from_head(oracle_head(target, noise=0.2), target, TreeConfig(kind="dynamic")))
     cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
     g = torch.Generator().manual_seed(2)
     for _ in range(8):
@@ -155,7 +155,7 @@ def test_bf16_trees_over_32_nodes_run_in_blocks_and_keep_their_bits():
         chain, steps = chain_vs_steps(target, prompt, cont)
         assert torch.equal(chain, steps)
     plain = Generator(target)
-    spec = Generator(target, EagleDrafter(random_head(target), target, TreeConfig(kind="dynamic", top_k=8, total_tokens=48)))
+    spec = Generator(target, EagleDrafter.from_head(random_head(target), target, TreeConfig(kind="dynamic", top_k=8, total_tokens=48)))
     cfg = GenerationConfig(max_new_tokens=32, ignore_eos=True)
     for _ in range(3):
         prompt = torch.randint(2, target.vocab_size, (12,), generator=g)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import random_head
 
+from eaglespec.backends import draft_setup
 from eaglespec.draft import DraftHead
 from eaglespec.drafter import EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
@@ -62,7 +63,7 @@ def test_speculative_greedy_equals_plain_on_the_default_model(target, kind):
     plain = Generator(target)
     cfg = GenerationConfig(max_new_tokens=48)
     for name, head in heads(target):
-        spec = Generator(target, EagleDrafter(head, target, TreeConfig(kind=kind)))
+        spec = Generator(target, EagleDrafter.from_head(head, target, TreeConfig(kind=kind)))
         for p in PROMPTS:
             want = plain.generate(p, cfg)
             got = spec.generate(p, cfg)
@@ -72,7 +73,8 @@ def test_speculative_greedy_equals_plain_on_the_default_model(target, kind):
 
 @pytest.mark.skipif(default_head_path() is None, reason="no head shipped in this install")
 def test_shipped_head_accelerates(target):
-    spec = Generator(target, EagleDrafter(DraftHead.from_pretrained(default_head_path()), target, TreeConfig()))
+    head = DraftHead.from_pretrained(default_head_path())
+    spec = Generator(target, EagleDrafter.from_head(head, target, TreeConfig(), draft_setup(target.device, target.dtype)))
     taus = [spec.generate(p, GenerationConfig(max_new_tokens=64)).stats.mean_accept_len for p in PROMPTS]
     assert sum(taus) / len(taus) > 1.5, taus
 
@@ -81,12 +83,13 @@ def test_shipped_head_accelerates(target):
 def test_bf16_speculative_greedy_equals_plain_on_the_default_model():
     """bf16, where stock sdpa rounds a token differently alone and inside a tree: with eaglespec's
     attention the tree-verified answer (EAGLE tree plus a lookup chain) is still plain decoding's."""
-    from eaglespec.drafter import HybridDrafter, PromptLookupDrafter
+    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 
     torch.set_num_threads(2)
     target = load_target(dtype="bfloat16", max_len=1024)
     plain = Generator(target)
-    eagle = EagleDrafter(DraftHead.from_pretrained(default_head_path()), target, TreeConfig())
+    eagle = EagleDrafter.from_head(DraftHead.from_pretrained(default_head_path()), target, TreeConfig(),
+                                   draft_setup(target.device, target.dtype))  # as the CLI sets it up
     spec = Generator(target, HybridDrafter(eagle, PromptLookupDrafter()))
     cfg = GenerationConfig(max_new_tokens=64)
     for p in PROMPTS:

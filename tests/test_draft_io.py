@@ -69,7 +69,7 @@ def test_head_that_does_not_fit_is_refused_naming_both_shapes(tmp_path):
     random_head(big).save_pretrained(tmp_path)
     head = DraftHead.from_pretrained(tmp_path)
     with pytest.raises(DraftHeadError) as e:
-        EagleDrafter(head, small, TreeConfig())
+        EagleDrafter.from_head(head, small, TreeConfig())
     assert "[96, 192]" in str(e.value) and "[64, 128]" in str(e.value)
 
 
@@ -101,7 +101,7 @@ def test_reduced_vocab_head_round_trips_and_stays_lossless(tmp_path):
     plain = Generator(target)
     cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
     for kind in ("static", "dynamic"):
-        spec = Generator(target, EagleDrafter(again, target, TreeConfig(kind=kind)))
+        spec = Generator(target, EagleDrafter.from_head(again, target, TreeConfig(kind=kind)))
         g = torch.Generator().manual_seed(5)
         proposed = set()
         for _ in range(6):

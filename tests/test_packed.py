@@ -118,9 +118,10 @@ def test_eagle_drafter_packs_a_copy_of_the_head_on_a_bf16_target():
     head = random_head(target)
     setup = draft_setup(target.device, target.dtype, weights="full")  # int8 drafts are not packed
     assert (setup.dtype, setup.weights) == (torch.bfloat16, "packed")
-    drafter = EagleDrafter(head, target, TreeConfig(kind="dynamic"), weights="full")
-    assert drafter.dtype == torch.bfloat16
-    assert any(isinstance(m, PackedLinear) for m in drafter.head.modules())
+    drafter = EagleDrafter.from_head(head, target, TreeConfig(kind="dynamic"), setup)
+    assert drafter.runner.dtype == torch.bfloat16
+    assert any(isinstance(m, PackedLinear) for m in drafter.runner.head.modules())
+    assert isinstance(drafter.runner.lm, PackedLinear)
     assert not any(isinstance(m, PackedLinear) for m in head.modules())  # the caller's head is untouched
     assert head.fc.weight.dtype == torch.float32
     assert draft_setup("cpu", torch.float32).dtype == torch.float32

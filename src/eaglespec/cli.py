@@ -116,9 +116,12 @@ def setup_torch(args) -> None:
 
 def load_engine(args, need_tokenizer: bool = True):
     """Target + drafter from the common flags."""
+    from eaglespec.backends import draft_setup
     from eaglespec.draft import DraftHead
-    from eaglespec.drafter import EagleDrafter, HybridDrafter, PromptLookupDrafter
+    from eaglespec.drafter import EagleDrafter
     from eaglespec.generate import Generator
+    from eaglespec.head_runner import EagleHeadRunner
+    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
     from eaglespec.heads import default_head_path
     from eaglespec.target import load_target
 
@@ -136,7 +139,8 @@ def load_engine(args, need_tokenizer: bool = True):
             log.warning("no draft head shipped yet: plain decoding")
         if path is not None:
             head = DraftHead.from_pretrained(path)
-            drafter = EagleDrafter(head, target, tree, weights=args.draft_weights)
+            setup = draft_setup(target.device, target.dtype, args.draft_weights)
+            drafter = EagleDrafter(EagleHeadRunner(head, target, setup), tree)
             if args.lookup < 0:
                 raise UsageError(f"--lookup must be >= 0, got {args.lookup}")
             if args.lookup:

@@ -19,8 +19,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from eaglespec.drafter import EagleDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, TreeConfig
+from eaglespec.backends import draft_setup
+from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.head_runner import EagleHeadRunner
+from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 from eaglespec.target import Target
 
 log = logging.getLogger(__name__)
@@ -186,8 +189,10 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
         raise BenchError("the hf-* methods need the stock transformers model (stock_model)")
     eos = Generator(target)._eos_ids(GenerationConfig())
 
+    setup = draft_setup(target.device, target.dtype, draft_weights)
+
     def eagle(kind: str) -> EagleDrafter:
-        return EagleDrafter(head, target, replace(tree, kind=kind), weights=draft_weights)
+        return EagleDrafter(EagleHeadRunner(head, target, setup), replace(tree, kind=kind))
 
     runners: dict[str, Runner] = {}
     for m in methods:
