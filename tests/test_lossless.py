@@ -8,10 +8,9 @@ import torch
 from helpers import oracle_head, random_head, tiny_target
 
 import eaglespec.generate as generate_module
-from eaglespec.drafter import EagleDrafter, TreeConfig
+from eaglespec.drafter import Drafter, EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
-from eaglespec.tree import graft_chain
 from eaglespec.verify import SamplingParams, Verdict, process_logits
 
 N_PROMPTS, NEW_TOKENS = 20, 64
@@ -238,16 +237,36 @@ def test_prompt_lookup_finds_latest_match():
     assert tree.parents.tolist() == [-1, 0, 1, 2]
 
 
-class CountingHybrid(HybridDrafter):
-    """Counts the proposals where the lookup chain added nodes, so a test can show it mattered."""
+class Sizes(Drafter):
+    """Passes every call to `inner`, a real drafter, and keeps the size of each tree it proposes."""
 
-    grafted = 0
+    def __init__(self, inner: Drafter) -> None:
+        self.inner, self.sizes = inner, []
+        self.max_tree_size = inner.max_tree_size
+
+    def begin(self) -> None:
+        self.inner.begin()
+
+    def observe(self, tokens, features) -> None:
+        self.inner.observe(tokens, features)
 
     def propose(self, root):
-        base = self.eagle.propose(root)
-        tree = graft_chain(base, self.lookup.guess())
-        self.grafted += tree.size > base.size
+        tree = self.inner.propose(root)
+        self.sizes.append(tree.size)
         return tree
+
+
+class CountingHybrid(Sizes):
+    """The production HybridDrafter, watched from outside: `grafted` counts the proposals where its
+    lookup chain added nodes to EAGLE's tree, so a test can show that the chain mattered."""
+
+    def __init__(self, eagle: Drafter, lookup: PromptLookupDrafter) -> None:
+        self.eagle = Sizes(eagle)
+        super().__init__(HybridDrafter(self.eagle, lookup))
+
+    @property
+    def grafted(self) -> int:
+        return sum(merged > base for merged, base in zip(self.sizes, self.eagle.sizes))
 
 
 def hybrid(target, head, tree=TreeConfig(kind="dynamic", top_k=3, depth=3, total_tokens=8), num_tokens=4):
