@@ -56,10 +56,16 @@ def test_cache_overflow_is_an_error():
 def test_draft_cache_tree_is_dropped():
     cache = DraftKVCache(16, kv_heads=2, head_dim=4, device=torch.device("cpu"), dtype=torch.float32)
     k = torch.randn(1, 2, 3, 4)
-    cache.append(k, k, commit=True)
-    cache.append(k[:, :, :2], k[:, :, :2], commit=False)
+
+    def update(k, commit):  # what one forward of a one-layer head does
+        out = cache.write(0, k, k)
+        cache.advance(k.shape[-2], commit)
+        return out
+
+    update(k, commit=True)
+    update(k[:, :, :2], commit=False)
     assert (cache.length, cache.tree_len) == (3, 2)
     cache.drop_tree()
-    keys, _ = cache.append(k[:, :, :1], k[:, :, :1], commit=True)
+    keys, _ = update(k[:, :, :1], commit=True)
     assert cache.length == 4 and keys.shape[2] == 4
     torch.testing.assert_close(keys[:, :, 3], k[:, :, 0])

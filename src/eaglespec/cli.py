@@ -135,8 +135,6 @@ def load_engine(args, need_tokenizer: bool = True):
     drafter = None
     if not args.no_draft:
         path = args.draft or (default_head_path() if args.model is None else None)
-        if path is None and args.draft is None and args.model is None:
-            log.warning("no draft head shipped yet: plain decoding")
         if path is not None:
             head = DraftHead.from_pretrained(path)
             setup = draft_setup(target.device, target.dtype, args.draft_weights)

@@ -115,7 +115,7 @@ class DraftKVCache:
     Same discipline as the target cache: `length` counts committed (context) pairs; tree nodes
     drafted during one step are appended after it and dropped by resetting `tree_len` to 0. In one
     head forward every layer writes the same slots (`write`), then the head moves the counters once
-    (`advance`); `append` does both for a one-layer head.
+    (`advance`).
     """
 
     def __init__(self, max_len: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
@@ -145,12 +145,6 @@ class DraftKVCache:
             self.length += q
         else:
             self.tree_len += q
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """`write` into layer 0, then `advance` (a one-layer head's whole update)."""
-        out = self.write(0, k, v)
-        self.advance(k.shape[-2], commit)
-        return out
 
     def drop_tree(self) -> None:
         self.tree_len = 0

@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -327,7 +326,6 @@ def _regenerate_split(target, data_dir: Path, split: str, max_new_tokens: int, b
     out_path = data_dir / f"{split}.regen.jsonl"
     if out_path.is_file():
         _drop_partial_line(out_path)
-        _drop_nan_answers(out_path)
     for turn in range(1, turns + 1):
         written = load_jsonl(out_path) if out_path.is_file() else []
         done = {r["id"] for r in written}
@@ -521,28 +519,6 @@ def _drop_partial_line(path: Path) -> None:
     if data and not data.endswith(b"\n"):
         with path.open("r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
-
-
-def _drop_nan_answers(path: Path) -> int:
-    """Remove rows whose answer is nothing but token id 0, so they are generated again; returns how many.
-
-    Until eaglespec's attention gave a query that sees no key a zero output (attention.py), a
-    left-padded row of a bf16 batch got NaN logits, and greedy argmax over NaN picks id 0 at every
-    step; runs written then are repaired by resuming them. No real answer is id 0 repeated."""
-    rows = load_jsonl(path)
-    keep = [r for r in rows if not _nan_answer(r)]
-    if len(keep) < len(rows):
-        log.warning("%s: %d answers were NaN garbage (all id 0, from a buggy run): generating them again",
-                    path.name, len(rows) - len(keep))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, path)
-    return len(rows) - len(keep)
-
-
-def _nan_answer(row: dict) -> bool:
-    answer = [t for t, m in zip(row["input_ids"], row["loss_mask"]) if m]
-    return len(answer) > 1 and all(t == 0 for t in answer)
 
 
 def _first_prompt(row: dict) -> list[int]:
