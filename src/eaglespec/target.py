@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -143,6 +144,9 @@ class Target:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
+        #: the decoder's keyword for a KV cache: `cache` since transformers deprecated
+        #: `past_key_values` (read from its signature, so older transformers keep working)
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         self.embed = model.get_input_embeddings()
         self.config = config
         self.max_len = max_len
@@ -213,8 +217,8 @@ class Target:
                 input_ids=tokens[None],
                 position_ids=positions[None],
                 attention_mask=mask,
-                past_key_values=self.cache,
                 use_cache=True,
+                **{self.cache_arg: self.cache},
             )
             features = out.last_hidden_state[0]  # [q, hidden]
         rows = features[-1:] if last_logits_only else features
@@ -235,7 +239,7 @@ class Target:
                 mask = torch.zeros(e - s, base + e, dtype=self.dtype, device=self.device)
                 mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
                 out = self.decoder(input_ids=tokens[None, s:e], position_ids=positions[None, s:e],
-                                   attention_mask=mask[None, None], past_key_values=self.cache, use_cache=True)
+                                   attention_mask=mask[None, None], use_cache=True, **{self.cache_arg: self.cache})
                 parts.append(out.last_hidden_state[0])
         finally:
             self.cache.length = base

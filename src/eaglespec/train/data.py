@@ -372,8 +372,9 @@ def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, ma
     rows decode together, a row leaves the batch as soon as it ends (EOS or `max_new_tokens`) and is
     appended to `out_path` as {id, input_ids, loss_mask}, and once `refill` slots are free (default a
     quarter of the batch) the next prompts, shortest first, are prefilled together and join the
-    running batch. No row idles after its end and none is prefilled twice (session 8's batcher let
-    rows idle, then put them back to be prefilled again; it was 1.12-1.46x slower side by side). Calls `on_row(id, answer)` per row written; returns how many prefills ran.
+    running batch. No row idles after its end and none is prefilled twice (the batcher removed on
+    2026-11-23, ddb10b8, let rows idle, then put them back to be prefilled again; it was 1.12-1.46x
+    slower side by side). Calls `on_row(id, answer)` per row written; returns how many prefills ran.
 
     The joined rows share one left-padded KV cache: a newcomer's keys are padded on the left to the
     batch's width (or the batch's to the newcomer's), and columns that no row uses any more are cut
@@ -417,7 +418,7 @@ def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, ma
                 new_cache = DynamicCache()
                 hidden = target.decoder(input_ids=ids, attention_mask=new_attn,
                                         position_ids=(new_attn.cumsum(-1) - 1).clamp(min=0),
-                                        past_key_values=new_cache, use_cache=True).last_hidden_state[:, -1]
+                                        use_cache=True, **{target.cache_arg: new_cache}).last_hidden_state[:, -1]
                 first = target.lm_head(hidden).argmax(-1).tolist()
                 prefills += 1
                 for k, t in zip(take, first):
@@ -463,7 +464,7 @@ def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, ma
             last = torch.tensor([answers[k][-1] for k in active], device=device)
             attn = torch.cat([attn, attn.new_ones(len(active), 1)], dim=1)
             hidden = target.decoder(input_ids=last[:, None], attention_mask=attn, position_ids=pos[:, None],
-                                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                                    use_cache=True, **{target.cache_arg: cache}).last_hidden_state[:, -1]
             pos = pos + 1
             for k, t in zip(active, target.lm_head(hidden).argmax(-1).tolist()):
                 answers[k].append(t)
