@@ -41,6 +41,40 @@ def test_cached_weights_equal_the_dequantized_gguf(target):
     assert time.perf_counter() - start < 5.0
 
 
+@pytest.mark.slow
+def test_the_converted_folder_is_a_standard_transformers_checkpoint(target):
+    """Plain transformers loads the converted folder on its own, with nothing missing (llama.cpp's
+    convert_hf_to_gguf.py and vLLM read the same names: the architecture in config.json, the tied
+    embedding as model.embed_tokens.weight), and its logits are the engine's."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_gguf_path()
+    folder = convert_gguf(gguf)
+    st = gguf.stat()  # a folder of the first layout (its key had no layout) is not reused
+    old_key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    assert folder.name != f"{gguf.stem}-{old_key}"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
+    assert "quantization_config" not in config
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    plain, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()  # tied
+    ids = Generator(target).encode(PROMPTS[0])
+    with torch.inference_mode():
+        want = plain(ids[None]).logits[0]  # [q, vocab]
+    target.reset()
+    got = target.forward(ids).logits  # fp32 packed products round unlike stock ones by ~1e-6
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
 def test_plain_decoding_equals_transformers_generate(target):
     gen = Generator(target)
     for prompt in PROMPTS[:2]:

@@ -65,23 +65,46 @@ def default_gguf_path() -> Path:
     return path
 
 
+#: the layout of a converted folder, part of its cache key: a folder of an older layout is
+#: converted again, never trusted. 2 (2026-12-04): config.json names the architecture, and a tied
+#: model stores its embedding as `model.embed_tokens.weight` (not `lm_head.weight`), as transformers'
+#: own save does, so that transformers, llama.cpp's convert_hf_to_gguf.py and vLLM all read it.
+CONVERTED_LAYOUT = 2
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"layout {CONVERTED_LAYOUT}:{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return cache_root() / "targets" / f"{gguf.stem}-{key}"
 
 
+def checkpoint_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The model's tensors under a transformers checkpoint's names, each stored once: an output
+    embedding tied to the input embedding is stored as the input embedding only (as
+    `save_pretrained` does)."""
+    state = model.state_dict()
+    embed = model.get_input_embeddings()
+    embed_key = next(name for name, m in model.named_modules() if m is embed) + ".weight"
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is embed.weight and name != embed_key:
+            state.pop(name, None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a plain transformers folder (fp32 safetensors) and return it.
+    """Dequantize a GGUF file once into a standard transformers folder (fp32 safetensors) and
+    return it.
 
     transformers refuses `save_pretrained` on a GGUF-loaded model and leaves a
     `quantization_config` in its config, so the weights are written with safetensors directly
-    and the config without that entry. fp32 holds the dequantized values exactly.
+    (`checkpoint_state`) and the config without that entry, naming the architecture. fp32 holds
+    the dequantized values exactly.
     """
     out = _gguf_cache_dir(gguf)
     if (out / "model.safetensors").is_file():
         return out
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     log.warning("converting %s to %s (once; about 30 s)", gguf.name, out)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -92,10 +115,11 @@ def convert_gguf(gguf: Path) -> Path:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["torch_dtype"] = config["dtype"] = "float32"
+        config["architectures"] = [type(model).__name__]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(checkpoint_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a cache hit
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
