@@ -35,8 +35,11 @@ class PreallocatedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         key_dtype = self.owner.key_dtype or key_states.dtype
         value_dtype = self.owner.value_dtype or value_states.dtype
-        self.keys = torch.zeros(b, h, self.max_len, d, dtype=key_dtype, device=key_states.device)
-        self.values = torch.zeros(b, h, self.max_len, value_states.shape[-1], dtype=value_dtype, device=value_states.device)
+        # uninitialized: a slot is always written before it is read (attention sees [0, length + q)),
+        # so zeroing would only cost a pass over the whole buffer at the first forward (188 MB for
+        # SmolLM2's 2,048 float64 slots), touching pages that a short answer never uses
+        self.keys = torch.empty(b, h, self.max_len, d, dtype=key_dtype, device=key_states.device)
+        self.values = torch.empty(b, h, self.max_len, value_states.shape[-1], dtype=value_dtype, device=value_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
