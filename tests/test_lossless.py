@@ -10,6 +10,7 @@ from helpers import oracle_head, random_head, tiny_target
 import eaglespec.generate as generate_module
 from eaglespec.drafter import Drafter, EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.head_runner import HeadRunner
 from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 from eaglespec.verify import SamplingParams, Verdict, process_logits
 
@@ -69,6 +70,48 @@ def test_greedy_is_token_identical(setup, kind, head_kind):
         assert tau < 1.5  # mostly rejections: the rejection paths were exercised
     else:
         assert tau > 2.5  # long acceptances: compaction over multi-token paths was exercised
+
+
+class BigramRunner(HeadRunner):
+    """Not EAGLE: it guesses from the target's next-token distribution after the last token alone,
+    ignoring the features. The HeadRunner interface is all it takes to drive EagleDrafter."""
+
+    def __init__(self, target) -> None:
+        logits = []
+        for t in range(target.vocab_size):
+            target.reset()
+            logits.append(target.forward(torch.tensor([t])).logits[-1])
+        self.table = torch.stack(logits).log_softmax(-1)  # [V, V]
+        self.vocab_ids = torch.arange(target.vocab_size)
+        self.slots = None
+
+    def allocate(self, tree_slots: int) -> None:
+        self.slots = tree_slots
+
+    def reset(self) -> None:
+        pass
+
+    def commit(self, tokens, features):
+        assert features.shape[0] == tokens.shape[0]
+        return tokens[-1:].float()  # [D = 1]: the root token stands for its own state
+
+    def step(self, feats, tokens, depth, rows):
+        assert rows.shape == (tokens.shape[0], self.slots) and depth >= 1
+        return tokens.float()[:, None]
+
+    def logprobs(self, hidden):
+        return self.table[hidden[:, 0].long()]
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_another_head_runner_drives_the_same_drafter(setup, kind):
+    target, cfg, ps, expected = setup
+    spec = Generator(target, EagleDrafter(BigramRunner(target), TREES[kind]))
+    accepted = []
+    for p, want in zip(ps[:8], expected):
+        assert run(spec, p, cfg) == want
+        accepted += spec.last_stats.accept_lengths
+    assert max(accepted) > 1  # the guesses were used
 
 
 def test_greedy_stops_at_eos_like_plain():
