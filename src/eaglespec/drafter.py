@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from eaglespec.backends import cheap_host_sync
 from eaglespec.expand import dynamic_slots, expand_dynamic, expand_static
 from eaglespec.head_runner import EagleHeadRunner, HeadRunner
 from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan
@@ -103,15 +104,15 @@ class EagleDrafter(Drafter):
 
     def __init__(self, runner: HeadRunner, tree: TreeConfig = TreeConfig(), stop_early: bool | None = None) -> None:
         """stop_early (dynamic trees): stop drafting deeper once deeper nodes cannot make the tree
-        (the same tree, fewer head runs), for a host sync per depth; None: where a sync is free,
-        on a CPU."""
+        (the same tree, fewer head runs), for a host sync per depth; None: where a sync is cheap
+        (`backends.cheap_host_sync`: on a CPU)."""
         self.runner = runner
         self.tree_config = tree
         device = runner.vocab_ids.device
         self.plan = static_plan(tree.paths()).to(device) if tree.kind == "static" else None
         self.max_tree_size = self.plan.size if self.plan is not None else tree.total_tokens
         runner.allocate(self.plan.slots if self.plan is not None else dynamic_slots(tree))
-        self.stop_early = device.type == "cpu" if stop_early is None else stop_early
+        self.stop_early = cheap_host_sync(device) if stop_early is None else stop_early
         self.early_stops = 0  # how many proposals stopped early
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_features: list[torch.Tensor] = []

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from eaglespec.drafter import TreeConfig
     from eaglespec.target import Target
 
-__all__ = ["DraftSetup", "DraftWeights", "TargetOptimization", "auto_dtype", "convert_draft", "default_tree",
-           "draft_setup", "exact_rows", "optimize_target", "tree_sizes"]
+__all__ = ["DraftSetup", "DraftWeights", "TargetOptimization", "auto_dtype", "cheap_host_sync", "convert_draft",
+           "default_tree", "draft_setup", "exact_rows", "optimize_target", "tree_sizes"]
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -45,6 +45,12 @@ def exact_rows(device: str | torch.device, dtype: torch.dtype) -> int | None:
     if _device(device).type == "cpu" and dtype != torch.float32:
         return cpu.EXACT_HALF_ROWS
     return None
+
+
+def cheap_host_sync(device: str | torch.device) -> bool:
+    """Whether reading a value back to the host (`.item()`, `.tolist()`) costs about nothing: on a
+    CPU it does; on an accelerator it stalls the queue of kernels."""
+    return _device(device).type == "cpu"
 
 
 def optimize_target(target: Target, pack: bool = True) -> TargetOptimization:
