@@ -60,11 +60,14 @@ class ProbeCache:
         except (OSError, ValueError):
             return {}
 
-    def get(self, name: str, default=None):
-        return self.found.get(name, default)
+    def get(self, name: str, default=None, kind: type = object):
+        """The cached outcome `name` if it is None or a `kind`, else `default` (probe again)."""
+        value = self.found.get(name, default)
+        return value if value is None or isinstance(value, kind) else default
 
     def put(self, name: str, outcome) -> None:
-        self.new[name] = outcome
+        if name not in self.found or self.found[name] != outcome:  # a warm load writes nothing
+            self.new[name] = outcome
 
     def save(self) -> None:
         """Merge the new outcomes into the file (atomically; a race loses an entry, never the file)."""
@@ -105,13 +108,13 @@ def optimize_target(target: Target, pack: bool = True) -> TargetOptimization:
     probes = ProbeCache(model, dtype)
     packed = 0
     if pack and packing_available(CPU, dtype):
-        splits = probes.get("splits", {})
+        splits = probes.get("splits", {}, dict)
         if splits is not None:  # None: an earlier probe found a weight shape that no split keeps exact
             packed = pack_linears(model, splits=splits)
             probes.put("splits", packed_splits(model) if packed else None)
     row_invariant = None
     if not packed:
-        varying = probes.get("stock_rows_vary")
+        varying = probes.get("stock_rows_vary", kind=list)
         if varying is None:
             varying = [list(shape) for shape in stock_rows_vary(model)]
             probes.put("stock_rows_vary", varying)
