@@ -121,8 +121,8 @@ def load_engine(args, need_tokenizer: bool = True):
     from eaglespec.drafter import EagleDrafter
     from eaglespec.generate import Generator
     from eaglespec.head_runner import EagleHeadRunner
-    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
     from eaglespec.heads import default_head_path
+    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
     from eaglespec.target import load_target
 
     if args.max_len < 16:

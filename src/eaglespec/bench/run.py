@@ -145,8 +145,8 @@ def engine_runner(gen: Generator) -> Runner:
 
 def hf_runner(model, prompt_lookup: int | None, eos: set[int]) -> Runner:
     """transformers' own generate() on `model`, with a forward counter on it. Pass a stock model
-    (sdpa attention, nn.Linear weights: `target.load_model(..., attn_implementation="sdpa")`), as a
-    user would run it, not the engine's optimized one."""
+    (sdpa attention, nn.Linear weights: `eaglespec.target.load_model(..., attn_implementation="sdpa")`),
+    as a user would run it, not the engine's optimized one."""
     calls = {"n": 0}
     model.get_decoder().register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
 
@@ -189,7 +189,7 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
         raise BenchError("the hf-* methods need the stock transformers model (stock_model)")
     eos = Generator(target)._eos_ids(GenerationConfig())
 
-    setup = draft_setup(target.device, target.dtype, draft_weights)
+    setup = draft_setup(target.device, target.dtype, draft_weights)  # the head's dtype and weight layout
 
     def eagle(kind: str) -> EagleDrafter:
         return EagleDrafter(EagleHeadRunner(head, target, setup), replace(tree, kind=kind))
