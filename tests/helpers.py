@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+from eaglespec.backends import optimize_target
 from eaglespec.draft import DraftHead, head_config_from_target
 from eaglespec.target import Target
 
@@ -24,7 +25,7 @@ def tiny_target(arch: str = "llama", seed: int = 0, max_len: int = 512, logit_sc
                 copyable: bool = False, pack: bool = True, **kw) -> Target:
     """A random tiny target. copyable=True makes one a draft head can copy exactly (see
     `oracle_head`): one layer, unit-RMS embedding rows (so the input norm is the identity) and no
-    attention biases."""
+    attention biases. pack: optimized as load_target does (pre-packed linears on CPU); else stock."""
     torch.manual_seed(seed)
     if copyable:
         kw["layers"] = 1
@@ -39,7 +40,10 @@ def tiny_target(arch: str = "llama", seed: int = 0, max_len: int = 512, logit_sc
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                 if proj.bias is not None:
                     proj.bias.zero_()
-    return Target(model, tokenizer=None, max_len=max_len, pack=pack)
+    target = Target(model, tokenizer=None, max_len=max_len)
+    if pack:
+        optimize_target(target)
+    return target
 
 
 def oracle_head(target: Target, noise: float = 0.0, seed: int = 0) -> DraftHead:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from helpers import oracle_head, tiny_target
 
 from eaglespec.attention import FP32_ATTENTION, fp32_attention, register
+from eaglespec.backends import optimize_target
 from eaglespec.drafter import EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.target import Target
@@ -41,7 +42,10 @@ def bf16_target(attn: str, pack: bool = True):
     """A tiny bf16 target; with pack, its linears pre-packed as load_target does on CPU."""
     model = tiny_target("llama", copyable=True, logit_scale=30.0, hidden=128, pack=False).model.to(torch.bfloat16)
     model.set_attn_implementation(attn)
-    return Target(model, tokenizer=None, max_len=512, pack=pack)
+    target = Target(model, tokenizer=None, max_len=512)
+    if pack:
+        optimize_target(target)
+    return target
 
 
 def chain_vs_steps(target, prompt, cont) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +77,7 @@ def test_bf16_speculative_greedy_equals_plain():
     register()
     target = bf16_target(FP32_ATTENTION)
     plain = Generator(target)
-    spec = Generator(target, EagleDrafter(oracle_head(target, noise=0.2), target, TreeConfig(kind="dynamic")))
+    spec = Generator(target, EagleDrafter.from_head(oracle_head(target, noise=0.2), target, TreeConfig(kind="dynamic")))
     cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
     g = torch.Generator().manual_seed(2)
     for _ in range(8):
@@ -151,7 +155,7 @@ def test_bf16_trees_over_32_nodes_run_in_blocks_and_keep_their_bits():
         chain, steps = chain_vs_steps(target, prompt, cont)
         assert torch.equal(chain, steps)
     plain = Generator(target)
-    spec = Generator(target, EagleDrafter(random_head(target), target, TreeConfig(kind="dynamic", top_k=8, total_tokens=48)))
+    spec = Generator(target, EagleDrafter.from_head(random_head(target), target, TreeConfig(kind="dynamic", top_k=8, total_tokens=48)))
     cfg = GenerationConfig(max_new_tokens=32, ignore_eos=True)
     for _ in range(3):
         prompt = torch.randint(2, target.vocab_size, (12,), generator=g)

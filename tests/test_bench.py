@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import random_head
 
+from eaglespec.backends import default_tree
 from eaglespec.cli import main
-from eaglespec.drafter import default_tree
 from eaglespec.target import load_target
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from helpers import random_head
 
+from eaglespec.backends.cpu.flags import has_amx
 from eaglespec.cli import main
-from eaglespec.target import has_amx, load_target
+from eaglespec.target import load_target
 
 
 def cli(capsys, *argv):
@@ -113,20 +114,22 @@ def test_the_default_tree_follows_the_targets_dtype(tiny_model_dir, tmp_path, dt
     ("avx512f avx512_vnni xamx_bf16_like", False),  # a flag that only contains the name does not count
 ])
 def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, flags, want):
-    import eaglespec.target as target_mod
+    import eaglespec.backends.cpu.flags as flags_mod
+    from eaglespec.backends import auto_dtype
 
-    assert target_mod.native_bf16(f"processor : 0\nflags\t\t: {flags}\n") == want
-    monkeypatch.setattr(target_mod.Path, "read_text", lambda self, *a, **k: f"flags\t\t: {flags}\n")
-    assert target_mod.auto_dtype(torch.device("cpu")) == (torch.bfloat16 if want else torch.float32)
+    assert flags_mod.native_bf16(f"processor : 0\nflags\t\t: {flags}\n") == want
+    monkeypatch.setattr(flags_mod.Path, "read_text", lambda self, *a, **k: f"flags\t\t: {flags}\n")
+    assert auto_dtype(torch.device("cpu")) == (torch.bfloat16 if want else torch.float32)
 
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_bf16_on_a_cpu_with_amx_gets_a_lower_floor(monkeypatch, amx):
-    import eaglespec.drafter as drafter_mod
+    import eaglespec.backends.cpu.trees as trees_mod
+    from eaglespec.backends import default_tree
 
-    monkeypatch.setattr(drafter_mod, "has_amx", lambda: amx)
-    tree = drafter_mod.default_tree(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(trees_mod, "has_amx", lambda: amx)
+    tree = default_tree(torch.device("cpu"), torch.bfloat16)
     assert (tree.top_k, tree.depth, tree.total_tokens, tree.min_prob) == ((4, 10, 32, 0.02) if amx else (4, 8, 32, 0.05))
-    gpu = drafter_mod.default_tree(torch.device("cuda"), torch.bfloat16)
+    gpu = default_tree(torch.device("cuda"), torch.bfloat16)
     assert (gpu.min_prob, gpu.depth, gpu.total_tokens) == (0.0, 5, 16)  # GPUs: the fixed tree
-    assert drafter_mod.default_tree(torch.device("cpu"), torch.float16).min_prob == 0.0
+    assert default_tree(torch.device("cpu"), torch.float16).min_prob == 0.0

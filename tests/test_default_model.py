@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import random_head
 
+from eaglespec.backends import draft_setup
 from eaglespec.draft import DraftHead
 from eaglespec.drafter import EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
@@ -40,6 +41,40 @@ def test_cached_weights_equal_the_dequantized_gguf(target):
     assert time.perf_counter() - start < 5.0
 
 
+@pytest.mark.slow
+def test_the_converted_folder_is_a_standard_transformers_checkpoint(target):
+    """Plain transformers loads the converted folder on its own, with nothing missing (llama.cpp's
+    convert_hf_to_gguf.py and vLLM read the same names: the architecture in config.json, the tied
+    embedding as model.embed_tokens.weight), and its logits are the engine's."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_gguf_path()
+    folder = convert_gguf(gguf)
+    st = gguf.stat()  # a folder of the first layout (its key had no layout) is not reused
+    old_key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    assert folder.name != f"{gguf.stem}-{old_key}"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
+    assert "quantization_config" not in config
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    plain, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()  # tied
+    ids = Generator(target).encode(PROMPTS[0])
+    with torch.inference_mode():
+        want = plain(ids[None]).logits[0]  # [q, vocab]
+    target.reset()
+    got = target.forward(ids).logits  # fp32 packed products round unlike stock ones by ~1e-6
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
 def test_plain_decoding_equals_transformers_generate(target):
     gen = Generator(target)
     for prompt in PROMPTS[:2]:
@@ -62,7 +97,7 @@ def test_speculative_greedy_equals_plain_on_the_default_model(target, kind):
     plain = Generator(target)
     cfg = GenerationConfig(max_new_tokens=48)
     for name, head in heads(target):
-        spec = Generator(target, EagleDrafter(head, target, TreeConfig(kind=kind)))
+        spec = Generator(target, EagleDrafter.from_head(head, target, TreeConfig(kind=kind)))
         for p in PROMPTS:
             want = plain.generate(p, cfg)
             got = spec.generate(p, cfg)
@@ -72,7 +107,8 @@ def test_speculative_greedy_equals_plain_on_the_default_model(target, kind):
 
 @pytest.mark.skipif(default_head_path() is None, reason="no head shipped in this install")
 def test_shipped_head_accelerates(target):
-    spec = Generator(target, EagleDrafter(DraftHead.from_pretrained(default_head_path()), target, TreeConfig()))
+    head = DraftHead.from_pretrained(default_head_path())
+    spec = Generator(target, EagleDrafter.from_head(head, target, TreeConfig(), draft_setup(target.device, target.dtype)))
     taus = [spec.generate(p, GenerationConfig(max_new_tokens=64)).stats.mean_accept_len for p in PROMPTS]
     assert sum(taus) / len(taus) > 1.5, taus
 
@@ -81,12 +117,13 @@ def test_shipped_head_accelerates(target):
 def test_bf16_speculative_greedy_equals_plain_on_the_default_model():
     """bf16, where stock sdpa rounds a token differently alone and inside a tree: with eaglespec's
     attention the tree-verified answer (EAGLE tree plus a lookup chain) is still plain decoding's."""
-    from eaglespec.drafter import HybridDrafter, PromptLookupDrafter
+    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 
     torch.set_num_threads(2)
     target = load_target(dtype="bfloat16", max_len=1024)
     plain = Generator(target)
-    eagle = EagleDrafter(DraftHead.from_pretrained(default_head_path()), target, TreeConfig())
+    eagle = EagleDrafter.from_head(DraftHead.from_pretrained(default_head_path()), target, TreeConfig(),
+                                   draft_setup(target.device, target.dtype))  # as the CLI sets it up
     spec = Generator(target, HybridDrafter(eagle, PromptLookupDrafter()))
     cfg = GenerationConfig(max_new_tokens=64)
     for p in PROMPTS:

@@ -69,7 +69,7 @@ def test_head_that_does_not_fit_is_refused_naming_both_shapes(tmp_path):
     random_head(big).save_pretrained(tmp_path)
     head = DraftHead.from_pretrained(tmp_path)
     with pytest.raises(DraftHeadError) as e:
-        EagleDrafter(head, small, TreeConfig())
+        EagleDrafter.from_head(head, small, TreeConfig())
     assert "[96, 192]" in str(e.value) and "[64, 128]" in str(e.value)
 
 
@@ -101,7 +101,7 @@ def test_reduced_vocab_head_round_trips_and_stays_lossless(tmp_path):
     plain = Generator(target)
     cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
     for kind in ("static", "dynamic"):
-        spec = Generator(target, EagleDrafter(again, target, TreeConfig(kind=kind)))
+        spec = Generator(target, EagleDrafter.from_head(again, target, TreeConfig(kind=kind)))
         g = torch.Generator().manual_seed(5)
         proposed = set()
         for _ in range(6):
@@ -112,3 +112,27 @@ def test_reduced_vocab_head_round_trips_and_stays_lossless(tmp_path):
         tree = spec.drafter.propose(torch.tensor([3]))  # fresh proposal after a generate
         proposed.update(tree.tokens[1:].tolist())
         assert proposed <= set(keep.tolist())  # only draft-vocabulary tokens are ever guessed
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"hidden_size": 7}, "hidden size (7)"),  # transformers' own validation
+    ({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3}, "config"),
+    ({"hidden_size": 64, "num_attention_heads": 4, "vocab_size": -5}, "config"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ([1, 2], "JSON object"),
+])
+def test_an_invalid_config_is_one_clear_error(tmp_path, capsys, tiny_model_dir, config, words):
+    """Any config a head cannot be built from is a DraftHeadError of one line, which the CLI prints
+    as one line with exit status 2 (not a traceback from transformers' validation)."""
+    from safetensors.torch import save_file
+
+    from eaglespec.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({"fc.bias": torch.zeros(2)}, str(tmp_path / "model.safetensors"))  # the config is what fails
+    with pytest.raises(DraftHeadError) as e:
+        DraftHead.from_pretrained(tmp_path)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    code = main(["generate", "hi", "--model", str(tiny_model_dir), "--draft", str(tmp_path), "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("eaglespec: error:") and err.count("\n") == 1 and words in err

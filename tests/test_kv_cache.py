@@ -1,3 +1,6 @@
+import warnings
+
+import pytest
 import torch
 from helpers import tiny_target
 
@@ -56,10 +59,34 @@ def test_cache_overflow_is_an_error():
 def test_draft_cache_tree_is_dropped():
     cache = DraftKVCache(16, kv_heads=2, head_dim=4, device=torch.device("cpu"), dtype=torch.float32)
     k = torch.randn(1, 2, 3, 4)
-    cache.append(k, k, commit=True)
-    cache.append(k[:, :, :2], k[:, :, :2], commit=False)
+
+    def update(k, commit):  # what one forward of a one-layer head does
+        out = cache.write(0, k, k)
+        cache.advance(k.shape[-2], commit)
+        return out
+
+    update(k, commit=True)
+    update(k[:, :, :2], commit=False)
     assert (cache.length, cache.tree_len) == (3, 2)
     cache.drop_tree()
-    keys, _ = cache.append(k[:, :, :1], k[:, :, :1], commit=True)
+    keys, _ = update(k[:, :, :1], commit=True)
     assert cache.length == 4 and keys.shape[2] == 4
     torch.testing.assert_close(keys[:, :, 3], k[:, :, 0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_passes_the_cache_as_transformers_asks_without_warnings(arch):
+    """transformers deprecated the decoder's `past_key_values` for `cache` (a FutureWarning on every
+    forward); plain and speculative generation must not warn at all (warnings are errors here)."""
+    from helpers import oracle_head, tiny_target
+
+    from eaglespec.drafter import EagleDrafter, TreeConfig
+    from eaglespec.generate import GenerationConfig, Generator
+
+    target = tiny_target(arch, copyable=True, logit_scale=30.0)
+    drafter = EagleDrafter.from_head(oracle_head(target, noise=0.2), target, TreeConfig())
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for gen in (Generator(target), Generator(target, drafter)):
+            assert sum(len(chunk) for chunk in gen.generate_ids(torch.arange(2, 9), cfg)) == 12

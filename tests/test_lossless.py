@@ -8,9 +8,10 @@ import torch
 from helpers import oracle_head, random_head, tiny_target
 
 import eaglespec.generate as generate_module
-from eaglespec.drafter import EagleDrafter, HybridDrafter, PromptLookupDrafter, TreeConfig
+from eaglespec.drafter import Drafter, EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
-from eaglespec.tree import graft_chain
+from eaglespec.head_runner import HeadRunner
+from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 from eaglespec.verify import SamplingParams, Verdict, process_logits
 
 N_PROMPTS, NEW_TOKENS = 20, 64
@@ -58,7 +59,7 @@ TREES = {"static": TreeConfig(kind="static"), "dynamic": TreeConfig(kind="dynami
 def test_greedy_is_token_identical(setup, kind, head_kind):
     target, cfg, ps, expected = setup
     head = {"random": random_head, "nudged": lambda t: oracle_head(t, noise=0.2), "two_layer": two_layer_head}[head_kind](target)
-    spec = Generator(target, EagleDrafter(head, target, TREES[kind]))
+    spec = Generator(target, EagleDrafter.from_head(head, target, TREES[kind]))
     taus = []
     for p, want in zip(ps, expected):
         got = run(spec, p, cfg)
@@ -71,11 +72,53 @@ def test_greedy_is_token_identical(setup, kind, head_kind):
         assert tau > 2.5  # long acceptances: compaction over multi-token paths was exercised
 
 
+class BigramRunner(HeadRunner):
+    """Not EAGLE: it guesses from the target's next-token distribution after the last token alone,
+    ignoring the features. The HeadRunner interface is all it takes to drive EagleDrafter."""
+
+    def __init__(self, target) -> None:
+        logits = []
+        for t in range(target.vocab_size):
+            target.reset()
+            logits.append(target.forward(torch.tensor([t])).logits[-1])
+        self.table = torch.stack(logits).log_softmax(-1)  # [V, V]
+        self.vocab_ids = torch.arange(target.vocab_size)
+        self.slots = None
+
+    def allocate(self, tree_slots: int) -> None:
+        self.slots = tree_slots
+
+    def reset(self) -> None:
+        pass
+
+    def commit(self, tokens, features):
+        assert features.shape[0] == tokens.shape[0]
+        return tokens[-1:].float()  # [D = 1]: the root token stands for its own state
+
+    def step(self, feats, tokens, depth, rows):
+        assert rows.shape == (tokens.shape[0], self.slots) and depth >= 1
+        return tokens.float()[:, None]
+
+    def logprobs(self, hidden):
+        return self.table[hidden[:, 0].long()]
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_another_head_runner_drives_the_same_drafter(setup, kind):
+    target, cfg, ps, expected = setup
+    spec = Generator(target, EagleDrafter(BigramRunner(target), TREES[kind]))
+    accepted = []
+    for p, want in zip(ps[:8], expected):
+        assert run(spec, p, cfg) == want
+        accepted += spec.last_stats.accept_lengths
+    assert max(accepted) > 1  # the guesses were used
+
+
 def test_greedy_stops_at_eos_like_plain():
     target = tiny_target("llama", copyable=True, logit_scale=30.0)
     cfg = GenerationConfig(max_new_tokens=NEW_TOKENS)  # eos id 1 is live here
     plain = Generator(target)
-    spec = Generator(target, EagleDrafter(oracle_head(target, 0.2), target, TreeConfig(kind="dynamic")))
+    spec = Generator(target, EagleDrafter.from_head(oracle_head(target, 0.2), target, TreeConfig(kind="dynamic")))
     hits = 0
     for eos in range(2, 12):  # make some token an EOS so that sequences do end early
         target.model.generation_config.eos_token_id = eos
@@ -149,7 +192,7 @@ def sampling_setup():
 
 def draw(target, head, prompt, params: SamplingParams, kind: str = "dynamic", drafter=None) -> list[tuple]:
     tree = TreeConfig(kind=kind, top_k=3, depth=3, total_tokens=8)
-    spec = Generator(target, drafter or EagleDrafter(head, target, tree))
+    spec = Generator(target, drafter or EagleDrafter.from_head(head, target, tree))
     cfg = dict(max_new_tokens=3, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                ignore_eos=True)
     out, accepted_multi = [], 0
@@ -174,7 +217,7 @@ def test_sampling_matches_target_distribution(sampling_setup, params):
 def test_sampling_with_a_confidence_floor_matches_target_distribution(sampling_setup):
     target, head, prompt = sampling_setup
     params = SamplingParams(1.0)
-    drafter = EagleDrafter(head, target, TreeConfig(top_k=3, depth=3, total_tokens=8, min_prob=0.2))
+    drafter = EagleDrafter.from_head(head, target, TreeConfig(top_k=3, depth=3, total_tokens=8, min_prob=0.2))
     stat, crit = chi_square_excess(draw(target, head, prompt, params, drafter=drafter), exact_joint(target, prompt, params))
     assert stat < crit, f"chi-square {stat:.1f} exceeds the 1e-4 critical value {crit:.1f}"
 
@@ -206,7 +249,7 @@ def test_sampling_check_catches_a_biased_verifier(sampling_setup, monkeypatch):
 
 def test_seeded_sampling_is_deterministic(sampling_setup):
     target, head, prompt = sampling_setup
-    spec = Generator(target, EagleDrafter(head, target, TreeConfig()))
+    spec = Generator(target, EagleDrafter.from_head(head, target, TreeConfig()))
     cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=42, ignore_eos=True)
     assert run(spec, prompt, cfg) == run(spec, prompt, cfg)
     assert run(spec, prompt, cfg) != run(spec, prompt, GenerationConfig(max_new_tokens=20, temperature=1.0, seed=43, ignore_eos=True))
@@ -214,7 +257,7 @@ def test_seeded_sampling_is_deterministic(sampling_setup):
 
 
 def test_prompt_lookup_drafter_is_lossless_and_accepts_repeats():
-    from eaglespec.drafter import PromptLookupDrafter
+    from eaglespec.lookup import PromptLookupDrafter
 
     target = tiny_target("llama", copyable=True, logit_scale=30.0)
     cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -228,7 +271,7 @@ def test_prompt_lookup_drafter_is_lossless_and_accepts_repeats():
 
 
 def test_prompt_lookup_finds_latest_match():
-    from eaglespec.drafter import PromptLookupDrafter
+    from eaglespec.lookup import PromptLookupDrafter
 
     d = PromptLookupDrafter(max_ngram=2, num_tokens=3)
     d.observe(torch.tensor([5, 6, 7, 8, 1, 5, 6, 9, 4, 5, 6]), torch.zeros(11, 1))
@@ -237,20 +280,40 @@ def test_prompt_lookup_finds_latest_match():
     assert tree.parents.tolist() == [-1, 0, 1, 2]
 
 
-class CountingHybrid(HybridDrafter):
-    """Counts the proposals where the lookup chain added nodes, so a test can show it mattered."""
+class Sizes(Drafter):
+    """Passes every call to `inner`, a real drafter, and keeps the size of each tree it proposes."""
 
-    grafted = 0
+    def __init__(self, inner: Drafter) -> None:
+        self.inner, self.sizes = inner, []
+        self.max_tree_size = inner.max_tree_size
+
+    def begin(self) -> None:
+        self.inner.begin()
+
+    def observe(self, tokens, features) -> None:
+        self.inner.observe(tokens, features)
 
     def propose(self, root):
-        base = self.eagle.propose(root)
-        tree = graft_chain(base, self.lookup.guess())
-        self.grafted += tree.size > base.size
+        tree = self.inner.propose(root)
+        self.sizes.append(tree.size)
         return tree
 
 
+class CountingHybrid(Sizes):
+    """The production HybridDrafter, watched from outside: `grafted` counts the proposals where its
+    lookup chain added nodes to EAGLE's tree, so a test can show that the chain mattered."""
+
+    def __init__(self, eagle: Drafter, lookup: PromptLookupDrafter) -> None:
+        self.eagle = Sizes(eagle)
+        super().__init__(HybridDrafter(self.eagle, lookup))
+
+    @property
+    def grafted(self) -> int:
+        return sum(merged > base for merged, base in zip(self.sizes, self.eagle.sizes))
+
+
 def hybrid(target, head, tree=TreeConfig(kind="dynamic", top_k=3, depth=3, total_tokens=8), num_tokens=4):
-    return CountingHybrid(EagleDrafter(head, target, tree), PromptLookupDrafter(max_ngram=2, num_tokens=num_tokens))
+    return CountingHybrid(EagleDrafter.from_head(head, target, tree), PromptLookupDrafter(max_ngram=2, num_tokens=num_tokens))
 
 
 @pytest.mark.parametrize("head_kind", ["random", "nudged"])

@@ -1,12 +1,13 @@
-"""Pre-packed linears (eaglespec/packed.py): bf16 with nn.Linear's bits, fp32 with bits that do not
-depend on the block a row is in; swapped in and out."""
+"""Pre-packed linears (eaglespec/backends/cpu/packed.py): bf16 with nn.Linear's bits, fp32 with bits
+that do not depend on the block a row is in; swapped in only by the explicit optimization step."""
 
 import pytest
 import torch
 from helpers import tiny_target
 from torch import nn
 
-from eaglespec.packed import PackedLinear, pack_linears, packing_available, same_bits, unpacked
+from eaglespec.backends import draft_setup, optimize_target
+from eaglespec.backends.cpu.packed import PackedLinear, pack_linears, packed_splits, packing_available, same_bits
 from eaglespec.target import Target
 
 needs_packing = pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16),
@@ -38,14 +39,18 @@ def test_packed_forward_has_the_same_bits(arch):
 
 
 @needs_packing
-def test_unpacked_restores_stock_modules_then_the_packed_ones():
+def test_cached_splits_pack_without_checking_bits_again(monkeypatch):
+    """A split table from an earlier probe (packed_splits) packs the same way with no bit check."""
+    import eaglespec.backends.cpu.packed as packed_mod
+
     model = bf16_model()
-    pack_linears(model)
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    with unpacked(model):
-        assert not any(isinstance(m, PackedLinear) for m in model.modules())
-        assert sum(type(m) is nn.Linear for m in model.modules()) == len(packed)
-    assert [m for m in model.modules() if isinstance(m, PackedLinear)] == packed  # the same objects, not repacked
+    assert pack_linears(model) > 0
+    splits = packed_splits(model)
+    assert splits and all(k >= 1 for k in splits.values())
+    again = bf16_model()
+    monkeypatch.setattr(packed_mod, "same_bits", lambda *a, **k: pytest.fail("bits checked again"))
+    assert pack_linears(again, splits=splits) > 0
+    assert packed_splits(again) == splits
 
 
 @needs_packing
@@ -59,9 +64,11 @@ def test_packed_linear_keeps_the_linear_interface_and_falls_back_for_gradients()
     assert x.grad is not None and lin.weight.grad is not None
 
 
-def test_opt_out_is_left_alone():
-    target = Target(bf16_model(), tokenizer=None, pack=False)
-    assert target.packed_linears == 0
+def test_a_target_is_left_alone_until_optimized_and_opting_out_packs_nothing():
+    model = bf16_model()
+    target = Target(model, tokenizer=None)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # the constructor changes nothing
+    assert optimize_target(target, pack=False).packed_linears == 0
     assert not any(isinstance(m, PackedLinear) for m in target.model.modules())
 
 
@@ -84,19 +91,19 @@ def test_float32_packs_with_block_invariant_rows_close_to_stock():
 def test_a_model_cast_after_packing_runs_its_stock_product():
     model = tiny_target("llama", hidden=128, pack=False).model
     ids = torch.randint(2, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    stock = tiny_target("llama", hidden=128, pack=False).model.to(torch.bfloat16)  # the same weights, unpacked
     with torch.inference_mode():
         pack_linears(model)
         model.to(torch.bfloat16)
         got = model(ids).logits
-        with unpacked(model):
-            want = model(ids).logits
+        want = stock(ids).logits
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 @needs_packing
-def test_target_packs_by_default_in_bf16_on_cpu():
+def test_optimizing_a_bf16_target_packs_it():
     target = Target(bf16_model(), tokenizer=None)
-    assert target.packed_linears > 0
+    assert optimize_target(target).packed_linears > 0
     assert isinstance(target.lm_head, PackedLinear)  # the LM head runs packed too
 
 
@@ -107,14 +114,17 @@ def test_eagle_drafter_packs_a_copy_of_the_head_on_a_bf16_target():
     from eaglespec.drafter import EagleDrafter, TreeConfig
 
     target = Target(bf16_model(), tokenizer=None)
+    optimize_target(target)
     head = random_head(target)
-    drafter = EagleDrafter(head, target, TreeConfig(kind="dynamic"), weights="full")  # int8 drafts are not packed
-    assert drafter.dtype == torch.bfloat16
-    assert any(isinstance(m, PackedLinear) for m in drafter.head.modules())
+    setup = draft_setup(target.device, target.dtype, weights="full")  # int8 drafts are not packed
+    assert (setup.dtype, setup.weights) == (torch.bfloat16, "packed")
+    drafter = EagleDrafter.from_head(head, target, TreeConfig(kind="dynamic"), setup)
+    assert drafter.runner.dtype == torch.bfloat16
+    assert any(isinstance(m, PackedLinear) for m in drafter.runner.head.modules())
+    assert isinstance(drafter.runner.lm, PackedLinear)
     assert not any(isinstance(m, PackedLinear) for m in head.modules())  # the caller's head is untouched
     assert head.fc.weight.dtype == torch.float32
-    fp32 = tiny_target("llama", hidden=128)
-    assert EagleDrafter(random_head(fp32), fp32, TreeConfig()).dtype == torch.float32
+    assert draft_setup("cpu", torch.float32).dtype == torch.float32
 
 
 @needs_packing
@@ -148,7 +158,7 @@ def test_a_split_input_is_row_invariant_and_close_to_the_whole_product(dtype):
 def test_a_shape_whose_whole_product_varies_by_block_is_packed_in_parts(monkeypatch):
     """As on a Zen 4 EPYC, where oneDNN splits inputs wider than 1024 differently for different row
     counts: pack_linears tries input splits until one is row-invariant, once per weight shape."""
-    import eaglespec.packed as packed_mod
+    import eaglespec.backends.cpu.packed as packed_mod
 
     real = packed_mod.same_bits
     tried = []
@@ -171,7 +181,7 @@ def test_a_shape_whose_whole_product_varies_by_block_is_packed_in_parts(monkeypa
 
 @needs_packing
 def test_no_packing_when_bits_differ_or_the_ops_fail(monkeypatch):
-    import eaglespec.packed as packed_mod
+    import eaglespec.backends.cpu.packed as packed_mod
 
     model = bf16_model()
     monkeypatch.setattr(packed_mod, "same_bits", lambda *a, **k: False)
@@ -186,6 +196,30 @@ def test_no_packing_when_bits_differ_or_the_ops_fail(monkeypatch):
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
+@needs_fp32_packing
+def test_probe_outcomes_are_cached_per_machine_and_weights_file(tiny_model_dir, tmp_path, monkeypatch):
+    """The bit probes run once per machine and weights file: a second load packs the same way, and
+    finds the stock products' outcome, without probing."""
+    import eaglespec.backends.cpu.optimize as optimize_mod
+    import eaglespec.backends.cpu.packed as packed_mod
+    from eaglespec.target import load_model
+
+    monkeypatch.setenv("EAGLESPEC_CACHE", str(tmp_path))
+    first = Target(*load_model(str(tiny_model_dir)))
+    packed = optimize_target(first).packed_linears
+    stock = optimize_target(Target(*load_model(str(tiny_model_dir))), pack=False).row_invariant
+    assert packed > 0 and stock is not None
+    assert len(list((tmp_path / "probes").glob("*.json"))) == 1  # one file per machine
+    monkeypatch.setattr(packed_mod, "same_bits", lambda *a, **k: pytest.fail("packing probed again"))
+    monkeypatch.setattr(optimize_mod, "stock_rows_vary", lambda *a, **k: pytest.fail("stock products probed again"))
+    second = Target(*load_model(str(tiny_model_dir)))
+    assert optimize_target(second).packed_linears == packed
+    assert packed_splits(second.model) == packed_splits(first.model)
+    assert optimize_target(Target(*load_model(str(tiny_model_dir))), pack=False).row_invariant == stock
+    ids = torch.arange(2, 14)
+    assert torch.equal(second.forward(ids).logits, first.forward(ids).logits)
+
+
 def _row_by_row(lin: nn.Linear) -> None:
     """Make `lin` compute each row on its own: row-invariant on any CPU."""
     def forward(x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -198,8 +232,9 @@ def _row_by_row(lin: nn.Linear) -> None:
 @pytest.mark.parametrize("varies", [False, True])
 def test_an_unpacked_target_says_whether_its_rows_keep_their_bits(caplog, varies):
     """A stock product that rounds a row differently inside a block (the stock fp32 one on a Zen 4
-    EPYC) is found at load, flagged and warned about; a row-invariant one is not."""
-    from eaglespec.packed import stock_rows_vary
+    EPYC) is found by the optimization step left to stock products, and warned about; a
+    row-invariant one is not."""
+    from eaglespec.backends.cpu.packed import stock_rows_vary
 
     model = tiny_target("llama", hidden=64, pack=False).model
     linears = [m for m in model.modules() if type(m) is nn.Linear]
@@ -211,10 +246,10 @@ def test_an_unpacked_target_says_whether_its_rows_keep_their_bits(caplog, varies
             if lin.in_features > lin.out_features:
                 lin.forward = (lambda x, lin=lin:
                                nn.functional.linear(x, lin.weight, lin.bias) + 1e-3 * x[..., 0].numel())
-    caplog.clear()  # tiny_target's own Target checked the stock products already
+    caplog.clear()
     with caplog.at_level("WARNING"):
-        target = Target(model, tokenizer=None, pack=False)
-    assert target.row_invariant == (not varies)
+        report = optimize_target(Target(model, tokenizer=None), pack=False)
+    assert report.row_invariant == (not varies)
     assert ("nearly tie" in caplog.text) == varies
     if varies:
         assert all(shape[1] > shape[0] for shape in stock_rows_vary(model))

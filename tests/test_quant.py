@@ -1,4 +1,4 @@
-"""Int8 draft weights (eaglespec/quant.py): close to the full-precision draft, never lossy."""
+"""Int8 draft weights (eaglespec/backends/cpu/quant.py): close to the full-precision draft, never lossy."""
 
 import pytest
 import torch
@@ -6,9 +6,11 @@ from helpers import oracle_head, tiny_target
 from torch import nn
 
 from eaglespec.attention import register
+from eaglespec.backends import draft_setup, optimize_target
+from eaglespec.backends.cpu.quant import Int8Linear, int8_kernel_available, quantize_linears, quantize_weight
 from eaglespec.drafter import EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
-from eaglespec.quant import Int8Linear, int8_kernel_available, quantize_linears, quantize_weight
+from eaglespec.head_runner import EagleHeadRunner
 from eaglespec.target import Target
 
 
@@ -61,13 +63,15 @@ def test_int8_draft_is_lossless_and_proposes_nearly_what_the_full_draft_does(dty
         model = target.model.to(dtype)
         model.set_attn_implementation(register())
         target = Target(model, tokenizer=None, max_len=512)
+        optimize_target(target)
     head = oracle_head(target, noise=0.2)
     cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
     plain = Generator(target)
-    drafters = {w: EagleDrafter(head, target, TreeConfig(kind="dynamic"), weights=w) for w in ("full", "int8")}
-    assert drafters["int8"].int8 and not drafters["full"].int8
-    assert any(isinstance(m, Int8Linear) for m in drafters["int8"].head.modules())
-    assert isinstance(drafters["int8"].lm, Int8Linear)
+    setups = {w: draft_setup(target.device, target.dtype, weights=w) for w in ("full", "int8")}
+    assert setups["int8"].weights == "int8" and setups["full"].weights != "int8"
+    drafters = {w: EagleDrafter.from_head(head, target, TreeConfig(kind="dynamic"), setup) for w, setup in setups.items()}
+    assert any(isinstance(m, Int8Linear) for m in drafters["int8"].runner.head.modules())
+    assert isinstance(drafters["int8"].runner.lm, Int8Linear)
     assert all(type(m) is nn.Linear for m in head.modules() if isinstance(m, (nn.Linear, Int8Linear)))  # caller's head untouched
     g = torch.Generator().manual_seed(7)
     taus = {w: [] for w in drafters}
@@ -92,10 +96,11 @@ def test_auto_weights_pick_int8_only_for_bf16_drafts_on_avx512_cpus_and_bad_valu
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     target = tiny_target("llama")
     head = oracle_head(tiny_target("llama", copyable=True))
-    drafter = EagleDrafter(head, target, TreeConfig(), dtype=dtype)
+    setup = draft_setup(target.device, target.dtype, dtype=dtype)
     want = capability == "AVX512" and dtype == torch.bfloat16 and int8_kernel_available(torch.device("cpu"))
-    assert drafter.int8 == want
-    assert isinstance(drafter.lm, Int8Linear) == drafter.int8
-    assert EagleDrafter(head, target, TreeConfig(), weights="int8").int8
+    assert (setup.weights == "int8") == want and setup.dtype == dtype
+    runner = EagleHeadRunner(head, target, setup)
+    assert isinstance(runner.lm, Int8Linear) == want
+    assert draft_setup(target.device, target.dtype, weights="int8").weights == "int8"
     with pytest.raises(ValueError, match="draft weights"):
-        EagleDrafter(head, target, TreeConfig(), weights="int4")
+        draft_setup(target.device, target.dtype, weights="int4")

@@ -1,8 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 from helpers import tiny_target
 
-from eaglespec.tree import MC_SIM_7B_63, graft_chain, make_tree, select_dynamic, static_shape
+from eaglespec.tree import MC_SIM_7B_63, graft_chain, make_tree, select_dynamic, static_plan, static_shape
 
 
 def test_small_tree_by_hand():
@@ -27,6 +29,107 @@ def test_static_shape_from_paths():
     assert shape.depths.tolist() == [0, 1, 1, 2, 2, 2, 3]
     assert shape.topk == (2, 2, 1)
     assert [lv.tolist() for lv in shape.levels] == [[1, 2], [3, 4, 5], [6]]
+
+
+def test_static_plan_by_hand():
+    """The docstring's example: which nodes the head runs at each depth, the tree slots they see,
+    and which output each child is drafted from."""
+    plan = static_plan([[0], [1], [0, 0], [0, 1], [0, 0, 0]])
+    assert plan.size == 6 and plan.slots == 2  # run nodes 1 and 3 take tree slots 0 and 1
+    assert plan.template.parents.tolist() == [-1, 0, 0, 1, 1, 3]
+    assert plan.template.mask.equal(make_tree(torch.zeros(6, dtype=torch.long), plan.template.parents).mask)
+    want = [  # children, ranks, k, run, rows, feat_rows, row_of_parent
+        ([1, 2], [0, 1], 2, [], [], [], [0, 0]),
+        ([3, 4], [0, 1], 2, [1], [[True, False]], [0], [0, 0]),
+        ([5], [0], 1, [3], [[True, True]], [0], [0]),
+    ]
+    got = [(lv.children.tolist(), lv.ranks.tolist(), lv.k, lv.run.tolist(), lv.rows.tolist(), lv.feat_rows.tolist(),
+            lv.row_of_parent.tolist()) for lv in plan.levels]
+    assert got == want
+    assert plan.levels[0].rows.shape == (0, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.slots = 3
+
+
+def test_static_plan_of_the_eagle_preset_sees_exactly_its_ancestors():
+    """Oracle: every run node sees the tree slots of its ancestors (root excluded) and itself, and
+    every child is drafted from its parent's output."""
+    plan = static_plan(MC_SIM_7B_63)
+    parents = plan.template.parents.tolist()
+    slot_of = {}
+    for lv in plan.levels[1:]:
+        for node in lv.run.tolist():
+            slot_of[node] = len(slot_of)
+    assert plan.slots == len(slot_of)
+    for d, lv in enumerate(plan.levels, start=1):
+        run = lv.run.tolist()
+        for r, node in enumerate(run):
+            chain, n = set(), node
+            while n > 0:
+                chain.add(slot_of[n])
+                n = parents[n]
+            assert set(lv.rows[r].nonzero().squeeze(1).tolist()) == chain
+        for c, row in zip(lv.children.tolist(), lv.row_of_parent.tolist()):
+            assert (parents[c] == 0) if d == 1 else (run[row] == parents[c])
+
+
+# A draft model as two tables: `step` outputs the token it was fed, `logprobs` looks up that
+# token's next-token distribution (the root's output is 0). Draft ids 0..3 are target ids 10..13.
+NEXT = {0: [0.5, 0.3, 0.1, 0.1], 10: [0.8, 0.1, 0.06, 0.04], 11: [0.1, 0.2, 0.6, 0.1],
+        12: [0.05, 0.1, 0.15, 0.7], 13: [0.25] * 4}
+TABLE = torch.tensor([NEXT.get(i, [0.25] * 4) for i in range(14)]).log()
+VOCAB_IDS = torch.arange(10, 14)
+
+
+def fake_model():
+    calls = []
+
+    def step(feats, tokens, depth, rows):
+        calls.append((depth, tokens.tolist(), rows.int().tolist()))
+        return tokens.float()[:, None]
+
+    def logprobs(hidden):
+        return TABLE[hidden[:, 0].long()]
+
+    return step, logprobs, calls
+
+
+def test_dynamic_expansion_by_hand():
+    """top_k 2, depth 3: candidates 10 (.5), 11 (.3); 10-10 (.4), 10-11 (.05), 11-12 (.18),
+    11-11 (.06); from the best two, 10-10 and 11-12: 10-10-10 (.32), 10-10-11 (.04), 11-12-13
+    (.126), 11-12-12 (.027). Five kept: .5, .4, .32, .3, .18."""
+    from eaglespec.drafter import TreeConfig
+    from eaglespec.expand import expand_dynamic
+
+    step, logprobs, calls = fake_model()
+    root, h_root = torch.tensor([7]), torch.zeros(1)
+    tree, stopped = expand_dynamic(TreeConfig(top_k=2, depth=3, total_tokens=6), root, h_root, step, logprobs,
+                                   VOCAB_IDS)
+    assert tree.tokens.tolist() == [7, 10, 11, 10, 12, 10] and not stopped
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 2, 3]
+    # depth 1 runs both root children in slots 0, 1; depth 2 the best two grandchildren in slots 2, 3
+    assert calls == [(1, [10, 11], [[1, 0, 0, 0], [0, 1, 0, 0]]), (2, [10, 12], [[1, 0, 1, 0], [0, 1, 0, 1]])]
+    floored, _ = expand_dynamic(TreeConfig(top_k=2, depth=3, total_tokens=6, min_prob=0.2), root, h_root,
+                                *fake_model()[:2], VOCAB_IDS)
+    assert floored.tokens.tolist() == [7, 10, 11, 10, 10] and floored.parents.tolist() == [-1, 0, 0, 1, 3]
+    # keeping two (.5, .4), depth 3 cannot change the tree: with stop_early it is not drafted
+    small = TreeConfig(top_k=2, depth=3, total_tokens=3)
+    step, logprobs, calls = fake_model()
+    early, stopped = expand_dynamic(small, root, h_root, step, logprobs, VOCAB_IDS, stop_early=True)
+    full, _ = expand_dynamic(small, root, h_root, *fake_model()[:2], VOCAB_IDS)
+    assert stopped and len(calls) == 1
+    assert early.tokens.tolist() == full.tokens.tolist() == [7, 10, 10]
+
+
+def test_static_expansion_by_hand():
+    from eaglespec.expand import expand_static
+
+    step, logprobs, calls = fake_model()
+    plan = static_plan([[0], [1], [0, 0], [0, 1], [0, 0, 0]])
+    tree = expand_static(plan, torch.tensor([7]), torch.zeros(1), step, logprobs, VOCAB_IDS)
+    # root's top two 10, 11; node 1 (10) drafts 10, 11; node 3 (10) drafts 10
+    assert tree.tokens.tolist() == [7, 10, 11, 10, 11, 10]
+    assert calls == [(1, [10], [[1, 0]]), (2, [10], [[1, 1]])]
 
 
 def test_eagle_preset_shape():
@@ -81,7 +184,7 @@ def test_dynamic_tree_floor_shrinks_unsure_steps():
     ids = torch.randint(2, target.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
     sizes = {}
     for floor in (0.0, 0.2):
-        d = EagleDrafter(head, target, TreeConfig(top_k=3, depth=4, total_tokens=10, min_prob=floor))
+        d = EagleDrafter.from_head(head, target, TreeConfig(top_k=3, depth=4, total_tokens=10, min_prob=floor))
         d.stop_early = False
         out = target.prefill(ids)
         d.begin()
@@ -150,7 +253,7 @@ def test_dynamic_drafting_stops_early_only_when_the_tree_cannot_change():
     for head in (random_head(target), oracle_head(target, noise=0.3)):
         for tree_cfg in (TreeConfig(), TreeConfig(top_k=3, depth=6, total_tokens=8),
                          TreeConfig(top_k=3, depth=6, total_tokens=16, min_prob=0.05)):
-            drafters = [EagleDrafter(head, target, tree_cfg) for _ in range(2)]
+            drafters = [EagleDrafter.from_head(head, target, tree_cfg) for _ in range(2)]
             drafters[1].stop_early = False
             for _ in range(12):
                 ids = torch.randint(2, target.vocab_size, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g)
@@ -206,38 +309,3 @@ def test_tree_calibration_judges_candidates_against_what_the_target_wrote():
     steps = tc.steps_of(out, [3, 1, 1], [(scores, parents, tokens)] * 3, max_depth=3)
     assert len(steps) == 2  # the third (root output[4]) lacks 3 tokens of truth
     assert steps[0].right == step.right and steps[1].right == [False, True, False, False, True]
-
-
-def test_tree_calibration_replay_reproduces_the_engine_acceptance():
-    """Replaying the draft rule on the recorded candidates with the run's own tree size gives the
-    accept lengths the engine measured, step by step: the recording and judging are faithful."""
-    import torch
-    from helpers import oracle_head, tiny_target
-
-    from eaglespec.drafter import EagleDrafter, TreeConfig
-    from eaglespec.generate import GenerationConfig, Generator
-
-    tc = _tree_calibration()
-    target = tiny_target("llama", copyable=True, logit_scale=30.0)
-    plain = Generator(target, None)
-    g = torch.Generator().manual_seed(3)
-    checked, lengths = 0, set()
-    for cfg in (TreeConfig(top_k=3, depth=5, total_tokens=8), TreeConfig(top_k=3, depth=5, total_tokens=4),
-                TreeConfig(top_k=4, depth=5, total_tokens=6), TreeConfig(top_k=2, depth=4, total_tokens=3)):
-        drafter = EagleDrafter(oracle_head(target, noise=0.6), target, cfg)
-        engine = Generator(target, drafter)
-        ids = torch.randint(2, target.vocab_size, (6,), generator=g)
-        drafter.candidate_log = []
-        config = GenerationConfig(max_new_tokens=40, ignore_eos=True)
-        out = [t for chunk in engine.generate_ids(ids, config) for t in chunk]
-        accepted = engine.last_stats.accept_lengths
-        assert out == [t for chunk in plain.generate_ids(ids, config) for t in chunk]
-        proposals = [(s.tolist(), p.tolist(), t.tolist()) for s, p, t in drafter.candidate_log]
-        assert len(proposals) == len(accepted)
-        steps = tc.steps_of(out, accepted, proposals, cfg.depth)
-        for step, measured in zip(steps, accepted):
-            assert tc.accept_length(step, step.scores, cfg.total_tokens) == measured
-            assert tc.ceiling(step, cfg.total_tokens) >= measured
-            lengths.add(measured)
-        checked += len(steps)
-    assert checked > 20 and len(lengths) > 2  # several steps, and not all alike

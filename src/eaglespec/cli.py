@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from eaglespec.drafter import CPU_BF16_AMX_TREE, CPU_BF16_NO_AMX_TREE, CPU_FP32_TREE, TreeConfig, default_tree
+from eaglespec.backends import default_tree
+from eaglespec.backends.cpu.trees import CPU_BF16_AMX_TREE, CPU_BF16_NO_AMX_TREE, CPU_FP32_TREE
+from eaglespec.drafter import TreeConfig
 
 log = logging.getLogger("eaglespec")
 
@@ -114,10 +116,13 @@ def setup_torch(args) -> None:
 
 def load_engine(args, need_tokenizer: bool = True):
     """Target + drafter from the common flags."""
+    from eaglespec.backends import draft_setup
     from eaglespec.draft import DraftHead
-    from eaglespec.drafter import EagleDrafter, HybridDrafter, PromptLookupDrafter
+    from eaglespec.drafter import EagleDrafter
     from eaglespec.generate import Generator
+    from eaglespec.head_runner import EagleHeadRunner
     from eaglespec.heads import default_head_path
+    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
     from eaglespec.target import load_target
 
     if args.max_len < 16:
@@ -130,11 +135,10 @@ def load_engine(args, need_tokenizer: bool = True):
     drafter = None
     if not args.no_draft:
         path = args.draft or (default_head_path() if args.model is None else None)
-        if path is None and args.draft is None and args.model is None:
-            log.warning("no draft head shipped yet: plain decoding")
         if path is not None:
             head = DraftHead.from_pretrained(path)
-            drafter = EagleDrafter(head, target, tree, weights=args.draft_weights)
+            setup = draft_setup(target.device, target.dtype, args.draft_weights)
+            drafter = EagleDrafter(EagleHeadRunner(head, target, setup), tree)
             if args.lookup < 0:
                 raise UsageError(f"--lookup must be >= 0, got {args.lookup}")
             if args.lookup:

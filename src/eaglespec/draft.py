@@ -283,15 +283,25 @@ class DraftHead(nn.Module):
             raw = json.loads((path / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise DraftHeadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise DraftHeadError(f"{path / 'config.json'} must hold a JSON object of LlamaConfig fields")
         raw.pop("torch_dtype", None)
         raw.pop("dtype", None)
-        config = LlamaConfig(**raw)
+        try:
+            config = LlamaConfig(**raw)
+        except Exception as e:  # transformers validates a config with errors of several kinds
+            raise DraftHeadError(f"{path / 'config.json'} is not a valid draft head config: {_reason(e)}") from None
         state = _read_state_dict(path)
         if "d2t" in state:
             config.draft_vocab_size = state["d2t"].shape[0]
         else:
             config.draft_vocab_size = config.vocab_size
-        head = cls(config)
+        try:
+            head = cls(config)
+        except DraftHeadError:
+            raise
+        except (TypeError, ValueError, RuntimeError) as e:  # sizes that no layer can be built with
+            raise DraftHeadError(f"{path / 'config.json'} is not a valid draft head config: {_reason(e)}") from None
         for key in IGNORED_KEYS:
             state.pop(key, None)
         own = head.state_dict()
@@ -308,6 +318,12 @@ class DraftHead(nn.Module):
                 )
         head.load_state_dict(state)
         return head.to(device=device, dtype=dtype)
+
+
+def _reason(e: Exception) -> str:
+    """An error's message on one line: its last non-empty line (validation errors put the reason last)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -2,26 +2,32 @@
 
 One narrow interface (as transformers' candidate generators): `begin` a sequence, `observe` what
 the target committed, `propose` a tree. The decode loop knows nothing else about a drafter, so
-plain decoding (`NoDrafter`, a tree of just the root), EAGLE with static or dynamic trees, and
-any future drafter share one loop, and the benchmark gets its baseline for free.
+plain decoding (`NoDrafter`, a tree of just the root), EAGLE with static or dynamic trees,
+prompt lookup (lookup.py) and any future drafter share one loop, and the benchmark gets its
+baseline for free.
+
+`EagleDrafter` composes three parts: a head runner (head_runner.py: the draft model, its cache and
+LM-head rows), a static plan (tree.py) or the dynamic expansion (expand.py), and the bookkeeping
+of what the target committed since the last proposal.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import nn
 
-from eaglespec.draft import DraftHead, check_fits
-from eaglespec.packed import PackedLinear, pack_linears, packing_available
-from eaglespec.quant import Int8Linear, int8_pays, quantize_linears
-from eaglespec.target import Target, has_amx
-from eaglespec.tree import STATIC_PRESETS, DraftTree, graft_chain, make_tree, root_only, select_dynamic, static_shape
+from eaglespec.backends import cheap_host_sync
+from eaglespec.expand import dynamic_slots, expand_dynamic, expand_static
+from eaglespec.head_runner import EagleHeadRunner, HeadRunner
+from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan
+
+if TYPE_CHECKING:
+    from eaglespec.backends import DraftSetup
+    from eaglespec.draft import DraftHead
+    from eaglespec.target import Target
 
 
 class Drafter(ABC):
@@ -62,9 +68,9 @@ class NoDrafter(Drafter):
 class TreeConfig:
     """The shape of the draft tree.
 
-    Defaults are a fixed 16-node tree, chosen in early sessions on a 2-core AMX CPU (README,
-    `scripts/tree_sweep.py`) and kept for GPUs; `default_tree` gives the shape for where a target
-    runs (CPUs get a confidence floor).
+    Defaults are a fixed 16-node tree, chosen early on a 2-core AMX CPU (README,
+    `scripts/tree_sweep.py`) and kept for GPUs; `eaglespec.backends.default_tree` gives the shape for
+    where a target runs (CPUs get a confidence floor).
     """
 
     kind: Literal["static", "dynamic"] = "dynamic"  # EAGLE-1 static tree or EAGLE-2 dynamic tree
@@ -93,152 +99,33 @@ class TreeConfig:
         return self.static_paths if self.static_paths is not None else STATIC_PRESETS[self.static_tree]
 
 
-#: fp32 on CPU: a verified node costs 3-4 ms of fp32 arithmetic on 2 AVX2 cores (a 16-node forward
-#: 1.79x a one-node one), so a node pays only if it is likely to be accepted. On 8 MT-bench first
-#: turns (`scripts/tree_sweep.py --dtype float32`, an AVX2 EPYC) a fixed 10 nodes gave 1.28x against
-#: 1.05x for 16; on 16 first turns (256 tokens) a tree of up to 20 nodes that verifies only guesses
-#: of draft probability >= 0.1 gave 1.41x against 1.29x for the fixed 10 (README, session 12).
-CPU_FP32_TREE = dict(top_k=4, depth=8, total_tokens=20, min_prob=0.1)
-
-
-#: bf16 on a CPU with AVX-512 bf16 but no AMX (a Zen 4 EPYC): a 16-node forward costs 1.49x a
-#: one-node one, so here too a floor beats a fixed tree. On 8 MT-bench first turns (128 tokens,
-#: `scripts/tree_sweep.py --dtype bfloat16`, two sweeps) it gave 1.46x and 1.45x against 1.27x
-#: for the AMX default of 16 fixed nodes and 1.31x / 1.37x for 10 (README, session 14).
-CPU_BF16_NO_AMX_TREE = dict(top_k=4, depth=8, total_tokens=32, min_prob=0.05)
-
-
-#: bf16 on a CPU with AMX (a Xeon): a node costs little, so the floor is lower and the tree deeper
-#: than without AMX. With the stage-14 head on MT-bench first turns (256 tokens), against the fixed
-#: 16 nodes (top_k 4, depth 5) that were the default: depth 8 read 1.99x / tau 3.27 vs 1.98x / 3.14
-#: on 16 turns (`scripts/tree_sweep.py --dtype bfloat16`), 1.89x / 3.06 vs 1.87x / 2.98 on 32
-#: (`eaglespec bench --limit 4`), both at about 15 nodes per step; depth 10 added 0.06 and 0.03 tau
-#: at the same speed (README, session 24).
-CPU_BF16_AMX_TREE = dict(top_k=4, depth=10, total_tokens=32, min_prob=0.02)
-
-
-def default_tree(device: torch.device, dtype: torch.dtype, **overrides) -> TreeConfig:
-    """The dynamic tree for a target on `device` in `dtype`; `overrides` (e.g. from the command
-    line) win. On a CPU every tree has a confidence floor: high in fp32 and bf16 without AMX, which
-    verify nodes at full arithmetic cost, low in bf16 with AMX; other dtypes and GPUs keep a fixed
-    16 nodes (TreeConfig's defaults)."""
-    base = {}
-    if torch.device(device).type == "cpu":
-        if dtype == torch.float32:
-            base = CPU_FP32_TREE
-        elif dtype == torch.bfloat16:
-            base = CPU_BF16_AMX_TREE if has_amx() else CPU_BF16_NO_AMX_TREE
-    return TreeConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-
 class EagleDrafter(Drafter):
-    """Drafts with an EAGLE head over the target's features, as a static or dynamic tree."""
+    """Drafts with a head runner over the target's features, as a static or dynamic tree."""
 
-    def __init__(self, head: DraftHead, target: Target, tree: TreeConfig = TreeConfig(),
-                 dtype: torch.dtype | None = None, weights: Literal["auto", "int8", "full"] = "auto") -> None:
-        """dtype: what the head computes in. None: bf16 for bf16 targets on CPU where its linears
-        can be pre-packed (a stock bf16 matmul of a few rows is slower than fp32 there), float32
-        otherwise. weights: "int8" stores the head's linears and its LM head rows as int8
-        (eaglespec/quant.py; on a CPU a draft step is bound by reading them); "full" keeps them in
-        `dtype`, pre-packed on CPU; "auto" is int8 where the int8 kernel pays (bf16 drafts on
-        AVX-512 CPUs), full elsewhere. Neither choice changes what is accepted, only what is proposed."""
-        if weights not in ("auto", "int8", "full"):
-            raise ValueError(f"draft weights must be 'auto', 'int8' or 'full', got {weights!r}")
-        check_fits(head, target.hidden_size, target.vocab_size)
-        device = target.device
-        if dtype is None:
-            bf16 = target.dtype == torch.bfloat16 and packing_available(device, torch.bfloat16)
-            dtype = torch.bfloat16 if bf16 else torch.float32
-        self.dtype = dtype
-        self.int8 = weights == "int8" or (weights == "auto" and int8_pays(device, dtype))
-        packing = not self.int8 and packing_available(device, dtype)  # on CPU
-        if packing or self.int8:
-            head = copy.deepcopy(head)  # changed below: the caller's head stays a plain module
-        self.head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.target_embed = target.embed
+    def __init__(self, runner: HeadRunner, tree: TreeConfig = TreeConfig(), stop_early: bool | None = None) -> None:
+        """stop_early (dynamic trees): stop drafting deeper once deeper nodes cannot make the tree
+        (the same tree, fewer head runs), for a host sync per depth; None: where a sync is cheap
+        (`backends.cheap_host_sync`: on a CPU)."""
+        self.runner = runner
         self.tree_config = tree
-        self.vocab_ids = head.draft_token_ids().to(device)  # [K] target id of each draft id
-        weight = target.lm_head.weight
-        # [K, H] the LM head restricted to the draft vocabulary, in the head's dtype
-        lm_weight = (weight[self.vocab_ids] if head.reduced_vocab else weight).to(dtype)
-        self.lm = nn.Linear(lm_weight.shape[1], lm_weight.shape[0], bias=False, device=device, dtype=dtype)
-        self.lm.weight = nn.Parameter(lm_weight, requires_grad=False)
-        if self.int8:
-            quantize_linears(self.head, dtype)
-            self.lm = Int8Linear(self.lm, dtype)
-        elif packing:
-            pack_linears(self.head)
-            self.lm = PackedLinear(self.lm)
-        if tree.kind == "static":
-            self._init_static(tree, device)
-        else:
-            self.max_tree_size = tree.total_tokens
-            self.slots = tree.top_k * max(tree.depth - 1, 0)
-        # dynamic trees: stop drafting deeper once deeper nodes cannot make the tree (same tree,
-        # fewer head runs). It costs a host sync per depth, which is free on a CPU only.
-        self.stop_early = device.type == "cpu"
+        device = runner.vocab_ids.device
+        self.plan = static_plan(tree.paths()).to(device) if tree.kind == "static" else None
+        self.max_tree_size = self.plan.size if self.plan is not None else tree.total_tokens
+        runner.allocate(self.plan.slots if self.plan is not None else dynamic_slots(tree))
+        self.stop_early = cheap_host_sync(device) if stop_early is None else stop_early
         self.early_stops = 0  # how many proposals stopped early
-        #: when a list, each dynamic proposal appends its candidates before selection as (scores
-        #: [C] cumulative log-probabilities, parents [C], tokens [C]), in creation order
-        #: (scripts/tree_calibration.py reads them); None records nothing
-        self.candidate_log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self.cache = self.head.new_cache(target.max_len + self.slots, device, dtype)
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_features: list[torch.Tensor] = []
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The target's (frozen) embedding, in the head's dtype: [q] -> [q, H]."""
-        return self.target_embed(tokens).to(self.dtype)
-
-    # -- static-tree bookkeeping, computed once ---------------------------------------------
-
-    def _init_static(self, tree: TreeConfig, device: torch.device) -> None:
-        shape = static_shape(tree.paths())
-        self.shape = shape
-        self.max_tree_size = shape.size
-        parents = shape.parents.tolist()
-        depths = shape.depths.tolist()
-        has_child = {p for p in parents if p >= 0}
-        # nodes the draft head runs at each depth d >= 1 (those with children), in slot order
-        expand = [[i for i in range(shape.size) if depths[i] == d and i in has_child] for d in range(shape.max_depth)]
-        slot = {node: s for s, node in enumerate(n for level in expand[1:] for n in level)}
-        self.slots = len(slot)
-        template = make_tree(torch.zeros(shape.size, dtype=torch.long), shape.parents, shape.max_depth)
-        anc = template.mask.tolist()
-        self.static_template = DraftTree(
-            tokens=template.tokens.to(device), parents=template.parents.to(device), depths=template.depths.to(device),
-            mask=template.mask.to(device), retrieve=template.retrieve.to(device),
-        )
-        self.static_levels = []  # per depth d >= 1: what one draft step needs
-        for d in range(1, shape.max_depth + 1):
-            children = shape.levels[d - 1]
-            if d == 1:
-                row_of_parent = torch.zeros(len(children), dtype=torch.long)
-                run = torch.zeros(0, dtype=torch.long)
-                rows = torch.zeros(0, self.slots, dtype=torch.bool)
-                feat_rows = torch.zeros(0, dtype=torch.long)
-            else:
-                run_nodes = expand[d - 1]
-                run = torch.tensor(run_nodes, dtype=torch.long)
-                rows = torch.zeros(len(run_nodes), self.slots, dtype=torch.bool)
-                for r, node in enumerate(run_nodes):
-                    for a in range(1, shape.size):
-                        if anc[node][a]:
-                            rows[r, slot[a]] = True
-                prev = expand[d - 2] if d >= 3 else []
-                # the feature each run node consumes: its parent's draft output (the root's at d == 2)
-                feat_rows = torch.tensor([prev.index(parents[n]) if d >= 3 else 0 for n in run_nodes], dtype=torch.long)
-                row_of_parent = torch.tensor([run_nodes.index(parents[c]) for c in children.tolist()], dtype=torch.long)
-            self.static_levels.append(
-                dict(children=children.to(device), ranks=shape.ranks[children].to(device), k=shape.topk[d - 1],
-                     run=run.to(device), rows=rows.to(device), feat_rows=feat_rows.to(device),
-                     row_of_parent=row_of_parent.to(device))
-            )
-
-    # -- the Drafter protocol ----------------------------------------------------------------
+    @classmethod
+    def from_head(cls, head: DraftHead, target: Target, tree: TreeConfig = TreeConfig(),
+                  setup: DraftSetup | None = None) -> EagleDrafter:
+        """An EAGLE-1/2 head's drafter. setup: the head's dtype and weight layout
+        (`backends.draft_setup` picks for the hardware; None: float32, weights as loaded)."""
+        return cls(EagleHeadRunner(head, target, setup), tree)
 
     def begin(self) -> None:
-        self.cache.reset()
+        self.runner.reset()
         self.pending_tokens.clear()
         self.pending_features.clear()
 
@@ -248,170 +135,14 @@ class EagleDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, root: torch.Tensor) -> DraftTree:
-        h_root = self._commit_pending()  # [H] predicted feature after the root
-        try:
-            if self.tree_config.kind == "static":
-                return self._propose_static(root, h_root)
-            return self._propose_dynamic(root, h_root)
-        finally:
-            self.cache.drop_tree()
-
-    # -- drafting steps ------------------------------------------------------------------------
-
-    def _commit_pending(self) -> torch.Tensor:
-        """Run the head over the newly committed (feature, next token) pairs; return the last output."""
-        tokens = torch.cat(self.pending_tokens)  # [k]
-        features = torch.cat(self.pending_features)  # [k, H]
+        tokens, features = torch.cat(self.pending_tokens), torch.cat(self.pending_features)  # [k], [k, F]
         self.pending_tokens.clear()
         self.pending_features.clear()
-        past, k = self.cache.length, tokens.shape[0]
-        device = tokens.device
-        positions = torch.arange(past, past + k, device=device)
-        visible = torch.cat(
-            [torch.ones(k, past, dtype=torch.bool, device=device),
-             torch.ones(k, k, dtype=torch.bool, device=device).tril_()], dim=1)
-        h = self.head(features.to(self.dtype)[None], self.embed(tokens)[None], positions[None], visible[None, None],
-                      self.cache, commit=True)
-        return h[0, -1]
-
-    def _tree_step(self, feats: torch.Tensor, tokens: torch.Tensor, depth: int, rows: torch.Tensor) -> torch.Tensor:
-        """Run q tree nodes at one depth: feats [q, H] (their parents' outputs), tokens [q],
-        rows [q, slots] bool: the tree slots each node sees (its ancestors and itself)."""
-        q = tokens.shape[0]
-        ctx, held = self.cache.length, self.cache.tree_len
-        positions = torch.full((1, q), ctx + depth - 1, dtype=torch.long, device=tokens.device)
-        visible = torch.cat([torch.ones(q, ctx, dtype=torch.bool, device=tokens.device), rows[:, : held + q]], dim=1)
-        return self.head(feats[None], self.embed(tokens)[None], positions, visible[None, None], self.cache)[0]
-
-    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[q, H] -> [q, K] draft log-probabilities, clamped to <= 0 so scores never grow down a path."""
-        return self.lm(hidden).float().log_softmax(dim=-1).clamp_(max=0.0)
-
-    def _propose_static(self, root: torch.Tensor, h_root: torch.Tensor) -> DraftTree:
-        tokens = torch.empty(self.max_tree_size, dtype=torch.long, device=root.device)
-        tokens[0] = root[0]
-        hidden = h_root[None]  # [1, H] outputs of the previous depth's run nodes
-        for d, level in enumerate(self.static_levels, start=1):
-            if d > 1:
-                feats = hidden[level["feat_rows"]]
-                hidden = self._tree_step(feats, tokens[level["run"]], d - 1, level["rows"])
-            top = self._logprobs(hidden).topk(level["k"], dim=-1).indices  # [runs, k]
-            tokens[level["children"]] = self.vocab_ids[top[level["row_of_parent"], level["ranks"]]]
-        t = self.static_template
-        return DraftTree(tokens=tokens, parents=t.parents, depths=t.depths, mask=t.mask, retrieve=t.retrieve)
-
-    def _propose_dynamic(self, root: torch.Tensor, h_root: torch.Tensor) -> DraftTree:
-        cfg = self.tree_config
-        k, device = cfg.top_k, root.device
-        top = self._logprobs(h_root[None])[0].topk(k)
-        all_tokens = [self.vocab_ids[top.indices]]  # per step: candidate tokens
-        all_scores = [top.values]  # cumulative log-probabilities
-        all_parents = [torch.full((k,), -1, dtype=torch.long, device=device)]  # -1 = the root
-        front = torch.arange(k, device=device)  # candidate indices of the nodes to expand next
-        front_tokens, front_scores = all_tokens[0], top.values
-        front_feats = h_root.expand(k, -1)
-        front_rows = torch.zeros(k, self.slots, dtype=torch.bool, device=device)
-        n_cand = k
-        arange_k = torch.arange(k, device=device)
-        keep_n = cfg.total_tokens - 1
-        # the floor as a float32 value, as the scores are: the early stop and the selection then agree exactly
-        floor = float(torch.tensor(math.log(cfg.min_prob), dtype=torch.float32)) if cfg.min_prob > 0 else None
-        for d in range(1, cfg.depth):
-            if self.stop_early and self._deeper_is_hopeless(all_scores, front_scores, keep_n, n_cand, floor):
-                self.early_stops += 1
-                break
-            rows = front_rows.clone()
-            rows[arange_k, self.cache.tree_len + arange_k] = True
-            hidden = self._tree_step(front_feats, front_tokens, d, rows)  # [k, H]
-            child = self._logprobs(hidden).topk(k, dim=-1)  # [k, k]
-            scores = (front_scores[:, None] + child.values).flatten()  # [k*k]
-            all_tokens.append(self.vocab_ids[child.indices].flatten())
-            all_scores.append(scores)
-            all_parents.append(front.repeat_interleave(k))
-            if d + 1 < cfg.depth:  # the next frontier: the best k of these k*k children
-                best = scores.topk(k).indices
-                front = n_cand + best
-                front_tokens, front_scores = all_tokens[-1][best], scores[best]
-                front_feats, front_rows = hidden[best // k], rows[best // k]
-            n_cand += k * k
-        scores, parents, tokens = torch.cat(all_scores), torch.cat(all_parents), torch.cat(all_tokens)
-        if self.candidate_log is not None:
-            self.candidate_log.append((scores, parents, tokens))
-        tree, _ = select_dynamic(scores, parents, tokens, cfg.total_tokens, cfg.depth, min_score=floor)
-        tree.tokens[0] = root[0]
+        h_root = self.runner.commit(tokens, features)  # [D] predicted feature after the root
+        r = self.runner
+        if self.plan is not None:
+            return expand_static(self.plan, root, h_root, r.step, r.logprobs, r.vocab_ids)
+        tree, stopped = expand_dynamic(self.tree_config, root, h_root, r.step, r.logprobs, r.vocab_ids,
+                                       stop_early=self.stop_early)
+        self.early_stops += stopped
         return tree
-
-    @staticmethod
-    def _deeper_is_hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tensor, keep_n: int, n_cand: int,
-                            floor: float | None = None) -> bool:
-        """True when no descendant of the frontier can enter the kept set, so drafting deeper would
-        not change the tree: a child scores at most its parent (log-probabilities <= 0), so none
-        passes a `floor` that the frontier's best misses; and, tied, a child ranks after every
-        earlier candidate, so `keep_n` candidates already scoring at least the frontier's best keep
-        it out. One host sync."""
-        best = float(front_scores.max())
-        if floor is not None and best < floor:
-            return True
-        return n_cand >= keep_n and int(sum(int((s >= best).sum()) for s in all_scores)) >= keep_n
-
-
-class PromptLookupDrafter(Drafter):
-    """Prompt lookup decoding: propose, as a chain, the tokens that followed the latest earlier
-    occurrence of the last n committed tokens (n from `max_ngram` down to 1). No model needed;
-    it shines when the answer copies from the prompt (code edits, summaries, RAG)."""
-
-    def __init__(self, max_ngram: int = 3, num_tokens: int = 8) -> None:
-        if max_ngram < 1 or num_tokens < 1:
-            raise ValueError("max_ngram and num_tokens must be >= 1")
-        self.max_ngram = max_ngram
-        self.num_tokens = num_tokens
-        self.max_tree_size = num_tokens + 1
-        self.history: list[int] = []
-
-    def begin(self) -> None:
-        self.history = []
-
-    def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        self.history.extend(tokens.tolist())  # host copy: once per step
-
-    def propose(self, root: torch.Tensor) -> DraftTree:
-        guess = self.guess()
-        tokens = torch.tensor([int(root[0])] + guess, dtype=torch.long, device=root.device)
-        parents = torch.arange(-1, len(guess), dtype=torch.long, device=root.device)  # a chain
-        return make_tree(tokens, parents, max_depth=len(guess))
-
-    def guess(self) -> list[int]:
-        """The chain to propose after the committed history (empty when nothing matches)."""
-        h = self.history
-        for n in range(min(self.max_ngram, len(h) - 1), 0, -1):
-            tail = h[-n:]
-            for start in range(len(h) - n - 1, -1, -1):  # latest earlier match first
-                if h[start : start + n] == tail:
-                    return h[start + n : start + n + self.num_tokens]
-        return []
-
-
-class HybridDrafter(Drafter):
-    """EAGLE's tree with a prompt-lookup chain grafted in: one verification checks both.
-
-    Small models repeat themselves and copy from the prompt; where the last few tokens occurred
-    before, the lookup chain is often longer than anything the head dares to guess, and where they
-    did not, the tree is EAGLE's alone. The merged tree is verified like any other, so output stays
-    the target's (greedy) or distributed as the target's (sampling).
-    """
-
-    def __init__(self, eagle: EagleDrafter, lookup: PromptLookupDrafter) -> None:
-        self.eagle = eagle
-        self.lookup = lookup
-        self.max_tree_size = eagle.max_tree_size + lookup.num_tokens
-
-    def begin(self) -> None:
-        self.eagle.begin()
-        self.lookup.begin()
-
-    def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        self.eagle.observe(tokens, features)
-        self.lookup.observe(tokens, features)
-
-    def propose(self, root: torch.Tensor) -> DraftTree:
-        return graft_chain(self.eagle.propose(root), self.lookup.guess())

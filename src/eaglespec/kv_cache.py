@@ -35,8 +35,11 @@ class PreallocatedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         key_dtype = self.owner.key_dtype or key_states.dtype
         value_dtype = self.owner.value_dtype or value_states.dtype
-        self.keys = torch.zeros(b, h, self.max_len, d, dtype=key_dtype, device=key_states.device)
-        self.values = torch.zeros(b, h, self.max_len, value_states.shape[-1], dtype=value_dtype, device=value_states.device)
+        # uninitialized: a slot is always written before it is read (attention sees [0, length + q)),
+        # so zeroing would only cost a pass over the whole buffer at the first forward (188 MB for
+        # SmolLM2's 2,048 float64 slots), touching pages that a short answer never uses
+        self.keys = torch.empty(b, h, self.max_len, d, dtype=key_dtype, device=key_states.device)
+        self.values = torch.empty(b, h, self.max_len, value_states.shape[-1], dtype=value_dtype, device=value_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -115,7 +118,7 @@ class DraftKVCache:
     Same discipline as the target cache: `length` counts committed (context) pairs; tree nodes
     drafted during one step are appended after it and dropped by resetting `tree_len` to 0. In one
     head forward every layer writes the same slots (`write`), then the head moves the counters once
-    (`advance`); `append` does both for a one-layer head.
+    (`advance`).
     """
 
     def __init__(self, max_len: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
@@ -145,12 +148,6 @@ class DraftKVCache:
             self.length += q
         else:
             self.tree_len += q
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """`write` into layer 0, then `advance` (a one-layer head's whole update)."""
-        out = self.write(0, k, v)
-        self.advance(k.shape[-2], commit)
-        return out
 
     def drop_tree(self) -> None:
         self.tree_len = 0

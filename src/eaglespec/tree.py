@@ -216,3 +216,86 @@ def graft_chain(tree: DraftTree, chain: Sequence[int]) -> DraftTree:
     new_parents = torch.tensor([node] + list(range(n, n + len(rest) - 1)), dtype=torch.long, device=device)
     max_depth = max(max(depth), depth[node] + len(rest))
     return make_tree(torch.cat([tree.tokens, new_tokens]), torch.cat([tree.parents, new_parents]), max_depth)
+
+
+@dataclass(frozen=True)
+class StaticLevel:
+    """What drafting depth d of a static tree needs (see `static_plan`)."""
+
+    children: torch.Tensor  # [c] nodes at depth d
+    ranks: torch.Tensor  # [c] each child's rank among its parent's draft top-k
+    k: int  # how many top candidates its parents draft
+    run: torch.Tensor  # [r] nodes at depth d-1 that the head runs (those with children); empty at d = 1
+    rows: torch.Tensor  # [r, slots] bool: the tree slots each run node sees (its ancestors and itself)
+    feat_rows: torch.Tensor  # [r] which output of depth d-2's run each run node consumes (its parent's)
+    row_of_parent: torch.Tensor  # [c] which output (run row; the root's at d = 1) each child is drafted from
+
+
+@dataclass(frozen=True)
+class StaticPlan:
+    """Drafting a static tree, worked out once: its template (the tree with zero tokens) and, per
+    depth, which nodes the head runs and which outputs their children come from. Tree slots number
+    the run nodes of depths >= 1 in the order the head runs them (the draft cache's tree slots)."""
+
+    template: DraftTree
+    levels: tuple[StaticLevel, ...]  # depth 1, 2, ...
+    slots: int
+
+    @property
+    def size(self) -> int:
+        return self.template.size
+
+    def to(self, device: torch.device | str) -> StaticPlan:
+        t = self.template
+        template = DraftTree(*(x.to(device) for x in (t.tokens, t.parents, t.depths, t.mask, t.retrieve)))
+        levels = tuple(StaticLevel(lv.children.to(device), lv.ranks.to(device), lv.k, lv.run.to(device),
+                                   lv.rows.to(device), lv.feat_rows.to(device), lv.row_of_parent.to(device))
+                       for lv in self.levels)
+        return StaticPlan(template, levels, self.slots)
+
+
+def static_plan(paths: Sequence[Sequence[int]]) -> StaticPlan:
+    """The plan of a static tree given as rank paths (see `static_shape`), on the host.
+
+    Worked example, paths [0], [1], [0, 0], [0, 1], [0, 0, 0]:
+
+        nodes  0 root, 1 [0], 2 [1], 3 [0, 0], 4 [0, 1], 5 [0, 0, 0]
+        parents [-1, 0, 0, 1, 1, 3]; run nodes (those with children) 1 at depth 1, 3 at depth 2,
+        tree slots 1 -> 0, 3 -> 1
+        depth 1: children [1, 2] from the root's output (commit), k 2
+        depth 2: run [1] seeing slots [[1, 0]], fed the root's output; children [3, 4] from row 0
+        depth 3: run [3] seeing slots [[1, 1]], fed node 1's output (row 0); child [5] from row 0
+    """
+    shape = static_shape(paths)
+    parents = shape.parents.tolist()
+    depths = shape.depths.tolist()
+    has_child = {p for p in parents if p >= 0}
+    # nodes the draft head runs at each depth d >= 1 (those with children), in slot order
+    expand = [[i for i in range(shape.size) if depths[i] == d and i in has_child] for d in range(shape.max_depth)]
+    slot = {node: s for s, node in enumerate(n for level in expand[1:] for n in level)}
+    template = make_tree(torch.zeros(shape.size, dtype=torch.long), shape.parents, shape.max_depth)
+    anc = template.mask.tolist()
+    levels = []
+    for d in range(1, shape.max_depth + 1):
+        children = shape.levels[d - 1]
+        if d == 1:
+            run_nodes: list[int] = []
+            feat_rows: list[int] = []
+            row_of_parent = [0] * len(children)
+        else:
+            run_nodes = expand[d - 1]
+            prev = expand[d - 2] if d >= 3 else []
+            # the feature each run node consumes: its parent's draft output (the root's at d == 2)
+            feat_rows = [prev.index(parents[n]) if d >= 3 else 0 for n in run_nodes]
+            row_of_parent = [run_nodes.index(parents[c]) for c in children.tolist()]
+        rows = torch.zeros(len(run_nodes), len(slot), dtype=torch.bool)
+        for r, node in enumerate(run_nodes):
+            for a in range(1, shape.size):
+                if anc[node][a]:
+                    rows[r, slot[a]] = True
+        levels.append(StaticLevel(
+            children=children, ranks=shape.ranks[children], k=shape.topk[d - 1],
+            run=torch.tensor(run_nodes, dtype=torch.long), rows=rows,
+            feat_rows=torch.tensor(feat_rows, dtype=torch.long),
+            row_of_parent=torch.tensor(row_of_parent, dtype=torch.long)))
+    return StaticPlan(template=template, levels=tuple(levels), slots=len(slot))

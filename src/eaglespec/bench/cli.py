@@ -47,7 +47,7 @@ def cmd_bench(args) -> int:
     from eaglespec.draft import DraftHead
     from eaglespec.generate import GenerationConfig
     from eaglespec.heads import default_head_path
-    from eaglespec.target import load_target
+    from eaglespec.target import load_model, load_target
 
     if args.limit is not None and args.limit < 1:
         raise BenchError(f"--limit must be >= 1, got {args.limit}")
@@ -84,8 +84,11 @@ def cmd_bench(args) -> int:
         raise BenchError(f"--lookup must be >= 0, got {args.lookup}")
     # eagle-lookup grafts a chain of --lookup tokens (8 when the flag is left at 0)
     tree = tree_config(args, target.device, target.dtype)
+    # transformers' generate() runs a model of its own, stock: no packed weights, sdpa attention
+    stock = (load_model(args.model, dtype=target.dtype, device=args.device, attn_implementation="sdpa")[0]
+             if any(m.startswith("hf-") for m in methods) else None)
     runners = build_runners(target, methods, head, tree, lookup=args.lookup or 8,
-                            draft_weights=args.draft_weights)
+                            draft_weights=args.draft_weights, stock_model=stock)
     eagle_methods = [m for m in methods if m.startswith("eagle")]
     for name, other in extra_heads.items():
         more = build_runners(target, eagle_methods, other, tree, lookup=args.lookup or 8,

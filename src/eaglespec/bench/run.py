@@ -19,9 +19,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from eaglespec.drafter import EagleDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, TreeConfig
+from eaglespec.backends import draft_setup
+from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
-from eaglespec.packed import unpacked
+from eaglespec.head_runner import EagleHeadRunner
+from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 from eaglespec.target import Target
 
 log = logging.getLogger(__name__)
@@ -141,10 +143,10 @@ def engine_runner(gen: Generator) -> Runner:
     return run
 
 
-def hf_runner(target: Target, prompt_lookup: int | None, eos: set[int]) -> Runner:
-    """transformers' own generate(), with a forward counter on the model; it runs the stock
-    model (sdpa attention, unpacked nn.Linear weights), as a user would."""
-    model = target.model
+def hf_runner(model, prompt_lookup: int | None, eos: set[int]) -> Runner:
+    """transformers' own generate() on `model`, with a forward counter on it. Pass a stock model
+    (sdpa attention, nn.Linear weights: `eaglespec.target.load_model(..., attn_implementation="sdpa")`),
+    as a user would run it, not the engine's optimized one."""
     calls = {"n": 0}
     model.get_decoder().register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
 
@@ -158,15 +160,10 @@ def hf_runner(target: Target, prompt_lookup: int | None, eos: set[int]) -> Runne
         if prompt_lookup:
             kwargs["prompt_lookup_num_tokens"] = prompt_lookup
         calls["n"] = 0
-        ours = model.config._attn_implementation
-        model.set_attn_implementation("sdpa")  # stock transformers, as a user would run it
-        try:
-            with torch.inference_mode(), unpacked(model):
-                start = time.perf_counter()
-                out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), **kwargs)
-                seconds = time.perf_counter() - start
-        finally:
-            model.set_attn_implementation(ours)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), **kwargs)
+            seconds = time.perf_counter() - start
         tokens = out[0, ids.shape[0]:].tolist()
         for i, t in enumerate(tokens):
             if t in eos:
@@ -177,7 +174,9 @@ def hf_runner(target: Target, prompt_lookup: int | None, eos: set[int]) -> Runne
 
 
 def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lookup: int = 8,
-                  draft_weights: str = "auto") -> dict[str, Runner]:
+                  draft_weights: str = "auto", stock_model=None) -> dict[str, Runner]:
+    """One runner per method. stock_model: the unoptimized transformers model that the hf-* methods
+    run (see `hf_runner`)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise BenchError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -186,10 +185,14 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
     needs_head = [m for m in methods if m.startswith("eagle")]
     if needs_head and head is None:
         raise BenchError(f"methods {needs_head} need a draft head: pass --draft PATH")
+    if stock_model is None and any(m.startswith("hf-") for m in methods):
+        raise BenchError("the hf-* methods need the stock transformers model (stock_model)")
     eos = Generator(target)._eos_ids(GenerationConfig())
 
+    setup = draft_setup(target.device, target.dtype, draft_weights)  # the head's dtype and weight layout
+
     def eagle(kind: str) -> EagleDrafter:
-        return EagleDrafter(head, target, replace(tree, kind=kind), weights=draft_weights)
+        return EagleDrafter(EagleHeadRunner(head, target, setup), replace(tree, kind=kind))
 
     runners: dict[str, Runner] = {}
     for m in methods:
@@ -205,9 +208,9 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
         elif m == "prompt-lookup":
             runners[m] = engine_runner(Generator(target, PromptLookupDrafter()))
         elif m == "hf-generate":
-            runners[m] = hf_runner(target, None, eos)
+            runners[m] = hf_runner(stock_model, None, eos)
         elif m == "hf-prompt-lookup":
-            runners[m] = hf_runner(target, 10, eos)
+            runners[m] = hf_runner(stock_model, 10, eos)
     return runners
 
 

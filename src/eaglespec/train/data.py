@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -327,7 +326,6 @@ def _regenerate_split(target, data_dir: Path, split: str, max_new_tokens: int, b
     out_path = data_dir / f"{split}.regen.jsonl"
     if out_path.is_file():
         _drop_partial_line(out_path)
-        _drop_nan_answers(out_path)
     for turn in range(1, turns + 1):
         written = load_jsonl(out_path) if out_path.is_file() else []
         done = {r["id"] for r in written}
@@ -374,8 +372,9 @@ def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, ma
     rows decode together, a row leaves the batch as soon as it ends (EOS or `max_new_tokens`) and is
     appended to `out_path` as {id, input_ids, loss_mask}, and once `refill` slots are free (default a
     quarter of the batch) the next prompts, shortest first, are prefilled together and join the
-    running batch. No row idles after its end and none is prefilled twice (session 8's batcher let
-    rows idle, then put them back to be prefilled again; it was 1.12-1.46x slower side by side). Calls `on_row(id, answer)` per row written; returns how many prefills ran.
+    running batch. No row idles after its end and none is prefilled twice (the batcher removed on
+    2026-11-23, ddb10b8, let rows idle, then put them back to be prefilled again; it was 1.12-1.46x
+    slower side by side). Calls `on_row(id, answer)` per row written; returns how many prefills ran.
 
     The joined rows share one left-padded KV cache: a newcomer's keys are padded on the left to the
     batch's width (or the batch's to the newcomer's), and columns that no row uses any more are cut
@@ -419,7 +418,7 @@ def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, ma
                 new_cache = DynamicCache()
                 hidden = target.decoder(input_ids=ids, attention_mask=new_attn,
                                         position_ids=(new_attn.cumsum(-1) - 1).clamp(min=0),
-                                        past_key_values=new_cache, use_cache=True).last_hidden_state[:, -1]
+                                        use_cache=True, **{target.cache_arg: new_cache}).last_hidden_state[:, -1]
                 first = target.lm_head(hidden).argmax(-1).tolist()
                 prefills += 1
                 for k, t in zip(take, first):
@@ -465,7 +464,7 @@ def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, ma
             last = torch.tensor([answers[k][-1] for k in active], device=device)
             attn = torch.cat([attn, attn.new_ones(len(active), 1)], dim=1)
             hidden = target.decoder(input_ids=last[:, None], attention_mask=attn, position_ids=pos[:, None],
-                                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                                    use_cache=True, **{target.cache_arg: cache}).last_hidden_state[:, -1]
             pos = pos + 1
             for k, t in zip(active, target.lm_head(hidden).argmax(-1).tolist()):
                 answers[k].append(t)
@@ -521,28 +520,6 @@ def _drop_partial_line(path: Path) -> None:
     if data and not data.endswith(b"\n"):
         with path.open("r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
-
-
-def _drop_nan_answers(path: Path) -> int:
-    """Remove rows whose answer is nothing but token id 0, so they are generated again; returns how many.
-
-    Until eaglespec's attention gave a query that sees no key a zero output (attention.py), a
-    left-padded row of a bf16 batch got NaN logits, and greedy argmax over NaN picks id 0 at every
-    step; runs written then are repaired by resuming them. No real answer is id 0 repeated."""
-    rows = load_jsonl(path)
-    keep = [r for r in rows if not _nan_answer(r)]
-    if len(keep) < len(rows):
-        log.warning("%s: %d answers were NaN garbage (all id 0, from a buggy run): generating them again",
-                    path.name, len(rows) - len(keep))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, path)
-    return len(rows) - len(keep)
-
-
-def _nan_answer(row: dict) -> bool:
-    answer = [t for t, m in zip(row["input_ids"], row["loss_mask"]) if m]
-    return len(answer) > 1 and all(t == 0 for t in answer)
 
 
 def _first_prompt(row: dict) -> list[int]:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from eaglespec.backends import auto_dtype
 from eaglespec.draft import DraftHead, check_fits, head_config_from_target
-from eaglespec.target import auto_dtype
 
 log = logging.getLogger(__name__)
 

@@ -23,16 +23,20 @@ products are summed in float32 in a fixed order; if no split passes, the model i
 In bf16 it also asks for the stock product's bits. In fp32 oneDNN's packed kernel rounds
 differently from the stock one (by ~1e-6); only the row invariance matters there.
 
-The original modules stay referenced (code reads `lm_head.weight`; `unpack_linears` restores them
-for a stock baseline), so a packed model holds its linear weights twice.
+The original modules stay referenced (code reads `lm_head.weight`, and gradients or a later dtype
+cast fall back to them), so a packed model holds its linear weights twice. A model that must stay
+stock (a transformers baseline) is simply never packed: packing is the explicit step
+`eaglespec.backends.optimize_target`.
+
+The bit checks cost most of the packing time at load; their outcome (the split each weight shape
+needs) is a property of the CPU, the torch build and the shapes, so `pack_linears` takes it from a
+cached earlier probe when given (`splits`, read back with `packed_splits`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -74,7 +78,7 @@ class PackedLinear(nn.Module):
 
     It registers the original's `weight` and `bias` Parameters under the same names (state dicts
     and parameter names do not change) and keeps the original module, unregistered, as
-    `.linear` for `unpacked`."""
+    `.linear`: it runs when gradients are needed or the model was cast after packing."""
 
     def __init__(self, linear: nn.Linear, batch_hint: int = PACK_BATCH_HINT, k_chunks: int = 1) -> None:
         """k_chunks > 1 splits the input dimension into that many near-equal parts, each packed on its
@@ -187,13 +191,22 @@ def _pack_exactly(lin: nn.Linear, batch_hint: int) -> PackedLinear | None:
     return None
 
 
-def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
+def shape_key(linear: nn.Module) -> str:
+    """The key of a linear's weight shape in a split table: "out x in", "+bias" if it has one."""
+    out, inp = linear.weight.shape
+    return f"{out}x{inp}" + ("+bias" if linear.bias is not None else "")
+
+
+def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT, splits: dict[str, int] | None = None) -> int:
     """Swap every bf16 or fp32 `nn.Linear` of `model` (on CPU) for a `PackedLinear`; returns how many.
 
     A weight shape whose product gives a row other bits inside a block (oneDNN splits a wide input
     dimension differently for different row counts) is packed in input chunks whose products are
     row-invariant, and summed in a fixed order. Does nothing (returns 0) if packing is unavailable
-    or no split of some weight shape is row-invariant. Shared modules (tied weights) are packed once."""
+    or no split of some weight shape is row-invariant. Shared modules (tied weights) are packed once.
+
+    splits: the input parts per `shape_key`, from an earlier probe on this machine (`packed_splits`);
+    a shape it names is packed so without checking its bits again, others are checked."""
     # parent._modules, not named_children(): the latter lists a module shared by two slots once
     found = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
              if type(child) is nn.Linear]
@@ -203,11 +216,11 @@ def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
     if not packing_available(w.device, w.dtype):
         return 0
     packed: dict[int, PackedLinear] = {}
-    chunks: dict[tuple, int] = {}  # weight shape -> the split that passed
+    chunks: dict[str, int] = dict(splits or {})  # weight shape -> the split that passed
     for _, _, lin in found:
         if id(lin) in packed:
             continue
-        shape = (tuple(lin.weight.shape), lin.bias is not None)
+        shape = shape_key(lin)
         try:
             p = PackedLinear(lin, batch_hint, chunks[shape]) if shape in chunks else _pack_exactly(lin, batch_hint)
         except RuntimeError as e:  # a torch build whose private oneDNN ops differ
@@ -215,7 +228,7 @@ def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
             return 0
         if p is None:
             log.warning("packed %s linears of shape %s give a row other bits inside a block, or differ from "
-                        "nn.Linear, on this CPU; not packing", w.dtype, shape[0])
+                        "nn.Linear, on this CPU; not packing", w.dtype, tuple(lin.weight.shape))
             return 0
         packed[id(lin)] = p
         chunks[shape] = len(p.k_slices)
@@ -224,25 +237,6 @@ def pack_linears(model: nn.Module, batch_hint: int = PACK_BATCH_HINT) -> int:
     return len(found)
 
 
-def unpack_linears(model: nn.Module) -> int:
-    """Put the original `nn.Linear`s back; returns how many."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, PackedLinear)]
-    for parent, name, p in found:
-        setattr(parent, name, p.linear)
-    return len(found)
-
-
-@contextmanager
-def unpacked(model: nn.Module) -> Iterator[None]:
-    """Run a block on the stock modules (e.g. a transformers generate() baseline); the packed
-    ones are put back afterwards, without packing again."""
-    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, PackedLinear)]
-    for parent, name, p in found:
-        setattr(parent, name, p.linear)
-    try:
-        yield
-    finally:
-        for parent, name, p in found:
-            setattr(parent, name, p)
+def packed_splits(model: nn.Module) -> dict[str, int]:
+    """The input parts of each packed weight shape of `model` (`shape_key` -> parts), for `pack_linears`."""
+    return {shape_key(m): len(m.k_slices) for m in model.modules() if isinstance(m, PackedLinear)}

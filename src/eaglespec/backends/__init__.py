@@ -1,0 +1,98 @@
+"""Hardware choices, behind one small interface picked by device.
+
+The method's modules (target, tree, verify, generate, drafter) call these and never ask what
+hardware they run on. Optimizations that change weights or layouts are explicit steps here
+(`optimize_target`; a draft head's `DraftSetup`), which the CLI, the bench and the server call and
+any caller may skip. Only the CPU has a backend so far; other devices get plain defaults.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+
+from eaglespec.backends import cpu
+from eaglespec.backends.base import DraftSetup, DraftWeights, TargetOptimization
+
+if TYPE_CHECKING:
+    from eaglespec.drafter import TreeConfig
+    from eaglespec.target import Target
+
+__all__ = ["DraftSetup", "DraftWeights", "TargetOptimization", "auto_dtype", "cheap_host_sync", "convert_draft",
+           "default_tree", "draft_setup", "exact_rows", "optimize_target", "tree_sizes"]
+
+
+def _device(device: str | torch.device) -> torch.device:
+    return torch.device(device)
+
+
+def auto_dtype(device: str | torch.device) -> torch.dtype:
+    """The fastest exact-enough dtype for a target: bfloat16 on GPUs that have it and on CPUs with
+    native bf16 arithmetic (AMX or AVX-512 bf16); float32 elsewhere, where bf16 matmuls are emulated."""
+    device = _device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu.native_bf16(cpu.cpu_flags()) else torch.float32
+    return torch.float32
+
+
+def exact_rows(device: str | torch.device, dtype: torch.dtype) -> int | None:
+    """The most tree nodes a target forward may verify at once and still give each row the bits it
+    gets alone (None: no limit). Bigger trees are verified in blocks of this many."""
+    if _device(device).type == "cpu" and dtype != torch.float32:
+        return cpu.EXACT_HALF_ROWS
+    return None
+
+
+def cheap_host_sync(device: str | torch.device) -> bool:
+    """Whether reading a value back to the host (`.item()`, `.tolist()`) costs about nothing: on a
+    CPU it does; on an accelerator it stalls the queue of kernels."""
+    return _device(device).type == "cpu"
+
+
+def optimize_target(target: Target, pack: bool = True) -> TargetOptimization:
+    """Make `target` fast on its device, in place: on a CPU, pre-pack its linear weights (`pack`),
+    or, where they stay stock, check and warn whether their bits depend on the rows in a block.
+    Output bits stay those that lossless decoding needs; skip it for a stock model."""
+    if target.device.type == "cpu":
+        return cpu.optimize_target(target, pack=pack)
+    return TargetOptimization()
+
+
+def draft_setup(device: str | torch.device, target_dtype: torch.dtype,
+                weights: Literal["auto", "int8", "full"] = "auto", dtype: torch.dtype | None = None) -> DraftSetup:
+    """How a draft head should run beside a target on `device` in `target_dtype`. weights: "int8"
+    (weight-only int8 linears), "full" (in `dtype`, pre-packed where the backend can), or "auto"
+    (int8 where it pays). dtype: what the head computes in (None: the backend's choice, else
+    float32). Changes what is proposed, never what is accepted."""
+    if weights not in ("auto", "int8", "full"):
+        raise ValueError(f"draft weights must be 'auto', 'int8' or 'full', got {weights!r}")
+    if _device(device).type == "cpu":
+        return cpu.draft_setup(target_dtype, weights, dtype)
+    return DraftSetup(dtype or torch.float32, "int8" if weights == "int8" else "plain")
+
+
+def convert_draft(head: nn.Module, lm: nn.Linear, setup: DraftSetup) -> tuple[nn.Module, nn.Module]:
+    """A draft's modules with their linears stored as `setup.weights` says (`head` changed in
+    place: pass a copy you own). "plain" returns them as they are."""
+    if setup.weights == "plain":
+        return head, lm
+    return cpu.convert_draft(head, lm, setup)
+
+
+def tree_sizes(device: str | torch.device, dtype: torch.dtype) -> dict:
+    """Dynamic-tree fields (TreeConfig keywords) measured for a target on `device` in `dtype`; {}
+    where none were (TreeConfig's defaults: a fixed 16 nodes)."""
+    return cpu.tree_sizes(dtype) if _device(device).type == "cpu" else {}
+
+
+def default_tree(device: str | torch.device, dtype: torch.dtype, **overrides) -> TreeConfig:
+    """The dynamic tree for a target on `device` in `dtype`; `overrides` that are not None (e.g.
+    from the command line) win. On a CPU every tree has a confidence floor (see
+    backends/cpu/trees.py); GPUs and other dtypes keep a fixed 16 nodes."""
+    from eaglespec.drafter import TreeConfig  # the method's config; backends sit below the method
+
+    return TreeConfig(**{**tree_sizes(device, dtype), **{k: v for k, v in overrides.items() if v is not None}})

@@ -1,0 +1,71 @@
+"""Prompt lookup: drafting by copying what followed the latest earlier occurrence of the last
+few tokens, alone or grafted into EAGLE's tree."""
+
+from __future__ import annotations
+
+import torch
+
+from eaglespec.drafter import Drafter
+from eaglespec.tree import DraftTree, graft_chain, make_tree
+
+
+class PromptLookupDrafter(Drafter):
+    """Prompt lookup decoding: propose, as a chain, the tokens that followed the latest earlier
+    occurrence of the last n committed tokens (n from `max_ngram` down to 1). No model needed;
+    it shines when the answer copies from the prompt (code edits, summaries, RAG)."""
+
+    def __init__(self, max_ngram: int = 3, num_tokens: int = 8) -> None:
+        if max_ngram < 1 or num_tokens < 1:
+            raise ValueError("max_ngram and num_tokens must be >= 1")
+        self.max_ngram = max_ngram
+        self.num_tokens = num_tokens
+        self.max_tree_size = num_tokens + 1
+        self.history: list[int] = []
+
+    def begin(self) -> None:
+        self.history = []
+
+    def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        self.history.extend(tokens.tolist())  # host copy: once per step
+
+    def propose(self, root: torch.Tensor) -> DraftTree:
+        guess = self.guess()
+        tokens = torch.tensor([int(root[0])] + guess, dtype=torch.long, device=root.device)
+        parents = torch.arange(-1, len(guess), dtype=torch.long, device=root.device)  # a chain
+        return make_tree(tokens, parents, max_depth=len(guess))
+
+    def guess(self) -> list[int]:
+        """The chain to propose after the committed history (empty when nothing matches)."""
+        h = self.history
+        for n in range(min(self.max_ngram, len(h) - 1), 0, -1):
+            tail = h[-n:]
+            for start in range(len(h) - n - 1, -1, -1):  # latest earlier match first
+                if h[start : start + n] == tail:
+                    return h[start + n : start + n + self.num_tokens]
+        return []
+
+
+class HybridDrafter(Drafter):
+    """EAGLE's tree with a prompt-lookup chain grafted in: one verification checks both.
+
+    Small models repeat themselves and copy from the prompt; where the last few tokens occurred
+    before, the lookup chain is often longer than anything the head dares to guess, and where they
+    did not, the tree is EAGLE's alone. The merged tree is verified like any other, so output stays
+    the target's (greedy) or distributed as the target's (sampling).
+    """
+
+    def __init__(self, eagle: Drafter, lookup: PromptLookupDrafter) -> None:
+        self.eagle = eagle
+        self.lookup = lookup
+        self.max_tree_size = eagle.max_tree_size + lookup.num_tokens
+
+    def begin(self) -> None:
+        self.eagle.begin()
+        self.lookup.begin()
+
+    def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        self.eagle.observe(tokens, features)
+        self.lookup.observe(tokens, features)
+
+    def propose(self, root: torch.Tensor) -> DraftTree:
+        return graft_chain(self.eagle.propose(root), self.lookup.guess())
