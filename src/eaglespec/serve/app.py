@@ -44,6 +44,7 @@ STATIC = resources.files("eaglespec.serve") / "static"
 #: how often a handler waiting on the model looks at its deadline and its client
 POLL_S = 0.5
 MAX_STOP_STRINGS = 4  # as OpenAI
+DRAIN_BYTES = 16 << 20  # an oversized body up to this size is read (and dropped) before the 413
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,9 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        too_large = ApiError(413, f"the request body is larger than the server's limit ({self.max_bytes} bytes)",
-                             code="request_too_large")
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
-            return await error_response(too_large)(scope, receive, send)
+            return await self.too_large(scope, receive, send, drain=int(length) <= DRAIN_BYTES)
         parts, size, more = [], 0, True
         while more:
             message = await receive()
@@ -110,9 +109,9 @@ class BodyLimit:
                 return
             parts.append(message.get("body", b""))
             size += len(parts[-1])
-            if size > self.max_bytes:
-                return await error_response(too_large)(scope, receive, send)
             more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self.too_large(scope, receive, send, drain=more)
         body: Message | None = {"type": "http.request", "body": b"".join(parts), "more_body": False}
 
         async def replay() -> Message:
@@ -123,6 +122,18 @@ class BodyLimit:
             return await receive()  # after the body: disconnect notices
 
         await self.app(scope, replay, send)
+
+    async def too_large(self, scope: Scope, receive: Receive, send: Send, drain: bool) -> None:
+        """Answer 413. A body of moderate size is read to its end first: most clients only read
+        the answer after sending everything, and would see a broken pipe instead."""
+        size = 0
+        while drain and size <= DRAIN_BYTES:
+            message = await receive()
+            size += len(message.get("body", b""))
+            drain = message["type"] == "http.request" and message.get("more_body", False)
+        error = ApiError(413, f"the request body is larger than the server's limit ({self.max_bytes} bytes)",
+                         code="request_too_large")
+        await error_response(error)(scope, receive, send)
 
 
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
@@ -158,13 +169,20 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JS
     return JSONResponse(error.body(), status_code=error.status, headers={**error.headers, **(headers or {})})
 
 
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def validation_error(exc: RequestValidationError) -> ApiError:
     """The first pydantic error as a 400 naming its field (`messages.0.role`)."""
     errors = exc.errors()
     if not errors:
         return ApiError(400, "invalid request")
     e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    loc = []
+    for part in e.get("loc", ())[1:]:  # after "body"
+        if isinstance(part, str) and (part in UNION_TAGS or not part.isidentifier()):
+            break  # pydantic names the union member it tried: ("stop", "list[str]", 0) is the field stop
+        loc.append(str(part))
     param = ".".join(loc) or None
     if e.get("type") == "json_invalid":
         return ApiError(400, f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", code="invalid_json")
