@@ -364,3 +364,16 @@ def test_default_model_greedy_answer_equals_generate(tmp_path, capsys, monkeypat
     finally:
         torch.set_num_threads(threads)
     assert r.choices[0].message.content == expected
+
+
+def test_loadtest_reports_and_finds_no_crosstalk(server, capsys):
+    import asyncio
+
+    from eaglespec.serve.loadtest import main, run_load
+
+    report = asyncio.run(run_load(server, clients=4, n_requests=10, max_tokens=12))
+    assert (report.completed, report.rejected, report.failed) == (10, 0, 0)
+    assert report.checked == 10 and report.mismatches == 0  # 8 greedy, 2 seeded sampled
+    assert report.generated_tokens > 0 and report.tokens_per_s > 0
+    assert main(["--url", "http://192.0.2.1:8000"]) == 2  # refuses a non-loopback server, sends nothing
+    assert "not a loopback address" in capsys.readouterr().err
