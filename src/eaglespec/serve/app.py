@@ -328,18 +328,18 @@ def create_app(engine: Generator, config: ServeConfig) -> FastAPI:
         try:
             first = chunk(None, None)
             if first is not None:
-                yield sse(first.model_dump_json(exclude_none=True))
+                yield sse(first.model_dump_json())
             async for event in events(job, request):
                 if isinstance(event, Piece):
-                    yield sse(chunk(event.text, None).model_dump_json(exclude_none=True))
+                    yield sse(chunk(event.text, None).model_dump_json())
                 else:
                     last = chunk(None, event.reason)
                     last.speculative = event.speculative
-                    yield sse(last.model_dump_json(exclude_none=True))
+                    yield sse(last.model_dump_json())
                     if include_usage:
                         tail = chunk(None, None, usage_only=True)
                         tail.usage = usage(job, event)
-                        yield sse(tail.model_dump_json(exclude_none=True))
+                        yield sse(tail.model_dump_json())
         except ApiError as e:
             yield sse(json.dumps(e.body()))
         yield sse("[DONE]")

@@ -158,9 +158,13 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
+def _unset(value) -> bool:
+    return value is None
+
+
 class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    role: Literal["assistant"] | None = Field(None, exclude_if=_unset)  # in the first chunk only
+    content: str | None = Field(None, exclude_if=_unset)
 
 
 class ChatChunkChoice(BaseModel):
@@ -185,8 +189,8 @@ class ResponseBase(BaseModel):
     id: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    usage: Usage | None = None
-    speculative: SpeculativeStats | None = None
+    usage: Usage | None = None  # in a stream: null, and set in the last chunk when include_usage asks
+    speculative: SpeculativeStats | None = Field(None, exclude_if=_unset)  # once per answer
 
 
 class ChatCompletion(ResponseBase):
