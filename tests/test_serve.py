@@ -304,6 +304,17 @@ def test_full_queue_answers_429_and_drops_nothing(paced_engine):
         assert metric(samples, "eaglespec:http_requests_total", status="429") == 2
 
 
+def test_max_queue_zero_serves_one_at_a_time(paced_engine):
+    with running_server(paced_engine, max_queue=0) as url:
+        c = client(url)
+        assert c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).choices  # idle: admitted
+        stream = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=100, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))
+        assert http(url, "/v1/chat/completions", {"messages": MSG, "max_tokens": 2})[0] == 429
+        stream.close()
+
+
 def test_disconnect_mid_stream_cancels_the_generation(paced_engine):
     with running_server(paced_engine) as url:
         c = client(url)

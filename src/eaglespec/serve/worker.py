@@ -122,7 +122,7 @@ class EngineWorker:
         self.max_queue = max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()  # admission is bounded in `submit`
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._admitted = 0  # jobs queued or running
         self._current: Job | None = None
         self._closing = False
         self._service_s = 1.0  # running mean of a job's generation time, for Retry-After
@@ -133,19 +133,25 @@ class EngineWorker:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return self._admitted - (self._current is not None)
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise QueueFull when --max-queue jobs already wait."""
+        """Queue a job, or raise QueueFull when it would be the (max_queue + 1)-th to wait."""
         with self._lock:
             if self._closing:
                 raise ApiError(503, "the server is shutting down")
-            if self._waiting >= self.max_queue:
-                busy = self._waiting + (self._current is not None)
-                raise QueueFull(max(1, min(600, math.ceil(self._service_s * busy))))
-            self._waiting += 1
-            self.metrics.waiting.set(self._waiting)
+            # one job runs, max_queue wait: counting both avoids a race with the model thread
+            # between taking a job off the queue and marking it as running
+            if self._admitted > self.max_queue:
+                raise QueueFull(max(1, min(600, math.ceil(self._service_s * self._admitted))))
+            self._admitted += 1
+            self._update_gauges()
         self._queue.put(job)
+
+    def _update_gauges(self) -> None:  # under self._lock
+        running = int(self._current is not None)
+        self.metrics.running.set(running)
+        self.metrics.waiting.set(self._admitted - running)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Fail what still waits, stop the running job and the thread."""
@@ -158,7 +164,7 @@ class EngineWorker:
             except queue.Empty:
                 break
             if job is not None:
-                self._dequeued()
+                self._finished(None)
                 job.emit(Failed(ApiError(503, "the server is shutting down")))
                 self.metrics.request_success["abort"].inc()
         if current is not None:
@@ -166,16 +172,21 @@ class EngineWorker:
         self._queue.put(None)
         self._thread.join(timeout_s)
 
-    def _dequeued(self) -> None:
+    def _started(self, job: Job) -> None:
         with self._lock:
-            self._waiting -= 1
-            self.metrics.waiting.set(self._waiting)
+            self._current = job
+            self._update_gauges()
+
+    def _finished(self, job: Job | None) -> None:
+        with self._lock:
+            self._admitted -= 1
+            if job is not None:
+                self._current = None
+            self._update_gauges()
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            self._dequeued()
-            self._current = job
-            self.metrics.running.set(1)
+            self._started(job)
             try:
                 self._serve(job)
             except ApiError as e:
@@ -190,8 +201,7 @@ class EngineWorker:
                                          code="internal_error")))
                 self.metrics.request_success["error"].inc()
             finally:
-                self._current = None
-                self.metrics.running.set(0)
+                self._finished(job)
 
     def _serve(self, job: Job) -> None:
         m, engine = self.metrics, self.engine
