@@ -18,8 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from eaglespec.generate import Generator
 from eaglespec.serve.app import ServeConfig, create_app
 
-#: a prompt holding this word makes `PacedGenerator` fail (see there)
+#: a prompt holding this word makes `PacedGenerator` fail while generating (on the model thread)
 FAIL_WORD = "w87"
+#: a raw prompt holding this word makes it fail while encoding (in the request handler)
+ENCODE_FAIL_WORD = "w86"
 
 
 @contextlib.contextmanager
@@ -47,12 +49,17 @@ def running_server(engine: Generator, **config):
 
 class PacedGenerator(Generator):
     """Sleeps `pace_s` before each accepted chunk (a slow model), and raises an unexpected error
-    on a prompt holding FAIL_WORD (a bug in the model code)."""
+    on a prompt holding FAIL_WORD or ENCODE_FAIL_WORD (a bug in the model code)."""
 
     def __init__(self, *args, pace_s: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pace_s = pace_s
         self.fail_id = self.tokenizer.convert_tokens_to_ids(FAIL_WORD)
+
+    def encode(self, prompt, chat=True):
+        if isinstance(prompt, str) and ENCODE_FAIL_WORD in prompt:
+            raise RuntimeError("a deliberate failure while encoding")
+        return super().encode(prompt, chat)
 
     def generate_ids(self, input_ids, config):
         if (input_ids == self.fail_id).any():

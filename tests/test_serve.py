@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from helpers import random_head  # noqa: E402
-from serving import FAIL_WORD, PacedGenerator, http, metric, metrics, running_server  # noqa: E402
+from serving import ENCODE_FAIL_WORD, FAIL_WORD, PacedGenerator, http, metric, metrics, running_server  # noqa: E402
 
 from eaglespec.cli import build_parser, load_engine  # noqa: E402
 from eaglespec.generate import GenerationConfig, Generator  # noqa: E402
@@ -268,6 +268,10 @@ def test_engine_failure_is_a_500_and_the_server_goes_on(paced_engine, caplog):
         assert any(r.exc_info and "deliberate failure" in str(r.exc_info[1]) for r in caplog.records)  # traceback
         assert c.chat.completions.create(model="tiny", messages=MSG, max_tokens=3).choices[0].message.content
         assert metric(metrics(url), "eaglespec:request_success_total", finished_reason="error") == 1
+        code, _, text = http(url, "/v1/completions", {"prompt": f"w1 {ENCODE_FAIL_WORD}"})  # fails in the handler
+        assert code == 500 and json.loads(text)["error"]["type"] == "server_error"
+        assert any(r.exc_info and "while encoding" in str(r.exc_info[1]) for r in caplog.records)
+        assert c.completions.create(model="tiny", prompt="w1 w2", max_tokens=3).choices[0].text
 
 
 # -- queue, disconnects, timeouts ----------------------------------------------------------

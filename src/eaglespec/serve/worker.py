@@ -2,8 +2,8 @@
 
 The Generator is not thread-safe and the server decodes one sequence at a time, so one thread owns
 it and a bounded queue feeds it. The event loop only enqueues jobs and reads their events; it
-never waits on the model. Each job ends with exactly one terminal event (Finished or Failed), so
-no request is dropped silently, and each is counted once in `request_success`.
+never waits on the model. A job whose client still waits ends with one terminal event (Finished
+or Failed), so no request is dropped silently; every job is counted once in `request_success`.
 
 Cancellation and timeouts are checked between the text pieces `Generator.stream` yields, which is
 once per accepted chunk (a step of the decode loop), unless stop strings hold text back.
@@ -22,33 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.serve.errors import ApiError, timeout_error
 from eaglespec.serve.metrics import ServerMetrics, spec_decode_counts
 from eaglespec.serve.protocol import SpeculativeStats
 
 log = logging.getLogger("eaglespec.serve")
-
-
-class ApiError(Exception):
-    """An error the client gets as OpenAI's error object with this HTTP status."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error",
-             504: "timeout_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = self.TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def timeout_error(timeout_s: float) -> ApiError:
-    return ApiError(504, f"the request took longer than the server's --request-timeout ({timeout_s:g} s)",
-                    code="timeout")
 
 
 # -- what flows back to the request handler ------------------------------------------------
