@@ -392,3 +392,24 @@ def test_loadtest_reports_and_finds_no_crosstalk(server, capsys):
     assert report.generated_tokens > 0 and report.tokens_per_s > 0
     assert main(["--url", "http://192.0.2.1:8000"]) == 2  # refuses a non-loopback server, sends nothing
     assert "not a loopback address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, words", [(["--port", "0"], "--port"), (["--max-queue", "-1"], "max_queue"),
+                                          (["--request-timeout", "0"], "request_timeout")])
+def test_serve_flags_fail_before_the_model_loads(capsys, flags, words):
+    from eaglespec.cli import main
+
+    assert main(["serve", "--model", "/nonexistent/model", *flags]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_served_model_name():
+    from eaglespec.serve.command import served_name
+
+    def name(*argv):
+        return served_name(build_parser().parse_args(["serve", *argv]))
+
+    assert name() == "SmolLM2-135M-Instruct"
+    assert name("--model", "/models/qwen2-0.5b/") == "qwen2-0.5b"
+    assert name("--model", "x/tiny.Q4_0.gguf") == "tiny.Q4_0"
+    assert name("--model", "x", "--served-model-name", "mine") == "mine"
