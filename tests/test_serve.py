@@ -164,7 +164,8 @@ def test_metrics_count_requests_and_speculation(server):
     assert metric(after, "eaglespec:request_success_total", finished_reason=reason) == \
         metric(before, "eaglespec:request_success_total", finished_reason=reason) + 1
     ok = dict(handler="/v1/chat/completions", method="POST", status="200")
-    assert metric(after, "eaglespec:http_requests_total", **ok) == metric(before, "eaglespec:http_requests_total", **ok) + 1
+    http_ok = "eaglespec:http_requests_total"
+    assert metric(after, http_ok, **ok) == metric(before, http_ok, **ok) + 1
     if metric(after, "eaglespec:spec_decode_num_drafts_total"):
         assert metric(after, "eaglespec:spec_decode_mean_acceptance_length") >= 1.0
 
