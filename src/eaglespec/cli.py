@@ -99,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from eaglespec.train.cli import add_train_parser
     from eaglespec.bench.cli import add_bench_parser
+    from eaglespec.serve.command import register as add_serve_parser
 
     add_train_parser(sub)
     add_bench_parser(sub)
+    add_serve_parser(sub)
     return p
 
 
@@ -196,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"generate": cmd_generate}
     from eaglespec.bench.cli import cmd_bench
+    from eaglespec.serve.command import run as cmd_serve
     from eaglespec.train.cli import cmd_train
 
-    handlers.update(train=cmd_train, bench=cmd_bench)
+    handlers.update(train=cmd_train, bench=cmd_bench, serve=cmd_serve)
     try:
         setup_torch(args)
         return handlers[args.command](args)
