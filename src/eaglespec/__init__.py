@@ -1,11 +1,39 @@
 """eaglespec: lossless speculative decoding with EAGLE draft heads."""
 
-from eaglespec.draft import DraftHead
-from eaglespec.drafter import Drafter, EagleDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, TreeConfig
-from eaglespec.generate import GenerationConfig, GenerationResult, GenerationStats, Generator
-from eaglespec.target import Target, load_target
-from eaglespec.verify import SamplingParams
+from __future__ import annotations
 
-__all__ = ["DraftHead", "Drafter", "EagleDrafter", "HybridDrafter", "NoDrafter", "PromptLookupDrafter", "TreeConfig", "GenerationConfig",
-           "GenerationResult", "GenerationStats", "Generator", "Target", "load_target", "SamplingParams"]
+import importlib
+
+# The public names load their module on first use (PEP 562), so that `import eaglespec.cli`, and
+# with it `eaglespec --help`, does not pay for torch and transformers.
+_EXPORTS = {
+    "DraftHead": "eaglespec.draft",
+    "Drafter": "eaglespec.drafter",
+    "EagleDrafter": "eaglespec.drafter",
+    "HybridDrafter": "eaglespec.drafter",
+    "NoDrafter": "eaglespec.drafter",
+    "PromptLookupDrafter": "eaglespec.drafter",
+    "TreeConfig": "eaglespec.drafter",
+    "GenerationConfig": "eaglespec.generate",
+    "GenerationResult": "eaglespec.generate",
+    "GenerationStats": "eaglespec.generate",
+    "Generator": "eaglespec.generate",
+    "Target": "eaglespec.target",
+    "load_target": "eaglespec.target",
+    "SamplingParams": "eaglespec.verify",
+}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'eaglespec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
