@@ -19,16 +19,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, METHODS
 from eaglespec.drafter import EagleDrafter, HybridDrafter, NoDrafter, PromptLookupDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.packed import unpacked
 from eaglespec.target import Target
 
 log = logging.getLogger(__name__)
-
-BASELINE = "plain"
-METHODS = ("plain", "eagle-static", "eagle-dynamic", "eagle-lookup", "prompt-lookup", "hf-generate", "hf-prompt-lookup")
-BUILTIN_SETS = ("sharegpt", "humaneval")
 
 
 class BenchError(ValueError):
@@ -186,6 +183,8 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
     needs_head = [m for m in methods if m.startswith("eagle")]
     if needs_head and head is None:
         raise BenchError(f"methods {needs_head} need a draft head: pass --draft PATH")
+    if "eagle-lookup" in methods and lookup < 1:
+        raise BenchError(f"eagle-lookup grafts a lookup chain of --lookup tokens: needs --lookup >= 1, got {lookup}")
     eos = Generator(target)._eos_ids(GenerationConfig())
 
     def eagle(kind: str) -> EagleDrafter:
@@ -210,6 +209,40 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
             runners[m] = hf_runner(target, 10, eos)
     return runners
 
+
+
+def parse_tree(spec: str) -> tuple[TreeConfig, int]:
+    """A tree shape of `bench --trees`: "static:NAME" (a preset of eaglespec.tree) or a dynamic
+    tree "K,D,N[,L[,P]]": top_k, depth, total_tokens, then the length of a prompt-lookup chain
+    grafted into it (0, the default: the tree alone) and its confidence floor (min_prob, default 0).
+    Returns the tree and the chain length."""
+    if spec.startswith("static:"):
+        return TreeConfig(kind="static", static_tree=spec.removeprefix("static:")), 0
+    parts = spec.split(",")
+    if len(parts) not in (3, 4, 5):
+        raise BenchError(f"--trees {spec}: give static:NAME, or K,D,N with an optional chain length L and floor P")
+    try:
+        top_k, depth, total, *rest = parts
+        lookup = int(rest[0]) if rest else 0
+        tree = TreeConfig(kind="dynamic", top_k=int(top_k), depth=int(depth), total_tokens=int(total),
+                          min_prob=float(rest[1]) if len(rest) == 2 else 0.0)
+    except ValueError as e:  # a word where a number goes, or TreeConfig's own range checks
+        raise BenchError(f"--trees {spec}: {e}") from None
+    if lookup < 0:
+        raise BenchError(f"--trees {spec}: the lookup chain length must be >= 0, got {lookup}")
+    return tree, lookup
+
+
+def tree_runners(target: Target, head, specs: list[str], draft_weights: str = "auto") -> dict[str, Runner]:
+    """One EAGLE runner per tree shape of `parse_tree`, labelled "tree:SPEC"."""
+    runners: dict[str, Runner] = {}
+    for spec in specs:
+        tree, lookup = parse_tree(spec)
+        drafter = EagleDrafter(head, target, tree, weights=draft_weights)
+        if lookup:
+            drafter = HybridDrafter(drafter, PromptLookupDrafter(num_tokens=lookup))
+        runners[f"tree:{spec}"] = engine_runner(Generator(target, drafter))
+    return runners
 
 # -- the run -----------------------------------------------------------------------------------
 
