@@ -374,8 +374,8 @@ def _answer_continuous(target, prompts: dict[str, list[int]], out_path: Path, ma
     rows decode together, a row leaves the batch as soon as it ends (EOS or `max_new_tokens`) and is
     appended to `out_path` as {id, input_ids, loss_mask}, and once `refill` slots are free (default a
     quarter of the batch) the next prompts, shortest first, are prefilled together and join the
-    running batch. No row idles after its end and none is prefilled twice (session 8's batcher let
-    rows idle, then put them back to be prefilled again; it was 1.12-1.46x slower side by side). Calls `on_row(id, answer)` per row written; returns how many prefills ran.
+    running batch. No row idles after its end and none is prefilled twice (the batcher before commit
+    11e2c32 let rows idle, then put them back to be prefilled again; it was 1.12-1.46x slower side by side). Calls `on_row(id, answer)` per row written; returns how many prefills ran.
 
     The joined rows share one left-padded KV cache: a newcomer's keys are padded on the left to the
     batch's width (or the batch's to the newcomer's), and columns that no row uses any more are cut
