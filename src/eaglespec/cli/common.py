@@ -3,7 +3,7 @@ set-up, and loading the target and the engine from the flags.
 
 Nothing heavy is imported at module level: `eaglespec --help` builds every parser and must not
 pay for torch or transformers. Help texts therefore describe defaults that depend on the machine
-in words. Nothing else in eaglespec imports this module.
+in words. This module imports no other part of eaglespec.cli, and only eaglespec.cli imports it.
 """
 
 from __future__ import annotations
