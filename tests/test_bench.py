@@ -146,3 +146,46 @@ def test_head_pairs_pairs_turns_of_the_same_question():
     # differences 0.5, -0.5, 1.0: sample sd 0.7638, s.e. 0.441
     assert p["std_err"] == pytest.approx(0.441, abs=1e-3)
     assert head_pairs([rec("plain", "1", 0, 1.0)]) == []
+
+
+def test_trees_sweep_shapes_side_by_side(tiny_model_dir, bench_files):
+    """--trees runs each shape as one more method in the interleaved loop; in fp32 every shape,
+    with or without a lookup chain or floor, reproduces plain decoding."""
+    out = bench_files / "trees"
+    shapes = ["2,3,4", "3,4,8,4", "3,4,8,0,0.2", "static:cpu_small"]
+    assert main(["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "head"), "--trees", *shapes,
+                 "--questions", str(bench_files / "q.jsonl"), "--limit", "1", "--turns", "1", "--max-new-tokens", "10",
+                 "--dtype", "float32", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["runs"][:5]] == ["plain"] + [f"tree:{s}" for s in shapes]
+    assert all(r["equal_to_baseline"] for r in res["runs"])
+    # nodes verified per step stay within each shape's size (root included; the chain adds its 4)
+    overall = res["summary"]["overall"]
+    assert overall["tree:2,3,4"]["tree_nodes"] <= 4 and overall["tree:3,4,8,4"]["tree_nodes"] <= 12
+
+
+def test_trees_alone_take_the_default_sweep():
+    from eaglespec.bench.methods import SWEEP_TREES
+    from eaglespec.bench.run import parse_tree
+
+    trees = [parse_tree(s) for s in SWEEP_TREES]
+    assert [t.kind for t, _ in trees[:2]] == ["static", "static"]
+    assert (trees[-1][0].top_k, trees[-1][0].depth, trees[-1][0].total_tokens) == (10, 6, 60)
+    tree, lookup = parse_tree("3,6,12,8,0.05")
+    assert (tree.top_k, tree.depth, tree.total_tokens, tree.min_prob, lookup) == (3, 6, 12, 0.05, 8)
+
+
+def test_profile_times_the_phases_of_a_step(tiny_model_dir, bench_files, capsys):
+    code = main(["bench", "profile", "--model", str(tiny_model_dir), "--draft", str(bench_files / "head"),
+                 "--questions", str(bench_files / "q.jsonl"), "--limit", "1", "--max-new-tokens", "8",
+                 "--dtype", "float32", "--draft-weights", "full", "int8", "--forward-scan", "16"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "2 prompts, 8 new tokens, float32" in out
+    rows = {line.split(" | ")[0].strip("| ") for line in out.splitlines() if line.startswith("| ")}
+    assert {"full", "int8", "ms", "x one token"} <= rows
+    assert main(["bench", "profile", "--model", str(tiny_model_dir), "--dtype", "float32", "--prefill-scan", "8", "16"]) == 0
+    assert "| 16 |" in capsys.readouterr().out
+    # the default model ships a head; another model needs --draft
+    assert main(["bench", "profile", "--model", str(tiny_model_dir), "--questions", str(bench_files / "q.jsonl")]) == 2
+    assert "pass --draft" in capsys.readouterr().err

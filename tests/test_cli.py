@@ -98,7 +98,8 @@ def test_real_process_exit_code(tiny_model_dir):
     ("float32", ["--total-tokens", "6", "--top-k-draft", "2", "--min-draft-prob", "0"], (2, 8, 6, 0.0)),  # flags win
 ])
 def test_the_default_tree_follows_the_targets_dtype(tiny_model_dir, tmp_path, dtype, extra, want):
-    from eaglespec.cli import build_parser, load_engine
+    from eaglespec.cli import build_parser
+    from eaglespec.cli.common import load_engine
 
     random_head(load_target(str(tiny_model_dir))).save_pretrained(tmp_path / "head")
     args = build_parser().parse_args(["generate", "w1", "--model", str(tiny_model_dir), "--dtype", dtype,
@@ -133,3 +134,96 @@ def test_bf16_on_a_cpu_with_amx_gets_a_lower_floor(monkeypatch, amx):
     gpu = default_tree(torch.device("cuda"), torch.bfloat16)
     assert (gpu.min_prob, gpu.depth, gpu.total_tokens) == (0.0, 5, 16)  # GPUs: the fixed tree
     assert default_tree(torch.device("cpu"), torch.float16).min_prob == 0.0
+
+
+HEAVY = ("torch", "transformers", "safetensors", "gguf", "matplotlib", "numpy")
+CLI_MODULES = ("eaglespec.cli", "eaglespec.cli.common", "eaglespec.cli.generate", "eaglespec.cli.bench",
+               "eaglespec.cli.train", "eaglespec.cli.serve")
+
+
+def test_help_imports_nothing_heavy():
+    """`eaglespec --help` and every subcommand's help answer without torch or transformers: the
+    parsers are built, every help text formatted, in a fresh interpreter."""
+    code = f"""
+import argparse, sys
+import eaglespec.cli
+def walk(p):
+    p.format_help()
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                walk(sub)
+walk(eaglespec.cli.build_parser())
+print(" ".join(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_each_cli_module_imports_alone(module):
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_import_graph_has_no_cycle():
+    """Subcommand modules import only `common` of the cli package; `common` imports none of it, and
+    nothing outside the package imports it."""
+    import ast
+    from pathlib import Path
+
+    import eaglespec
+
+    root = Path(eaglespec.__file__).parent
+    for path in root.rglob("*.py"):
+        name = ".".join(("eaglespec", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        imported = set()  # modules, including those of `from PACKAGE import MODULE`
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names if node.module == "eaglespec.cli"}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        cli = {m for m in imported if m == "eaglespec.cli" or m.startswith("eaglespec.cli.")}
+        if name in ("eaglespec.cli", "eaglespec.cli.__main__"):
+            continue  # the entry point imports the subcommands
+        if name == "eaglespec.cli.common" or not name.startswith("eaglespec.cli"):
+            assert not cli, f"{name} imports {cli}"
+        else:
+            assert cli <= {"eaglespec.cli.common"}, f"{name} imports {cli}"
+
+
+def test_lookup_means_the_same_in_every_subcommand(tiny_model_dir, tmp_path):
+    """--lookup N grafts an N-token lookup chain into the tree, 8 by default, 0 = the tree alone,
+    in generate and bench alike."""
+    from eaglespec.cli import build_parser
+    from eaglespec.cli.bench import chosen_methods
+    from eaglespec.cli.common import load_engine
+    from eaglespec.drafter import EagleDrafter, HybridDrafter
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "hi"]).lookup == parser.parse_args(["bench"]).lookup == 8
+    random_head(load_target(str(tiny_model_dir))).save_pretrained(tmp_path / "head")
+    base = ["generate", "w1", "--model", str(tiny_model_dir), "--draft", str(tmp_path / "head")]
+    engine = load_engine(parser.parse_args(base))
+    assert isinstance(engine.drafter, HybridDrafter) and engine.drafter.lookup.num_tokens == 8
+    assert type(load_engine(parser.parse_args(base + ["--lookup", "0"])).drafter) is EagleDrafter
+    assert "eagle-lookup" in chosen_methods(parser.parse_args(["bench"]))
+    assert "eagle-lookup" not in chosen_methods(parser.parse_args(["bench", "--lookup", "0"]))
+    assert chosen_methods(parser.parse_args(["bench", "--trees"])) == ["plain"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "w1", "--lookup", "-1"], "--lookup must be >= 0"),
+    (["generate", "w1", "--threads", "0"], "--threads must be >= 1"),
+    (["generate", "w1", "--max-len", "8"], "--max-len must be >= 16"),
+    (["bench", "--methods", "plain,eagle-lookup", "--lookup", "0"], "needs --lookup >= 1"),
+    (["bench", "--trees", "4,5"], "--trees 4,5"),
+    (["bench", "--trees", "4,x,16"], "--trees 4,x,16"),
+    (["bench", "--trees", "4,5,1"], "total_tokens >= 2"),
+    (["train", "prompts", "--out", "x.jsonl", "--math", "-1"], "--math must be >= 0"),
+])
+def test_bad_flags_fail_before_anything_loads(capsys, tiny_model_dir, argv, words):
+    code, _, err = cli(capsys, *argv, *(["--model", str(tiny_model_dir)] if argv[0] != "train" else []))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("eaglespec: error:") and words in err

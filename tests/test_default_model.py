@@ -14,6 +14,9 @@ from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.heads import default_head_path
 from eaglespec.target import convert_gguf, default_gguf_path, load_target
 
+# every test here loads the real model (a 45 s conversion on first use): `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["What is the capital of France? Answer in one sentence.",
            "Write a Python function that reverses a string.",
            "List three tips for staying focused while studying."]

@@ -14,7 +14,8 @@ openai = pytest.importorskip("openai")
 from helpers import random_head  # noqa: E402
 from serving import ENCODE_FAIL_WORD, FAIL_WORD, PacedGenerator, http, metric, metrics, running_server  # noqa: E402
 
-from eaglespec.cli import build_parser, load_engine  # noqa: E402
+from eaglespec.cli import build_parser  # noqa: E402
+from eaglespec.cli.common import load_engine  # noqa: E402
 from eaglespec.generate import GenerationConfig, Generator  # noqa: E402
 from eaglespec.target import load_target  # noqa: E402
 
@@ -405,7 +406,7 @@ def test_serve_flags_fail_before_the_model_loads(capsys, flags, words):
 
 
 def test_served_model_name():
-    from eaglespec.serve.command import served_name
+    from eaglespec.cli.serve import served_name
 
     def name(*argv):
         return served_name(build_parser().parse_args(["serve", *argv]))

@@ -13,7 +13,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from serving import PacedGenerator, running_server  # noqa: E402
 
-from eaglespec.cli import build_parser, load_engine  # noqa: E402
+from eaglespec.cli import build_parser  # noqa: E402
+from eaglespec.cli.common import load_engine  # noqa: E402
 from eaglespec.generate import GenerationConfig  # noqa: E402
 from eaglespec.target import load_target  # noqa: E402
 

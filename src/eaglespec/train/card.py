@@ -1,14 +1,15 @@
-"""Copy a trained head into the package (bf16 weights) with a model card built from the run's own
-records: data report, training record, and, when given, a bench results.json.
+"""A trained head's model card, built from the run's own records (data report, training record,
+and, when given, a bench results.json), and shipping: the head copied into the package in bf16
+with that card. `eaglespec train ship` runs it:
 
-    python scripts/ship_head.py runs/smol src/eaglespec/heads/smollm2-135m-instruct --bench bench_out/mtbench/results.json
+    eaglespec train ship runs/smol src/eaglespec/heads/smollm2-135m-instruct --bench bench_out/mtbench/results.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -18,27 +19,25 @@ from eaglespec.draft import DraftHead
 from eaglespec.train.data import _turn_of
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("run", type=Path)
-    ap.add_argument("dest", type=Path)
-    ap.add_argument("--bench", type=Path, default=None, help="results.json of an eaglespec bench run")
-    ap.add_argument("--feature-log", default=None, help="one line on how long the feature dump took")
-    ap.add_argument("--note", action="append", default=[], help="a line for the card's Notes section (repeatable)")
-    ap.add_argument("--keep-notes", action="store_true",
-                    help="start the Notes section with the notes of the card being replaced (earlier stages' notes)")
-    args = ap.parse_args()
+def ship_head(run: Path, dest: Path, bench: Path | None = None, feature_log: str | None = None,
+              notes: list[str] = (), keep_notes: bool = False) -> None:
+    """Copy `run`/head into `dest` (bf16 weights, training.json) and write its README card.
 
-    head = DraftHead.from_pretrained(args.run / "head")
-    card = json.loads((args.run / "head" / "training.json").read_text())
-    notes = (previous_notes(args.dest / "README.md") if args.keep_notes else []) + args.note
+    bench: results.json of an eaglespec bench run; feature_log: one line on how long the feature
+    dump took; notes: lines for the card's Notes section; keep_notes: start that section with the
+    notes of the card being replaced (earlier stages' notes)."""
+    if not (run / "head" / "training.json").is_file():
+        raise FileNotFoundError(f"no trained head in {run / 'head'}: run `eaglespec train head --out {run}` first")
+    head = DraftHead.from_pretrained(run / "head")
+    card = json.loads((run / "head" / "training.json").read_text())
+    notes = (previous_notes(dest / "README.md") if keep_notes else []) + list(notes)
     # earlier stages keep the text they were shipped with: their turn counts and feature-dump
     # times came from run folders that may be gone
-    kept = stage_sections(args.dest / "README.md")
-    if args.dest.exists():
-        shutil.rmtree(args.dest)
-    head.save_pretrained(args.dest, dtype=torch.bfloat16)
-    shutil.copy(args.run / "head" / "training.json", args.dest / "training.json")
+    kept = stage_sections(dest / "README.md")
+    if dest.exists():
+        shutil.rmtree(dest)
+    head.save_pretrained(dest, dtype=torch.bfloat16)
+    shutil.copy(run / "head" / "training.json", dest / "training.json")
 
     val = card.get("validation", {})
     lines = [
@@ -57,8 +56,8 @@ def main() -> None:
     for i, stage in enumerate(stages, start=1):
         current = stage is card
         body = kept.get(i) if not current else None
-        body = body or stage_lines(stage, args.feature_log if current else None,
-                                   turn_counts(args.run, card) if current else None)
+        body = body or stage_lines(stage, feature_log if current else None,
+                                   turn_counts(run, card) if current else None)
         lines += [f"### Stage {i} of {len(stages)}" if len(stages) > 1 else "", ""] + body + [""]
     lines += [
         "## Validation (held-out rows, `eaglespec.train.trainer.simulate_chains`)",
@@ -67,17 +66,32 @@ def main() -> None:
         f"- Simulated chain acceptance length: {val.get('sim_tau')}"
         + (" (rows written by the target itself)" if card.get("regenerated") else " (a lower bound: human-written rows)"),
     ]
-    if args.bench:
-        res = json.loads(args.bench.read_text())
+    if bench:
+        res = json.loads(bench.read_text())
         s = res["summary"]["overall"]
         lines += ["", "## Measured with `eaglespec bench`", "", f"Settings: {res['settings'].get('questions')}, "
                   f"{res['settings'].get('max_new_tokens')} new tokens, {res['settings'].get('dtype')}, temperature "
                   f"{res['settings'].get('temperature')}; {res['machine']}.", ""]
-        lines += [f"- {m}: tau {v['tau']}, speedup {v['speedup']}x{bench_label(m, s, args.run)}" for m, v in s.items()]
+        lines += [f"- {m}: tau {v['tau']}, speedup {v['speedup']}x{bench_label(m, s, run)}" for m, v in s.items()]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    (args.dest / "README.md").write_text("\n".join(lines) + "\n")
-    print(f"shipped {args.run / 'head'} -> {args.dest}")
+    (dest / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def committed_at(folder: Path) -> str | None:
+    """The last git commit that changed `folder`, when the folder is exactly as that commit left it
+    (every file tracked and unmodified), or None: not in a git work tree, untracked or edited files,
+    or no git."""
+    try:
+        def git(*cmd: str) -> str:
+            return subprocess.run(["git", *cmd], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        tracked = git("ls-files", "--", ".").splitlines()
+        if not files or len(tracked) != len(files) or git("status", "--porcelain", "--", "."):
+            return None
+        return git("log", "-1", "--format=%H", "--", ".") or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def previous_notes(readme: Path) -> list[str]:
@@ -207,6 +221,3 @@ def stage_lines(card: dict, feature_log: str | None, turns: dict[int, int] | Non
         out.append(f"- Started from the stage before's head ({card['initialized_from']}{at}).")
     return out
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,57 @@
+"""`eaglespec` command line: generate, bench, train, serve.
+
+Each subcommand is a module with `register(subparsers)`, which adds its parser (and sets `func`,
+the function that runs it), and `run(args)`; what they share is in `common`. Parsing imports
+nothing heavy, so `--help` answers at once: torch, transformers and the engine load inside `run`.
+
+Every user error ends in one line on stderr (`eaglespec: error: ...`) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from eaglespec.cli import bench, generate, serve, train
+from eaglespec.cli.common import UsageError, setup_torch
+
+SUBCOMMANDS = (generate, bench, train, serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eaglespec", description="Lossless speculative decoding with EAGLE draft heads")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress, and show tracebacks of errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in SUBCOMMANDS:
+        command.register(sub)
+    return p
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a bad input, not a bug: printed as one line. A target that fails to
+    load raises TargetLoadError, which can only happen once eaglespec.target has been imported."""
+    errors: tuple[type[BaseException], ...] = (UsageError, ValueError, FileNotFoundError)
+    target = sys.modules.get("eaglespec.target")
+    return errors + (target.TargetLoadError,) if target is not None else errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        setup_torch(args)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("eaglespec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.verbose or not isinstance(e, user_errors()):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"eaglespec: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

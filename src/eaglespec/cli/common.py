@@ -1,0 +1,187 @@
+"""What the subcommands share: their argument groups, the error that every bad input ends in, torch
+set-up, and loading the target and the engine from the flags.
+
+Nothing heavy is imported at module level: `eaglespec --help` builds every parser and must not
+pay for torch or transformers. Help texts therefore describe defaults that depend on the machine
+in words. This module imports no other part of eaglespec.cli, and only eaglespec.cli imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("eaglespec")
+
+#: length of the prompt-lookup chain grafted into EAGLE's tree unless --lookup says otherwise
+#: (the README's bench: the chain recovers what the tree misses on copy-heavy prompts)
+LOOKUP_TOKENS = 8
+
+DRAFT_WEIGHTS = ("auto", "int8", "full")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line."""
+
+
+# -- argument groups ------------------------------------------------------------------------------
+
+def add_model_arg(g) -> None:
+    g.add_argument("--model", default=None, help="transformers folder or .gguf file (default: SmolLM2-135M-Instruct)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    add_model_arg(g)
+    g.add_argument("--dtype", default="auto",
+                   help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPUs and on CPUs with AMX or "
+                        "AVX-512 bf16, else float32)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--max-len", type=int, default=2048, help="KV cache length: prompt + new tokens + tree")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--no-pack", action="store_true",
+                   help="keep stock nn.Linear weights (bf16 on CPU pre-packs them for oneDNN by default)")
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """--threads alone, for subcommands that take no other model flag."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_draft_path_arg(g) -> None:
+    g.add_argument("--draft", default=None, help="EAGLE head folder (default: the head shipped for the default model)")
+
+
+def add_tree_args(g) -> None:
+    """The tree flags; those left unset come from TreeConfig and `default_tree` once the target's
+    device and dtype are known (`tree_config`)."""
+    sized = "default: sized for the target's device and dtype"
+    g.add_argument("--tree", choices=["static", "dynamic"], default=None,
+                   help="EAGLE-1 static or EAGLE-2 dynamic tree (default: dynamic)")
+    g.add_argument("--top-k-draft", type=int, default=None, help=f"dynamic tree: children per node ({sized})")
+    g.add_argument("--depth", type=int, default=None, help=f"dynamic tree: deepest guess ({sized})")
+    g.add_argument("--total-tokens", type=int, default=None, help=f"dynamic tree: nodes verified per step, root "
+                   f"included ({sized})")
+    g.add_argument("--min-draft-prob", type=float, default=None, metavar="P",
+                   help="dynamic tree: verify only guesses of cumulative draft probability >= P, the best one "
+                        f"always; 0 = total-tokens nodes every step ({sized}: a floor on CPUs, where every "
+                        "verified node costs arithmetic, none on GPUs)")
+    g.add_argument("--static-tree", default=None, help="static tree preset: cpu_small (default) or mc_sim_7b_63")
+
+
+def add_lookup_arg(g) -> None:
+    g.add_argument("--lookup", type=int, default=LOOKUP_TOKENS, metavar="N",
+                   help=f"graft a prompt-lookup chain of up to N tokens into the EAGLE tree (default {LOOKUP_TOKENS}; "
+                        "0 = off, the tree alone)")
+
+
+def add_draft_weights_arg(g, several: bool = False) -> None:
+    kw = dict(nargs="+", default=["auto"]) if several else dict(default="auto")
+    g.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, **kw,
+                   help="store the draft's weights as int8 (auto: on CPU, where a draft step is bound by reading "
+                        "them); changes what is proposed, never what is accepted"
+                        + ("; several are run in turn on each prompt, side by side" if several else ""))
+
+
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("draft")
+    add_draft_path_arg(g)
+    g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
+    add_tree_args(g)
+    add_lookup_arg(g)
+    add_draft_weights_arg(g)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+# -- from flags to objects -----------------------------------------------------------------------
+
+def setup_torch(args) -> None:
+    """--threads, checked before anything loads."""
+    if getattr(args, "threads", None) is None:
+        return
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
+def quiet_transformers(args) -> None:
+    """transformers' progress bars and warnings off, unless -v."""
+    if getattr(args, "verbose", False):
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def check_lookup(args) -> None:
+    if args.lookup < 0:
+        raise UsageError(f"--lookup must be >= 0, got {args.lookup}")
+
+
+def tree_config(args, device="cpu", dtype=None):
+    """The tree the flags ask for; unset sizes come from `default_tree` for the target's device and
+    dtype (bfloat16 when not given)."""
+    import torch
+
+    from eaglespec.backends import default_tree
+
+    return default_tree(torch.device(device), dtype or torch.bfloat16, kind=args.tree, top_k=args.top_k_draft,
+                        depth=args.depth, total_tokens=args.total_tokens, min_prob=args.min_draft_prob,
+                        static_tree=args.static_tree)
+
+
+def load_target_from(args, dtype: str | None = None, attn_implementation: str | None = None):
+    """The target of the model flags; `dtype` overrides --dtype."""
+    from eaglespec.target import load_target
+
+    if args.max_len < 16:
+        raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
+    quiet_transformers(args)
+    return load_target(args.model, dtype=dtype or args.dtype, device=args.device, max_len=args.max_len,
+                       pack=not args.no_pack, attn_implementation=attn_implementation)
+
+
+def head_path(args):
+    """--draft, else the head shipped for the default model (None for another --model)."""
+    from eaglespec.heads import default_head_path
+
+    return args.draft or (default_head_path() if args.model is None else None)
+
+
+def load_engine(args, need_tokenizer: bool = True):
+    """Target + drafter from the common flags."""
+    from eaglespec.backends import draft_setup
+    from eaglespec.draft import DraftHead
+    from eaglespec.drafter import EagleDrafter
+    from eaglespec.generate import Generator
+    from eaglespec.head_runner import EagleHeadRunner
+    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
+
+    check_lookup(args)
+    tree_config(args)  # bad sizes fail before the model loads
+    target = load_target_from(args)
+    tree = tree_config(args, target.device, target.dtype)
+    if need_tokenizer and target.tokenizer is None:
+        raise UsageError(f"{args.model}: no tokenizer found")
+    drafter = None
+    if not args.no_draft:
+        path = head_path(args)
+        if path is not None:
+            head = DraftHead.from_pretrained(path)
+            setup = draft_setup(target.device, target.dtype, args.draft_weights)
+            drafter = EagleDrafter(EagleHeadRunner(head, target, setup), tree)
+            if args.lookup:
+                drafter = HybridDrafter(drafter, PromptLookupDrafter(num_tokens=args.lookup))
+    return Generator(target, drafter)
