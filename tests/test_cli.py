@@ -199,7 +199,8 @@ def test_lookup_means_the_same_in_every_subcommand(tiny_model_dir, tmp_path):
     from eaglespec.cli import build_parser
     from eaglespec.cli.bench import chosen_methods
     from eaglespec.cli.common import load_engine
-    from eaglespec.drafter import EagleDrafter, HybridDrafter
+    from eaglespec.drafter import EagleDrafter
+    from eaglespec.lookup import HybridDrafter
 
     parser = build_parser()
     assert parser.parse_args(["generate", "hi"]).lookup == parser.parse_args(["bench"]).lookup == 8

@@ -20,10 +20,12 @@ from typing import Iterator
 
 import torch
 
+from eaglespec.backends import draft_setup
 from eaglespec.bench.run import Question
 from eaglespec.draft import DraftHead
 from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
+from eaglespec.head_runner import EagleHeadRunner
 
 
 class Clock:
@@ -90,9 +92,9 @@ def instrument(clock: Clock, drafter: EagleDrafter, target) -> None:
         setattr(obj, name, timed)
 
     wrap(drafter, "propose", "draft: whole proposal")
-    wrap(drafter, "_commit_pending", "draft: head over committed tokens")
-    wrap(drafter, "_tree_step", "draft: head per tree depth")
-    wrap(drafter, "_logprobs", "draft: LM head + log-softmax")
+    wrap(drafter.runner, "commit", "draft: head over committed tokens")
+    wrap(drafter.runner, "step", "draft: head per tree depth")
+    wrap(drafter.runner, "logprobs", "draft: LM head + log-softmax")
     if target is not None:
         wrap(target, "forward", "target forward (prefill included)")
         wrap(target, "prefill", "target prefill")
@@ -152,9 +154,10 @@ def profile_steps(target, head: DraftHead, tree: TreeConfig, questions: list[Que
     plain = Generator(target, NoDrafter())
     variants: dict[str, Generator] = {}
     for w in draft_weights:
-        drafter = EagleDrafter(head, target, tree, weights=w)
+        setup = draft_setup(target.device, target.dtype, w)
+        drafter = EagleDrafter(EagleHeadRunner(head, target, setup), tree)
         instrument(clock, drafter, target if not variants else None)
-        variants[w if w != "auto" else f"auto ({'int8' if drafter.int8 else 'full'})"] = Generator(target, drafter)
+        variants[w if w != "auto" else f"auto ({setup.weights})"] = Generator(target, drafter)
     for gen in (plain, *variants.values()):
         gen.generate("Hi", GenerationConfig(max_new_tokens=8))  # warm-up
 
