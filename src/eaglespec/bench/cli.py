@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 def add_bench_parser(sub) -> None:
+    from eaglespec.bench import llamacpp
     from eaglespec.bench.run import BUILTIN_SETS, METHODS
     from eaglespec.cli import add_draft_args, add_model_args
 
@@ -19,7 +20,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--questions", default=None,
                    help=f"MT-bench/Spec-Bench question file (JSONL), or a built-in set: {', '.join(BUILTIN_SETS)} "
                         "(default: sharegpt, the held-out slice)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of: " + ", ".join(METHODS + llamacpp.METHODS))
     p.add_argument("--limit", type=int, default=None, help="questions per category")
     p.add_argument("--categories", default=None, help="comma-separated categories to keep")
     p.add_argument("--turns", type=int, default=None, help="ask only the first N turns of each question")
@@ -37,9 +39,11 @@ def add_bench_parser(sub) -> None:
                         "are compared side by side rather than across noisy runs")
     add_model_args(p)
     add_draft_args(p)
+    llamacpp.add_llamacpp_args(p)
 
 
 def cmd_bench(args) -> int:
+    from eaglespec.bench import llamacpp
     from eaglespec.bench.run import (BUILTIN_SETS, BenchError, builtin_questions, build_runners, load_questions,
                                      head_pairs, head_pairs_markdown, markdown, plots, run_bench, select,
                                      summarize)
@@ -53,6 +57,7 @@ def cmd_bench(args) -> int:
         raise BenchError(f"--limit must be >= 1, got {args.limit}")
     # validate everything cheap before loading anything or touching --out
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods, llama_methods = llamacpp.split_methods(methods)
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                            top_p=1.0, top_k=0)
@@ -79,6 +84,10 @@ def cmd_bench(args) -> int:
     extra_heads = compared_heads(args.compare_draft)
     if extra_heads and not any(m.startswith("eagle") for m in methods):
         raise BenchError("--compare-draft needs an eagle method in --methods")
+    import torch
+
+    llama_cfg = llamacpp.config_from_args(args, llama_methods, torch.get_num_threads(),
+                                          cpu=args.device == "cpu") if llama_methods else None
     target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len, pack=not args.no_pack)
     if args.lookup < 0:
         raise BenchError(f"--lookup must be >= 0, got {args.lookup}")
@@ -91,12 +100,12 @@ def cmd_bench(args) -> int:
         more = build_runners(target, eagle_methods, other, tree, lookup=args.lookup or 8,
                              draft_weights=args.draft_weights)
         runners.update({f"{m}@{name}": run for m, run in more.items() if m in eagle_methods})
-    records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup,
-                                                rotate=not args.fixed_order)]
+    with llamacpp.llamacpp_runners(llama_methods, llama_cfg) as more:  # servers stop on any exit
+        runners.update(more)
+        records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup,
+                                                    rotate=not args.fixed_order)]
     table = summarize(records)
     pairs = head_pairs(records)
-    import torch
-
     machine = (f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
                f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = (f"## eaglespec bench: {source}, {len(questions)} questions, {str(target.dtype).removeprefix('torch.')}, temperature {args.temperature}, "
@@ -115,6 +124,7 @@ def cmd_bench(args) -> int:
     if mismatches:
         md += "\nOutputs that differ from plain decoding:\n" + "".join(
             f"- question {r['question_id']} turn {r['turn']} {r['method']}\n" for r in mismatches)
+    md += llamacpp.markdown(records)
     (tmp / "results.md").write_text(md)
     plots(records, table, tmp)
     if args.out.exists():
