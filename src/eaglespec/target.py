@@ -262,7 +262,8 @@ class Target:
         if q == 1:
             # a lone token (plain decoding's step, a tree of only its root) is a causal step: with no
             # mask transformers builds its own, which keeps sliding-window layers' windows and lets
-            # sdpa fold GQA heads (an explicit mask made Gemma 3 decode ~2x slower on a busy CPU)
+            # sdpa fold GQA heads (with a mask Gemma 3 decoded 3x slower than generate() on a busy CPU;
+            # docs/gemma3-270m-decode-profile.md)
             tree_mask = None
         if tree_mask is not None and self.exact_rows is not None and q > self.exact_rows:
             features = self._tree_in_blocks(tokens, positions, tree_mask, self.exact_rows)
