@@ -231,6 +231,12 @@ class Target:
             raise ValueError(f"sequence of {self.cache.length + q} tokens exceeds the cache of {self.max_len}")
         if positions is None:
             positions = torch.arange(self.cache.length, self.cache.length + q, device=self.device)
+        if q == 1:
+            # a lone token (plain decoding's step, a tree of only its root) is a causal step: with no
+            # mask transformers builds its own, which keeps sliding-window layers' windows and lets
+            # sdpa fold GQA heads (with a mask Gemma 3 decoded 3x slower than generate() on a busy CPU;
+            # docs/gemma3-270m-decode-profile.md)
+            tree_mask = None
         if tree_mask is not None and self.exact_rows is not None and q > self.exact_rows:
             features = self._tree_in_blocks(tokens, positions, tree_mask, self.exact_rows)
         else:

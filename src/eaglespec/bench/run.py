@@ -56,6 +56,7 @@ class RunRecord:
     equal_to_baseline: bool | None
     text: str
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per decode step (engine methods)
+    extra: dict = field(default_factory=dict)  # what a method reports beyond these (bench/llamacpp.py)
 
 
 # -- prompt sets ---------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class Answer:
     forwards: int
     accept_lengths: list[int]
     tree_sizes: list[int] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
 
 
 Runner = Callable[[torch.Tensor, GenerationConfig], Answer]
@@ -286,7 +288,7 @@ def run_bench(target: Target, runners: dict[str, Runner], questions: list[Questi
                 yield RunRecord(q.question_id, q.category, turn, method, n, round(ans.seconds, 5), ans.forwards,
                                 round(n / ans.forwards, 4) if ans.forwards else 0.0,
                                 round(n / ans.seconds, 4) if ans.seconds else 0.0, ans.accept_lengths, equal,
-                                history[method][-1]["content"], ans.tree_sizes)
+                                history[method][-1]["content"], ans.tree_sizes, ans.extra)
 
 
 def summarize(records: list[dict]) -> dict:

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from eaglespec.bench import llamacpp
 from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, METHODS, SWEEP_TREES
 from eaglespec.cli.common import (UsageError, add_draft_args, add_draft_path_arg, add_draft_weights_arg, add_model_args,
                                   add_tree_args, check_lookup, head_path, load_target_from, tree_config)
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
                    help=f"MT-bench/Spec-Bench question file (JSONL), or a built-in set: {', '.join(BUILTIN_SETS)} "
                         "(default: sharegpt, the held-out slice)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all of them, eagle-lookup "
+                   help="comma-separated subset of: " + ", ".join(METHODS + llamacpp.METHODS) + " (default: all of them, eagle-lookup "
                         "only with --lookup >= 1; with --trees: plain). eagle-lookup is the dynamic tree with the "
                         "--lookup chain grafted in")
     p.add_argument("--trees", nargs="*", default=None, metavar="SHAPE",
@@ -51,6 +52,7 @@ def register(subparsers) -> None:
                         "are compared side by side rather than across noisy runs")
     add_model_args(p)
     add_draft_args(p)
+    llamacpp.add_llamacpp_args(p)
     p.set_defaults(func=run)
     register_profile(p.add_subparsers(dest="bench_command", metavar="{profile}"))
 
@@ -115,7 +117,7 @@ def run(args) -> int:
 
     # validate everything cheap before loading anything or touching --out
     check_lookup(args)
-    methods = chosen_methods(args)
+    methods, llama_methods = llamacpp.split_methods(chosen_methods(args))
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise BenchError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
@@ -138,6 +140,10 @@ def run(args) -> int:
     extra_heads = compared_heads(args.compare_draft)
     if extra_heads and not trees and not any(m.startswith("eagle") for m in methods):
         raise BenchError("--compare-draft needs an eagle method in --methods, or --trees")
+    import torch
+
+    llama_cfg = llamacpp.config_from_args(args, llama_methods, torch.get_num_threads(),
+                                          cpu=args.device == "cpu") if llama_methods else None
     target = load_target_from(args)
     tree = tree_config(args, target.device, target.dtype)
     # transformers' generate() runs a model of its own, stock: no packed weights, sdpa attention
@@ -153,11 +159,12 @@ def run(args) -> int:
         if trees:
             more.update(tree_runners(target, other, trees, draft_weights=args.draft_weights))
         runners.update({f"{m}@{name}": r for m, r in more.items() if m != BASELINE})
-    records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup,
-                                          rotate=not args.fixed_order)]
+    with llamacpp.llamacpp_runners(llama_methods, llama_cfg) as more:  # servers stop on any exit
+        runners.update(more)
+        records = [vars(r) for r in run_bench(target, runners, questions, cfg, warmup=args.warmup,
+                                              rotate=not args.fixed_order)]
     table = summarize(records)
     pairs = head_pairs(records)
-    import torch
 
     machine = (f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
                f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -178,6 +185,7 @@ def run(args) -> int:
     if mismatches:
         md += "\nOutputs that differ from plain decoding:\n" + "".join(
             f"- question {r['question_id']} turn {r['turn']} {r['method']}\n" for r in mismatches)
+    md += llamacpp.markdown(records)
     (tmp / "results.md").write_text(md)
     plots(records, table, tmp)
     if args.out.exists():
