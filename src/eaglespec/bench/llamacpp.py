@@ -37,12 +37,15 @@ import urllib.request
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+from eaglespec.bench.methods import BenchError
 
-from eaglespec.bench.run import Answer, BenchError, Runner
-from eaglespec.generate import GenerationConfig
+if TYPE_CHECKING:  # the command line imports this module for its flags: no torch at parse time
+    import torch
+
+    from eaglespec.bench.run import Runner
+    from eaglespec.generate import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +220,8 @@ def completion_body(ids: torch.Tensor, cfg: GenerationConfig) -> dict:
 
 def answer_from_response(res: dict, wall_s: float) -> Answer:
     """Our `Answer` from a /completion response (tokens include an EOS as ours do)."""
+    from eaglespec.bench.run import Answer
+
     tokens = [int(t) for t in res.get("tokens") or []]
     t = res.get("timings") or {}
     n = len(tokens) or int(res.get("tokens_predicted", 0))

@@ -12,3 +12,7 @@ BUILTIN_SETS = ("sharegpt", "humaneval")
 #: static presets and dynamic trees from 8 to 60 nodes (EAGLE-2's GPU setting, 10,6,60, last)
 SWEEP_TREES = ("static:cpu_small", "static:mc_sim_7b_63", "2,4,8", "4,5,16", "4,6,20", "4,7,24", "6,7,32", "6,6,24",
                "8,6,32", "10,6,60")
+
+
+class BenchError(ValueError):
+    """Bad benchmark input: printed as one line."""

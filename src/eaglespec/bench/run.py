@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from eaglespec.backends import draft_setup
-from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, METHODS
+from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, METHODS, BenchError
 from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.head_runner import EagleHeadRunner
@@ -28,10 +28,6 @@ from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 from eaglespec.target import Target
 
 log = logging.getLogger(__name__)
-
-
-class BenchError(ValueError):
-    """Bad benchmark input: printed as one line."""
 
 
 @dataclass(frozen=True)
