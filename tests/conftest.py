@@ -18,3 +18,14 @@ def tiny_model_dir(tmp_path_factory):
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one global state per process, fixed by the first Accelerator; a user runs
+    one training per process, the suite runs many with different precisions."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
