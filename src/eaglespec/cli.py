@@ -43,7 +43,8 @@ LOOKUP_TOKENS = 8
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("draft")
-    g.add_argument("--draft", default=None, help="EAGLE head folder (default: the head shipped for the default model)")
+    g.add_argument("--draft", default=None,
+                   help="EAGLE-1/2 or EAGLE-3 head folder (default: the head shipped for the default model)")
     g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
     d = TreeConfig()
     g.add_argument("--tree", choices=["static", "dynamic"], default=d.kind)
@@ -117,12 +118,8 @@ def setup_torch(args) -> None:
 def load_engine(args, need_tokenizer: bool = True):
     """Target + drafter from the common flags."""
     from eaglespec.backends import draft_setup
-    from eaglespec.draft import DraftHead
-    from eaglespec.drafter import EagleDrafter
     from eaglespec.generate import Generator
-    from eaglespec.head_runner import EagleHeadRunner
-    from eaglespec.heads import default_head_path
-    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
+    from eaglespec.heads import default_head_path, load_drafter
     from eaglespec.target import load_target
 
     if args.max_len < 16:
@@ -136,13 +133,10 @@ def load_engine(args, need_tokenizer: bool = True):
     if not args.no_draft:
         path = args.draft or (default_head_path() if args.model is None else None)
         if path is not None:
-            head = DraftHead.from_pretrained(path)
-            setup = draft_setup(target.device, target.dtype, args.draft_weights)
-            drafter = EagleDrafter(EagleHeadRunner(head, target, setup), tree)
             if args.lookup < 0:
                 raise UsageError(f"--lookup must be >= 0, got {args.lookup}")
-            if args.lookup:
-                drafter = HybridDrafter(drafter, PromptLookupDrafter(num_tokens=args.lookup))
+            setup = draft_setup(target.device, target.dtype, args.draft_weights)
+            drafter = load_drafter(path, target, tree, setup, lookup=args.lookup)  # EAGLE-1/2 or EAGLE-3
     return Generator(target, drafter)
 
 

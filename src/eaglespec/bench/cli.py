@@ -32,7 +32,8 @@ def add_bench_parser(sub) -> None:
                         "method per question, so that none always runs first)")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--compare-draft", nargs="+", default=[], metavar="HEAD",
-                   help="more draft heads: their eagle methods run in the same loop, labelled METHOD@NAME "
+                   help="more draft heads (EAGLE-1/2 or EAGLE-3): their eagle methods run in the same loop, "
+                        "labelled METHOD@NAME "
                         "(NAME: the head's folder, or its parent's when the folder is called 'head'), so heads "
                         "are compared side by side rather than across noisy runs")
     add_model_args(p)
@@ -44,9 +45,9 @@ def cmd_bench(args) -> int:
                                      head_pairs, head_pairs_markdown, markdown, plots, run_bench, select,
                                      summarize)
     from eaglespec.cli import tree_config
-    from eaglespec.draft import DraftHead
     from eaglespec.generate import GenerationConfig
-    from eaglespec.heads import default_head_path
+    from eaglespec.eagle3 import head_kind
+    from eaglespec.heads import default_head_path, load_head
     from eaglespec.target import load_model, load_target
 
     if args.limit is not None and args.limit < 1:
@@ -67,19 +68,25 @@ def cmd_bench(args) -> int:
             raise BenchError(f"--turns must be >= 1, got {args.turns}")
         questions = [replace(q, turns=q.turns[: args.turns]) for q in questions]
     head_path = args.draft or (default_head_path() if args.model is None else None)
-    head = DraftHead.from_pretrained(head_path) if head_path and not args.no_draft else None
+    head_path = head_path if head_path and not args.no_draft else None
+    if head_path is not None:
+        head_kind(head_path)  # a missing or unreadable head fails before the target loads
     from eaglespec.bench.run import METHODS
 
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise BenchError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
-    if head is None and any(m.startswith("eagle") for m in methods):
+    if head_path is None and any(m.startswith("eagle") for m in methods):
         raise BenchError("eagle methods need a draft head: pass --draft PATH (none ships for this model)")
 
-    extra_heads = compared_heads(args.compare_draft)
-    if extra_heads and not any(m.startswith("eagle") for m in methods):
+    extra_paths = compared_heads(args.compare_draft)
+    if extra_paths and not any(m.startswith("eagle") for m in methods):
         raise BenchError("--compare-draft needs an eagle method in --methods")
     target = load_target(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len, pack=not args.no_pack)
+    # heads of either kind; an EAGLE-3 config without feature layers takes the target's default ones
+    layers = target.config.num_hidden_layers
+    head = load_head(head_path, layers) if head_path is not None else None
+    extra_heads = {name: load_head(path, layers) for name, path in extra_paths.items()}
     if args.lookup < 0:
         raise BenchError(f"--lookup must be >= 0, got {args.lookup}")
     # eagle-lookup grafts a chain of --lookup tokens (8 when the flag is left at 0)
@@ -127,10 +134,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def compared_heads(paths: list[str]) -> dict:
-    """Label -> loaded DraftHead for --compare-draft; labels are folder names, made unique."""
+def compared_heads(paths: list[str]) -> dict[str, Path]:
+    """Label -> head folder (EAGLE-1/2 or EAGLE-3) for --compare-draft; labels are folder names, made
+    unique."""
     from eaglespec.bench.run import BenchError
-    from eaglespec.draft import DraftHead
+    from eaglespec.eagle3 import head_kind
 
     heads = {}
     for p in paths:
@@ -141,6 +149,7 @@ def compared_heads(paths: list[str]) -> dict:
         label, n = name, 2
         while label in heads:
             label, n = f"{name}-{n}", n + 1
-        heads[label] = DraftHead.from_pretrained(path)
+        head_kind(path)  # a folder without a head fails before the target loads
+        heads[label] = path
     return heads
 
