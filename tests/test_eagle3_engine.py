@@ -73,6 +73,34 @@ def test_greedy_with_a_lookup_chain_is_token_identical(setup, kind):
     assert max(accepted) > 3  # the chain was accepted: long commits into the head's cache
 
 
+def test_the_runner_drafts_what_training_unrolls(setup):
+    """Commit pairs 0..i, then step along the real text: each output equals the training forward's
+    step s at anchor i (eagle3.forward_unrolled), so positions, masks and the pre-norm feedback
+    match what the head was trained on."""
+    target, _, ps, expected, heads = setup
+    head, steps, anchor = heads["nudged"], 4, 20
+    seq = torch.cat([ps[0], torch.tensor(expected[0])])[:32]
+    target.set_feature_layers(FEATURE_LAYERS)
+    feats = target.prefill(seq).features  # [T, 3H]
+    with torch.no_grad():
+        embeds = target.embed(seq)  # [T, H]
+        # step s at anchor i is fed token i + 1 + s; anchors past the end see zeros
+        shifted = [torch.cat([embeds[1 + s :], embeds.new_zeros(1 + s, embeds.shape[1])])[None] for s in range(steps)]
+        want = head.forward_unrolled(feats[None], shifted)  # steps x [1, T, H]
+    runner = Eagle3HeadRunner(head, target)
+    runner.allocate(steps)
+    runner.reset()
+    with torch.inference_mode():
+        h = runner.commit(seq[1 : anchor + 2], feats[: anchor + 1])  # pairs (f_i, x_{i+1}), i <= anchor
+        torch.testing.assert_close(h, want[0][0, anchor], rtol=1e-4, atol=1e-4)
+        for depth in range(1, steps):
+            rows = torch.zeros(1, steps, dtype=torch.bool)
+            rows[0, :depth] = True  # its chain: the nodes of depths 1..depth, in slots 0..depth-1
+            h = runner.step(h[None], seq[anchor + 1 + depth : anchor + 2 + depth], depth, rows)[0]
+            torch.testing.assert_close(h, want[depth][0, anchor], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(runner.logprobs(h[None])[0], head.logprobs(want[-1][0, anchor]), rtol=1e-4, atol=1e-4)
+
+
 class Recorder(Drafter):
     """Passes every call to `inner` and keeps what the target committed."""
 
