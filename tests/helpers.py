@@ -118,7 +118,7 @@ def nudged_head(target: Target, steps: int = 150, seed: int = 0, draft_vocab: in
 WORDS = ["<unk>", "<eos>", "<bos>", "user", "assistant", "system", ":"] + [f"w{i}" for i in range(89)]
 
 
-def save_tiny_model(path, seed: int = 0):
+def save_tiny_model(path, seed: int = 0, layers: int = 2):
     """Save a tiny random Llama (vocab = WORDS) with a fast word-level tokenizer and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -132,8 +132,54 @@ def save_tiny_model(path, seed: int = 0):
         "{% if add_generation_prompt %}assistant : {% endif %}"
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab=len(WORDS)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab=len(WORDS), layers=layers), dtype=torch.float32)
     model.generation_config.eos_token_id = 1
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def random_eagle3_head(target: Target, k: int | None = None, seed: int = 1):
+    """A random EAGLE-3 head for a target of >= 6 layers, over k draft tokens spread across the
+    vocabulary (all of it by default)."""
+    from eaglespec.eagle3 import Eagle3Head, eagle3_config
+
+    v = target.vocab_size
+    k = k or v
+    torch.manual_seed(seed)
+    head = Eagle3Head(eagle3_config(target.config, k))
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else torch.nn.init.normal_(p, std=0.1)
+    head.set_vocab(torch.arange(k) * v // k)  # k=48 of 96 -> 0, 2, 4, ...
+    return head.eval()
+
+
+def nudged_eagle3_head(target: Target, steps: int = 300, seed: int = 0, n_rows: int = 32):
+    """An EAGLE-3 head (default init, the whole vocabulary) trained briefly, 3 unrolled steps, on
+    the target's own greedy text: long acceptances, far from perfect."""
+    from eaglespec.eagle3 import Eagle3Head, eagle3_config
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.train.eagle3 import run_target, unrolled_loss
+
+    gen, prompt_len = Generator(target), 8
+    g = torch.Generator().manual_seed(seed)
+    cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
+    rows = []
+    for _ in range(n_rows):
+        prompt = torch.randint(2, target.vocab_size, (prompt_len,), generator=g)
+        rows.append(torch.cat([prompt, torch.tensor([t for c in gen.generate_ids(prompt, cfg) for t in c])]))
+    ids = torch.stack(rows)  # [B, T]
+    answer = torch.ones_like(ids, dtype=torch.bool)
+    answer[:, :prompt_len] = False
+    torch.manual_seed(seed)
+    head = Eagle3Head(eagle3_config(target.config, target.vocab_size))
+    batch = run_target(target.model, ids, answer, head.aux_layer_ids, head.draft_token_ids())
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    head.train()
+    for _ in range(steps):
+        loss = unrolled_loss(head, batch, ids, steps=3, decay=0.8).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head.eval().requires_grad_(False)

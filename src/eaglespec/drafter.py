@@ -21,12 +21,13 @@ import torch
 
 from eaglespec.backends import cheap_host_sync
 from eaglespec.expand import dynamic_slots, expand_dynamic, expand_static
-from eaglespec.head_runner import EagleHeadRunner, HeadRunner
+from eaglespec.head_runner import HeadRunner, head_runner
 from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan
 
 if TYPE_CHECKING:
     from eaglespec.backends import DraftSetup
     from eaglespec.draft import DraftHead
+    from eaglespec.eagle3 import Eagle3Head
     from eaglespec.target import Target
 
 
@@ -35,13 +36,16 @@ class Drafter(ABC):
 
     #: the largest tree `propose` returns (root included), for sizing caches
     max_tree_size: int = 1
+    #: the target features `observe` expects: the inputs of these decoder layers side by side
+    #: (`Target.set_feature_layers`), or None: the last hidden state, or no features at all
+    feature_layers: tuple[int, ...] | None = None
 
     def begin(self) -> None:
         """Forget the previous sequence."""
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        """The target committed: features[i] ([k, H]) is the top feature at a committed position
-        and tokens[i] ([k]) the token that follows it. tokens[-1] is the next root."""
+        """The target committed: features[i] ([k, F]) is the target's feature at a committed
+        position and tokens[i] ([k]) the token that follows it. tokens[-1] is the next root."""
 
     @abstractmethod
     def propose(self, root: torch.Tensor) -> DraftTree:
@@ -108,6 +112,7 @@ class EagleDrafter(Drafter):
         (`backends.cheap_host_sync`: on a CPU)."""
         self.runner = runner
         self.tree_config = tree
+        self.feature_layers = runner.feature_layers
         device = runner.vocab_ids.device
         self.plan = static_plan(tree.paths()).to(device) if tree.kind == "static" else None
         self.max_tree_size = self.plan.size if self.plan is not None else tree.total_tokens
@@ -118,11 +123,13 @@ class EagleDrafter(Drafter):
         self.pending_features: list[torch.Tensor] = []
 
     @classmethod
-    def from_head(cls, head: DraftHead, target: Target, tree: TreeConfig = TreeConfig(),
+    def from_head(cls, head: DraftHead | Eagle3Head, target: Target, tree: TreeConfig = TreeConfig(),
                   setup: DraftSetup | None = None) -> EagleDrafter:
-        """An EAGLE-1/2 head's drafter. setup: the head's dtype and weight layout
-        (`backends.draft_setup` picks for the hardware; None: float32, weights as loaded)."""
-        return cls(EagleHeadRunner(head, target, setup), tree)
+        """The drafter of an EAGLE-1/2 or EAGLE-3 head. setup: the head's dtype and weight layout
+        (`backends.draft_setup` picks for the hardware; None: float32, weights as loaded). The
+        target must return the features the head reads: `target.set_feature_layers(drafter.feature_layers)`
+        (`eaglespec.heads.load_drafter` does it all from a head folder)."""
+        return cls(head_runner(head, target, setup), tree)
 
     def begin(self) -> None:
         self.runner.reset()
@@ -138,7 +145,7 @@ class EagleDrafter(Drafter):
         tokens, features = torch.cat(self.pending_tokens), torch.cat(self.pending_features)  # [k], [k, F]
         self.pending_tokens.clear()
         self.pending_features.clear()
-        h_root = self.runner.commit(tokens, features)  # [D] predicted feature after the root
+        h_root = self.runner.commit(tokens, features)  # [D] the head's output after the root
         r = self.runner
         if self.plan is not None:
             return expand_static(self.plan, root, h_root, r.step, r.logprobs, r.vocab_ids)

@@ -32,6 +32,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from eaglespec.aux_features import aux_layer_ids
+from eaglespec.draft import DraftHeadError
 from eaglespec.kv_cache import DraftKVCache
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -46,8 +47,9 @@ LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_
                 "rope_parameters", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
-class Eagle3Error(ValueError):
-    """An EAGLE-3 head is missing, malformed, or does not fit the target."""
+class Eagle3Error(DraftHeadError):
+    """An EAGLE-3 head is missing, malformed, or does not fit the target (a `DraftHeadError`, as
+    for any head)."""
 
 
 def head_kind(path: str | Path) -> Literal["eagle", "eagle3"]:

@@ -58,6 +58,7 @@ class HybridDrafter(Drafter):
         self.eagle = eagle
         self.lookup = lookup
         self.max_tree_size = eagle.max_tree_size + lookup.num_tokens
+        self.feature_layers = eagle.feature_layers
 
     def begin(self) -> None:
         self.eagle.begin()

@@ -1,9 +1,11 @@
-"""The target LLM: load it, and run it over a prefix or a token tree, exposing its top features.
+"""The target LLM: load it, and run it over a prefix or a token tree, exposing its features.
 
 The model is an unmodified transformers `*ForCausalLM`. A tree forward passes a 4D additive
-attention mask and explicit `position_ids`, which every decoder-only model in transformers accepts,
-and reads the decoder's last hidden state (after the final norm: the LM head's input) as the
-feature the EAGLE head consumes.
+attention mask and explicit `position_ids`, which every decoder-only model in transformers accepts.
+The features a forward returns are what the draft head reads: by default the decoder's last hidden
+state (after the final norm: the LM head's input), as EAGLE-1/2 heads consume it; after
+`set_feature_layers(ids)`, the inputs of those decoder layers side by side, EAGLE-3's fused
+feature (aux_features.py).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from eaglespec.attention import FP32_ATTENTION, default_implementation, sdpa_prefill
+from eaglespec.aux_features import capture_aux
 from eaglespec.backends import auto_dtype, exact_rows, optimize_target
 from eaglespec.kv_cache import TargetKVCache
 from eaglespec.paths import cache_root
@@ -151,7 +156,9 @@ def cache_dtypes(config) -> tuple[torch.dtype | None, torch.dtype | None]:
 @dataclass(frozen=True)
 class TargetOutput:
     logits: torch.Tensor  # [q, vocab] float32 ([1, vocab] with last_logits_only)
-    features: torch.Tensor  # [q, hidden] in the model's dtype: the LM head's input
+    #: [q, F] in the model's dtype: the LM head's input (F = hidden), or with feature layers set
+    #: (`Target.set_feature_layers`) the inputs of those layers side by side (F = len(ids) x hidden)
+    features: torch.Tensor
 
 
 class Target:
@@ -180,6 +187,26 @@ class Target:
         #: prefill with sdpa under eaglespec's exact attention (attention.sdpa_prefill): every
         #: decoding path prefills a prompt alike, so only later steps need batch-invariant bits
         self.sdpa_prefill = True
+        self._feature_layers: tuple[int, ...] | None = None
+
+    @property
+    def feature_layers(self) -> tuple[int, ...] | None:
+        """The decoder layers whose inputs `forward` returns as features; None: the last hidden state."""
+        return self._feature_layers
+
+    def set_feature_layers(self, layer_ids: Sequence[int] | None) -> None:
+        """Make `prefill` and `forward` return as features the inputs of these decoder layers side
+        by side ([q, len(ids) x hidden]: EAGLE-3's fused feature, e.g. layers (2, 15, 27) of a
+        30-layer target), or, with None, the last hidden state. Whoever builds the engine calls it
+        for the head it drafts with (`eaglespec.heads.load_drafter` does); the logits never change."""
+        if layer_ids is None:
+            self._feature_layers = None
+            return
+        ids = tuple(int(i) for i in layer_ids)
+        n = self.config.num_hidden_layers
+        if not ids or any(not 0 <= i < n for i in ids):
+            raise ValueError(f"feature layers {list(ids)} must be a non-empty list of layers in [0, {n})")
+        self._feature_layers = ids
 
     @property
     def lm_head(self) -> torch.nn.Module:
@@ -237,21 +264,26 @@ class Target:
             # sdpa fold GQA heads (with a mask Gemma 3 decoded 3x slower than generate() on a busy CPU;
             # docs/gemma3-270m-decode-profile.md)
             tree_mask = None
-        if tree_mask is not None and self.exact_rows is not None and q > self.exact_rows:
-            features = self._tree_in_blocks(tokens, positions, tree_mask, self.exact_rows)
-        else:
-            # A plain causal step passes no mask: transformers then takes the same unmasked sdpa path
-            # as its own generate() (faster, and the same rounding); trees pass the 4D ancestor mask.
-            mask = None if tree_mask is None else self.attention_mask(tree_mask, q)
-            out = self.decoder(
-                input_ids=tokens[None],
-                position_ids=positions[None],
-                attention_mask=mask,
-                use_cache=True,
-                **{self.cache_arg: self.cache},
-            )
-            features = out.last_hidden_state[0]  # [q, hidden]
-        rows = features[-1:] if last_logits_only else features
+        # the feature layers' inputs are recorded by hooks that live for this call only; blocks of
+        # a tree are concatenated in order, so row i is node i's either way
+        layers = self._feature_layers
+        with nullcontext() if layers is None else capture_aux(self.decoder, layers) as aux:
+            if tree_mask is not None and self.exact_rows is not None and q > self.exact_rows:
+                last = self._tree_in_blocks(tokens, positions, tree_mask, self.exact_rows)
+            else:
+                # A plain causal step passes no mask: transformers then takes the same unmasked sdpa path
+                # as its own generate() (faster, and the same rounding); trees pass the 4D ancestor mask.
+                mask = None if tree_mask is None else self.attention_mask(tree_mask, q)
+                out = self.decoder(
+                    input_ids=tokens[None],
+                    position_ids=positions[None],
+                    attention_mask=mask,
+                    use_cache=True,
+                    **{self.cache_arg: self.cache},
+                )
+                last = out.last_hidden_state[0]  # [q, hidden]
+        features = last if aux is None else aux.fused()[0]  # [q, hidden] or [q, len(layers) * hidden]
+        rows = last[-1:] if last_logits_only else last
         return TargetOutput(logits=self.lm_head(rows).float(), features=features)
 
     def _tree_in_blocks(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
@@ -278,7 +310,8 @@ class Target:
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor) -> TargetOutput:
         """Process a prompt from an empty cache and commit it; logits of the last token only
-        ([1, vocab]: the 49k-wide LM head over a whole prompt is wasted work), features of all."""
+        ([1, vocab]: the 49k-wide LM head over a whole prompt is wasted work), features of all
+        ([n, F], as `forward`)."""
         self.cache.reset()
         self.cache.set_storage(*cache_dtypes(self.config))  # the attention may have been switched since
         if self.sdpa_prefill:

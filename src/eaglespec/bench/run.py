@@ -21,10 +21,10 @@ import torch
 
 from eaglespec.backends import draft_setup
 from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, METHODS, BenchError
-from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
+from eaglespec.drafter import Drafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
-from eaglespec.head_runner import EagleHeadRunner
-from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
+from eaglespec.heads import make_drafter
+from eaglespec.lookup import PromptLookupDrafter
 from eaglespec.target import Target
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,11 @@ Runner = Callable[[torch.Tensor, GenerationConfig], Answer]
 
 
 def engine_runner(gen: Generator) -> Runner:
+    """A method of our engine. Methods share one target, and heads compared side by side may read
+    different features (EAGLE-1/2: the last hidden state; EAGLE-3: three layers' inputs), so each
+    run first sets the target's features to what its drafter reads."""
     def run(ids: torch.Tensor, cfg: GenerationConfig) -> Answer:
+        gen.target.set_feature_layers(gen.drafter.feature_layers)
         tokens = [t for chunk in gen.generate_ids(ids, cfg) for t in chunk]
         s = gen.last_stats
         return Answer(tokens, s.elapsed_s, s.target_forwards, list(s.accept_lengths), list(s.tree_sizes))
@@ -170,7 +174,8 @@ def hf_runner(model, prompt_lookup: int | None, eos: set[int]) -> Runner:
 
 def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lookup: int = 8,
                   draft_weights: str = "auto", stock_model=None) -> dict[str, Runner]:
-    """One runner per method. stock_model: the unoptimized transformers model that the hf-* methods
+    """One runner per method. head: a loaded EAGLE-1/2 or EAGLE-3 head (`eaglespec.heads.load_head`)
+    for the eagle-* methods; stock_model: the unoptimized transformers model that the hf-* methods
     run (see `hf_runner`)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -188,8 +193,8 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
 
     setup = draft_setup(target.device, target.dtype, draft_weights)  # the head's dtype and weight layout
 
-    def eagle(kind: str) -> EagleDrafter:
-        return EagleDrafter(EagleHeadRunner(head, target, setup), replace(tree, kind=kind))
+    def eagle(kind: str, lookup: int = 0) -> Drafter:
+        return make_drafter(head, target, replace(tree, kind=kind), setup, lookup=lookup)
 
     runners: dict[str, Runner] = {}
     for m in methods:
@@ -200,8 +205,7 @@ def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lo
         elif m == "eagle-dynamic":
             runners[m] = engine_runner(Generator(target, eagle("dynamic")))
         elif m == "eagle-lookup":  # the dynamic tree with a prompt-lookup chain grafted in
-            hybrid = HybridDrafter(eagle("dynamic"), PromptLookupDrafter(num_tokens=lookup))
-            runners[m] = engine_runner(Generator(target, hybrid))
+            runners[m] = engine_runner(Generator(target, eagle("dynamic", lookup)))
         elif m == "prompt-lookup":
             runners[m] = engine_runner(Generator(target, PromptLookupDrafter()))
         elif m == "hf-generate":
@@ -239,10 +243,7 @@ def tree_runners(target: Target, head, specs: list[str], draft_weights: str = "a
     runners: dict[str, Runner] = {}
     for spec in specs:
         tree, lookup = parse_tree(spec)
-        drafter = EagleDrafter(EagleHeadRunner(head, target, draft_setup(target.device, target.dtype, draft_weights)),
-                               tree)
-        if lookup:
-            drafter = HybridDrafter(drafter, PromptLookupDrafter(num_tokens=lookup))
+        drafter = make_drafter(head, target, tree, draft_setup(target.device, target.dtype, draft_weights), lookup)
         runners[f"tree:{spec}"] = engine_runner(Generator(target, drafter))
     return runners
 

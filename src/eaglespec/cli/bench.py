@@ -111,8 +111,9 @@ def chosen_methods(args) -> list[str]:
 def run(args) -> int:
     from eaglespec.bench.run import (BenchError, build_runners, head_pairs, head_pairs_markdown, markdown, parse_tree,
                                      plots, run_bench, summarize, tree_runners)
-    from eaglespec.draft import DraftHead
+    from eaglespec.eagle3 import head_kind
     from eaglespec.generate import GenerationConfig
+    from eaglespec.heads import load_head
     from eaglespec.target import load_model
 
     # validate everything cheap before loading anything or touching --out
@@ -133,8 +134,10 @@ def run(args) -> int:
     source = args.questions or "sharegpt"
     questions = bench_questions(source, cats, args.limit, args.turns)
     path = head_path(args)
-    head = DraftHead.from_pretrained(path) if path and not args.no_draft else None
-    if head is None and (trees or any(m.startswith("eagle") for m in methods)):
+    path = path if path and not args.no_draft else None
+    if path is not None:
+        head_kind(path)  # a missing or unreadable head fails before the target loads
+    if path is None and (trees or any(m.startswith("eagle") for m in methods)):
         raise BenchError("eagle methods and --trees need a draft head: pass --draft PATH (none ships for this model)")
 
     extra_heads = compared_heads(args.compare_draft)
@@ -145,6 +148,10 @@ def run(args) -> int:
     llama_cfg = llamacpp.config_from_args(args, llama_methods, torch.get_num_threads(),
                                           cpu=args.device == "cpu") if llama_methods else None
     target = load_target_from(args)
+    # heads of either kind (EAGLE-1/2 or EAGLE-3), loaded for this target's depth
+    layers = target.config.num_hidden_layers
+    head = load_head(path, layers) if path is not None else None
+    extra_heads = {name: load_head(p, layers) for name, p in extra_heads.items()}
     tree = tree_config(args, target.device, target.dtype)
     # transformers' generate() runs a model of its own, stock: no packed weights, sdpa attention
     stock = (load_model(args.model, dtype=target.dtype, device=args.device, attn_implementation="sdpa")[0]
@@ -196,9 +203,10 @@ def run(args) -> int:
 
 
 def compared_heads(paths: list[str]) -> dict:
-    """Label -> loaded DraftHead for --compare-draft; labels are folder names, made unique."""
+    """Label -> head folder (EAGLE-1/2 or EAGLE-3) for --compare-draft; labels are folder names,
+    made unique. Each folder is checked to hold a head before the target loads."""
     from eaglespec.bench.run import BenchError
-    from eaglespec.draft import DraftHead
+    from eaglespec.eagle3 import head_kind
 
     heads = {}
     for p in paths:
@@ -209,13 +217,15 @@ def compared_heads(paths: list[str]) -> dict:
         label, n = name, 2
         while label in heads:
             label, n = f"{name}-{n}", n + 1
-        heads[label] = DraftHead.from_pretrained(path)
+        head_kind(path)
+        heads[label] = path
     return heads
 
 
 def run_profile(args) -> int:
     from eaglespec.bench.profile import forward_scan, prefill_scan, profile_steps
     from eaglespec.draft import DraftHead
+    from eaglespec.eagle3 import head_kind
     from eaglespec.generate import GenerationConfig
 
     if args.prefill_scan:
@@ -226,6 +236,8 @@ def run_profile(args) -> int:
     if path is None:
         raise UsageError("bench profile times a draft head: pass --draft PATH (none ships for this model)")
     tree_config(args)  # bad sizes fail before the model loads
+    if head_kind(path) != "eagle":
+        raise UsageError("bench profile times EAGLE-1/2 heads; time an EAGLE-3 head with plain `eaglespec bench`")
     target = load_target_from(args)
     head = DraftHead.from_pretrained(path)
     tree = tree_config(args, target.device, target.dtype)

@@ -49,7 +49,7 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_draft_path_arg(g) -> None:
-    g.add_argument("--draft", default=None, help="EAGLE head folder (default: the head shipped for the default model)")
+    g.add_argument("--draft", default=None, help="EAGLE-1/2 or EAGLE-3 head folder (default: the head shipped for the default model)")
 
 
 def add_tree_args(g) -> None:
@@ -163,11 +163,8 @@ def head_path(args):
 def load_engine(args, need_tokenizer: bool = True):
     """Target + drafter from the common flags."""
     from eaglespec.backends import draft_setup
-    from eaglespec.draft import DraftHead
-    from eaglespec.drafter import EagleDrafter
     from eaglespec.generate import Generator
-    from eaglespec.head_runner import EagleHeadRunner
-    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
+    from eaglespec.heads import load_drafter
 
     check_lookup(args)
     tree_config(args)  # bad sizes fail before the model loads
@@ -179,9 +176,6 @@ def load_engine(args, need_tokenizer: bool = True):
     if not args.no_draft:
         path = head_path(args)
         if path is not None:
-            head = DraftHead.from_pretrained(path)
             setup = draft_setup(target.device, target.dtype, args.draft_weights)
-            drafter = EagleDrafter(EagleHeadRunner(head, target, setup), tree)
-            if args.lookup:
-                drafter = HybridDrafter(drafter, PromptLookupDrafter(num_tokens=args.lookup))
+            drafter = load_drafter(path, target, tree, setup, lookup=args.lookup)  # EAGLE-1/2 or EAGLE-3
     return Generator(target, drafter)

@@ -1,8 +1,30 @@
-"""Draft heads shipped with the package."""
+"""Draft heads: the ones shipped with the package, and loading a head folder of either kind into a
+drafter for a target.
+
+    target = load_target(...)
+    drafter = load_drafter("path/to/head", target, default_tree(target.device, target.dtype),
+                           draft_setup(target.device, target.dtype), lookup=8)
+    Generator(target, drafter)
+
+A folder holds an EAGLE-1/2 head (draft.py) or an EAGLE-3 head (eagle3.py); its config.json says
+which (`eagle3.head_kind`). An EAGLE-3 head reads the inputs of three target layers, so building
+its drafter sets the target's features to those (`Target.set_feature_layers`); an EAGLE-1/2 head's
+drafter sets them back to the last hidden state.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from eaglespec.draft import DraftHead
+from eaglespec.drafter import Drafter, EagleDrafter, TreeConfig
+from eaglespec.eagle3 import Eagle3Head, head_kind
+from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
+
+if TYPE_CHECKING:
+    from eaglespec.backends import DraftSetup
+    from eaglespec.target import Target
 
 DEFAULT_HEAD = Path(__file__).parent / "smollm2-135m-instruct"
 
@@ -10,3 +32,33 @@ DEFAULT_HEAD = Path(__file__).parent / "smollm2-135m-instruct"
 def default_head_path() -> Path | None:
     """The head trained for the default target (SmolLM2-135M-Instruct), if this install ships one."""
     return DEFAULT_HEAD if (DEFAULT_HEAD / "config.json").is_file() else None
+
+
+def load_head(path: str | Path, num_target_layers: int | None = None) -> DraftHead | Eagle3Head:
+    """The head in a folder, EAGLE-1/2 or EAGLE-3 as its config.json says, in float32 on the CPU.
+    num_target_layers: the target's depth, for an EAGLE-3 config that names no feature layers
+    (the default ones of such a target are then read). Raises `DraftHeadError` (one line)."""
+    if head_kind(path) == "eagle3":
+        return Eagle3Head.from_pretrained(path, num_target_layers=num_target_layers)
+    return DraftHead.from_pretrained(path)
+
+
+def make_drafter(head: DraftHead | Eagle3Head, target: Target, tree: TreeConfig = TreeConfig(),
+                 setup: DraftSetup | None = None, lookup: int = 0) -> Drafter:
+    """The drafter of a loaded head for `target`, which is set to return the features the head
+    reads. setup: the head's dtype and weight layout (`backends.draft_setup`; None: float32 as
+    loaded); lookup > 0 grafts a prompt-lookup chain of up to that many tokens into each tree
+    (`HybridDrafter`). Raises `DraftHeadError` (one line) for a head that does not fit the target."""
+    if lookup < 0:
+        raise ValueError(f"lookup must be >= 0, got {lookup}")
+    drafter: Drafter = EagleDrafter.from_head(head, target, tree, setup)
+    target.set_feature_layers(drafter.feature_layers)
+    if lookup:
+        drafter = HybridDrafter(drafter, PromptLookupDrafter(num_tokens=lookup))
+    return drafter
+
+
+def load_drafter(path: str | Path, target: Target, tree: TreeConfig = TreeConfig(), setup: DraftSetup | None = None,
+                 lookup: int = 0) -> Drafter:
+    """`make_drafter` for the head in a folder of either kind (`load_head`)."""
+    return make_drafter(load_head(path, target.config.num_hidden_layers), target, tree, setup, lookup)
