@@ -98,7 +98,8 @@ def test_the_runner_drafts_what_training_unrolls(setup):
             rows[0, :depth] = True  # its chain: the nodes of depths 1..depth, in slots 0..depth-1
             h = runner.step(h[None], seq[anchor + 1 + depth : anchor + 2 + depth], depth, rows)[0]
             torch.testing.assert_close(h, want[depth][0, anchor], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(runner.logprobs(h[None])[0], head.logprobs(want[-1][0, anchor]), rtol=1e-4, atol=1e-4)
+        got, ref = runner.logprobs(h[None])[0], head.logprobs(want[-1][0, anchor])  # [K]
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 class Recorder(Drafter):

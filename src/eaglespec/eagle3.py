@@ -55,11 +55,17 @@ class Eagle3Error(DraftHeadError):
 def head_kind(path: str | Path) -> Literal["eagle", "eagle3"]:
     """Which head a folder holds, from its config.json: "eagle3" for the EAGLE-3 layout (its
     architecture names Eagle3, or it carries `target_hidden_size` / aux layer ids / an `eagle_config`
-    with them), "eagle" otherwise (EAGLE-1/2, draft.py)."""
+    with them), "eagle" otherwise (EAGLE-1/2, draft.py), also for a config.json that is not a JSON
+    object, whose error DraftHead's loader words."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise Eagle3Error(f"no draft head at {path}: expected config.json")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError:
+        return "eagle"
+    if not isinstance(config, dict):
+        return "eagle"
     archs = " ".join(config.get("architectures") or []).lower()
     if "eagle3" in archs or AUX_KEY in config or AUX_KEY in (config.get("eagle_config") or {}):
         return "eagle3"
