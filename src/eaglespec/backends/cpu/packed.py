@@ -10,7 +10,7 @@ torch.compile's CPU backend uses for frozen linears). Measured on the two CPUs t
   16-row product ~3x.
 - fp32 on an AVX2 EPYC: the 49152-row LM head took 10.5 ms stock and 4.5 ms packed for one row,
   26 and 11 ms for 16 rows. A 16-token forward went from 2.22x a one-token forward to 1.79x, a
-  2-token one from 1.79x to 1.09x (`scripts/step_profile.py --dtype float32 --forward-scan 200`),
+  2-token one from 1.79x to 1.09x (`eaglespec bench profile --dtype float32 --forward-scan 200`),
   which is what lets a small tree pay there.
 
 Packing must not make a row's bits depend on how many rows share the product, or speculative

@@ -4,7 +4,7 @@ A draft step on a CPU is bound by memory traffic, not arithmetic: between two dr
 target's verification forward streams its whole weight set through the caches, so each draft step
 reads the head's weights and its LM head rows (about 18 MB in bf16 for SmolLM2's head with an
 8,192-token draft vocabulary) from DRAM again. Int8 weights halve those bytes:
-`scripts/step_profile.py --draft-weights int8 full` measures drafting and speedup side by side.
+`eaglespec bench profile --draft-weights int8 full` measures drafting and speedup side by side.
 
 Quantizing the draft is free of risk for the output: the draft only proposes, and the target
 verifies every token, so int8 changes what is proposed (rarely: see the tests), never what is
@@ -36,7 +36,7 @@ def int8_pays(device: torch.device, dtype: torch.dtype) -> bool:
     with AMX it cut drafting from 23 to 18 ms per step against bf16 packed weights, on a Zen 4 EPYC
     from 5.9 to 4.5 ms. With fp32 activations it is slow: a proposal took 32.7 ms against 4.9 ms
     for fp32 packed weights on the Zen 4, 172 against 36 ms on an AVX2 EPYC
-    (`scripts/step_profile.py --dtype float32 --draft-weights int8 full`)."""
+    (`eaglespec bench profile --dtype float32 --draft-weights int8 full`)."""
     return (int8_kernel_available(device) and dtype == torch.bfloat16
             and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
