@@ -60,6 +60,31 @@ def head_config_from_target(target_config, draft_vocab_size: int | None = None, 
     return config
 
 
+def unrolled_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
+                       earlier: list[tuple[torch.Tensor, torch.Tensor]], groups: int, head_dim: int) -> torch.Tensor:
+    """Attention of unrolled draft step s = len(earlier) at every anchor at once (training-time
+    test), for EAGLE-1/2 and EAGLE-3 heads alike: step 0 is causal over the anchors; at step s > 0
+    anchor i's query sees step 0's keys at anchors <= i and the keys of steps 1..s at anchor i
+    alone, as the engine's cache holds them. qs [B, nh, N, d]; ks, vs [B, nkv, N, d]; appends this
+    step's (repeated) keys and values to `earlier`; returns [B, nh, N, d]."""
+    n = qs.shape[2]
+    ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)  # [B, nh, N, d]
+    earlier.append((ks, vs))
+    if len(earlier) == 1:
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    scale = head_dim**-0.5
+    k0, v0 = earlier[0]
+    scores = (qs @ k0.transpose(-1, -2)) * scale  # [B, nh, N, N]
+    causal = torch.ones(n, n, dtype=torch.bool, device=qs.device).tril_()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    chain = torch.stack([(qs * k).sum(-1) for k, _ in earlier[1:]], dim=-1) * scale  # [B, nh, N, s]
+    probs = torch.cat([scores, chain], dim=-1).float().softmax(-1).to(qs.dtype)  # [B, nh, N, N + s]
+    out = probs[..., :n] @ v0
+    for j, (_, v) in enumerate(earlier[1:]):
+        out = out + probs[..., n + j, None] * v
+    return out
+
+
 class DraftAttention(nn.Module):
     def __init__(self, config: LlamaConfig, index: int = 0) -> None:
         super().__init__()
@@ -114,22 +139,7 @@ class DraftAttention(nn.Module):
         of steps 1..s at anchor i. Appends this step's keys/values to `earlier`."""
         b, n, _ = x.shape
         qs, ks, vs = self._qkv(x, cos_sin)
-        groups = self.num_heads // self.num_kv_heads
-        ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)  # [B, nh, N, d]
-        earlier.append((ks, vs))
-        if len(earlier) == 1:
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-        else:
-            scale = self.head_dim**-0.5
-            k0, v0 = earlier[0]
-            scores = (qs @ k0.transpose(-1, -2)) * scale  # [B, nh, N, N]
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
-            scores = scores.masked_fill(~causal, float("-inf"))
-            chain = torch.stack([(qs * k).sum(-1) for k, _ in earlier[1:]], dim=-1) * scale  # [B, nh, N, s]
-            probs = torch.cat([scores, chain], dim=-1).float().softmax(-1).to(qs.dtype)  # [B, nh, N, N + s]
-            out = probs[..., :n] @ v0
-            for j, (_, v) in enumerate(earlier[1:]):
-                out = out + probs[..., n + j, None] * v
+        out = unrolled_attention(qs, ks, vs, earlier, self.num_heads // self.num_kv_heads, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

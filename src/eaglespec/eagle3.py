@@ -20,7 +20,6 @@ with `fc.weight`, `midlayer.*`, `norm.weight`, `lm_head.weight`, `d2t` (int64), 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +31,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from eaglespec.aux_features import aux_layer_ids
-from eaglespec.draft import DraftHeadError
+from eaglespec.draft import DraftHeadError, unrolled_attention
 from eaglespec.kv_cache import DraftKVCache
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -153,22 +152,7 @@ class Eagle3Attention(nn.Module):
         keys and values to `earlier`."""
         b, n, _ = x.shape
         qs, ks, vs = self._qkv(x, cos_sin)
-        groups = self.num_heads // self.num_kv_heads
-        ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)  # [B, nh, N, d]
-        earlier.append((ks, vs))
-        if len(earlier) == 1:
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-        else:
-            scale = 1.0 / math.sqrt(self.head_dim)
-            k0, v0 = earlier[0]
-            scores = (qs @ k0.transpose(-1, -2)) * scale  # [B, nh, N, N]
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
-            scores = scores.masked_fill(~causal, float("-inf"))
-            chain = torch.stack([(qs * k).sum(-1) for k, _ in earlier[1:]], dim=-1) * scale  # [B, nh, N, s]
-            probs = torch.cat([scores, chain], dim=-1).float().softmax(-1).to(qs.dtype)  # [B, nh, N, N + s]
-            out = probs[..., :n] @ v0
-            for j, (_, v) in enumerate(earlier[1:]):
-                out = out + probs[..., n + j, None] * v
+        out = unrolled_attention(qs, ks, vs, earlier, self.num_heads // self.num_kv_heads, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
