@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from eaglespec.aux_features import aux_layer_ids, capture_aux
 from eaglespec.eagle3 import (AUX_KEY, Eagle3Error, Eagle3Head, check_vocab_maps, eagle3_config, head_kind,
                               read_aux_ids)
+from eaglespec.target import Target
 from eaglespec.train.pack import draft_vocab, read_pack, write_pack
 
 VOCAB, HIDDEN, LAYERS = 96, 32, 8  # aux layers of an 8-layer target: inputs of 2, 4, 5
@@ -72,10 +73,10 @@ def test_capture_concatenates_calls_with_a_cache():
     with torch.no_grad():
         with capture_aux(decoder, aux_layer_ids(LAYERS)) as whole:
             decoder(input_ids=ids)
-        cache = DynamicCache()
+        cache = {Target(model, tokenizer=None).cache_arg: DynamicCache()}  # the argument name this transformers takes
         with capture_aux(decoder, aux_layer_ids(LAYERS)) as parts:
-            decoder(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
-            decoder(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True)
+            decoder(input_ids=ids[:, :6], use_cache=True, **cache)
+            decoder(input_ids=ids[:, 6:], use_cache=True, **cache)
     torch.testing.assert_close(parts.fused(), whole.fused(), rtol=1e-5, atol=1e-5)
     assert not decoder.layers[2]._forward_pre_hooks  # hooks are removed on exit
 

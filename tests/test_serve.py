@@ -364,6 +364,7 @@ def test_default_model_greedy_answer_equals_generate(tmp_path, capsys, monkeypat
     import torch
 
     from eaglespec import cli
+    from eaglespec.cli import generate as generate_command
 
     messages = [{"role": "system", "content": "You are a concise assistant."},
                 {"role": "user", "content": "Name three uses of a paperclip."}]
@@ -371,7 +372,7 @@ def test_default_model_greedy_answer_equals_generate(tmp_path, capsys, monkeypat
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     engine = load_engine(build_parser().parse_args(["serve"]))
-    monkeypatch.setattr(cli, "load_engine", lambda args: engine)
+    monkeypatch.setattr(generate_command, "load_engine", lambda args: engine)
     try:
         assert cli.main(["generate", "--messages", str(tmp_path / "m.json"), "--temperature", "0",
                          "--max-new-tokens", "48", "--json"]) == 0
