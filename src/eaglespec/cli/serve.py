@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -49,25 +48,17 @@ def run(args) -> int:
         import uvicorn
 
         from eaglespec.serve.app import ServeConfig, create_app
+        from eaglespec.serve.loadtest import is_loopback_host
     except ImportError as e:
         raise UsageError(f"serving needs the serve extra: pip install 'eaglespec[serve]' ({e})") from None
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     config = ServeConfig(model_name=served_name(args), api_key=args.api_key or None, max_queue=args.max_queue,
                          request_timeout=args.request_timeout, max_request_bytes=args.max_request_bytes)
-    if config.api_key is None and not _is_loopback(args.host):
+    if config.api_key is None and not is_loopback_host(args.host):
         log.warning("eaglespec: listening on %s without --api-key: anyone who can reach it can use it", args.host)
     engine = load_engine(args)
     app = create_app(engine, config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=args.verbose,
                 timeout_graceful_shutdown=5)
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -108,7 +108,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
+    return is_loopback_host(urlparse(url).hostname or "")
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or an address in 127.0.0.0/8 or ::1."""
     if host == "localhost":
         return True
     try:
