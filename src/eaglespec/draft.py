@@ -60,6 +60,24 @@ def head_config_from_target(target_config, draft_vocab_size: int | None = None, 
     return config
 
 
+def empty_vocab_maps(k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d2t [K] long, t2d [vocab] bool) before a vocabulary is set: draft id i stands for target id
+    i + d2t[i], t2d marks the target ids in the draft vocabulary (all of them when K == vocab)."""
+    return torch.zeros(k, dtype=torch.long), torch.full((vocab,), k == vocab, dtype=torch.bool)
+
+
+def vocab_maps(ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d2t, t2d) of sorted distinct target ids: ids [3, 5, 9] -> d2t [3, 4, 7]."""
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[ids] = True
+    return ids - torch.arange(ids.numel()), t2d
+
+
+def draft_token_ids(d2t: torch.Tensor) -> torch.Tensor:
+    """[K] the target token id of each draft-vocabulary entry."""
+    return torch.arange(d2t.shape[0], device=d2t.device) + d2t
+
+
 def unrolled_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
                        earlier: list[tuple[torch.Tensor, torch.Tensor]], groups: int, head_dim: int) -> torch.Tensor:
     """Attention of unrolled draft step s = len(earlier) at every anchor at once (training-time
@@ -183,9 +201,9 @@ class DraftHead(nn.Module):
         object.__setattr__(self, "rotary", LlamaRotaryEmbedding(config))
         vocab = config.vocab_size
         k = getattr(config, "draft_vocab_size", None) or vocab
-        # draft id i stands for target id i + d2t[i]; t2d marks the target ids in the draft vocab
-        self.register_buffer("d2t", torch.zeros(k, dtype=torch.long))
-        self.register_buffer("t2d", torch.ones(vocab, dtype=torch.bool) if k == vocab else torch.zeros(vocab, dtype=torch.bool))
+        d2t, t2d = empty_vocab_maps(k, vocab)
+        self.register_buffer("d2t", d2t)
+        self.register_buffer("t2d", t2d)
 
     @property
     def hidden_size(self) -> int:
@@ -206,7 +224,7 @@ class DraftHead(nn.Module):
 
     def draft_token_ids(self) -> torch.Tensor:
         """[K] the target token id of each draft-vocabulary entry."""
-        return torch.arange(self.d2t.shape[0], device=self.d2t.device) + self.d2t
+        return draft_token_ids(self.d2t)
 
     def set_vocab(self, token_ids: torch.Tensor) -> None:
         """Restrict drafting to these target token ids ([K] long, any order; stored sorted)."""
@@ -214,10 +232,8 @@ class DraftHead(nn.Module):
         if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= self.config.vocab_size:
             raise DraftHeadError(f"draft vocabulary ids must lie in [0, {self.config.vocab_size})")
         device = self.fc.weight.device
-        self.d2t = (ids - torch.arange(ids.numel())).to(device)
-        t2d = torch.zeros(self.config.vocab_size, dtype=torch.bool)
-        t2d[ids] = True
-        self.t2d = t2d.to(device)
+        d2t, t2d = vocab_maps(ids, self.config.vocab_size)
+        self.d2t, self.t2d = d2t.to(device), t2d.to(device)
         self.config.draft_vocab_size = ids.numel()
 
     def forward(

@@ -31,7 +31,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from eaglespec.aux_features import aux_layer_ids
-from eaglespec.draft import DraftHeadError, unrolled_attention
+from eaglespec.draft import DraftHeadError, draft_token_ids, empty_vocab_maps, unrolled_attention, vocab_maps
 from eaglespec.kv_cache import DraftKVCache
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -197,9 +197,9 @@ class Eagle3Head(nn.Module):
         self.lm_head = nn.Linear(h, k, bias=False)
         # Not a registered submodule: a dtype cast of the head must not round inv_freq to bf16.
         object.__setattr__(self, "rotary", LlamaRotaryEmbedding(config))
-        # draft id i stands for target id i + d2t[i]; t2d marks the target ids in the draft vocab
-        self.register_buffer("d2t", torch.zeros(k, dtype=torch.long))
-        self.register_buffer("t2d", torch.ones(vocab, dtype=torch.bool) if k == vocab else torch.zeros(vocab, dtype=torch.bool))
+        d2t, t2d = empty_vocab_maps(k, vocab)
+        self.register_buffer("d2t", d2t)
+        self.register_buffer("t2d", t2d)
 
     # -- shape and vocabulary --------------------------------------------------------------------
 
@@ -221,7 +221,7 @@ class Eagle3Head(nn.Module):
 
     def draft_token_ids(self) -> torch.Tensor:
         """[K] the target token id of each draft-vocabulary entry."""
-        return torch.arange(self.d2t.shape[0], device=self.d2t.device) + self.d2t
+        return draft_token_ids(self.d2t)
 
     def set_vocab(self, token_ids: torch.Tensor) -> None:
         """Draft over these target ids ([K] long, any order; stored sorted). K must be lm_head's size."""
@@ -230,10 +230,8 @@ class Eagle3Head(nn.Module):
             raise Eagle3Error(f"the draft vocabulary must be {self.draft_vocab_size} distinct ids in "
                               f"[0, {self.config.vocab_size}), got {ids.numel()}")
         device = self.d2t.device
-        self.d2t = (ids - torch.arange(ids.numel())).to(device)  # ids [3, 5, 9] -> d2t [3, 4, 7]
-        t2d = torch.zeros(self.config.vocab_size, dtype=torch.bool)
-        t2d[ids] = True
-        self.t2d = t2d.to(device)
+        d2t, t2d = vocab_maps(ids, self.config.vocab_size)
+        self.d2t, self.t2d = d2t.to(device), t2d.to(device)
 
     def new_cache(self, max_len: int, device: torch.device | str, dtype: torch.dtype) -> DraftKVCache:
         """An empty KV cache of `max_len` pairs."""
