@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
 from eaglespec.backends import optimize_target
 from eaglespec.draft import DraftHead, head_config_from_target
@@ -18,6 +18,11 @@ def tiny_config(arch: str = "llama", vocab: int = 96, hidden: int = 64, layers: 
         return LlamaConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common, use_sliding_window=False)
+    if arch == "gemma3":  # a sliding-window layer (window 4) before a full-attention one
+        common.update(num_hidden_layers=2, head_dim=hidden // 4)
+        return Gemma3TextConfig(**common, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                query_pre_attn_scalar=hidden // 4, final_logit_softcapping=None,
+                                attn_logit_softcapping=None)
     raise ValueError(arch)
 
 

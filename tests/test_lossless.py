@@ -72,6 +72,20 @@ def test_greedy_is_token_identical(setup, kind, head_kind):
         assert tau > 2.5  # long acceptances: compaction over multi-token paths was exercised
 
 
+@pytest.mark.parametrize("exact_rows", [None, 3])
+def test_sliding_window_layers_keep_their_window_in_trees(exact_rows):
+    """Gemma 3 style: a layer that sees only the last 4 positions. A tree forward must give each
+    node that layer's window, relative to the node's own position, not the whole prefix; prompts
+    and answers run well past the window. exact_rows=3 verifies trees in blocks of 3 nodes."""
+    target = tiny_target("gemma3", logit_scale=30.0)
+    target.exact_rows = exact_rows
+    cfg = GenerationConfig(max_new_tokens=32, ignore_eos=True)
+    plain = Generator(target)
+    spec = Generator(target, EagleDrafter.from_head(random_head(target), target, TREES["dynamic"]))
+    for p in prompts(target.vocab_size, n=6):
+        assert run(spec, p, cfg) == run(plain, p, cfg)
+
+
 class BigramRunner(HeadRunner):
     """Not EAGLE: it guesses from the target's next-token distribution after the last token alone,
     ignoring the features. The HeadRunner interface is all it takes to drive EagleDrafter."""

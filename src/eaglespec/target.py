@@ -232,12 +232,31 @@ class Target:
     def reset(self) -> None:
         self.cache.reset()
 
-    def attention_mask(self, tree_mask: torch.Tensor, q: int) -> torch.Tensor:
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the model's sliding-window layers, when it mixes them with full-attention
+        ones (Gemma 3: 5 of every 6 layers see only the last 512 positions); else None."""
+        if "sliding_attention" not in (getattr(self.config, "layer_types", None) or ()):
+            return None
+        return getattr(self.config, "sliding_window", None)
+
+    def attention_mask(self, tree_mask: torch.Tensor, q: int, positions: torch.Tensor | None = None
+                       ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Additive mask [1, 1, q, length + q]: the committed prefix is visible to all; among the
-        new tokens, row i sees column j iff tree_mask[i, j]."""
+        new tokens, row i sees column j iff tree_mask[i, j]. positions: [q] the new tokens' absolute
+        positions (default: length + arange(q)).
+
+        A model with sliding-window layers gets one mask per layer type, as transformers takes
+        them: in the sliding layers a node also sees only keys less than a window behind its own
+        position (its depth in the tree, not its row)."""
         past = self.cache.length
-        visible = torch.cat([torch.ones(q, past, dtype=torch.bool, device=self.device), tree_mask], dim=1)
-        mask = torch.zeros(q, past + q, dtype=self.dtype, device=self.device)
+        if positions is None:
+            positions = torch.arange(past, past + q, device=self.device)
+        return self._block_mask(tree_mask, positions, past, 0)
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """[q, k] bool -> [1, 1, q, k] additive mask in the model's dtype."""
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         return mask[None, None]
 
@@ -273,7 +292,7 @@ class Target:
             else:
                 # A plain causal step passes no mask: transformers then takes the same unmasked sdpa path
                 # as its own generate() (faster, and the same rounding); trees pass the 4D ancestor mask.
-                mask = None if tree_mask is None else self.attention_mask(tree_mask, q)
+                mask = None if tree_mask is None else self.attention_mask(tree_mask, q, positions)
                 out = self.decoder(
                     input_ids=tokens[None],
                     position_ids=positions[None],
@@ -297,15 +316,26 @@ class Target:
             for s in range(0, q, block):
                 e = min(q, s + block)
                 self.cache.length = base + s  # this block's keys land at [base + s, base + e)
-                visible = torch.cat([torch.ones(e - s, base, dtype=torch.bool, device=self.device), tree_mask[s:e, :e]], 1)
-                mask = torch.zeros(e - s, base + e, dtype=self.dtype, device=self.device)
-                mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+                mask = self._block_mask(tree_mask[s:e, :e], positions, base, s)
                 out = self.decoder(input_ids=tokens[None, s:e], position_ids=positions[None, s:e],
-                                   attention_mask=mask[None, None], use_cache=True, **{self.cache_arg: self.cache})
+                                   attention_mask=mask, use_cache=True, **{self.cache_arg: self.cache})
                 parts.append(out.last_hidden_state[0])
         finally:
             self.cache.length = base
         return torch.cat(parts)
+
+    def _block_mask(self, rows: torch.Tensor, positions: torch.Tensor, base: int, s: int
+                    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The mask of tree rows [s, e) against the prefix and nodes [0, e) (rows: [e - s, e] of the
+        tree mask), per layer type as `attention_mask` builds it."""
+        q, e = rows.shape
+        visible = torch.cat([torch.ones(q, base, dtype=torch.bool, device=self.device), rows], 1)  # [q, base + e]
+        window = self.sliding_window
+        if window is None:
+            return self._additive(visible)
+        key_pos = torch.cat([torch.arange(base, device=self.device), positions[:e]])
+        near = positions[s:e, None] - key_pos[None, :] < window
+        return {"full_attention": self._additive(visible), "sliding_attention": self._additive(visible & near)}
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor) -> TargetOutput:
