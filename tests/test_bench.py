@@ -173,6 +173,9 @@ def test_trees_alone_take_the_default_sweep():
     assert (trees[-1][0].top_k, trees[-1][0].depth, trees[-1][0].total_tokens) == (10, 6, 60)
     tree, lookup = parse_tree("3,6,12,8,0.05")
     assert (tree.top_k, tree.depth, tree.total_tokens, tree.min_prob, lookup) == (3, 6, 12, 0.05, 8)
+    assert tree.sizing == "fixed" and [t.sizing for t, _ in trees].count("cost") == 1
+    auto, lookup = parse_tree("4,8,auto,2")
+    assert (auto.top_k, auto.depth, auto.total_tokens, auto.sizing, lookup) == (4, 8, 64, "cost", 2)
 
 
 def test_profile_times_the_phases_of_a_step(tiny_model_dir, bench_files, capsys):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from helpers import random_head
 
-from eaglespec.backends.cpu.flags import has_amx
 from eaglespec.cli import main
 from eaglespec.target import load_target
 
@@ -92,20 +91,27 @@ def test_real_process_exit_code(tiny_model_dir):
 
 
 @pytest.mark.parametrize("dtype, extra, want", [
-    # fp32 on CPU: every verified node costs full arithmetic, so only likely guesses are verified
-    ("float32", [], (4, 8, 20, 0.1)),
-    ("bfloat16", [], (4, 10, 32, 0.02) if has_amx() else (4, 8, 32, 0.05)),  # AMX makes a node cheap
-    ("float32", ["--total-tokens", "6", "--top-k-draft", "2", "--min-draft-prob", "0"], (2, 8, 6, 0.0)),  # flags win
+    # on a CPU every dtype gets a tree sized each step by the measured cost of a node, up to 64
+    ("float32", [], (4, 8, 64, 0.0, "cost")),
+    ("bfloat16", [], (4, 8, 64, 0.0, "cost")),
+    ("float32", ["--total-tokens", "6", "--top-k-draft", "2", "--min-draft-prob", "0.1"], (2, 8, 6, 0.1, "fixed")),
+    ("float32", ["--tree-sizing", "fixed"], (4, 8, 16, 0.0, "fixed")),
+    ("float32", ["--tree-sizing", "cost", "--total-tokens", "20"], (4, 8, 20, 0.0, "cost")),
 ])
-def test_the_default_tree_follows_the_targets_dtype(tiny_model_dir, tmp_path, dtype, extra, want):
+def test_the_default_tree_is_sized_by_measured_cost_on_cpus(tiny_model_dir, tmp_path, monkeypatch, dtype, extra, want):
     from eaglespec.cli import build_parser
     from eaglespec.cli.common import load_engine
 
+    monkeypatch.setenv("EAGLESPEC_CACHE", str(tmp_path / "cache"))
     random_head(load_target(str(tiny_model_dir))).save_pretrained(tmp_path / "head")
     args = build_parser().parse_args(["generate", "w1", "--model", str(tiny_model_dir), "--dtype", dtype,
                                       "--draft", str(tmp_path / "head"), "--lookup", "0", *extra])
-    tree = load_engine(args).drafter.tree_config
-    assert (tree.top_k, tree.depth, tree.total_tokens, tree.min_prob) == want
+    drafter = load_engine(args).drafter
+    tree = drafter.tree_config
+    assert (tree.top_k, tree.depth, tree.total_tokens, tree.min_prob, tree.sizing) == want
+    assert (drafter.sizer is not None) == (tree.sizing == "cost")
+    if drafter.sizer is not None:  # measured on the tiny target, up to the bound
+        assert drafter.sizer.max_nodes == tree.total_tokens - 1 and drafter.sizer.curve.sizes[0] == 1
 
 
 @pytest.mark.parametrize("flags, want", [
@@ -123,17 +129,12 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, flags, w
     assert auto_dtype(torch.device("cpu")) == (torch.bfloat16 if want else torch.float32)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_bf16_on_a_cpu_with_amx_gets_a_lower_floor(monkeypatch, amx):
-    import eaglespec.backends.cpu.trees as trees_mod
+def test_gpus_keep_the_fixed_tree():
     from eaglespec.backends import default_tree
 
-    monkeypatch.setattr(trees_mod, "has_amx", lambda: amx)
-    tree = default_tree(torch.device("cpu"), torch.bfloat16)
-    assert (tree.top_k, tree.depth, tree.total_tokens, tree.min_prob) == ((4, 10, 32, 0.02) if amx else (4, 8, 32, 0.05))
     gpu = default_tree(torch.device("cuda"), torch.bfloat16)
-    assert (gpu.min_prob, gpu.depth, gpu.total_tokens) == (0.0, 5, 16)  # GPUs: the fixed tree
-    assert default_tree(torch.device("cpu"), torch.float16).min_prob == 0.0
+    assert (gpu.min_prob, gpu.depth, gpu.total_tokens, gpu.sizing) == (0.0, 5, 16, "fixed")
+    assert default_tree(torch.device("cpu"), torch.float16).sizing == "cost"
 
 
 HEAVY = ("torch", "transformers", "safetensors", "gguf", "matplotlib", "numpy")

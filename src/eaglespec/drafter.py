@@ -13,6 +13,7 @@ of what the target committed since the last proposal.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from eaglespec.backends import cheap_host_sync
+from eaglespec.cost import TreeSizer, probe_cost_curve
 from eaglespec.expand import dynamic_slots, expand_dynamic, expand_static
 from eaglespec.head_runner import HeadRunner, head_runner
 from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan
@@ -74,16 +76,19 @@ class TreeConfig:
 
     Defaults are a fixed 16-node tree, chosen early on a 2-core AMX CPU (README,
     `eaglespec bench --trees`) and kept for GPUs; `eaglespec.backends.default_tree` gives the shape for
-    where a target runs (CPUs get a confidence floor).
+    where a target runs (on CPUs: sized each step by the measured cost of a node, eaglespec/cost.py).
     """
 
     kind: Literal["static", "dynamic"] = "dynamic"  # EAGLE-1 static tree or EAGLE-2 dynamic tree
     top_k: int = 4  # dynamic: children drafted per expanded node, and frontier width
     depth: int = 5  # dynamic: deepest guessed token
-    total_tokens: int = 16  # dynamic: nodes verified per step, root included
+    total_tokens: int = 16  # dynamic: nodes verified per step, root included (with sizing "cost": at most)
     # dynamic: verify only guesses whose cumulative draft probability is at least this (the best
     # guess is always kept), so unsure steps verify fewer nodes; 0 keeps total_tokens every step
     min_prob: float = 0.0
+    # dynamic: "fixed" verifies total_tokens nodes every step; "cost" as many as pay best by the
+    # target's cost curve measured on this machine (eaglespec.cost.TreeSizer)
+    sizing: Literal["fixed", "cost"] = "fixed"
     static_tree: str = "cpu_small"  # static: a preset name from eaglespec.tree.STATIC_PRESETS
     static_paths: tuple[tuple[int, ...], ...] | None = field(default=None)  # static: explicit rank paths
 
@@ -94,6 +99,8 @@ class TreeConfig:
             raise ValueError(
                 f"tree needs top_k >= 1, depth >= 1, total_tokens >= 2; got {self.top_k}, {self.depth}, {self.total_tokens}"
             )
+        if self.sizing not in ("fixed", "cost"):
+            raise ValueError(f"tree sizing must be 'fixed' or 'cost', got {self.sizing!r}")
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
         if self.kind == "static" and self.static_paths is None and self.static_tree not in STATIC_PRESETS:
@@ -106,12 +113,18 @@ class TreeConfig:
 class EagleDrafter(Drafter):
     """Drafts with a head runner over the target's features, as a static or dynamic tree."""
 
-    def __init__(self, runner: HeadRunner, tree: TreeConfig = TreeConfig(), stop_early: bool | None = None) -> None:
+    def __init__(self, runner: HeadRunner, tree: TreeConfig = TreeConfig(), stop_early: bool | None = None,
+                 sizer: TreeSizer | None = None) -> None:
         """stop_early (dynamic trees): stop drafting deeper once deeper nodes cannot make the tree
         (the same tree, fewer head runs), for a host sync per depth; None: where a sync is cheap
-        (`backends.cheap_host_sync`: on a CPU)."""
+        (`backends.cheap_host_sync`: on a CPU). sizer: the node budget of each step of a dynamic
+        tree (needed for `tree.sizing == "cost"`; `from_head` builds it from the target's cost
+        curve), at most `tree.total_tokens - 1` nodes."""
+        if tree.kind == "dynamic" and tree.sizing == "cost" and sizer is None:
+            raise ValueError("a cost-sized tree needs a TreeSizer (EagleDrafter.from_head measures the target)")
         self.runner = runner
         self.tree_config = tree
+        self.sizer = sizer if tree.kind == "dynamic" else None
         self.feature_layers = runner.feature_layers
         device = runner.vocab_ids.device
         self.plan = static_plan(tree.paths()).to(device) if tree.kind == "static" else None
@@ -129,19 +142,31 @@ class EagleDrafter(Drafter):
         (`backends.draft_setup` picks for the hardware; None: float32, weights as loaded). The
         target must return the features the head reads: `target.set_feature_layers(drafter.feature_layers)`
         (`eaglespec.heads.load_drafter` does it all from a head folder)."""
-        return cls(head_runner(head, target, setup), tree)
+        return cls(head_runner(head, target, setup), tree, sizer=tree_sizer(target, tree))
 
     def begin(self) -> None:
         self.runner.reset()
         self.pending_tokens.clear()
         self.pending_features.clear()
+        if self.sizer is not None:
+            self.sizer.pending = None  # the prompt is no verdict on a tree
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
         self.pending_tokens.append(tokens)
         self.pending_features.append(features)
+        if self.sizer is not None:
+            self.sizer.record_accepted(tokens.shape[0] - 1)  # the last token is the bonus
 
     @torch.inference_mode()
     def propose(self, root: torch.Tensor) -> DraftTree:
+        if self.sizer is None:
+            return self._propose(root)
+        start = time.perf_counter()
+        tree = self._propose(root)
+        self.sizer.record_draft(time.perf_counter() - start)
+        return tree
+
+    def _propose(self, root: torch.Tensor) -> DraftTree:
         tokens, features = torch.cat(self.pending_tokens), torch.cat(self.pending_features)  # [k], [k, F]
         self.pending_tokens.clear()
         self.pending_features.clear()
@@ -150,6 +175,14 @@ class EagleDrafter(Drafter):
         if self.plan is not None:
             return expand_static(self.plan, root, h_root, r.step, r.logprobs, r.vocab_ids)
         tree, stopped = expand_dynamic(self.tree_config, root, h_root, r.step, r.logprobs, r.vocab_ids,
-                                       stop_early=self.stop_early)
+                                       stop_early=self.stop_early, sizer=self.sizer)
         self.early_stops += stopped
         return tree
+
+
+def tree_sizer(target: Target, tree: TreeConfig) -> TreeSizer | None:
+    """The node budget of a cost-sized dynamic tree on `target`: its cost curve measured on this
+    machine (cached), up to `tree.total_tokens - 1` nodes; None for other trees."""
+    if tree.kind != "dynamic" or tree.sizing != "cost":
+        return None
+    return TreeSizer(probe_cost_curve(target), tree.total_tokens - 1)

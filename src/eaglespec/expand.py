@@ -21,6 +21,7 @@ import torch
 from eaglespec.tree import DraftTree, StaticPlan, select_dynamic
 
 if TYPE_CHECKING:
+    from eaglespec.cost import TreeSizer
     from eaglespec.drafter import TreeConfig
 
 Step = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]
@@ -49,14 +50,17 @@ def dynamic_slots(tree: TreeConfig) -> int:
 
 
 def expand_dynamic(tree: TreeConfig, root: torch.Tensor, h_root: torch.Tensor, step: Step, logprobs: Logprobs,
-                   vocab_ids: torch.Tensor, stop_early: bool = False) -> tuple[DraftTree, bool]:
+                   vocab_ids: torch.Tensor, stop_early: bool = False,
+                   sizer: TreeSizer | None = None) -> tuple[DraftTree, bool]:
     """EAGLE-2's tree: expand the top_k best-scoring frontier nodes one depth at a time, top_k
     children each, then keep the `total_tokens - 1` candidates of highest cumulative log-probability
-    (at least `min_prob`, the best one always; `select_dynamic`).
+    (at least `min_prob`, the best one always; `select_dynamic`). With a `sizer`, keep the first
+    `sizer.choose(...)` of those instead (at least one): the count of the most expected tokens per
+    second on this machine.
 
-    stop_early: before each depth, stop when no deeper node could be kept (`deeper_is_hopeless`):
-    the same tree with fewer head runs, for a host sync per depth. Returns the tree and whether it
-    stopped early."""
+    stop_early: before each depth, stop when no deeper node could be kept (`deeper_is_hopeless`, or
+    with a sizer `TreeSizer.deeper_may_pay`): the same tree with fewer head runs, for a host sync
+    per depth. Returns the tree and whether it stopped early."""
     k, device = tree.top_k, root.device
     slots = dynamic_slots(tree)
     top = logprobs(h_root[None])[0].topk(k)
@@ -74,7 +78,7 @@ def expand_dynamic(tree: TreeConfig, root: torch.Tensor, h_root: torch.Tensor, s
     floor = float(torch.tensor(math.log(tree.min_prob), dtype=torch.float32)) if tree.min_prob > 0 else None
     stopped = False
     for d in range(1, tree.depth):
-        if stop_early and deeper_is_hopeless(all_scores, front_scores, keep_n, n_cand, floor):
+        if stop_early and hopeless(all_scores, front_scores, keep_n, n_cand, floor, sizer):
             stopped = True
             break
         rows = front_rows.clone()
@@ -93,7 +97,8 @@ def expand_dynamic(tree: TreeConfig, root: torch.Tensor, h_root: torch.Tensor, s
             front_feats, front_rows = hidden[best // k], rows[best // k]
         n_cand += k * k
     scores, parents, tokens = torch.cat(all_scores), torch.cat(all_parents), torch.cat(all_tokens)
-    drafted, _ = select_dynamic(scores, parents, tokens, tree.total_tokens, tree.depth, min_score=floor)
+    drafted, _ = select_dynamic(scores, parents, tokens, tree.total_tokens, tree.depth, min_score=floor,
+                                size=None if sizer is None else sizer.choose)
     drafted.tokens[0] = root[0]
     return drafted, stopped
 
@@ -109,3 +114,15 @@ def deeper_is_hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tenso
     if floor is not None and best < floor:
         return True
     return n_cand >= keep_n and int(sum(int((s >= best).sum()) for s in all_scores)) >= keep_n
+
+
+def hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tensor, keep_n: int, n_cand: int,
+             floor: float | None, sizer: TreeSizer | None) -> bool:
+    """`deeper_is_hopeless` for a fixed budget; with a sizer, true when the frontier's best misses
+    the floor or no deeper node could be among those the sizer keeps."""
+    if sizer is None:
+        return deeper_is_hopeless(all_scores, front_scores, keep_n, n_cand, floor)
+    best = float(front_scores.max())  # host sync
+    if floor is not None and best < floor:
+        return True
+    return not sizer.deeper_may_pay(torch.cat(all_scores), best)

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from eaglespec.attention import FP32_ATTENTION, default_implementation, sdpa_prefill
 from eaglespec.aux_features import capture_aux
-from eaglespec.backends import auto_dtype, exact_rows, optimize_target
+from eaglespec.backends import auto_dtype, exact_rows, optimize_target, weights_fingerprint
 from eaglespec.kv_cache import TargetKVCache
 from eaglespec.paths import cache_root
 
@@ -231,6 +231,25 @@ class Target:
 
     def reset(self) -> None:
         self.cache.reset()
+
+    def cost_key(self) -> str:
+        """What the time of a forward depends on besides the machine, to key a measured cost curve
+        (`eaglespec.cost.probe_cost_curve`): the weights (their files' fingerprint, and the
+        architecture's shapes), dtype, device, threads, attention, how the linears are stored
+        (packed, int8 or stock) and the block size of big trees."""
+        config = json.dumps(self.config.to_diff_dict(), sort_keys=True, default=str)
+        # leaf module kinds and counts, e.g. "PackedLinear 211, LlamaRMSNorm 61, ...": packing shows here
+        kinds: dict[str, int] = {}
+        for m in self.model.modules():
+            if next(m.children(), None) is None:
+                kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+        device = str(self.device) + (f" {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else "")
+        parts = [f"weights {weights_fingerprint(self.model, self.dtype)}",
+                 f"config {hashlib.sha256(config.encode()).hexdigest()[:16]}", f"dtype {self.dtype}",
+                 f"device {device}", f"threads {torch.get_num_threads()}",
+                 f"attention {getattr(self.config, '_attn_implementation', None)}",
+                 f"modules {sorted(kinds.items())}", f"exact rows {self.exact_rows}"]
+        return "; ".join(parts)
 
     @property
     def sliding_window(self) -> int | None:

@@ -16,7 +16,7 @@ in ascending node order is read in depth order. Worked example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -163,10 +163,11 @@ def static_shape(paths: Sequence[Sequence[int]]) -> StaticShape:
 
 def select_dynamic(
     scores: torch.Tensor, parents: torch.Tensor, tokens: torch.Tensor, total_tokens: int, max_depth: int,
-    min_score: float | None = None,
+    min_score: float | None = None, size: Callable[[torch.Tensor], int] | None = None,
 ) -> tuple[DraftTree, torch.Tensor]:
     """EAGLE-2's re-ranking: keep the `total_tokens - 1` candidates of highest cumulative score,
-    and (with `min_score`) only those scoring at least it, the best one always.
+    and (with `min_score`) only those scoring at least it, the best one always. `size`, given the
+    scores of those sorted descending, may keep fewer: the first size(...) of them (at least one).
 
     Candidates are in creation order (a parent before its children, parents[c] == -1 for the
     root's children), and a child's score is its parent's plus a log-probability <= 0, so a kept
@@ -179,7 +180,10 @@ def select_dynamic(
     keep_n = min(total_tokens - 1, scores.shape[0])
     if min_score is not None:  # one host sync; a kept child's parent scores at least as much
         keep_n = max(1, min(keep_n, int((scores >= min_score).sum())))
-    order = torch.sort(scores, descending=True, stable=True).indices[:keep_n]
+    ranked = torch.sort(scores, descending=True, stable=True)
+    if size is not None:
+        keep_n = max(1, min(keep_n, size(ranked.values[:keep_n])))
+    order = ranked.indices[:keep_n]
     kept = order.sort().values  # [N-1], creation order is topological
     # new index of each candidate: 1 + its rank in `kept`; -1 for dropped ones
     new_index = torch.full((scores.shape[0] + 1,), -1, dtype=torch.long, device=scores.device)

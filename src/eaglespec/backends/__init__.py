@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
     from eaglespec.target import Target
 
 __all__ = ["DraftSetup", "DraftWeights", "TargetOptimization", "auto_dtype", "cheap_host_sync", "convert_draft",
-           "default_tree", "draft_setup", "exact_rows", "optimize_target", "tree_sizes"]
+           "default_tree", "draft_setup", "exact_rows", "machine_id", "optimize_target", "tree_sizes",
+           "weights_fingerprint"]
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -83,16 +86,41 @@ def convert_draft(head: nn.Module, lm: nn.Linear, setup: DraftSetup) -> tuple[nn
     return cpu.convert_draft(head, lm, setup)
 
 
+def machine_id(device: str | torch.device = "cpu") -> str:
+    """A short name for what decides a kernel's speed and rounding here, to key cached probes by:
+    the CPU (model, flags, threads, torch build) and, for an accelerator, its name."""
+    device = _device(device)
+    host = cpu.machine_id()
+    if device.type == "cuda":
+        name = f"{host}\n{torch.cuda.get_device_name(device)}\n{torch.version.cuda}"
+        return hashlib.sha256(name.encode()).hexdigest()[:16]
+    return host
+
+
+def weights_fingerprint(model: nn.Module, dtype: torch.dtype) -> str | None:
+    """A digest of the weight files `model` was loaded from and `dtype`; None for a model built in
+    memory."""
+    return cpu.weights_fingerprint(model, dtype)
+
+
 def tree_sizes(device: str | torch.device, dtype: torch.dtype) -> dict:
-    """Dynamic-tree fields (TreeConfig keywords) measured for a target on `device` in `dtype`; {}
-    where none were (TreeConfig's defaults: a fixed 16 nodes)."""
+    """Dynamic-tree fields (TreeConfig keywords) for a target on `device` in `dtype`; {} where
+    there are none (TreeConfig's defaults: a fixed 16 nodes)."""
     return cpu.tree_sizes(dtype) if _device(device).type == "cpu" else {}
 
 
 def default_tree(device: str | torch.device, dtype: torch.dtype, **overrides) -> TreeConfig:
     """The dynamic tree for a target on `device` in `dtype`; `overrides` that are not None (e.g.
-    from the command line) win. On a CPU every tree has a confidence floor (see
-    backends/cpu/trees.py); GPUs and other dtypes keep a fixed 16 nodes."""
+    from the command line) win. On a CPU the node budget of each step is sized by the cost of a
+    verified node measured on the machine (`eaglespec.cost`), up to `total_tokens`; an explicit
+    `total_tokens` (with no `sizing`) asks for that many nodes every step instead, and
+    `sizing="fixed"` alone TreeConfig's 16. GPUs keep a fixed 16 nodes."""
     from eaglespec.drafter import TreeConfig  # the method's config; backends sit below the method
 
-    return TreeConfig(**{**tree_sizes(device, dtype), **{k: v for k, v in overrides.items() if v is not None}})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "total_tokens" in given and "sizing" not in given:
+        given["sizing"] = "fixed"
+    sizes = tree_sizes(device, dtype)
+    if given.get("sizing") == "fixed" and sizes.get("sizing") == "cost":
+        sizes.pop("total_tokens")  # a cost-sized tree's bound is no fixed size: TreeConfig's default
+    return TreeConfig(**{**sizes, **given})

@@ -9,9 +9,10 @@ METHODS = ("plain", "eagle-static", "eagle-dynamic", "eagle-lookup", "prompt-loo
 BUILTIN_SETS = ("sharegpt", "humaneval")
 
 #: `bench --trees` with no shapes: the grid the CPU tree defaults were first chosen from, the two
-#: static presets and dynamic trees from 8 to 60 nodes (EAGLE-2's GPU setting, 10,6,60, last)
-SWEEP_TREES = ("static:cpu_small", "static:mc_sim_7b_63", "2,4,8", "4,5,16", "4,6,20", "4,7,24", "6,7,32", "6,6,24",
-               "8,6,32", "10,6,60")
+#: static presets, the CPU default (depth 8, sized by measured cost) and dynamic trees from 8 to 60
+#: nodes (EAGLE-2's GPU setting, 10,6,60, last)
+SWEEP_TREES = ("static:cpu_small", "static:mc_sim_7b_63", "4,8,auto", "2,4,8", "4,5,16", "4,6,20", "4,7,24", "6,7,32",
+               "6,6,24", "8,6,32", "10,6,60")
 
 
 class BenchError(ValueError):

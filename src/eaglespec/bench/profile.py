@@ -23,7 +23,7 @@ import torch
 from eaglespec.backends import draft_setup
 from eaglespec.bench.run import Question
 from eaglespec.draft import DraftHead
-from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig
+from eaglespec.drafter import EagleDrafter, NoDrafter, TreeConfig, tree_sizer
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.head_runner import EagleHeadRunner
 
@@ -155,7 +155,7 @@ def profile_steps(target, head: DraftHead, tree: TreeConfig, questions: list[Que
     variants: dict[str, Generator] = {}
     for w in draft_weights:
         setup = draft_setup(target.device, target.dtype, w)
-        drafter = EagleDrafter(EagleHeadRunner(head, target, setup), tree)
+        drafter = EagleDrafter(EagleHeadRunner(head, target, setup), tree, sizer=tree_sizer(target, tree))
         instrument(clock, drafter, target if not variants else None)
         variants[w if w != "auto" else f"auto ({setup.weights})"] = Generator(target, drafter)
     for gen in (plain, *variants.values()):
@@ -177,7 +177,7 @@ def profile_steps(target, head: DraftHead, tree: TreeConfig, questions: list[Que
     per_token = runs["plain"].seconds / runs["plain"].tokens
     tot, calls = clock.total, clock.calls
     lines = [f"{len(questions)} prompts, {cfg.max_new_tokens} new tokens, {str(target.dtype).removeprefix('torch.')}, "
-             f"{torch.get_num_threads()} threads, tree top_k {tree.top_k} depth {tree.depth} total {tree.total_tokens} "
+             f"{torch.get_num_threads()} threads, tree top_k {tree.top_k} depth {tree.depth} total {tree.total_tokens} ({tree.sizing}) "
              f"min_prob {tree.min_prob}; variants run in turn on each prompt",
              f"plain: {1000 * per_token:.1f} ms/token ({1 / per_token:.2f} tok/s), one-token forward "
              f"{1000 * forward_s(tot, calls, 'plain: ', runs['plain'].steps):.1f} ms"]

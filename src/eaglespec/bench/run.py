@@ -21,6 +21,7 @@ import torch
 
 from eaglespec.backends import draft_setup
 from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, METHODS, BenchError
+from eaglespec.cost import DEFAULT_SIZES
 from eaglespec.drafter import Drafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.heads import make_drafter
@@ -220,7 +221,8 @@ def parse_tree(spec: str) -> tuple[TreeConfig, int]:
     """A tree shape of `bench --trees`: "static:NAME" (a preset of eaglespec.tree) or a dynamic
     tree "K,D,N[,L[,P]]": top_k, depth, total_tokens, then the length of a prompt-lookup chain
     grafted into it (0, the default: the tree alone) and its confidence floor (min_prob, default 0).
-    Returns the tree and the chain length."""
+    N may be "auto": each step's node count sized by the target's measured cost curve
+    (`sizing="cost"`), up to the probe's largest size (64). Returns the tree and the chain length."""
     if spec.startswith("static:"):
         return TreeConfig(kind="static", static_tree=spec.removeprefix("static:")), 0
     parts = spec.split(",")
@@ -229,8 +231,9 @@ def parse_tree(spec: str) -> tuple[TreeConfig, int]:
     try:
         top_k, depth, total, *rest = parts
         lookup = int(rest[0]) if rest else 0
-        tree = TreeConfig(kind="dynamic", top_k=int(top_k), depth=int(depth), total_tokens=int(total),
-                          min_prob=float(rest[1]) if len(rest) == 2 else 0.0)
+        sized = dict(total_tokens=DEFAULT_SIZES[-1], sizing="cost") if total == "auto" else dict(total_tokens=int(total))
+        tree = TreeConfig(kind="dynamic", top_k=int(top_k), depth=int(depth),
+                          min_prob=float(rest[1]) if len(rest) == 2 else 0.0, **sized)
     except ValueError as e:  # a word where a number goes, or TreeConfig's own range checks
         raise BenchError(f"--trees {spec}: {e}") from None
     if lookup < 0:

@@ -32,7 +32,8 @@ def register(subparsers) -> None:
                         "--lookup chain grafted in")
     p.add_argument("--trees", nargs="*", default=None, metavar="SHAPE",
                    help="also run EAGLE with each of these tree shapes, labelled tree:SHAPE: static:NAME (a preset) "
-                        "or K,D,N[,L[,P]], a dynamic tree of top_k K, depth D and N nodes, optionally with a "
+                        "or K,D,N[,L[,P]], a dynamic tree of top_k K, depth D and N nodes (N = auto: as many as "
+                        "pay by the cost of a node measured on this machine), optionally with a "
                         "prompt-lookup chain of L tokens (default 0) and a confidence floor P (default 0). "
                         f"With no shape: {' '.join(SWEEP_TREES)}")
     p.add_argument("--limit", type=int, default=None, help="questions per category")

@@ -55,17 +55,24 @@ def add_draft_path_arg(g) -> None:
 def add_tree_args(g) -> None:
     """The tree flags; those left unset come from TreeConfig and `default_tree` once the target's
     device and dtype are known (`tree_config`)."""
-    sized = "default: sized for the target's device and dtype"
     g.add_argument("--tree", choices=["static", "dynamic"], default=None,
                    help="EAGLE-1 static or EAGLE-2 dynamic tree (default: dynamic)")
-    g.add_argument("--top-k-draft", type=int, default=None, help=f"dynamic tree: children per node ({sized})")
-    g.add_argument("--depth", type=int, default=None, help=f"dynamic tree: deepest guess ({sized})")
-    g.add_argument("--total-tokens", type=int, default=None, help=f"dynamic tree: nodes verified per step, root "
-                   f"included ({sized})")
+    g.add_argument("--top-k-draft", type=int, default=None,
+                   help="dynamic tree: children per node (default 4)")
+    g.add_argument("--depth", type=int, default=None,
+                   help="dynamic tree: deepest guess (default: 8 on CPUs, 5 on GPUs)")
+    g.add_argument("--total-tokens", type=int, default=None,
+                   help="dynamic tree: nodes verified per step, root included; given alone, every step verifies "
+                        "this many (default: on CPUs as many as pay on this machine, up to 64, see --tree-sizing; "
+                        "16 on GPUs)")
+    g.add_argument("--tree-sizing", choices=["cost", "fixed"], default=None,
+                   help="dynamic tree: 'cost' sizes each step's tree by the cost of a verified node, measured once "
+                        "per machine and model (a few seconds, then cached), up to --total-tokens; 'fixed' "
+                        "verifies --total-tokens nodes every step (default: cost on CPUs unless --total-tokens is "
+                        "given, fixed on GPUs)")
     g.add_argument("--min-draft-prob", type=float, default=None, metavar="P",
                    help="dynamic tree: verify only guesses of cumulative draft probability >= P, the best one "
-                        f"always; 0 = total-tokens nodes every step ({sized}: a floor on CPUs, where every "
-                        "verified node costs arithmetic, none on GPUs)")
+                        "always (default 0: no floor)")
     g.add_argument("--static-tree", default=None, help="static tree preset: cpu_small (default) or mc_sim_7b_63")
 
 
@@ -139,7 +146,7 @@ def tree_config(args, device="cpu", dtype=None):
 
     return default_tree(torch.device(device), dtype or torch.bfloat16, kind=args.tree, top_k=args.top_k_draft,
                         depth=args.depth, total_tokens=args.total_tokens, min_prob=args.min_draft_prob,
-                        static_tree=args.static_tree)
+                        sizing=args.tree_sizing, static_tree=args.static_tree)
 
 
 def load_target_from(args, dtype: str | None = None, attn_implementation: str | None = None):

@@ -6,16 +6,13 @@ the bench and the server do, and a caller that wants the stock model skips it.
 The target's bit probes (which split each weight shape needs to stay row-invariant when packed,
 and whether the stock products are row-invariant) take most of a load's packing time and depend
 only on this machine and the weights, so their outcomes are cached on disk, keyed by both
-(`ProbeCache`).
+(`eaglespec.paths.ProbeCache`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -27,7 +24,7 @@ from eaglespec.backends.cpu.flags import machine_id
 from eaglespec.backends.cpu.packed import (PackedLinear, pack_linears, packed_splits, packing_available,
                                            stock_rows_vary)
 from eaglespec.backends.cpu.quant import Int8Linear, int8_pays, quantize_linears
-from eaglespec.paths import cache_root
+from eaglespec.paths import ProbeCache
 
 if TYPE_CHECKING:
     from eaglespec.target import Target
@@ -36,56 +33,21 @@ log = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
 
-#: probe outcomes kept per machine; the oldest go first
-MAX_PROBE_ENTRIES = 64
+
+def weights_probes(model: nn.Module, dtype: torch.dtype) -> ProbeCache:
+    """The probe outcomes of a model's weights in `dtype` on this machine; a model built in memory
+    (no weights file) is probed every time."""
+    return ProbeCache(machine_id(), weights_fingerprint(model, dtype))
 
 
-class ProbeCache:
-    """Probe outcomes for one model's weights on this machine, in cache_root()/probes/MACHINE.json
-    ({entry: {name: outcome}}). A model built in memory (no weights file) is probed every time."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
-        files = weights_files(model)
-        self.path = cache_root() / "probes" / f"{machine_id()}.json"
-        self.entry = None
-        if files:
-            ident = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files] + [str(dtype)]
-            self.entry = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
-        self.found = self._read().get(self.entry, {}) if self.entry else {}
-        self.new: dict = {}
-
-    def _read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def get(self, name: str, default=None, kind: type = object):
-        """The cached outcome `name` if it is None or a `kind`, else `default` (probe again)."""
-        value = self.found.get(name, default)
-        return value if value is None or isinstance(value, kind) else default
-
-    def put(self, name: str, outcome) -> None:
-        if name not in self.found or self.found[name] != outcome:  # a warm load writes nothing
-            self.new[name] = outcome
-
-    def save(self) -> None:
-        """Merge the new outcomes into the file (atomically; a race loses an entry, never the file)."""
-        if not self.entry or not self.new:
-            return
-        table = self._read()
-        table.pop(self.entry, None)
-        table[self.entry] = {**self.found, **self.new}  # last, as the newest
-        while len(table) > MAX_PROBE_ENTRIES:
-            table.pop(next(iter(table)))
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".probes-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(table, f)
-            os.replace(tmp, self.path)
-        except OSError as e:  # a read-only cache only costs the probes next time
-            log.info("could not cache probe results in %s: %s", self.path, e)
+def weights_fingerprint(model: nn.Module, dtype: torch.dtype) -> str | None:
+    """A digest of the weight files `model` was loaded from (paths, sizes, times) and `dtype`;
+    None for a model built in memory."""
+    files = weights_files(model)
+    if not files:
+        return None
+    ident = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files] + [str(dtype)]
+    return hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
 
 
 def weights_files(model: nn.Module) -> list[Path]:
@@ -105,7 +67,7 @@ def optimize_target(target: Target, pack: bool = True) -> TargetOptimization:
     of rows (they do not on a Zen 4 EPYC in fp32) and warn if not: a tree's verification may then
     round unlike one-token decoding where two tokens nearly tie."""
     model, dtype = target.model, target.dtype
-    probes = ProbeCache(model, dtype)
+    probes = weights_probes(model, dtype)
     packed = 0
     if pack and packing_available(CPU, dtype):
         splits = probes.get("splits", {}, dict)

@@ -1,0 +1,274 @@
+"""What a verified node costs on the machine at hand, and how many nodes a draft tree should verify.
+
+A target forward over a tree of n nodes costs c(n) seconds. How c grows with n depends on the
+machine and the weights far more than on the method: a 16-token forward cost 1.31x a one-token one
+in bf16 on a Xeon with AMX, 1.49x on a Zen 4 EPYC, and 8x with llama.cpp's Q4_1 weights on a
+Zen 3. So c is measured, once per machine and target (`probe_cost_curve`, cached on disk), on
+causal chains of q tokens, through nothing but the target's public interface:
+
+    target.prefill(tokens [n])                                 commit a prompt
+    target.forward(tokens [q], positions [q], tree_mask [q, q]) run q nodes without committing
+    target.reset()                                             forget the sequence
+    target.cost_key() -> str                                   what the cost depends on besides
+                                                               the machine (weights, dtype, threads)
+
+and optionally `device`, `vocab_size` and `max_len`. Any target with these calls can be probed
+(the torch `Target`, a llama.cpp-backed one).
+
+`TreeSizer` turns the curve into a node budget per step. EAGLE-2 ranks the candidate nodes by
+path confidence p (the product of draft probabilities along the path); with p_1 >= p_2 >= ...,
+verifying N of them beside the root yields about 1 + a * sum_{i<=N} p_i tokens (the bonus token,
+plus each node accepted with probability p_i when the draft is calibrated) for c(N+1) + d seconds
+(d: the drafting itself). The sizer picks the N of the most tokens per second, and learns a (how
+observed acceptance compares with the confidence) and d (the measured draft time) as it goes.
+Sizing only chooses which candidates are verified, never what is accepted: outputs do not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from eaglespec.paths import ProbeCache
+
+#: chain lengths the probe times: dense where trees live (a few to 32 nodes), up to 64
+DEFAULT_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+#: committed context before the timed chains, about a short prompt's
+PROBE_CONTEXT = 30
+#: bounds of the calibration factor a: observed acceptance may differ from the draft's confidence,
+#: but a few unlucky steps must not shrink the tree to nothing or blow it up
+CALIBRATION_BOUNDS = (0.5, 2.0)
+#: weight of the newest step in the moving averages of the draft time and the acceptance
+DRAFT_EMA = 0.2
+CALIBRATION_EMA = 0.05
+#: at most this many blocks of `repeats` rounds when the curve looks disturbed (`plausible`)
+MAX_PROBE_BLOCKS = 3
+
+
+class CostTarget(Protocol):
+    """What `probe_cost_curve` needs of a target (the torch `Target` has it; so can any other)."""
+
+    def prefill(self, tokens: torch.Tensor) -> Any: ...
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                tree_mask: torch.Tensor | None = None) -> Any: ...
+
+    def reset(self) -> None: ...
+
+    def cost_key(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Seconds of one target forward over n new tokens, measured at `sizes` (ascending, from 1)."""
+
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sizes or len(self.sizes) != len(self.seconds):
+            raise ValueError(f"a cost curve needs as many seconds as sizes, got {len(self.sizes)} and {len(self.seconds)}")
+        if self.sizes[0] != 1 or any(b <= a for a, b in zip(self.sizes, self.sizes[1:])):
+            raise ValueError(f"cost curve sizes must ascend from 1, got {list(self.sizes)}")
+        if any(not s > 0 for s in self.seconds):
+            raise ValueError(f"cost curve seconds must be > 0, got {list(self.seconds)}")
+
+    def at(self, n: float) -> float:
+        """c(n) in seconds: linear between measured sizes, the last segment's slope past the last
+        (never below the last measurement), c(1) below 1."""
+        xs, ys = self.sizes, self.seconds
+        if n <= xs[0] or len(xs) == 1:
+            return ys[0] if n <= xs[0] else ys[-1]
+        for i in range(1, len(xs)):
+            if n <= xs[i]:
+                t = (n - xs[i - 1]) / (xs[i] - xs[i - 1])
+                return ys[i - 1] + t * (ys[i] - ys[i - 1])
+        slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+        return ys[-1] + slope * (n - xs[-1])
+
+    def rel(self, n: float) -> float:
+        """c(n) / c(1): what n nodes cost in one-token forwards."""
+        return self.at(n) / self.at(1)
+
+    def as_dict(self) -> dict:
+        return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostCurve:
+        return cls(tuple(int(s) for s in d["sizes"]), tuple(float(s) for s in d["seconds"]))
+
+
+def probe_cost_curve(target: CostTarget, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
+                     cache: bool = True, announce: bool = True) -> CostCurve:
+    """The target's cost curve on this machine: read from the probe cache, keyed by the machine
+    (CPU model and flags, threads, torch build) and `target.cost_key()`, or measured
+    (`measure_cost_curve`) and kept there. A measurement says so in one line on stderr (`announce`)."""
+    from eaglespec.backends import machine_id  # hardware lives in backends; cost.py only keys by it
+
+    sizes = tuple(sorted(set(int(s) for s in sizes)))
+    entry = hashlib.sha256(f"cost curve\n{target.cost_key()}".encode()).hexdigest()[:16] if cache else None
+    probes = ProbeCache(machine_id(getattr(target, "device", "cpu")), entry)
+    found = probes.get("cost_curve", kind=dict)
+    if found is not None and found.get("asked") == list(sizes):
+        try:
+            return CostCurve.from_dict(found)
+        except (KeyError, TypeError, ValueError):
+            pass  # an unreadable entry: measure again
+    curve = measure_cost_curve(target, sizes, repeats, announce=announce)
+    probes.put("cost_curve", {"asked": list(sizes), **curve.as_dict()})
+    probes.save()
+    return curve
+
+
+@torch.inference_mode()
+def measure_cost_curve(target: CostTarget, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
+                       context: int = PROBE_CONTEXT, announce: bool = True) -> CostCurve:
+    """Time `target.forward` on causal chains of q tokens (the tree mask of a chain) after a
+    `context`-token prompt, without committing them: the median of `repeats` runs per q, after a
+    warm-up. Sizes that do not fit the target's `max_len` are left out. Leaves the target reset."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(getattr(target, "device", "cpu"))
+    max_len = getattr(target, "max_len", None)
+    sizes = [q for q in sorted(set(sizes)) if q >= 1 and (max_len is None or context + q <= max_len)]
+    if not sizes or sizes[0] != 1:
+        raise ValueError(f"the probe needs size 1 and room for it after {context} tokens of context")
+    vocab = int(getattr(target, "vocab_size", 0) or 256)
+    # [context + max q] arbitrary valid ids: the cost of a forward does not depend on them
+    ids = (torch.arange(context + sizes[-1], device=device) * 7 + 3) % vocab
+    try:
+        target.prefill(ids[:context])
+
+        def timed(q: int) -> float:
+            tokens = ids[context:context + q]
+            positions = torch.arange(context, context + q, device=device)
+            chain = torch.ones(q, q, dtype=torch.bool, device=device).tril_()  # [q, q] a chain's tree mask
+            start = time.perf_counter()
+            target.forward(tokens, positions, chain)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        timed(sizes[-1])  # first calls set up kernels and buffers
+        one = min(timed(1) for _ in range(2))
+        if announce:
+            # a rough guess: q nodes cost about 1 + q/16 one-token forwards on a CPU
+            guess = repeats * one * sum(1 + q / 16 for q in sizes)
+            print(f"measuring what a verified node costs on this machine (once, ~{max(1, math.ceil(guess))} s)",
+                  file=sys.stderr, flush=True)
+        # rounds over all sizes rather than all repeats of one size at once: a burst of load from
+        # elsewhere then slows one run of many sizes, which the median drops, not every run of one.
+        # A curve that falls where it should rise (a busy machine) gets more rounds, up to thrice.
+        runs: dict[int, list[float]] = {q: [] for q in sizes}
+        for _ in range(MAX_PROBE_BLOCKS):
+            for _ in range(repeats):
+                for q in sizes:
+                    runs[q].append(timed(q))
+            seconds = [statistics.median(runs[q]) for q in sizes]
+            if plausible(seconds):
+                break
+    finally:
+        target.reset()
+    return CostCurve(tuple(sizes), tuple(seconds))
+
+
+def plausible(seconds: Sequence[float], tolerance: float = 0.85) -> bool:
+    """Whether times measured at ascending sizes never fall below `tolerance` times an earlier one
+    (a forward of more tokens does not run faster; where it seems to, the machine was busy)."""
+    peak = 0.0
+    for s in seconds:
+        if s < tolerance * peak:
+            return False
+        peak = max(peak, s)
+    return True
+
+
+class TreeSizer:
+    """How many nodes a dynamic tree verifies this step: the N of the most expected tokens per
+    second, (1 + a * sum_{i<=N} p_i) / (c(N+1) + d), given the candidates' path confidences p
+    sorted descending.
+
+    c comes from a `CostCurve` (made non-decreasing: a forward of more nodes is never counted
+    cheaper, which keeps noise in the measurement from picking odd sizes); d is the draft time per
+    step, fixed (`draft_s`) or a moving average of what `record_draft` reports; a starts at 1 and
+    follows the ratio of observed to predicted accepted nodes (`record_accepted`), within
+    CALIBRATION_BOUNDS, unless `calibrate` is off.
+    """
+
+    def __init__(self, curve: CostCurve, max_nodes: int, draft_s: float | None = None, calibrate: bool = True) -> None:
+        if max_nodes < 1:
+            raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
+        self.curve = curve
+        self.max_nodes = max_nodes
+        # [max_nodes + 1] costs[N]: a forward of the root and N nodes, c(N + 1)
+        raw = torch.tensor([curve.at(n + 1) for n in range(max_nodes + 1)], dtype=torch.float64)
+        self.costs = raw.cummax(0).values
+        self.fixed_draft = draft_s is not None
+        self.draft_s = float(draft_s) if draft_s is not None else None
+        self.calibrate = calibrate
+        self.scale = 1.0  # a
+        self._predicted_ema = 0.0
+        self._accepted_ema = 0.0
+        self.pending: float | None = None  # sum of p over the nodes of the last chosen tree
+
+    def rates(self, scores: torch.Tensor) -> torch.Tensor:
+        """[n] expected tokens per second of keeping the first 1..n of `scores` ([n] log path
+        confidences, sorted descending; n <= max_nodes)."""
+        p = scores.double().exp()  # [n]
+        n = p.shape[0]
+        gain = 1.0 + self.scale * p.cumsum(0)  # [n] expected tokens: bonus + accepted nodes
+        seconds = self.costs[1:n + 1].to(p.device) + (self.draft_s or 0.0)  # [n]
+        return gain / seconds
+
+    def best(self, scores: torch.Tensor) -> int:
+        """How many of the sorted `scores` to keep (the smallest N of the highest rate; >= 1). One
+        host sync."""
+        scores = scores[: self.max_nodes]
+        if scores.shape[0] <= 1:
+            return scores.shape[0]
+        return int(self.rates(scores).argmax()) + 1  # argmax: the first maximum, the smaller tree
+
+    def choose(self, scores: torch.Tensor) -> int:
+        """`best`, remembering the predicted number of accepted nodes for `record_accepted`."""
+        n = self.best(scores)
+        self.pending = float(scores[:n].double().exp().sum())
+        return n
+
+    def deeper_may_pay(self, scores: torch.Tensor, front_best: float) -> bool:
+        """Whether a node deeper than the current candidates (`scores`, any order; each deeper one
+        scores at most `front_best`, the frontier's best, and ranks after its equals) could be
+        among the nodes `best` keeps. If even endless deeper nodes at `front_best` would not
+        enter, the real ones cannot: the rate of each size is then at most the padded one's, and
+        the sizes up to the candidates at least `front_best` keep the same rates."""
+        above = scores[scores >= front_best].sort(descending=True).values  # [m]
+        m = above.shape[0]
+        if m >= self.max_nodes:
+            return False
+        padded = torch.cat([above, above.new_full((self.max_nodes - m,), front_best)])  # [max_nodes]
+        return self.best(padded) > m
+
+    def record_draft(self, seconds: float) -> None:
+        """One step's drafting took `seconds` (ignored with a fixed draft time)."""
+        if self.fixed_draft:
+            return
+        self.draft_s = seconds if self.draft_s is None else (1 - DRAFT_EMA) * self.draft_s + DRAFT_EMA * seconds
+
+    def record_accepted(self, accepted: int) -> None:
+        """The target accepted `accepted` nodes of the last chosen tree (bonus token excluded)."""
+        if self.pending is None:
+            return
+        predicted, self.pending = self.pending, None
+        if not self.calibrate:
+            return
+        self._predicted_ema = (1 - CALIBRATION_EMA) * self._predicted_ema + CALIBRATION_EMA * predicted
+        self._accepted_ema = (1 - CALIBRATION_EMA) * self._accepted_ema + CALIBRATION_EMA * accepted
+        if self._predicted_ema > 0:
+            lo, hi = CALIBRATION_BOUNDS
+            self.scale = min(hi, max(lo, self._accepted_ema / self._predicted_ema))
