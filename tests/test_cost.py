@@ -81,31 +81,56 @@ def test_calibration_follows_observed_acceptance_within_bounds():
     assert sizer.scale == CALIBRATION_BOUNDS[0]
 
 
-def test_the_draft_time_is_a_moving_average_unless_fixed():
+def test_the_draft_times_are_moving_averages_unless_fixed():
     sizer = TreeSizer(FLAT, 63)
-    sizer.record_draft(0.010)
-    sizer.record_draft(0.020)
-    assert sizer.draft_s == pytest.approx(0.012)
-    fixed = TreeSizer(FLAT, 63, draft_s=0.5)
-    fixed.record_draft(0.010)
-    assert fixed.draft_s == 0.5
+    for depth_runs, total in [([0.002, 0.002], 0.010), ([0.004], 0.020)]:
+        for d in depth_runs:
+            sizer.record_depth(d)
+        sizer.record_draft(total)
+    assert sizer.depth_s == pytest.approx(0.8 * 0.002 + 0.2 * 0.004)  # per head run
+    assert sizer.base_s == pytest.approx(0.8 * 0.006 + 0.2 * 0.016)  # the rest of a proposal
+    assert sizer.draft_time(3) == pytest.approx(sizer.base_s + 3 * sizer.depth_s)
+    fixed = TreeSizer(FLAT, 63, draft_s=0.5, depth_s=0.1)
+    fixed.record_depth(0.01)
+    fixed.record_draft(0.02)
+    assert fixed.draft_time(2) == pytest.approx(0.7)
 
 
-@pytest.mark.parametrize("c", [FLAT, curve(0.2), STEEP])
-def test_a_sized_expansion_stops_early_only_where_the_tree_stays_the_same(c):
-    """Stopping before a depth whose nodes could not pay (TreeSizer.deeper_may_pay) gives the
-    tree of the full expansion."""
+def test_the_draft_time_of_the_depths_run_counts_in_the_choice():
+    """A step that drafted deeper has spent more: its forward is a smaller share, more nodes pay."""
+    sizer = TreeSizer(STEEP, 63, draft_s=0.0, depth_s=0.05)
+    shallow = sizer.best(CONFIDENCES, depths=0)
+    assert sizer.best(CONFIDENCES, depths=6) > shallow
+    for _ in range(6):
+        sizer.record_depth(0.05)
+    assert sizer.best(CONFIDENCES) == sizer.best(CONFIDENCES, depths=6)
+
+
+def expand_sized(c: CostCurve, depth_s: float):
     tree = TreeConfig(top_k=2, depth=3, total_tokens=8, sizing="cost")
-    root, h_root = torch.tensor([7]), torch.zeros(1)
     step, logprobs, calls = fake_model()
-    early, stopped = expand_dynamic(tree, root, h_root, step, logprobs, VOCAB_IDS, stop_early=True,
-                                    sizer=TreeSizer(c, 7, draft_s=0.0))
-    full, _ = expand_dynamic(tree, root, h_root, *fake_model()[:2], VOCAB_IDS, sizer=TreeSizer(c, 7, draft_s=0.0))
-    assert early.tokens.tolist() == full.tokens.tolist() and early.parents.tolist() == full.parents.tolist()
-    if c is STEEP:  # the steep curve keeps one node (.5): not even depth 2 is drafted
-        assert full.tokens.tolist() == [7, 10] and stopped and calls == []
-    if c is FLAT:  # the flat one keeps all seven candidates the bound allows
-        assert full.size == 8 and not stopped
+    sized, stopped = expand_dynamic(tree, torch.tensor([7]), torch.zeros(1), step, logprobs, VOCAB_IDS,
+                                    stop_early=True, sizer=TreeSizer(c, 7, draft_s=0.0, depth_s=depth_s))
+    return sized, stopped, len(calls)
+
+
+def test_a_sized_expansion_drafts_deeper_only_where_it_may_pay():
+    """The fake model's candidates (test_tree.fake_model): .5 and .3 at depth 1, then .4, .18, ...
+    A free head on a flat curve drafts every depth and keeps all seven nodes the bound allows; a
+    steep curve keeps the best node (.5) and drafts nothing; a head run of a third of a forward
+    (10 ms) pays for depth 2 but not depth 3; one of a whole forward not even for depth 2."""
+    flat, stopped, runs = expand_sized(FLAT, 0.0)
+    assert flat.size == 8 and not stopped and runs == 2
+    steep, stopped, runs = expand_sized(STEEP, 0.0)
+    assert steep.tokens.tolist() == [7, 10] and stopped and runs == 0
+    slow, stopped, runs = expand_sized(FLAT, 0.01)
+    assert stopped and runs == 1 and slow.size < 8
+    slower, stopped, runs = expand_sized(FLAT, 0.03)
+    assert stopped and runs == 0 and slower.size <= 3
+    # sizing never keeps a node the fixed tree of the same bound would drop
+    fixed, _ = expand_dynamic(TreeConfig(top_k=2, depth=3, total_tokens=8), torch.tensor([7]), torch.zeros(1),
+                              *fake_model()[:2], VOCAB_IDS)
+    assert flat.tokens.tolist() == fixed.tokens.tolist()
 
 
 class CountingTarget:

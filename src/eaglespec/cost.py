@@ -191,18 +191,24 @@ def plausible(seconds: Sequence[float], tolerance: float = 0.85) -> bool:
 
 
 class TreeSizer:
-    """How many nodes a dynamic tree verifies this step: the N of the most expected tokens per
-    second, (1 + a * sum_{i<=N} p_i) / (c(N+1) + d), given the candidates' path confidences p
-    sorted descending.
+    """How big a dynamic tree is this step: how deep to draft, and how many nodes to verify.
 
-    c comes from a `CostCurve` (made non-decreasing: a forward of more nodes is never counted
-    cheaper, which keeps noise in the measurement from picking odd sizes); d is the draft time per
-    step, fixed (`draft_s`) or a moving average of what `record_draft` reports; a starts at 1 and
-    follows the ratio of observed to predicted accepted nodes (`record_accepted`), within
+    Verifying the N best candidates (path confidences p_1 >= p_2 >= ...) yields about
+    1 + a * sum_{i<=N} p_i tokens for c(N+1) + d seconds, where c comes from a `CostCurve` (made
+    non-decreasing: a forward of more nodes is never counted cheaper, which keeps noise in the
+    measurement from picking odd sizes) and d is the step's draft time: a base (the head over the
+    committed tokens, the selection) plus one head run per depth drafted. `choose` keeps the N of
+    the most tokens per second; `deeper_pays` tells the expansion whether one more depth could
+    raise that rate enough to pay for its head run.
+
+    Draft times are fixed (`draft_s`, `depth_s`; for tests) or moving averages of what the drafter
+    reports (`record_depth` per head run, `record_draft` per proposal). a starts at 1 and follows
+    the ratio of observed to predicted accepted nodes (`record_accepted`), within
     CALIBRATION_BOUNDS, unless `calibrate` is off.
     """
 
-    def __init__(self, curve: CostCurve, max_nodes: int, draft_s: float | None = None, calibrate: bool = True) -> None:
+    def __init__(self, curve: CostCurve, max_nodes: int, draft_s: float | None = None, depth_s: float | None = None,
+                 calibrate: bool = True) -> None:
         if max_nodes < 1:
             raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
         self.curve = curve
@@ -210,30 +216,36 @@ class TreeSizer:
         # [max_nodes + 1] costs[N]: a forward of the root and N nodes, c(N + 1)
         raw = torch.tensor([curve.at(n + 1) for n in range(max_nodes + 1)], dtype=torch.float64)
         self.costs = raw.cummax(0).values
-        self.fixed_draft = draft_s is not None
-        self.draft_s = float(draft_s) if draft_s is not None else None
+        self.fixed_draft = draft_s is not None or depth_s is not None
+        self.base_s = float(draft_s or 0.0) if self.fixed_draft else None  # draft time besides the depths
+        self.depth_s = float(depth_s or 0.0) if self.fixed_draft else None  # one depth's head run
         self.calibrate = calibrate
         self.scale = 1.0  # a
         self._predicted_ema = 0.0
         self._accepted_ema = 0.0
         self.pending: float | None = None  # sum of p over the nodes of the last chosen tree
+        self._depths: list[float] = []  # this proposal's head runs so far (seconds)
 
-    def rates(self, scores: torch.Tensor) -> torch.Tensor:
+    def draft_time(self, depths: int) -> float:
+        """The estimated draft time of a step that runs `depths` head runs."""
+        return (self.base_s or 0.0) + depths * (self.depth_s or 0.0)
+
+    def rates(self, scores: torch.Tensor, draft_s: float) -> torch.Tensor:
         """[n] expected tokens per second of keeping the first 1..n of `scores` ([n] log path
-        confidences, sorted descending; n <= max_nodes)."""
+        confidences, sorted descending; n <= max_nodes) after drafting for `draft_s`."""
         p = scores.double().exp()  # [n]
         n = p.shape[0]
         gain = 1.0 + self.scale * p.cumsum(0)  # [n] expected tokens: bonus + accepted nodes
-        seconds = self.costs[1:n + 1].to(p.device) + (self.draft_s or 0.0)  # [n]
-        return gain / seconds
+        return gain / (self.costs[1:n + 1].to(p.device) + draft_s)
 
-    def best(self, scores: torch.Tensor) -> int:
-        """How many of the sorted `scores` to keep (the smallest N of the highest rate; >= 1). One
-        host sync."""
+    def best(self, scores: torch.Tensor, depths: int | None = None) -> int:
+        """How many of the sorted `scores` to keep (the smallest N of the highest rate; >= 1) after
+        `depths` head runs (None: those recorded for this proposal). One host sync."""
         scores = scores[: self.max_nodes]
         if scores.shape[0] <= 1:
             return scores.shape[0]
-        return int(self.rates(scores).argmax()) + 1  # argmax: the first maximum, the smaller tree
+        d = self.draft_time(len(self._depths) if depths is None else depths)
+        return int(self.rates(scores, d).argmax()) + 1  # argmax: the first maximum, the smaller tree
 
     def choose(self, scores: torch.Tensor) -> int:
         """`best`, remembering the predicted number of accepted nodes for `record_accepted`."""
@@ -241,24 +253,41 @@ class TreeSizer:
         self.pending = float(scores[:n].double().exp().sum())
         return n
 
-    def deeper_may_pay(self, scores: torch.Tensor, front_best: float) -> bool:
-        """Whether a node deeper than the current candidates (`scores`, any order; each deeper one
-        scores at most `front_best`, the frontier's best, and ranks after its equals) could be
-        among the nodes `best` keeps. If even endless deeper nodes at `front_best` would not
-        enter, the real ones cannot: the rate of each size is then at most the padded one's, and
-        the sizes up to the candidates at least `front_best` keep the same rates."""
-        above = scores[scores >= front_best].sort(descending=True).values  # [m]
-        m = above.shape[0]
-        if m >= self.max_nodes:
-            return False
-        padded = torch.cat([above, above.new_full((self.max_nodes - m,), front_best)])  # [max_nodes]
-        return self.best(padded) > m
+    def deeper_pays(self, scores: torch.Tensor, front: torch.Tensor) -> bool:
+        """Whether drafting one more depth could raise the rate of the best tree, given the
+        candidates so far (`scores`, [C] log confidences, any order) and the frontier to expand
+        (`front`, [k]). The next depth's children of a frontier node share at most its
+        probability, so m of them add at most the m best frontier confidences (m <= k); the bound
+        takes the best n current candidates with such m, against one more head run. One host sync."""
+        depths = len(self._depths)
+        ranked = scores.sort(descending=True).values[: self.max_nodes]  # [n]
+        now = float(self.rates(ranked, self.draft_time(depths)).max())
+        cur = ranked.double().exp()
+        top = front.sort(descending=True).values.double().exp()  # [k]
+        n_cur, k = cur.shape[0], top.shape[0]
+        gain_cur = torch.cat([cur.new_zeros(1), cur.cumsum(0)])  # [n_cur + 1]: best n current, n = 0..
+        gain_new = top.cumsum(0)  # [k]: the m best frontier nodes' mass, m = 1..k
+        total = gain_cur[:, None] + gain_new[None, :]  # [n_cur + 1, k]
+        size = torch.arange(n_cur + 1)[:, None] + torch.arange(1, k + 1)[None, :]  # n + m nodes
+        fits = size <= self.max_nodes
+        seconds = self.costs[size.clamp(max=self.max_nodes)] + self.draft_time(depths + 1)
+        more = torch.where(fits, (1.0 + self.scale * total) / seconds, torch.zeros_like(seconds))
+        return float(more.max()) > now
+
+    def record_depth(self, seconds: float) -> None:
+        """One depth's head run of this proposal took `seconds`."""
+        self._depths.append(seconds)
 
     def record_draft(self, seconds: float) -> None:
-        """One step's drafting took `seconds` (ignored with a fixed draft time)."""
+        """This proposal took `seconds` in all (its depths recorded before); fold both into the
+        moving averages (kept as they are with fixed draft times)."""
+        depths, self._depths = self._depths, []
         if self.fixed_draft:
             return
-        self.draft_s = seconds if self.draft_s is None else (1 - DRAFT_EMA) * self.draft_s + DRAFT_EMA * seconds
+        base = max(0.0, seconds - sum(depths))
+        self.base_s = base if self.base_s is None else (1 - DRAFT_EMA) * self.base_s + DRAFT_EMA * base
+        for d in depths:
+            self.depth_s = d if self.depth_s is None else (1 - DRAFT_EMA) * self.depth_s + DRAFT_EMA * d
 
     def record_accepted(self, accepted: int) -> None:
         """The target accepted `accepted` nodes of the last chosen tree (bonus token excluded)."""
@@ -272,3 +301,8 @@ class TreeSizer:
         if self._predicted_ema > 0:
             lo, hi = CALIBRATION_BOUNDS
             self.scale = min(hi, max(lo, self._accepted_ema / self._predicted_ema))
+
+    def begin(self) -> None:
+        """A new sequence: the prompt is no verdict on a tree."""
+        self.pending = None
+        self._depths = []

@@ -149,7 +149,7 @@ class EagleDrafter(Drafter):
         self.pending_tokens.clear()
         self.pending_features.clear()
         if self.sizer is not None:
-            self.sizer.pending = None  # the prompt is no verdict on a tree
+            self.sizer.begin()
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
         self.pending_tokens.append(tokens)

@@ -14,6 +14,7 @@ they are stepped.
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -58,9 +59,10 @@ def expand_dynamic(tree: TreeConfig, root: torch.Tensor, h_root: torch.Tensor, s
     `sizer.choose(...)` of those instead (at least one): the count of the most expected tokens per
     second on this machine.
 
-    stop_early: before each depth, stop when no deeper node could be kept (`deeper_is_hopeless`, or
-    with a sizer `TreeSizer.deeper_may_pay`): the same tree with fewer head runs, for a host sync
-    per depth. Returns the tree and whether it stopped early."""
+    stop_early: before each depth, stop when no deeper node could be kept (`deeper_is_hopeless`):
+    the same tree with fewer head runs, for a host sync per depth; with a sizer, also when one more
+    depth could not pay for its head run (`TreeSizer.deeper_pays`). Returns the tree and whether
+    it stopped early."""
     k, device = tree.top_k, root.device
     slots = dynamic_slots(tree)
     top = logprobs(h_root[None])[0].topk(k)
@@ -81,11 +83,14 @@ def expand_dynamic(tree: TreeConfig, root: torch.Tensor, h_root: torch.Tensor, s
         if stop_early and hopeless(all_scores, front_scores, keep_n, n_cand, floor, sizer):
             stopped = True
             break
+        start = time.perf_counter()
         rows = front_rows.clone()
         # each depth steps k nodes, so depth d's nodes take slots (d-1)k .. dk-1
         rows[arange_k, (d - 1) * k + arange_k] = True
         hidden = step(front_feats, front_tokens, d, rows)  # [k, D]
         child = logprobs(hidden).topk(k, dim=-1)  # [k, k]
+        if sizer is not None:  # what a depth costs (on a CPU, where sizing runs, the work is done here)
+            sizer.record_depth(time.perf_counter() - start)
         scores = (front_scores[:, None] + child.values).flatten()  # [k*k]
         all_tokens.append(vocab_ids[child.indices].flatten())
         all_scores.append(scores)
@@ -118,11 +123,7 @@ def deeper_is_hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tenso
 
 def hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tensor, keep_n: int, n_cand: int,
              floor: float | None, sizer: TreeSizer | None) -> bool:
-    """`deeper_is_hopeless` for a fixed budget; with a sizer, true when the frontier's best misses
-    the floor or no deeper node could be among those the sizer keeps."""
-    if sizer is None:
-        return deeper_is_hopeless(all_scores, front_scores, keep_n, n_cand, floor)
-    best = float(front_scores.max())  # host sync
-    if floor is not None and best < floor:
+    """`deeper_is_hopeless`; with a sizer, also true when one more depth could not pay for itself."""
+    if deeper_is_hopeless(all_scores, front_scores, keep_n, n_cand, floor):
         return True
-    return not sizer.deeper_may_pay(torch.cat(all_scores), best)
+    return sizer is not None and not sizer.deeper_pays(torch.cat(all_scores), front_scores)
