@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from eaglespec.backends import DraftSetup
     from eaglespec.draft import DraftHead
     from eaglespec.eagle3 import Eagle3Head
-    from eaglespec.target import Target
+    from eaglespec.target import TargetModel
 
 
 class Drafter(ABC):
@@ -136,7 +136,7 @@ class EagleDrafter(Drafter):
         self.pending_features: list[torch.Tensor] = []
 
     @classmethod
-    def from_head(cls, head: DraftHead | Eagle3Head, target: Target, tree: TreeConfig = TreeConfig(),
+    def from_head(cls, head: DraftHead | Eagle3Head, target: TargetModel, tree: TreeConfig = TreeConfig(),
                   setup: DraftSetup | None = None) -> EagleDrafter:
         """The drafter of an EAGLE-1/2 or EAGLE-3 head. setup: the head's dtype and weight layout
         (`backends.draft_setup` picks for the hardware; None: float32, weights as loaded). The

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from eaglespec.drafter import Drafter, NoDrafter
-from eaglespec.target import Target
+from eaglespec.target import TargetModel
 from eaglespec.verify import SamplingParams, sample_next, verify
 
 Messages = Sequence[dict]
@@ -83,7 +83,7 @@ class GenerationResult:
 class Generator:
     """Speculative (or plain) generation on a target with a drafter."""
 
-    def __init__(self, target: Target, drafter: Drafter | None = None) -> None:
+    def __init__(self, target: TargetModel, drafter: Drafter | None = None) -> None:
         self.target = target
         self.drafter = drafter or NoDrafter()
         self.tokenizer = target.tokenizer
@@ -167,9 +167,8 @@ class Generator:
     def _eos_ids(self, config: GenerationConfig) -> set[int]:
         if config.ignore_eos:
             return set()
-        ids = set()
-        gen_eos = getattr(getattr(self.target.model, "generation_config", None), "eos_token_id", None)
-        for e in (gen_eos, getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None):
+        ids = set(self.target.eos_token_ids)
+        for e in (getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None,):
             if isinstance(e, int):
                 ids.add(e)
             elif e:

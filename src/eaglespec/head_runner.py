@@ -38,7 +38,7 @@ from eaglespec.eagle3 import Eagle3Head
 from eaglespec.eagle3 import check_fits as check_eagle3_fits
 
 if TYPE_CHECKING:
-    from eaglespec.target import Target
+    from eaglespec.target import TargetModel
 
 
 class HeadRunner(ABC):
@@ -107,7 +107,7 @@ class EagleHeadRunner(CachedHeadRunner):
     """An EAGLE-1/2 head (draft.py) over the target's last hidden state, with the target's frozen
     embedding and its LM head restricted to the head's draft vocabulary."""
 
-    def __init__(self, head: DraftHead, target: Target, setup: DraftSetup | None = None) -> None:
+    def __init__(self, head: DraftHead, target: TargetModel, setup: DraftSetup | None = None) -> None:
         """setup: what the head computes in and how its linears are stored (`backends.draft_setup`
         chooses for the hardware; None: float32, as loaded); neither changes what is accepted, only
         what is proposed. The caller's head is left as it is: the runner converts a copy."""
@@ -148,10 +148,10 @@ class Eagle3HeadRunner(CachedHeadRunner):
     target's frozen embedding. The target must return those layers' inputs as its features:
     `target.set_feature_layers(runner.feature_layers)`."""
 
-    def __init__(self, head: Eagle3Head, target: Target, setup: DraftSetup | None = None) -> None:
+    def __init__(self, head: Eagle3Head, target: TargetModel, setup: DraftSetup | None = None) -> None:
         """setup: as for `EagleHeadRunner` (int8 or packing also covers the head's fc and lm_head).
         The caller's head is left as it is: the runner converts a copy."""
-        check_eagle3_fits(head, target.hidden_size, target.vocab_size, target.config.num_hidden_layers)
+        check_eagle3_fits(head, target.hidden_size, target.vocab_size, target.num_layers)
         setup = setup or DraftSetup(torch.float32)
         device, dtype = target.device, setup.dtype
         self.setup = setup
@@ -183,7 +183,7 @@ class Eagle3HeadRunner(CachedHeadRunner):
         return self.head.lm_head(self.head.norm(hidden)).float().log_softmax(dim=-1).clamp_(max=0.0)
 
 
-def head_runner(head: DraftHead | Eagle3Head, target: Target, setup: DraftSetup | None = None) -> HeadRunner:
+def head_runner(head: DraftHead | Eagle3Head, target: TargetModel, setup: DraftSetup | None = None) -> HeadRunner:
     """The runner of a head of either kind. An EAGLE-3 runner needs the target to return its
     `feature_layers` (`target.set_feature_layers`)."""
     if isinstance(head, Eagle3Head):

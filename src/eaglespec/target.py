@@ -21,7 +21,7 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -161,6 +161,51 @@ class TargetOutput:
     features: torch.Tensor
 
 
+class TargetCache(Protocol):
+    """What the decode loop uses of a target's cache."""
+
+    #: committed tokens
+    length: int
+
+    def compact(self, nodes: torch.Tensor) -> None:
+        """Commit the accepted nodes ([a] indices into the last forward's tree, root first, in
+        path order) after the prefix; the rest of that tree is dropped."""
+
+
+class TargetModel(Protocol):
+    """What the decode loop, the drafters and the server use of a target: `Target` (a transformers
+    model run by torch) and `eaglespec.backends.llamacpp.LlamaCppTarget` (a GGUF run by llama.cpp)."""
+
+    tokenizer: PreTrainedTokenizerBase | None
+    max_len: int
+    cache: TargetCache
+
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+    @property
+    def embed(self) -> torch.nn.Module: ...
+    @property
+    def lm_head(self) -> torch.nn.Module: ...
+    @property
+    def feature_layers(self) -> tuple[int, ...] | None: ...
+
+    def set_feature_layers(self, layer_ids: Sequence[int] | None) -> None: ...
+    def reset(self) -> None: ...
+    def prefill(self, tokens: torch.Tensor) -> TargetOutput: ...
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                tree_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> TargetOutput: ...
+
+
 class Target:
     """A causal LM with a preallocated KV cache and a forward over token trees.
 
@@ -224,6 +269,18 @@ class Target:
     @property
     def hidden_size(self) -> int:
         return self.lm_head.weight.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """End-of-sequence ids of the model's generation config (the tokenizer's are added by the caller)."""
+        e = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if e is None:
+            return frozenset()
+        return frozenset({e}) if isinstance(e, int) else frozenset(int(i) for i in e)
 
     @property
     def vocab_size(self) -> int:

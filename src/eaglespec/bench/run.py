@@ -26,7 +26,7 @@ from eaglespec.drafter import Drafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.heads import make_drafter
 from eaglespec.lookup import PromptLookupDrafter
-from eaglespec.target import Target
+from eaglespec.target import TargetModel
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def hf_runner(model, prompt_lookup: int | None, eos: set[int]) -> Runner:
     return run
 
 
-def build_runners(target: Target, methods: list[str], head, tree: TreeConfig, lookup: int = 8,
+def build_runners(target: TargetModel, methods: list[str], head, tree: TreeConfig, lookup: int = 8,
                   draft_weights: str = "auto", stock_model=None) -> dict[str, Runner]:
     """One runner per method. head: a loaded EAGLE-1/2 or EAGLE-3 head (`eaglespec.heads.load_head`)
     for the eagle-* methods; stock_model: the unoptimized transformers model that the hf-* methods
@@ -241,7 +241,7 @@ def parse_tree(spec: str) -> tuple[TreeConfig, int]:
     return tree, lookup
 
 
-def tree_runners(target: Target, head, specs: list[str], draft_weights: str = "auto") -> dict[str, Runner]:
+def tree_runners(target: TargetModel, head, specs: list[str], draft_weights: str = "auto") -> dict[str, Runner]:
     """One EAGLE runner per tree shape of `parse_tree`, labelled "tree:SPEC"."""
     runners: dict[str, Runner] = {}
     for spec in specs:
@@ -252,7 +252,7 @@ def tree_runners(target: Target, head, specs: list[str], draft_weights: str = "a
 
 # -- the run -----------------------------------------------------------------------------------
 
-def run_bench(target: Target, runners: dict[str, Runner], questions: list[Question], cfg: GenerationConfig,
+def run_bench(target: TargetModel, runners: dict[str, Runner], questions: list[Question], cfg: GenerationConfig,
               warmup: int = 1, rotate: bool = True) -> Iterator[RunRecord]:
     """Yield one record per (question, turn, method), methods interleaved within each turn.
 

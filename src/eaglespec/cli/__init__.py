@@ -30,10 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a bad input, not a bug: printed as one line. A target that fails to
-    load raises TargetLoadError, which can only happen once eaglespec.target has been imported."""
+    load raises TargetLoadError (or LlamaCppError), which can only happen once its module has been
+    imported."""
     errors: tuple[type[BaseException], ...] = (UsageError, ValueError, FileNotFoundError)
     target = sys.modules.get("eaglespec.target")
-    return errors + (target.TargetLoadError,) if target is not None else errors
+    llamacpp = sys.modules.get("eaglespec.backends.llamacpp")
+    errors += (target.TargetLoadError,) if target is not None else ()
+    return errors + ((llamacpp.LlamaCppError,) if llamacpp is not None else ())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,7 @@ def register_profile(subparsers) -> None:
                    help="also time one target forward over q = 1..32 new tokens after a CTX-token context")
     p.add_argument("--prefill-scan", type=int, nargs="+", default=None, metavar="LEN",
                    help="only time the prompt prefill at these lengths, with and without its sdpa")
-    add_model_args(p)
+    add_model_args(p, backend=False)  # profiles the torch target's phases
     g = p.add_argument_group("draft")
     add_draft_path_arg(g)
     add_tree_args(g)
@@ -150,7 +150,7 @@ def run(args) -> int:
                                           cpu=args.device == "cpu") if llama_methods else None
     target = load_target_from(args)
     # heads of either kind (EAGLE-1/2 or EAGLE-3), loaded for this target's depth
-    layers = target.config.num_hidden_layers
+    layers = target.num_layers
     head = load_head(path, layers) if path is not None else None
     extra_heads = {name: load_head(p, layers) for name, p in extra_heads.items()}
     tree = tree_config(args, target.device, target.dtype)

@@ -30,7 +30,8 @@ def add_model_arg(g) -> None:
     g.add_argument("--model", default=None, help="transformers folder or .gguf file (default: SmolLM2-135M-Instruct)")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    """The model flags; backend=False for subcommands that need the torch target (training)."""
     g = p.add_argument_group("model")
     add_model_arg(g)
     g.add_argument("--dtype", default="auto",
@@ -41,6 +42,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--no-pack", action="store_true",
                    help="keep stock nn.Linear weights (bf16 on CPU pre-packs them for oneDNN by default)")
+    if backend:
+        add_backend_args(g)
+
+
+BACKENDS = ("auto", "torch", "llamacpp")
+
+
+def add_backend_args(g) -> None:
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="what evaluates the target: torch (transformers) or llamacpp (llama.cpp on the GGUF file, "
+                        "CPU only; --dtype and --no-pack do not apply; EAGLE-1/2 heads only). auto: llamacpp when "
+                        "llama-cpp-python is installed, the model is a GGUF file and the device a CPU, else torch")
+    g.add_argument("--llamacpp-fast", action="store_true",
+                   help="llama.cpp backend: decode lone tokens alone and reuse rejected KV cells (faster; greedy "
+                        "output may then differ from plain decoding where two tokens nearly tie)")
 
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
@@ -149,13 +165,42 @@ def tree_config(args, device="cpu", dtype=None):
                         sizing=args.tree_sizing, static_tree=args.static_tree)
 
 
-def load_target_from(args, dtype: str | None = None, attn_implementation: str | None = None):
-    """The target of the model flags; `dtype` overrides --dtype."""
-    from eaglespec.target import load_target
+def chosen_backend(args) -> str:
+    """"torch" or "llamacpp", from --backend (auto: llamacpp for a GGUF model on a CPU when
+    llama-cpp-python is installed)."""
+    from eaglespec.backends.llamacpp import INSTALL_HINT, llamacpp_available
 
+    backend = getattr(args, "backend", "torch")
+    if backend == "torch":
+        return "torch"
+    gguf = args.model is None or str(args.model).endswith(".gguf")
+    cpu = str(args.device) == "cpu"
+    if backend == "llamacpp":
+        if not llamacpp_available():
+            raise UsageError(f"--backend llamacpp needs llama-cpp-python: {INSTALL_HINT}")
+        if not gguf:
+            raise UsageError(f"--backend llamacpp runs GGUF files; {args.model} is not one (use --backend torch)")
+        if not cpu:
+            raise UsageError(f"--backend llamacpp runs on the CPU, not {args.device} (use --backend torch)")
+        return "llamacpp"
+    return "llamacpp" if gguf and cpu and llamacpp_available() else "torch"
+
+
+def load_target_from(args, dtype: str | None = None, attn_implementation: str | None = None):
+    """The target of the model flags, on the backend --backend picks; `dtype` overrides --dtype
+    (torch backend)."""
     if args.max_len < 16:
         raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
     quiet_transformers(args)
+    if chosen_backend(args) == "llamacpp":
+        from eaglespec.backends.llamacpp import LlamaCppConfig, LlamaCppTarget
+        from eaglespec.target import default_gguf_path
+
+        gguf = default_gguf_path() if args.model is None else args.model
+        config = LlamaCppConfig(threads=args.threads, max_len=args.max_len, exact=not args.llamacpp_fast)
+        return LlamaCppTarget(gguf, config)
+    from eaglespec.target import load_target
+
     return load_target(args.model, dtype=dtype or args.dtype, device=args.device, max_len=args.max_len,
                        pack=not args.no_pack, attn_implementation=attn_implementation)
 

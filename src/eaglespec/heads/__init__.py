@@ -24,7 +24,7 @@ from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 
 if TYPE_CHECKING:
     from eaglespec.backends import DraftSetup
-    from eaglespec.target import Target
+    from eaglespec.target import TargetModel
 
 DEFAULT_HEAD = Path(__file__).parent / "smollm2-135m-instruct"
 
@@ -43,7 +43,7 @@ def load_head(path: str | Path, num_target_layers: int | None = None) -> DraftHe
     return DraftHead.from_pretrained(path)
 
 
-def make_drafter(head: DraftHead | Eagle3Head, target: Target, tree: TreeConfig = TreeConfig(),
+def make_drafter(head: DraftHead | Eagle3Head, target: TargetModel, tree: TreeConfig = TreeConfig(),
                  setup: DraftSetup | None = None, lookup: int = 0) -> Drafter:
     """The drafter of a loaded head for `target`, which is set to return the features the head
     reads. setup: the head's dtype and weight layout (`backends.draft_setup`; None: float32 as
@@ -58,7 +58,7 @@ def make_drafter(head: DraftHead | Eagle3Head, target: Target, tree: TreeConfig 
     return drafter
 
 
-def load_drafter(path: str | Path, target: Target, tree: TreeConfig = TreeConfig(), setup: DraftSetup | None = None,
+def load_drafter(path: str | Path, target: TargetModel, tree: TreeConfig = TreeConfig(), setup: DraftSetup | None = None,
                  lookup: int = 0) -> Drafter:
     """`make_drafter` for the head in a folder of either kind (`load_head`)."""
-    return make_drafter(load_head(path, target.config.num_hidden_layers), target, tree, setup, lookup)
+    return make_drafter(load_head(path, target.num_layers), target, tree, setup, lookup)

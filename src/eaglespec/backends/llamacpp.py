@@ -1,0 +1,488 @@
+"""llama.cpp as the target's backend: a GGUF file evaluated by llama.cpp's CPU kernels (through
+llama-cpp-python's C API), drafted and verified by eaglespec.
+
+`LlamaCppTarget` implements what the decode loop uses of a target (`eaglespec.target.TargetModel`):
+prefill, a forward over a token tree, and a cache of committed tokens that keeps an accepted path.
+One `llama_decode` verifies a whole tree:
+
+- each node carries the sequence ids of all leaves below it (`tree_sequences`); llama.cpp lets a
+  token attend to a cell iff the cell holds the token's *first* sequence id and an earlier or equal
+  position (`set_input_kq_mask_impl` in src/llama-kv-cache.cpp). A node's first sequence is a leaf
+  below it, and the cells holding that leaf's sequence are the leaf's root path, so a node sees
+  exactly its ancestors and itself (positions = prefix length + depth);
+- the committed prefix belongs to every sequence a tree uses (llama.cpp checks that a batch
+  continues each of its sequences at the next position);
+- logits and the features (the last hidden state after the final norm, llama.cpp's per-token
+  embeddings with pooling NONE: what transformers' decoder returns) come from the same decode.
+
+After verification `compact` keeps only the accepted path: `seq_rm` drops every other sequence
+and the accepted leaf's tail. In exact mode (the default) rejected cells stay occupied under a
+sequence no token reads, since llama.cpp attends in cell order and a freed cell would be refilled
+by a later token out of position order, changing the rounding of the attention sums; a lone token
+is decoded beside a padding row, and trees stay under 64 rows, so that every row takes the kernels
+plain decoding takes (docs/design.md, "llama.cpp backend").
+
+The draft head needs the target's token embedding and LM head as torch modules: they are read from
+the dequantized transformers folder of the same GGUF (`eaglespec.target.convert_gguf`), with the
+tokenizer, the config and the generation config.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from eaglespec.target import TargetOutput
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'eaglespec[llamacpp]' (llama-cpp-python >= 0.3.36)"
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp is missing, or refused a model or a batch; the message says what to do."""
+
+
+def llamacpp_available() -> bool:
+    """Whether llama-cpp-python is installed (found, not imported)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _lib():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise LlamaCppError(f"the llama.cpp backend needs llama-cpp-python: {INSTALL_HINT} ({e})") from None
+    return llama_cpp
+
+
+def physical_cores() -> int:
+    """Physical CPU cores usable by this process (hyperthreads slow llama.cpp's matmuls down)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n or usable, usable))
+
+
+#: the most rows a verification forward may have and keep each row's bits: from 64 query rows on,
+#: llama.cpp's CPU flash attention switches to a tiled kernel (GGML_FA_TILE_Q) that rounds otherwise
+EXACT_MAX_ROWS = 63
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    """How llama.cpp runs the target."""
+
+    threads: int | None = None  # llama.cpp threads (None: the physical cores)
+    max_len: int = 2048  # committed tokens + one tree, as the torch target's cache
+    max_tree: int = 48  # most nodes (and leaves) one forward verifies
+    #: every row of a decode step gets the bits it gets in plain decoding, so greedy speculative
+    #: output equals this backend's plain output (docs/design.md, "llama.cpp backend"): a lone
+    #: token is decoded with a padding row (llama.cpp reduces a single query's attention in
+    #: per-thread chunks of the cache), trees stay under EXACT_MAX_ROWS, and rejected cells stay
+    #: occupied so no later token lands before an earlier one (attention sums run in cell order).
+    #: False: lone tokens alone, rejected cells freed and reused (faster, not bit-exact)
+    exact: bool = True
+    #: KV cells beyond max_len for rejected nodes kept occupied (exact); when they run out the
+    #: committed tokens are copied, bit for bit, into one contiguous block (0: max_len)
+    spare_cells: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.max_len < 16:
+            raise ValueError(f"max_len must be >= 16, got {self.max_len}")
+        limit = EXACT_MAX_ROWS if self.exact else 250
+        if not 1 <= self.max_tree <= limit:
+            raise ValueError(f"max_tree must be in [1, {limit}]{' (exact mode)' if self.exact else ''}, got {self.max_tree}")
+        if self.spare_cells < 0:
+            raise ValueError(f"spare_cells must be >= 0, got {self.spare_cells}")
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads or physical_cores()
+
+    @property
+    def n_ctx(self) -> int:
+        """KV cells: the sequence, plus room for rejected nodes when they stay occupied."""
+        return self.max_len + (self.spare_cells or self.max_len) if self.exact else self.max_len
+
+
+# -- trees as sequences ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TreeSequences:
+    """A tree's nodes as llama.cpp sequences: leaf l is sequence l; node i belongs to the sequences
+    of the leaves below it (itself included).
+
+    For parents [-1, 0, 0, 1] (root 0 with children 1, 2; 3 under 1): leaves [2, 3];
+    member[:, 0] = [1, 0, 1, 1] (leaf 2's path), member[:, 1] = [1, 1, 0, 1] (leaf 3's path), so
+    node 0 holds sequences [0, 1], node 1 [1], node 2 [0], node 3 [1].
+    """
+
+    leaves: np.ndarray  # [L] node index of each leaf, ascending
+    member: np.ndarray  # [q, L] bool: node i is on leaf l's root path
+
+    def seq_ids(self, node: int) -> list[int]:
+        return np.flatnonzero(self.member[node]).tolist()
+
+
+def tree_sequences(tree_mask: np.ndarray) -> TreeSequences:
+    """The sequences of a tree given its ancestor-or-self mask [q, q] (row i sees column j iff j is
+    i or an ancestor of i). A leaf is a node no other node sees."""
+    mask = np.asarray(tree_mask, dtype=bool)
+    seen_by = mask.sum(axis=0)  # [q] how many nodes see each node (itself included)
+    leaves = np.flatnonzero(seen_by == 1)
+    return TreeSequences(leaves=leaves, member=mask[leaves].T.copy())
+
+
+# -- the committed cache ---------------------------------------------------------------------------
+
+class SequenceCache:
+    """The committed tokens in llama.cpp's KV cache, and the last verified tree's layout.
+
+    `length` counts the committed tokens. A forward puts its nodes in the cache under the tree's
+    sequences (`TreeSequences`) without moving `length`; `compact(nodes)` then keeps the accepted
+    path: the prefix and those nodes end up in one sequence (`home`), and every other cell of the
+    tree is freed, or, in exact mode, parked under `trash`, a sequence no token ever reads."""
+
+    def __init__(self, target: LlamaCppTarget) -> None:
+        self._t = target
+        self.length = 0
+        self.home = 0  # the sequence that holds the committed tokens
+        self.holders: set[int] = {0}  # the sequences that hold them (a tree may use any of them)
+        self.leaf_limit = target.n_seq - 2
+        self.trash = target.n_seq - 2  # parked rejected cells
+        self.pad = target.n_seq - 1  # a lone token's padding row, parked after each decode
+        self.parked = 0  # cells under `trash`
+        self._tree: TreeSequences | None = None
+        self._seq_of_leaf: list[int] = []
+
+    def reset(self) -> None:
+        self._t._lib.llama_memory_clear(self._t._mem, True)
+        self.length, self.home, self.holders, self.parked, self._tree = 0, 0, {0}, 0, None
+
+    def leaf_seqs(self, n_leaves: int) -> list[int]:
+        """Sequence ids for a tree's leaves, the home first; each gets the committed prefix
+        (`seq_cp` only adds a sequence bit to the prefix's cells: no data moves)."""
+        seqs = [self.home] + [s for s in range(self.leaf_limit) if s != self.home][: n_leaves - 1]
+        for s in seqs:
+            if s not in self.holders:
+                self._t._lib.llama_memory_seq_cp(self._t._mem, self.home, s, -1, -1)
+                self.holders.add(s)
+        return seqs
+
+    def hold_tree(self, tree: TreeSequences | None, seqs: list[int]) -> None:
+        self._tree, self._seq_of_leaf = tree, seqs
+
+    def drop(self, seq: int, park_from: int, remove_from: int) -> None:
+        """Park `seq`'s cells from position `park_from` on under `trash` (exact mode; otherwise
+        they are freed), then take `seq` off its cells from `remove_from` on (-1: all)."""
+        lib, mem = self._t._lib, self._t._mem
+        if self._t.config.exact:
+            lib.llama_memory_seq_cp(mem, seq, self.trash, park_from, -1)
+        lib.llama_memory_seq_rm(mem, seq, remove_from, -1)
+
+    def compact(self, nodes: torch.Tensor) -> None:
+        """Commit the accepted path `nodes` ([a] node indices, root first, in path order) of the
+        last forward and drop the rest of its tree."""
+        a = int(nodes.shape[0])  # host sync: once per step
+        tree = self._tree
+        self._tree = None
+        if tree is None:  # a lone token: nothing else of ours was written
+            self.length += a
+            return
+        q = tree.member.shape[0]
+        keep = self._seq_of_leaf[int(np.flatnonzero(tree.member[int(nodes[-1])])[0])]
+        for s in self._seq_of_leaf:
+            if s != keep:
+                self.drop(s, self.length, -1)
+        self.drop(keep, self.length + a, self.length + a)  # the accepted leaf's own tail
+        self.length += a
+        self.parked += q - a
+        self.home, self.holders = keep, {keep}
+
+    def room(self, q: int) -> None:
+        """Make sure q more cells fit: in exact mode, once the parked cells fill the spare room,
+        copy the committed tokens' keys and values (bit for bit) into one contiguous block."""
+        if self.length + self.parked + q + 1 <= self._t.config.n_ctx:
+            return
+        lib, ctx, mem = self._t._lib, self._t._ctx, self._t._mem
+        size = lib.llama_state_seq_get_size(ctx, self.home)
+        buf = (ctypes.c_uint8 * size)()
+        if lib.llama_state_seq_get_data(ctx, buf, size, self.home) != size:
+            raise LlamaCppError("llama.cpp could not save the committed sequence")
+        lib.llama_memory_clear(mem, False)
+        if lib.llama_state_seq_set_data(ctx, buf, size, 0) != size:
+            raise LlamaCppError("llama.cpp could not restore the committed sequence")
+        self.home, self.holders, self.parked = 0, {0}, 0
+
+
+# -- the target ------------------------------------------------------------------------------------
+
+def _silence(lib) -> None:
+    """Route llama.cpp's log lines to this module's logger at debug level (once per process)."""
+    if getattr(_silence, "cb", None) is not None:
+        return
+
+    @lib.llama_log_callback
+    def cb(level, text, user_data):  # noqa: ARG001
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+    _silence.cb = cb  # kept alive: llama.cpp holds the pointer
+    lib.llama_log_set(cb, ctypes.c_void_p(0))
+
+
+class LlamaCppTarget:
+    """A GGUF target run by llama.cpp, with eaglespec's tree forward and accepted-path cache.
+
+    Implements `eaglespec.target.TargetModel`. Features are the last hidden state (EAGLE-1/2
+    heads); EAGLE-3's intermediate layer inputs are not exposed by llama.cpp's C API."""
+
+    def __init__(self, gguf: str | Path, config: LlamaCppConfig = LlamaCppConfig(), folder: str | Path | None = None) -> None:
+        """gguf: the model file; folder: its dequantized transformers folder, for the tokenizer,
+        config, embedding and LM head (None: `convert_gguf(gguf)`, converted once and cached)."""
+        from eaglespec.target import convert_gguf
+
+        lib = self._lib = _lib()
+        self.gguf = Path(gguf)
+        if not self.gguf.is_file():
+            raise LlamaCppError(f"GGUF file not found: {self.gguf}")
+        self.config = config
+        self.max_len = config.max_len
+        self.n_seq = config.max_tree + 2  # leaves, the trash and the padding sequences
+        self.folder = Path(folder) if folder is not None else convert_gguf(self.gguf)
+        self._load_torch_parts(self.folder)
+        _silence(lib)
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self._model = lib.llama_model_load_from_file(str(self.gguf).encode(), mparams)
+        if not self._model:
+            raise LlamaCppError(f"llama.cpp could not load {self.gguf}")
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = max(config.max_len, 512)
+        cparams.n_ubatch = cparams.n_batch  # a prompt or a tree is one graph
+        cparams.n_seq_max = self.n_seq
+        cparams.kv_unified = True  # one KV buffer that every sequence's tokens share
+        cparams.embeddings = True
+        cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        cparams.n_threads = cparams.n_threads_batch = config.n_threads
+        # flash attention: each query row runs over the cells in order, skipping masked ones, so a
+        # row's bits do not depend on the other rows (the unfused path's matmuls over the batch do)
+        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cparams.no_perf = True
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            raise LlamaCppError(f"llama.cpp could not create a context for {self.gguf} (n_ctx {config.n_ctx})")
+        self._mem = lib.llama_get_memory(self._ctx)
+        n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
+        n_embd = lib.llama_model_n_embd(self._model)
+        if n_vocab != self.vocab_size or n_embd != self.hidden_size:
+            raise LlamaCppError(f"{self.gguf}: llama.cpp reads vocab {n_vocab} x hidden {n_embd}, the converted folder "
+                                f"{self.vocab_size} x {self.hidden_size}")
+        self._batch = lib.llama_batch_init(cparams.n_batch, 0, self.n_seq)
+        self._batch_cap = cparams.n_batch
+        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(self._batch_cap,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(self._batch_cap,))
+        self._n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self._batch_cap,))
+        self._logits_flag = np.ctypeslib.as_array(self._batch.logits, shape=(self._batch_cap,))
+        self._seq_rows: list[np.ndarray | None] = [None] * self._batch_cap  # views made on first use
+        self.cache = SequenceCache(self)
+        self.feature_layers: tuple[int, ...] | None = None
+
+    def _load_torch_parts(self, folder: Path) -> None:
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        self.model_config: PretrainedConfig = AutoConfig.from_pretrained(str(folder))
+        self.tokenizer: PreTrainedTokenizerBase | None = AutoTokenizer.from_pretrained(str(folder))
+        try:
+            gen_eos = GenerationConfig.from_pretrained(str(folder)).eos_token_id
+        except OSError:
+            gen_eos = None
+        self.eos_token_ids = _ids(gen_eos)
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            keys = set(f.keys())
+            embed_key = next(k for k in keys if k.endswith("embed_tokens.weight"))
+            embed_w = f.get_tensor(embed_key)  # [V, H] float32
+            head_w = f.get_tensor("lm_head.weight") if "lm_head.weight" in keys else embed_w
+        self.embed = nn.Embedding.from_pretrained(embed_w, freeze=True)
+        self.lm_head = nn.Linear(head_w.shape[1], head_w.shape[0], bias=False, device="meta")
+        self.lm_head.weight = nn.Parameter(head_w, requires_grad=False)
+
+    # -- what the engine reads --------------------------------------------------------------------
+
+    device = torch.device("cpu")
+    dtype = torch.float32  # of logits, features and the torch modules; the GGUF's own types may be smaller
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm_head.weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.num_hidden_layers
+
+    def set_feature_layers(self, layer_ids) -> None:
+        if layer_ids is not None:
+            raise LlamaCppError("the llama.cpp backend gives the last hidden state only; an EAGLE-3 head reads "
+                                "intermediate layers: use --backend torch with an EAGLE-3 head")
+
+    def cost_key(self) -> str:
+        """What a measured cost curve depends on: backend, weights (file name, size, mtime) and threads."""
+        st = self.gguf.stat()
+        ident = json.dumps(["llamacpp", self.gguf.name, st.st_size, st.st_mtime_ns, self.config.n_threads,
+                            self.config.exact])
+        return f"llamacpp-{self.gguf.stem}-t{self.config.n_threads}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def close(self) -> None:
+        """Free llama.cpp's context, model and batch (also done when the object is collected)."""
+        lib = self._lib
+        if getattr(self, "_batch", None) is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone
+            pass
+
+    # -- forwards ----------------------------------------------------------------------------------
+
+    def _seq_row(self, i: int) -> np.ndarray:
+        row = self._seq_rows[i]
+        if row is None:
+            row = self._seq_rows[i] = np.ctypeslib.as_array(self._batch.seq_id[i], shape=(self.n_seq,))
+        return row
+
+    def _decode(self, tokens: np.ndarray, positions: np.ndarray, seqs: list[list[int]] | None,
+                outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One llama_decode. tokens, positions: [q]; seqs[i]: node i's sequence ids (None: all in
+        `cache.home`); the first `outputs` rows return logits and features. A lone token in exact
+        mode gets a padding row (under `cache.pad`, parked afterwards).
+        Returns logits [outputs, V] float32 and features [outputs, H] float32 (copies)."""
+        lib, cache = self._lib, self.cache
+        q = tokens.shape[0]
+        pad = q == 1 and self.config.exact
+        n = q + pad
+        if n > self._batch_cap:
+            raise ValueError(f"{q} tokens exceed llama.cpp's batch of {self._batch_cap}")
+        cache.room(n)
+        self._batch.n_tokens = n
+        self._tokens[:q] = tokens
+        self._pos[:q] = positions
+        self._logits_flag[:n] = 0
+        self._logits_flag[:outputs] = 1
+        if seqs is None:
+            self._n_seq_id[:q] = 1
+            for i in range(q):
+                self._seq_row(i)[0] = cache.home
+        else:
+            for i, ids in enumerate(seqs):
+                self._n_seq_id[i] = len(ids)
+                self._seq_row(i)[: len(ids)] = ids
+        if pad:  # the token again, under a sequence of its own: only its row count matters
+            self._tokens[1], self._pos[1], self._n_seq_id[1] = tokens[0], positions[0], 1
+            self._seq_row(1)[0] = cache.pad
+        rc = lib.llama_decode(self._ctx, self._batch)
+        if pad:
+            cache.drop(cache.pad, -1, -1)
+            cache.parked += 1
+        if rc != 0:
+            raise LlamaCppError(f"llama_decode failed ({rc}) on {q} tokens from position {int(positions[0])}")
+        logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
+        feats = np.ctypeslib.as_array(lib.llama_get_embeddings(self._ctx), shape=(outputs, self.hidden_size))
+        return torch.from_numpy(logits.copy()), torch.from_numpy(feats.copy())
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                tree_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> TargetOutput:
+        """Run q new tokens after the committed prefix (as `Target.forward`): tokens [q] long,
+        positions [q] (length + depth), tree_mask [q, q] bool ancestor-or-self (None: a causal
+        chain); last_logits_only: logits [1, V] of the last row (features of all rows either way:
+        llama.cpp computes both for an output row). The nodes stay in the cache until
+        `cache.compact` keeps the accepted ones."""
+        from eaglespec.target import TargetOutput
+
+        q = tokens.shape[0]
+        cache = self.cache
+        if cache.length + q > self.max_len:
+            raise ValueError(f"sequence of {cache.length + q} tokens exceeds the cache of {self.max_len}")
+        tok = tokens.numpy().astype(np.int32, copy=False)  # host copy (CPU tensors: a view)
+        pos = (np.arange(cache.length, cache.length + q, dtype=np.int32) if positions is None
+               else positions.numpy().astype(np.int32, copy=False))
+        if q == 1:
+            logits, feats = self._decode(tok, pos, None, 1)
+            cache.hold_tree(None, [])
+        else:
+            if tree_mask is None:  # a causal chain: one leaf, the last node
+                tree = TreeSequences(leaves=np.array([q - 1]), member=np.ones((q, 1), dtype=bool))
+            else:
+                tree = tree_sequences(tree_mask.numpy())
+            n_leaves = tree.leaves.shape[0]
+            if n_leaves > cache.leaf_limit:
+                raise ValueError(f"a tree of {n_leaves} leaves exceeds llama.cpp's {cache.leaf_limit} sequences "
+                                 "(raise max_tree)")
+            if q > self.config.max_tree and tree_mask is not None:
+                raise ValueError(f"a tree of {q} nodes exceeds max_tree {self.config.max_tree}")
+            seqs = cache.leaf_seqs(n_leaves)
+            node_seqs = [[seqs[l] for l in np.flatnonzero(row)] for row in tree.member]
+            logits, feats = self._decode(tok, pos, node_seqs, q)
+            cache.hold_tree(tree, seqs)
+        if last_logits_only:
+            logits = logits[-1:]
+        return TargetOutput(logits=logits, features=feats)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor) -> TargetOutput:
+        """Process a prompt from an empty cache and commit it: logits of the last token ([1, V]),
+        features of all ([n, H])."""
+        self.cache.reset()
+        out = self.forward(tokens, last_logits_only=True)
+        self.cache.hold_tree(None, [])
+        self.cache.length = tokens.shape[0]
+        return out
+
+
+def _ids(value) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, int):
+        return frozenset({value})
+    return frozenset(int(v) for v in value)

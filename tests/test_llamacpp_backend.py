@@ -1,0 +1,223 @@
+"""The llama.cpp backend (eaglespec.backends.llamacpp): trees as llama.cpp sequences, the cache
+keeping exactly the accepted path, and lossless decoding through it (greedy output equal to the
+backend's own plain decoding, sampling that follows its distribution).
+
+The tree mapping is pure; everything else runs the default GGUF (SmolLM2-135M-Instruct, Q4_1)
+through llama-cpp-python and is skipped, saying why, where either is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eaglespec.backends.llamacpp import LlamaCppConfig, TreeSequences, tree_sequences
+from eaglespec.tree import make_tree
+
+needs_llamacpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                    reason="llama-cpp-python is not installed (pip install 'eaglespec[llamacpp]')")
+
+
+def ancestor_mask(parents: list[int]) -> np.ndarray:
+    """[q, q] ancestor-or-self mask of a parent list, written out the slow way."""
+    q = len(parents)
+    mask = np.zeros((q, q), dtype=bool)
+    for i in range(q):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parents[j]
+    return mask
+
+
+@pytest.mark.parametrize("parents, leaves, seqs", [
+    ([-1], [0], [[0]]),  # the root alone
+    ([-1, 0, 1, 2], [3], [[0], [0], [0], [0]]),  # a chain: one sequence
+    # root 0 with children 1, 2; node 3 under 1: leaf 2 is sequence 0, leaf 3 sequence 1
+    ([-1, 0, 0, 1], [2, 3], [[0, 1], [1], [0], [1]]),
+    # root with children 1, 2, 3; 4, 5 under 1; 6 under 4
+    ([-1, 0, 0, 0, 1, 1, 4], [2, 3, 5, 6], [[0, 1, 2, 3], [2, 3], [0], [1], [3], [2], [3]]),
+])
+def test_each_node_holds_the_sequences_of_the_leaves_below_it(parents, leaves, seqs):
+    tree = tree_sequences(ancestor_mask(parents))
+    assert tree.leaves.tolist() == leaves
+    assert [tree.seq_ids(i) for i in range(len(parents))] == seqs
+
+
+@pytest.mark.parametrize("parents", [[-1, 0, 0, 1], [-1, 0, 0, 0, 1, 1, 4], [-1, 0, 1, 1, 0, 4, 5, 2]])
+def test_a_nodes_first_sequence_shows_it_exactly_its_ancestors(parents):
+    """llama.cpp lets node i see cell j iff j holds i's first sequence and pos(j) <= pos(i)
+    (src/llama-kv-cache.cpp): over the tree's own cells that must be the ancestor-or-self mask."""
+    mask = ancestor_mask(parents)
+    tree = tree_sequences(mask)
+    depth = mask.sum(axis=1) - 1
+    for i in range(len(parents)):
+        first = tree.seq_ids(i)[0]
+        seen = [j for j in range(len(parents)) if first in tree.seq_ids(j) and depth[j] <= depth[i]]
+        assert seen == np.flatnonzero(mask[i]).tolist()
+
+
+def test_the_mapping_reads_the_masks_eaglespec_builds():
+    tree = make_tree(torch.tensor([5, 6, 7, 8, 9]), torch.tensor([-1, 0, 0, 1, 1]), max_depth=2)
+    seqs = tree_sequences(tree.mask.numpy())
+    assert isinstance(seqs, TreeSequences)
+    assert seqs.leaves.tolist() == [2, 3, 4]
+
+
+def test_config_refuses_trees_past_the_exact_row_limit():
+    with pytest.raises(ValueError, match="max_tree"):
+        LlamaCppConfig(max_tree=64)
+    LlamaCppConfig(max_tree=64, exact=False)  # the fast mode has no such limit
+
+
+# -- the real default GGUF ---------------------------------------------------------------------------
+
+def default_gguf():
+    from eaglespec.target import TargetLoadError, default_gguf_path
+
+    try:
+        return default_gguf_path()
+    except TargetLoadError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def llama_target():
+    from eaglespec.backends.llamacpp import LlamaCppTarget
+
+    target = LlamaCppTarget(default_gguf(), LlamaCppConfig(max_len=1024, max_tree=32, threads=2))
+    yield target
+    target.close()
+
+
+@pytest.fixture(scope="module")
+def prompt(llama_target):
+    from eaglespec.generate import Generator
+
+    return Generator(llama_target).encode("Name the planets of the solar system in order.")
+
+
+def plain_logits(target, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """The backend's plain decoding: prefill the prompt, then step through `tokens` one at a
+    time; the logits after the last one ([V])."""
+    out = target.prefill(prompt)
+    for t in tokens:
+        out = target.forward(torch.tensor([t]))
+        target.cache.compact(torch.tensor([0]))
+    return out.logits[-1]
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_compaction_keeps_exactly_the_accepted_path(llama_target, prompt):
+    """Verify a hand-made tree, keep one root-to-node path; the next plain step then gives the
+    logits a fresh decoding of prompt + path + token gives, bit for bit, and keeping another
+    path does not."""
+    target = llama_target
+    tokens = torch.tensor([1000, 2000, 3000, 4000, 5000, 6000, 7000])
+    parents = torch.tensor([-1, 0, 0, 1, 1, 3, 2])  # paths 0-1-3-5, 0-1-4, 0-2-6
+    tree = make_tree(tokens, parents, max_depth=3)
+
+    def step_after(path: list[int]) -> torch.Tensor:
+        target.prefill(prompt)
+        target.forward(tree.tokens, target.cache.length + tree.depths, tree.mask)
+        target.cache.compact(torch.tensor(path))
+        assert target.cache.length == prompt.shape[0] + len(path)
+        return target.forward(torch.tensor([42])).logits[0]
+
+    got = step_after([0, 1, 3])
+    fresh = plain_logits(target, prompt, tokens[[0, 1, 3]].tolist() + [42])
+    assert torch.equal(got, fresh)
+    assert not torch.equal(step_after([0, 2, 6]), fresh)  # control: another path, other logits
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_tree_rows_equal_plain_decoding_along_each_branch(llama_target, prompt):
+    """Each node's logits in one tree forward equal plain decoding's along its branch (exact mode)."""
+    target = llama_target
+    tokens = torch.tensor([1000, 2000, 3000, 4000, 5000])
+    parents = torch.tensor([-1, 0, 0, 1, 2])
+    tree = make_tree(tokens, parents, max_depth=2)
+    target.prefill(prompt)
+    rows = target.forward(tree.tokens, target.cache.length + tree.depths, tree.mask).logits
+    for node, branch in [(3, [0, 1, 3]), (4, [0, 2, 4])]:
+        assert torch.equal(rows[node], plain_logits(target, prompt, tokens[branch].tolist()))
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_greedy_speculative_output_equals_plain_output(llama_target):
+    """The EAGLE-2 head with the prompt-lookup chain, through llama.cpp: the same tokens as the
+    backend's plain greedy decoding, on real prompts."""
+    from eaglespec.backends import default_tree, draft_setup
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.heads import default_head_path, load_drafter
+
+    head = default_head_path()
+    if head is None:
+        pytest.skip("no draft head ships with this install")
+    target = llama_target
+    tree = default_tree("cpu", torch.float32, total_tokens=12)
+    plain, spec = Generator(target), Generator(target, load_drafter(head, target, tree, draft_setup("cpu", torch.float32), lookup=8))
+    cfg = GenerationConfig(max_new_tokens=96)
+    taus = []
+    for question in ["Write a haiku about autumn leaves.", "Explain what a hash table is, in three sentences.",
+                     "List five fruits, one per line, then repeat the list in reverse order."]:
+        ids = plain.encode(question)
+        a, b = plain.generate(ids, cfg), spec.generate(ids, cfg)
+        assert a.token_ids == b.token_ids, question
+        taus.append(b.stats.mean_accept_len)
+    assert max(taus) > 1.5, f"the draft was hardly accepted (tau {taus}): the test would be vacuous"
+
+
+def chi_square_excess(samples: list[tuple], joint: dict[tuple, float]) -> tuple[float, float]:
+    from test_lossless import chi_square_excess as check
+
+    return check(samples, joint)
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_sampling_follows_the_backends_distribution(llama_target):
+    """Three sampled tokens (top-k 3, so 27 outcomes) through the EAGLE-2 tree on llama.cpp follow
+    the joint distribution of the backend's own plain steps (chi-square, p = 1e-4)."""
+    from eaglespec.backends import draft_setup
+    from eaglespec.drafter import TreeConfig
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.heads import default_head_path, load_drafter
+    from eaglespec.verify import SamplingParams, process_logits
+
+    head = default_head_path()
+    if head is None:
+        pytest.skip("no draft head ships with this install")
+    target = llama_target
+    params = SamplingParams(1.0, top_k=3)
+    prompt = Generator(target).encode("Say a color.")
+
+    def dist(tokens: list[int]) -> torch.Tensor:
+        return process_logits(plain_logits(target, prompt, tokens), params)
+
+    joint: dict[tuple, float] = {}
+    p1 = dist([])
+    for a in p1.nonzero().flatten().tolist():
+        p2 = dist([a])
+        for b in p2.nonzero().flatten().tolist():
+            p3 = dist([a, b])
+            for c in p3.nonzero().flatten().tolist():
+                joint[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
+    assert math.isclose(sum(joint.values()), 1.0, abs_tol=1e-4)
+    drafter = load_drafter(head, target, TreeConfig(top_k=3, depth=2, total_tokens=6), draft_setup("cpu", torch.float32))
+    spec = Generator(target, drafter)
+    draws, merged = [], 0
+    for seed in range(600):
+        cfg = GenerationConfig(max_new_tokens=3, temperature=1.0, top_k=3, seed=seed, ignore_eos=True)
+        draws.append(tuple(spec.generate(prompt, cfg).token_ids))
+        merged += spec.last_stats.target_forwards < 3
+    assert merged > 60, "the draft was (almost) never accepted: the test would be vacuous"
+    stat, crit = chi_square_excess(draws, joint)
+    assert stat < crit, f"chi-square {stat:.1f} exceeds the 1e-4 critical value {crit:.1f}"
