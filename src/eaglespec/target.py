@@ -74,7 +74,12 @@ def default_gguf_path() -> Path:
 #: converted again, never trusted. 2 (2026-12-04): config.json names the architecture, and a tied
 #: model stores its embedding as `model.embed_tokens.weight` (not `lm_head.weight`), as transformers'
 #: own save does, so that transformers, llama.cpp's convert_hf_to_gguf.py and vLLM all read it.
-CONVERTED_LAYOUT = 2
+#: 3 (2026-12-04): tokenizer_config.json lists the added tokens (`save_tokenizer`), and the folder
+#: holds CONVERTED_MARKER, which lets `load_model` take the short path (`load_converted`).
+CONVERTED_LAYOUT = 3
+
+#: the file that marks a folder `convert_gguf` wrote (its layout and source), read by `load_model`
+CONVERTED_MARKER = "eaglespec-converted.json"
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -103,32 +108,79 @@ def convert_gguf(gguf: Path) -> Path:
 
     transformers refuses `save_pretrained` on a GGUF-loaded model and leaves a
     `quantization_config` in its config, so the weights are written with safetensors directly
-    (`checkpoint_state`) and the config without that entry, naming the architecture. fp32 holds
-    the dequantized values exactly.
+    (`write_converted`). fp32 holds the dequantized values exactly.
     """
     out = _gguf_cache_dir(gguf)
     if (out / "model.safetensors").is_file():
         return out
-    from safetensors.torch import save_file
-
     log.warning("converting %s to %s (once; about 30 s)", gguf.name, out)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
     try:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["torch_dtype"] = config["dtype"] = "float32"
-        config["architectures"] = [type(model).__name__]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        save_file(checkpoint_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_converted(model, tokenizer, tmp, source=gguf.name)
         os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a cache hit
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, source: str) -> None:
+    """Write a model and its tokenizer as a converted folder: a standard transformers folder (fp32
+    safetensors, `checkpoint_state` names, a config without `quantization_config` that names the
+    architecture) plus CONVERTED_MARKER."""
+    from safetensors.torch import save_file
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = config["dtype"] = "float32"
+    config["architectures"] = [type(model).__name__]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    model.generation_config.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+    save_file(checkpoint_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / CONVERTED_MARKER).write_text(json.dumps({"layout": CONVERTED_LAYOUT, "source": source}))
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """`save_pretrained`, with the added tokens listed in tokenizer_config.json as transformers
+    writes them for other tokenizers. transformers leaves them out for a tokenizers-backed one,
+    and then reads them back at every load by parsing all of tokenizer.json in Python (about
+    0.2 s for SmolLM2's 3.5 MB); with them listed it skips that parse and builds the same
+    tokenizer (tests/test_startup.py)."""
+    tokenizer.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["added_tokens_decoder"] = {str(i): t.__getstate__() for i, t in tokenizer.added_tokens_decoder.items()}
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def load_converted(folder: Path, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
+    """A converted folder (`write_converted`), loaded the short way: the model built from its
+    config without random initialization, its one safetensors file cast to `dtype` and assigned in
+    place, the tied weights tied again. `from_pretrained` builds the same model (tests/test_startup.py)
+    but first plans a generic load (a conversion mapping of every architecture, ~0.15 s of regular
+    expressions at each start). Raises TargetLoadError if the file lacks a weight the model has."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(str(folder))
+    with no_init_weights():  # every weight is assigned below; buffers (RoPE) are computed as usual
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    # copy=True: tensors of their own, not views of the file's read-only mapping
+    state = {k: v.to(dtype=dtype, copy=True) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    loaded = {t.data_ptr() for t in state.values()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise TargetLoadError(f"{folder}: weights missing {untied}, unexpected {unexpected}; delete the folder "
+                              "to convert the model again")
+    model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model.eval()
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -447,9 +499,12 @@ def load_model(
     if attn_implementation is None:
         attn_implementation = default_implementation(torch_dtype)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, attn_implementation=attn_implementation
-        ).to(device)
+        if (path / CONVERTED_MARKER).is_file():
+            hf_model = load_converted(path, torch_dtype, attn_implementation)
+        else:
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
+                                                            attn_implementation=attn_implementation)
+        hf_model = hf_model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise TargetLoadError(f"could not load {path}: {e}") from e
