@@ -10,17 +10,23 @@
 #                     and draft_vocab_size; weights fc, midlayer.*, norm, lm_head, d2t, t2d): converted
 #                     with --target-model-dir, and llamacpp-eagle3 is benched
 #   --work DIR        where sources, GGUF files and results go (default: llamacpp_roundtrip/)
-#   --dtype D         bfloat16 | float32: our target's dtype, and the GGUF llama.cpp gets (default bfloat16)
+#   --dtype D         bfloat16 | float32 | q4_1: the GGUF llama.cpp gets (q4_1: the shipped GGUF our target
+#                     is read from, not converted) and our target's dtype (bfloat16 for q4_1); default bfloat16
+#   --head-type T     f32 | bf16: the head's GGUF (default: f32, bf16 with --dtype bfloat16)
 #   --questions FILE  MT-bench question file (default: shared/data/mt_bench/question.jsonl in or above the repo)
 #   --limit N         questions per category (default 2)
 #   --max-new-tokens N  (default 128)
-#   --methods LIST    (default: plain,prompt-lookup,llamacpp,llamacpp-ngram, + llamacpp-eagle3 with --head)
+#   --methods LIST    (default: plain,prompt-lookup,llamacpp,llamacpp-ngram; with --head:
+#                     plain,llamacpp,llamacpp-eagle3, llama.cpp's EAGLE-3 next to its plain decoding)
 #   --threads N       threads for us and for llama.cpp (default: torch's)
 #   --steps LIST      which of build,convert,head,bench to run (default: all that apply)
 #
 # Needs: cmake and a C++ compiler (build), pip (download), sentencepiece (converter).
 # Writes WORK/target-hf/ (our cached target as a standard transformers folder), WORK/target-f32.gguf,
-# WORK/target-bf16.gguf, WORK/head-*.gguf and WORK/bench/results.md.
+# WORK/target-bf16.gguf, WORK/head-NAME-TYPE.gguf and WORK/bench-DTYPE/results.md.
+#
+# llama.cpp's EAGLE-3 drafts a chain of --spec-draft-n-max tokens (default 3), stopping early below
+# --spec-draft-p-min (default 0); pass them after `--` as `--llamacpp-args '--spec-draft-n-max 5'`.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,6 +39,7 @@ limit=2
 max_new=128
 methods=""
 threads=""
+head_type=""
 steps=build,convert,head,bench
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -40,6 +47,7 @@ while [[ $# -gt 0 ]]; do
     --head) head=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
     --dtype) dtype=$2; shift 2 ;;
+    --head-type) head_type=$2; shift 2 ;;
     --questions) questions=$2; shift 2 ;;
     --limit) limit=$2; shift 2 ;;
     --max-new-tokens) max_new=$2; shift 2 ;;
@@ -54,7 +62,15 @@ done
 case "$dtype" in
   bfloat16|bf16) dtype=bfloat16; gguf_type=bf16 ;;
   float32|fp32) dtype=float32; gguf_type=f32 ;;
-  *) echo "llamacpp_roundtrip: --dtype must be bfloat16 or float32, got $dtype" >&2; exit 2 ;;
+  q4_1|Q4_1) dtype=bfloat16; gguf_type=q4_1 ;;
+  *) echo "llamacpp_roundtrip: --dtype must be bfloat16, float32 or q4_1, got $dtype" >&2; exit 2 ;;
+esac
+if [[ -z "$head_type" ]]; then
+  if [[ "$gguf_type" == bf16 ]]; then head_type=bf16; else head_type=f32; fi
+fi
+case "$head_type" in
+  f32|bf16) ;;
+  *) echo "llamacpp_roundtrip: --head-type must be f32 or bf16, got $head_type" >&2; exit 2 ;;
 esac
 step() { [[ ",$steps," == *",$1,"* ]]; }
 say() { printf '\n== %s\n' "$*" >&2; }
@@ -136,11 +152,11 @@ fi
 # -- (c) the EAGLE-3 head, converted against the target ----------------------------------------
 head_gguf=""
 if [[ -n "$head" ]]; then
-  head_gguf="$work/head-$gguf_type.gguf"
+  head_gguf="$work/head-$(basename "$head")-$head_type.gguf"
   if step head; then
     say "converting the EAGLE-3 head $head to $head_gguf"
     [[ -f "$target_hf/config.json" ]] || { echo "llamacpp_roundtrip: run the convert step first" >&2; exit 1; }
-    convert "$head" --outtype "$gguf_type" --outfile "$head_gguf" --target-model-dir "$target_hf"
+    convert "$head" --outtype "$head_type" --outfile "$head_gguf" --target-model-dir "$target_hf"
   fi
 fi
 
@@ -155,7 +171,12 @@ if step bench; then
   [[ -f "$questions" ]] || { echo "llamacpp_roundtrip: no question file; pass --questions FILE" >&2; exit 1; }
   if [[ -z "$methods" ]]; then
     methods=plain,prompt-lookup,llamacpp,llamacpp-ngram
-    [[ -n "$head_gguf" ]] && methods="$methods,llamacpp-eagle3"
+    [[ -n "$head_gguf" ]] && methods=plain,llamacpp,llamacpp-eagle3
+  fi
+  if [[ "$gguf_type" == q4_1 ]]; then
+    target_gguf=$(python3 -c 'from eaglespec.target import default_gguf_path; print(default_gguf_path())')
+  else
+    target_gguf="$work/target-$gguf_type.gguf"
   fi
   extra=()
   [[ -n "$threads" ]] && extra+=(--threads "$threads")
@@ -163,6 +184,6 @@ if step bench; then
   say "bench: $methods on $questions (first turns, $limit per category, $max_new new tokens, $dtype)"
   python3 -m eaglespec.cli bench --questions "$questions" --turns 1 --limit "$limit" \
     --max-new-tokens "$max_new" --dtype "$dtype" --methods "$methods" --llamacpp-bin "$bin" \
-    --llamacpp-gguf "$work/target-$gguf_type.gguf" --out "$work/bench" "${extra[@]}" "$@"
-  say "table: $work/bench/results.md"
+    --llamacpp-gguf "$target_gguf" --out "$work/bench-$gguf_type" ${extra[@]+"${extra[@]}"} "$@"
+  say "table: $work/bench-$gguf_type/results.md"
 fi
