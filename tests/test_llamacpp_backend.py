@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from eaglespec.backends.llamacpp import LlamaCppConfig, TreeSequences, tree_sequences
+from eaglespec.backends.llamacpp import LlamaCppTargetConfig, TreeSequences, tree_sequences
 from eaglespec.tree import make_tree
 
 needs_llamacpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -70,8 +70,8 @@ def test_the_mapping_reads_the_masks_eaglespec_builds():
 
 def test_config_refuses_trees_past_the_exact_row_limit():
     with pytest.raises(ValueError, match="max_tree"):
-        LlamaCppConfig(max_tree=64)
-    LlamaCppConfig(max_tree=64, exact=False)  # the fast mode has no such limit
+        LlamaCppTargetConfig(max_tree=64)
+    LlamaCppTargetConfig(max_tree=64, exact=False)  # the fast mode has no such limit
 
 
 # -- the real default GGUF ---------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def default_gguf():
 def llama_target():
     from eaglespec.backends.llamacpp import LlamaCppTarget
 
-    target = LlamaCppTarget(default_gguf(), LlamaCppConfig(max_len=1024, max_tree=32, threads=2))
+    target = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=1024, max_tree=32, threads=2))
     yield target
     target.close()
 
@@ -221,3 +221,39 @@ def test_sampling_follows_the_backends_distribution(llama_target):
     assert merged > 60, "the draft was (almost) never accepted: the test would be vacuous"
     stat, crit = chi_square_excess(draws, joint)
     assert stat < crit, f"chi-square {stat:.1f} exceeds the 1e-4 critical value {crit:.1f}"
+
+
+# -- choosing the backend -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, device, installed, want", [
+    (None, "cpu", True, "llamacpp"),  # the default GGUF on a CPU
+    ("m.gguf", "cpu", True, "llamacpp"),
+    ("some/folder", "cpu", True, "torch"),  # a transformers folder
+    ("m.gguf", "cuda", True, "torch"),
+    (None, "cpu", False, "torch"),  # llama-cpp-python missing
+])
+def test_auto_picks_llamacpp_for_a_gguf_on_a_cpu_when_installed(monkeypatch, model, device, installed, want):
+    from eaglespec.backends import llamacpp
+    from eaglespec.cli import build_parser
+    from eaglespec.cli.common import chosen_backend
+
+    monkeypatch.setattr(llamacpp, "llamacpp_available", lambda: installed)
+    argv = ["generate", "hi", "--device", device] + ([] if model is None else ["--model", model])
+    assert chosen_backend(build_parser().parse_args(argv)) == want
+    assert chosen_backend(build_parser().parse_args(argv + ["--backend", "torch"])) == "torch"
+
+
+def test_asking_for_llamacpp_without_the_package_is_one_clear_line(monkeypatch, capsys):
+    from eaglespec.backends import llamacpp
+    from eaglespec.cli import main
+
+    monkeypatch.setattr(llamacpp, "llamacpp_available", lambda: False)
+    assert main(["generate", "hi", "--backend", "llamacpp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "llama-cpp-python" in err and "eaglespec[llamacpp]" in err
+
+
+def test_training_keeps_the_torch_target():
+    from eaglespec.cli import build_parser
+
+    assert not hasattr(build_parser().parse_args(["train", "features", "--out", "x"]), "backend")

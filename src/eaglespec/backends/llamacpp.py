@@ -88,7 +88,7 @@ EXACT_MAX_ROWS = 63
 
 
 @dataclass(frozen=True)
-class LlamaCppConfig:
+class LlamaCppTargetConfig:
     """How llama.cpp runs the target."""
 
     threads: int | None = None  # llama.cpp threads (None: the physical cores)
@@ -258,7 +258,7 @@ class LlamaCppTarget:
     Implements `eaglespec.target.TargetModel`. Features are the last hidden state (EAGLE-1/2
     heads); EAGLE-3's intermediate layer inputs are not exposed by llama.cpp's C API."""
 
-    def __init__(self, gguf: str | Path, config: LlamaCppConfig = LlamaCppConfig(), folder: str | Path | None = None) -> None:
+    def __init__(self, gguf: str | Path, config: LlamaCppTargetConfig = LlamaCppTargetConfig(), folder: str | Path | None = None) -> None:
         """gguf: the model file; folder: its dequantized transformers folder, for the tokenizer,
         config, embedding and LM head (None: `convert_gguf(gguf)`, converted once and cached)."""
         from eaglespec.target import convert_gguf
