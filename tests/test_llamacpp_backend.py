@@ -175,6 +175,39 @@ def test_greedy_speculative_output_equals_plain_output(llama_target):
     assert max(taus) > 1.5, f"the draft was hardly accepted (tau {taus}): the test would be vacuous"
 
 
+@needs_llamacpp
+@pytest.mark.slow
+def test_repacking_the_cache_when_parked_cells_fill_it_stays_exact():
+    """With room for only 48 parked cells the committed sequence is copied into a contiguous
+    block several times during one answer; the output still equals plain decoding's."""
+    from eaglespec.backends import default_tree, draft_setup
+    from eaglespec.backends.llamacpp import LlamaCppTarget
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.heads import default_head_path, load_drafter
+
+    head = default_head_path()
+    if head is None:
+        pytest.skip("no draft head ships with this install")
+    target = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=256, max_tree=32, spare_cells=48, threads=2))
+    repacks = []
+    room = target.cache.room
+
+    def counted(q: int) -> None:
+        before = target.cache.parked
+        room(q)
+        repacks.append(target.cache.parked < before)
+
+    target.cache.room = counted
+    tree = default_tree("cpu", torch.float32, total_tokens=12)
+    plain = Generator(target)
+    spec = Generator(target, load_drafter(head, target, tree, draft_setup("cpu", torch.float32), lookup=8))
+    ids = plain.encode("Write a short story about a lighthouse keeper.")
+    cfg = GenerationConfig(max_new_tokens=128, ignore_eos=True)
+    assert plain.generate(ids, cfg).token_ids == spec.generate(ids, cfg).token_ids
+    assert sum(repacks) >= 2
+    target.close()
+
+
 def chi_square_excess(samples: list[tuple], joint: dict[tuple, float]) -> tuple[float, float]:
     from test_lossless import chi_square_excess as check
 

@@ -403,7 +403,6 @@ class LlamaCppTarget:
         n = q + pad
         if n > self._batch_cap:
             raise ValueError(f"{q} tokens exceed llama.cpp's batch of {self._batch_cap}")
-        cache.room(n)
         self._batch.n_tokens = n
         self._tokens[:q] = tokens
         self._pos[:q] = positions
@@ -447,6 +446,7 @@ class LlamaCppTarget:
         tok = tokens.numpy().astype(np.int32, copy=False)  # host copy (CPU tensors: a view)
         pos = (np.arange(cache.length, cache.length + q, dtype=np.int32) if positions is None
                else positions.numpy().astype(np.int32, copy=False))
+        cache.room(q + 1)  # before the tree's sequences are set up: a repack renumbers them
         if q == 1:
             logits, feats = self._decode(tok, pos, None, 1)
             cache.hold_tree(None, [])
