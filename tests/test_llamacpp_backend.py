@@ -178,7 +178,7 @@ def test_greedy_speculative_output_equals_plain_output(llama_target):
 @needs_llamacpp
 @pytest.mark.slow
 def test_repacking_the_cache_when_parked_cells_fill_it_stays_exact():
-    """With room for only 48 parked cells the committed sequence is copied into a contiguous
+    """With room for only 16 parked cells the committed sequence is copied into a contiguous
     block several times during one answer; the output still equals plain decoding's."""
     from eaglespec.backends import default_tree, draft_setup
     from eaglespec.backends.llamacpp import LlamaCppTarget
@@ -188,7 +188,7 @@ def test_repacking_the_cache_when_parked_cells_fill_it_stays_exact():
     head = default_head_path()
     if head is None:
         pytest.skip("no draft head ships with this install")
-    target = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=256, max_tree=32, spare_cells=48, threads=2))
+    target = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=256, max_tree=32, spare_cells=16, threads=2))
     repacks = []
     room = target.cache.room
 
@@ -204,7 +204,7 @@ def test_repacking_the_cache_when_parked_cells_fill_it_stays_exact():
     ids = plain.encode("Write a short story about a lighthouse keeper.")
     cfg = GenerationConfig(max_new_tokens=128, ignore_eos=True)
     assert plain.generate(ids, cfg).token_ids == spec.generate(ids, cfg).token_ids
-    assert sum(repacks) >= 2
+    assert sum(repacks) >= 2, repacks.count(True)
     target.close()
 
 
