@@ -1,8 +1,11 @@
-"""Start-up work that `eaglespec generate` skips: a converted folder loads the short way
+"""Work that `eaglespec generate` skips: a converted folder loads the short way
 (`target.load_converted`, not `from_pretrained`) and its tokenizer without parsing tokenizer.json
-in Python. Each shortcut must build what the long way builds."""
+in Python, each building what the long way builds; and the process ends without the
+interpreter's teardown once the answer is out."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +13,8 @@ from helpers import WORDS, save_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eaglespec.attention import default_implementation
-from eaglespec.target import CONVERTED_MARKER, TargetLoadError, load_converted, load_model, save_tokenizer, \
-    write_converted
+from eaglespec.target import (CONVERTED_MARKER, TargetLoadError, load_converted, load_model, save_tokenizer,
+                              write_converted)
 
 
 @pytest.fixture(scope="module")
@@ -117,5 +120,25 @@ def test_converted_tokenizer_skips_parsing_tokenizer_json_and_is_the_same(tiny_m
     assert ours(text).input_ids == plain(text).input_ids
     assert ours.decode(ours(text).input_ids) == plain.decode(plain(text).input_ids)
     messages = [{"role": "user", "content": "w5 w6"}]
-    assert ours.apply_chat_template(messages, add_generation_prompt=True) == \
-        plain.apply_chat_template(messages, add_generation_prompt=True)
+    want = plain.apply_chat_template(messages, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages, add_generation_prompt=True) == want
+
+
+def test_generate_ends_without_the_interpreters_teardown(tiny_model_dir, capsys):
+    """Run as the program, `generate` writes its whole answer into a pipe and ends at once: the
+    atexit handlers (the teardown) do not run. Called with arguments, `main` returns as before."""
+    from eaglespec.cli import main
+
+    argv = ["generate", "w1 w2", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--json"]
+    code = ("import atexit, sys; atexit.register(lambda: print('teardown', file=sys.stderr)); "
+            "from eaglespec.cli import main; sys.exit(main())")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "teardown" not in r.stderr
+    got = json.loads(r.stdout)
+    assert main(argv) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert got["text"] == want["text"] and got["new_tokens"] == want["new_tokens"] == 6
+    bad = subprocess.run([sys.executable, "-c", code, *argv, "--top-p", "2"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "teardown" not in bad.stderr
