@@ -137,9 +137,18 @@ class CountingTarget:
     """Not a torch Target: the calls `probe_cost_curve` needs, counted, with a forward that costs
     a sleep of `per_token` seconds a token."""
 
-    def __init__(self, key: str = "weights A", per_token: float = 0.0005) -> None:
-        self.key, self.per_token = key, per_token
+    def __init__(self, key: str = "weights A", per_token: float = 0.0005, max_tree: int | None = None) -> None:
+        self.key, self.per_token, self.max_tree = key, per_token, max_tree
         self.forwards, self.resets, self.length = 0, 0, 0
+        self.pending = False  # like llama.cpp: a forward's tokens stay until compact drops them
+
+    @property
+    def cache(self):
+        return self
+
+    def compact(self, nodes):
+        assert nodes.shape[0] == 0  # the probe keeps nothing
+        self.pending = False
 
     def cost_key(self) -> str:
         return self.key
@@ -153,6 +162,9 @@ class CountingTarget:
         q = tokens.shape[0]
         assert torch.equal(tree_mask, torch.ones(q, q, dtype=torch.bool).tril())  # a chain's tree mask
         assert positions.tolist() == list(range(self.length, self.length + tokens.shape[0]))  # nothing committed
+        assert not self.pending, "a forward over the last one's uncommitted tokens"
+        assert self.max_tree is None or q <= self.max_tree
+        self.pending = True
         self.forwards += 1
         time.sleep(0.001 + self.per_token * tokens.shape[0])
 
@@ -232,3 +244,11 @@ def test_a_cost_sized_tree_needs_a_sizer():
         EagleDrafter(head_runner(oracle_head(target), target), TreeConfig(sizing="cost"))
     with pytest.raises(ValueError, match="sizing"):
         TreeConfig(sizing="measured")
+
+
+def test_the_probe_keeps_within_what_the_target_verifies_at_once():
+    """A backend that verifies at most 8 nodes per forward (llama.cpp's max_tree) is probed up to 8,
+    and each timed chain is dropped before the next (it refuses a forward on top of another)."""
+    target = CountingTarget(max_tree=8)
+    curve = probe_cost_curve(target, sizes=(1, 2, 4, 8, 16, 32), repeats=2, cache=False, announce=False)
+    assert curve.sizes == (1, 2, 4, 8) and not target.pending

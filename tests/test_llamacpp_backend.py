@@ -290,3 +290,23 @@ def test_training_keeps_the_torch_target():
     from eaglespec.cli import build_parser
 
     assert not hasattr(build_parser().parse_args(["train", "features", "--out", "x"]), "backend")
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_the_cli_default_on_llamacpp_writes_what_plain_decoding_writes(capsys, tmp_path, monkeypatch):
+    """`eaglespec generate --backend llamacpp` with its defaults: the cost-sized tree (its probe runs
+    through the backend, within the nodes one llama_decode verifies) and the lookup chain."""
+    import json
+
+    from eaglespec.cli import main
+
+    monkeypatch.setenv("EAGLESPEC_CACHE", str(tmp_path))  # a fresh probe cache: the curve is measured here
+    base = ["generate", "List three tips for staying focused while studying.", "--backend", "llamacpp",
+            "--max-new-tokens", "48", "--json"]
+    answers = []
+    for extra in (["--no-draft"], []):
+        assert main(base + extra) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    plain, spec = answers
+    assert spec["text"] == plain["text"] and spec["mean_accept_len"] > 1.0

@@ -8,6 +8,7 @@ causal chains of q tokens, through nothing but the target's public interface:
 
     target.prefill(tokens [n])                                 commit a prompt
     target.forward(tokens [q], positions [q], tree_mask [q, q]) run q nodes without committing
+    target.cache.compact(nodes [0])                            drop them again
     target.reset()                                             forget the sequence
     target.cost_key() -> str                                   what the cost depends on besides
                                                                the machine (weights, dtype, threads)
@@ -63,6 +64,9 @@ class CostTarget(Protocol):
     def reset(self) -> None: ...
 
     def cost_key(self) -> str: ...
+
+    @property
+    def cache(self) -> Any: ...  # with compact(nodes): compact of no nodes drops a forward's tokens
 
 
 @dataclass(frozen=True)
@@ -132,12 +136,15 @@ def measure_cost_curve(target: CostTarget, sizes: Sequence[int] = DEFAULT_SIZES,
                        context: int = PROBE_CONTEXT, announce: bool = True) -> CostCurve:
     """Time `target.forward` on causal chains of q tokens (the tree mask of a chain) after a
     `context`-token prompt, without committing them: the median of `repeats` runs per q, after a
-    warm-up. Sizes that do not fit the target's `max_len` are left out. Leaves the target reset."""
+    warm-up. Sizes that do not fit the target's `max_len` (or its `max_tree`, where it has one) are
+    left out. Leaves the target reset."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = torch.device(getattr(target, "device", "cpu"))
     max_len = getattr(target, "max_len", None)
-    sizes = [q for q in sorted(set(sizes)) if q >= 1 and (max_len is None or context + q <= max_len)]
+    max_tree = getattr(target, "max_tree", None)  # a backend may verify at most this many nodes at once
+    sizes = [q for q in sorted(set(sizes)) if q >= 1 and (max_len is None or context + q <= max_len)
+             and (max_tree is None or q <= max_tree)]
     if not sizes or sizes[0] != 1:
         raise ValueError(f"the probe needs size 1 and room for it after {context} tokens of context")
     vocab = int(getattr(target, "vocab_size", 0) or 256)
@@ -154,7 +161,9 @@ def measure_cost_curve(target: CostTarget, sizes: Sequence[int] = DEFAULT_SIZES,
             target.forward(tokens, positions, chain)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            return time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            target.cache.compact(torch.zeros(0, dtype=torch.long, device=device))  # keep none of the chain
+            return seconds
 
         timed(sizes[-1])  # first calls set up kernels and buffers
         one = min(timed(1) for _ in range(2))

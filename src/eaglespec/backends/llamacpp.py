@@ -207,6 +207,14 @@ class SequenceCache:
         a = int(nodes.shape[0])  # host sync: once per step
         tree = self._tree
         self._tree = None
+        if a == 0:  # nothing kept (the cost probe): drop all the last forward wrote
+            for s in self._seq_of_leaf if tree is not None else ():
+                if s != self.home:
+                    self.drop(s, self.length, -1)
+            self.drop(self.home, self.length, self.length)
+            self.parked += 1 if tree is None else tree.member.shape[0]
+            self.holders = {self.home}
+            return
         if tree is None:  # a lone token: nothing else of ours was written
             self.length += a
             return
@@ -353,6 +361,11 @@ class LlamaCppTarget:
         if layer_ids is not None:
             raise LlamaCppError("the llama.cpp backend gives the last hidden state only; an EAGLE-3 head reads "
                                 "intermediate layers: use --backend torch with an EAGLE-3 head")
+
+    @property
+    def max_tree(self) -> int:
+        """The most nodes one forward verifies (drafters and the cost probe keep within it)."""
+        return self.config.max_tree
 
     def cost_key(self) -> str:
         """What a measured cost curve depends on: backend, weights (file name, size, mtime) and threads."""

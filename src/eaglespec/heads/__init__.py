@@ -14,6 +14,7 @@ drafter sets them back to the last hidden state.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,10 +52,16 @@ def make_drafter(head: DraftHead | Eagle3Head, target: TargetModel, tree: TreeCo
     (`HybridDrafter`). Raises `DraftHeadError` (one line) for a head that does not fit the target."""
     if lookup < 0:
         raise ValueError(f"lookup must be >= 0, got {lookup}")
+    limit = getattr(target, "max_tree", None)  # most nodes one forward of this target verifies
+    if limit is not None and tree.kind == "dynamic" and tree.total_tokens + lookup > limit:
+        tree = replace(tree, total_tokens=max(2, limit - lookup))
     drafter: Drafter = EagleDrafter.from_head(head, target, tree, setup)
     target.set_feature_layers(drafter.feature_layers)
     if lookup:
         drafter = HybridDrafter(drafter, PromptLookupDrafter(num_tokens=lookup))
+    if limit is not None and drafter.max_tree_size > limit:
+        raise ValueError(f"draft trees of up to {drafter.max_tree_size} nodes exceed the {limit} this target "
+                         "verifies in one forward: use a smaller tree or --lookup")
     return drafter
 
 
