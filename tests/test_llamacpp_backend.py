@@ -300,8 +300,12 @@ def test_the_cli_default_on_llamacpp_writes_what_plain_decoding_writes(capsys, t
     import json
 
     from eaglespec.cli import main
+    from eaglespec.paths import cache_root
+    from eaglespec.target import convert_gguf, default_gguf_path
 
-    monkeypatch.setenv("EAGLESPEC_CACHE", str(tmp_path))  # a fresh probe cache: the curve is measured here
+    convert_gguf(default_gguf_path())  # the converted target is shared; the probe cache is fresh,
+    (tmp_path / "targets").symlink_to(cache_root() / "targets")  # so the curve is measured here
+    monkeypatch.setenv("EAGLESPEC_CACHE", str(tmp_path))
     base = ["generate", "List three tips for staying focused while studying.", "--backend", "llamacpp",
             "--max-new-tokens", "48", "--json"]
     answers = []
