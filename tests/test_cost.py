@@ -252,3 +252,90 @@ def test_the_probe_keeps_within_what_the_target_verifies_at_once():
     target = CountingTarget(max_tree=8)
     curve = probe_cost_curve(target, sizes=(1, 2, 4, 8, 16, 32), repeats=2, cache=False, announce=False)
     assert curve.sizes == (1, 2, 4, 8) and not target.pending
+
+
+def test_the_sizer_rests_while_drafted_steps_pay_less_than_plain_decoding():
+    """Every node costs half a forward, and so does the draft: a step that gains one token loses
+    to plain decoding, so the drafter rests 1, 2, 4 ... steps between tries; steps that gain
+    several tokens bring drafting back."""
+    per_row = TreeSizer(curve(0.5), 63, draft_s=0.015)
+    pattern = []
+    for _ in range(20):
+        drafting = per_row.should_draft()
+        pattern.append(drafting)
+        if drafting:
+            per_row.choose(CONFIDENCES)
+            per_row.record_draft(0.0)
+            per_row.record_accepted(0)
+    assert per_row.spec_rate < per_row.plain_rate
+    assert pattern[:10] == [True, False, True, False, False, True, False, False, False, False]
+    assert per_row.rested == pattern.count(False)
+    lucky = 0
+    while lucky < 200:  # the head turns reliable: twice the nodes it is sure of are accepted
+        if per_row.should_draft():
+            n = per_row.choose(CONFIDENCES)
+            per_row.record_draft(0.0)
+            per_row.record_accepted(2 * n)
+        lucky += 1
+    assert per_row.spec_rate > per_row.plain_rate
+    assert all(per_row.should_draft() for _ in range(5))
+
+
+def test_extend_keeps_the_chain_nodes_that_pay_for_their_rows():
+    """Nearly free nodes are all kept when the chain is sure and a few when it is not; nodes
+    that cost 0.6 of a forward each are kept only while they are likely right."""
+    sure, unsure = [0.95, 0.9, 0.86, 0.82, 0.78, 0.74], [0.3, 0.09, 0.03, 0.01, 0.003, 0.001]
+    kept = {}
+    for c, name in [(FLAT, "flat"), (STEEP, "steep")]:
+        for odds, which in [(sure, "sure"), (unsure, "unsure")]:
+            sizer = TreeSizer(c, 63, draft_s=0.01)
+            n = sizer.choose(CONFIDENCES)
+            m = kept[name, which] = sizer.extend(odds)
+            assert sizer.pending_nodes == n + m
+            assert sizer.pending_extra == pytest.approx(sum(odds[:m]))
+    assert kept["flat", "sure"] == 6 and 1 <= kept["flat", "unsure"] < 6
+    assert 1 <= kept["steep", "sure"] < 6 and kept["steep", "unsure"] == 0
+    for odds, pays in [(sure, True), (unsure, False)]:  # no tree this step: the chain alone is weighed
+        resting = TreeSizer(STEEP, 63, draft_s=0.01)
+        assert not resting.should_draft() or resting.pending is None
+        assert (resting.extend(odds) > 0) == pays
+
+
+def test_the_hybrid_learns_how_often_the_lookup_chain_is_right():
+    from eaglespec.lookup import CHAIN_PRIOR, HybridDrafter, PromptLookupDrafter
+
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    eagle = EagleDrafter(head_runner(oracle_head(target), target), TreeConfig(top_k=2, depth=3, total_tokens=8,
+                                                                             sizing="cost"),
+                         sizer=TreeSizer(STEEP, 7, draft_s=0.01))
+    hybrid = HybridDrafter(eagle, PromptLookupDrafter(num_tokens=4))
+    assert hybrid.odds == [CHAIN_PRIOR] * 4
+    hybrid._guess = [5, 6, 7, 8]
+    hybrid._learn(torch.tensor([5, 6, 9]))  # two right, the third wrong, the fourth unseen
+    assert hybrid.odds[:3] == [pytest.approx(0.55), pytest.approx(0.55), pytest.approx(0.45)]
+    assert hybrid.odds[3] == CHAIN_PRIOR
+    hybrid._learn(torch.tensor([5, 6]))  # nothing guessed last step: nothing learnt
+    assert hybrid.odds[0] == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("c", [FLAT, curve(1.0)], ids=["flat", "per-row"])
+def test_greedy_stays_token_identical_with_a_weighed_chain_and_rests(c):
+    """The hybrid drafter with a cost-sized tree, a weighed lookup chain and, where every row
+    costs a forward, rests between drafted steps: the same tokens as plain decoding."""
+    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
+
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    head = oracle_head(target, noise=0.6)
+    cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(2, target.vocab_size, (10,), generator=g)
+    ps = [base.repeat(3), torch.randint(2, target.vocab_size, (16,), generator=g)]  # repeats: lookup matches
+    plain = Generator(target)
+    want = [[t for ch in plain.generate_ids(p, cfg) for t in ch] for p in ps]
+    tree = TreeConfig(top_k=4, depth=6, total_tokens=24, sizing="cost")
+    eagle = EagleDrafter(head_runner(head, target), tree, sizer=TreeSizer(c, 23, draft_s=0.02))
+    spec = Generator(target, HybridDrafter(eagle, PromptLookupDrafter(num_tokens=6)))
+    for p, w in zip(ps, want):
+        assert [t for ch in spec.generate_ids(p, cfg) for t in ch] == w
+    if c is not FLAT:
+        assert eagle.sizer.rested > 0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from eaglespec.backends.llamacpp import LlamaCppTargetConfig, TreeSequences, tree_sequences
+from eaglespec.backends.llamacpp import MAX_TREE, LlamaCppTargetConfig, TreeSequences, tree_sequences
 from eaglespec.tree import make_tree
 
 needs_llamacpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -68,10 +68,10 @@ def test_the_mapping_reads_the_masks_eaglespec_builds():
     assert seqs.leaves.tolist() == [2, 3, 4]
 
 
-def test_config_refuses_trees_past_the_exact_row_limit():
+def test_config_refuses_trees_past_llamacpps_sequences():
     with pytest.raises(ValueError, match="max_tree"):
-        LlamaCppTargetConfig(max_tree=64)
-    LlamaCppTargetConfig(max_tree=64, exact=False)  # the fast mode has no such limit
+        LlamaCppTargetConfig(max_tree=MAX_TREE + 1)
+    assert LlamaCppTargetConfig(max_tree=MAX_TREE).n_seq_needed <= 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 # -- the real default GGUF ---------------------------------------------------------------------------
@@ -147,6 +147,33 @@ def test_tree_rows_equal_plain_decoding_along_each_branch(llama_target, prompt):
     rows = target.forward(tree.tokens, target.cache.length + tree.depths, tree.mask).logits
     for node, branch in [(3, [0, 1, 3]), (4, [0, 2, 4])]:
         assert torch.equal(rows[node], plain_logits(target, prompt, tokens[branch].tolist()))
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_a_row_rounds_alike_in_decodes_of_any_size_and_cache_length(llama_target):
+    """After 600 cached tokens (where an f16 cache would split a lone row's attention across
+    threads), a token decoded alone (padded to the measured `min_rows`), first in a chain of 8 and
+    first in a chain of 100 (where an f16 cache would tile the attention) gets the same bits."""
+    target = llama_target
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randint(100, 20000, (600,), generator=gen)
+    chain = torch.randint(100, 20000, (100,), generator=gen)
+    target.prefill(context)
+    rows = []
+    for q in (1, 8, 100):
+        rows.append(target.forward(chain[:q]).logits[0])
+        target.cache.compact(torch.empty(0, dtype=torch.long))
+    assert target.cache.length == 600
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[1], rows[2])
+    if target.min_rows > 1:  # the probe's verdict holds: one row fewer rounds otherwise
+        target.min_rows, measured = target.min_rows - 1, target.min_rows
+        try:
+            alone = target.forward(chain[:1]).logits[0]
+            target.cache.compact(torch.empty(0, dtype=torch.long))
+        finally:
+            target.min_rows = measured
+        assert not torch.equal(alone, rows[1])
 
 
 @needs_llamacpp

@@ -153,7 +153,8 @@ def test_metrics_count_requests_and_speculation(server):
     assert moved["eaglespec:generation_tokens_total"] == r.usage.completion_tokens
     assert moved["eaglespec:prompt_tokens_total"] == r.usage.prompt_tokens
     assert moved["eaglespec:target_forwards_total"] == spec["target_forwards"]
-    assert moved["eaglespec:spec_decode_num_drafts_total"] == spec["target_forwards"] - 1  # all but the prefill
+    assert moved["eaglespec:spec_decode_num_drafts_total"] == spec["drafts"]
+    assert 1 <= spec["drafts"] <= spec["target_forwards"] - 1  # not the prefill, nor steps that rested
     assert moved["eaglespec:spec_decode_num_draft_tokens_total"] == spec["drafted_tokens"]
     accepted = moved["eaglespec:spec_decode_num_accepted_tokens_total"]
     assert accepted == spec["accepted_tokens"] == moved["eaglespec:spec_decode_num_accepted_tokens_per_pos_total"]

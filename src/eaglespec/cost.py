@@ -51,6 +51,10 @@ DRAFT_EMA = 0.2
 CALIBRATION_EMA = 0.05
 #: at most this many blocks of `repeats` rounds when the curve looks disturbed (`plausible`)
 MAX_PROBE_BLOCKS = 3
+#: weight of the newest drafted step in the moving average of speculation's rate
+RATE_EMA = 0.2
+#: the most steps the drafter rests at a stretch when speculation pays less than plain decoding
+MAX_REST = 32
 
 
 class CostTarget(Protocol):
@@ -214,6 +218,15 @@ class TreeSizer:
     reports (`record_depth` per head run, `record_draft` per proposal). a starts at 1 and follows
     the ratio of observed to predicted accepted nodes (`record_accepted`), within
     CALIBRATION_BOUNDS, unless `calibrate` is off.
+
+    Nodes guessed otherwise (a prompt-lookup chain below the tree) are weighed the same way:
+    `extend` keeps as many as raise the expected rate, given each one's acceptance odds.
+
+    Where verifying costs per row (a 4-bit GGUF on a CPU without a batched kernel for it) even
+    the best tree can pay less than plain decoding. The sizer keeps a moving average of the rate
+    drafted steps reached (accepted tokens over the modelled forward plus the draft time) and,
+    while it is below plain decoding's 1 / c(1), `should_draft` says to rest: 1 step, then 2, 4,
+    ... up to MAX_REST, drafting once between rests to measure again.
     """
 
     def __init__(self, curve: CostCurve, max_nodes: int, draft_s: float | None = None, depth_s: float | None = None,
@@ -233,7 +246,52 @@ class TreeSizer:
         self._predicted_ema = 0.0
         self._accepted_ema = 0.0
         self.pending: float | None = None  # sum of p over the nodes of the last chosen tree
+        self.pending_nodes = 0  # nodes the last step verifies besides the root (tree and extension)
+        self.pending_extra = 0.0  # expected accepted nodes of the extension (`extend`)
+        self.last_draft_s = 0.0  # the last proposal's draft time
         self._depths: list[float] = []  # this proposal's head runs so far (seconds)
+        self.spec_rate: float | None = None  # moving average: tokens per second of drafted steps
+        self._rest_left = 0  # steps still to rest
+        self._rest_next = 1  # the next rest's length
+        self.rested = 0  # steps decoded without drafting (for reports)
+
+    @property
+    def plain_rate(self) -> float:
+        """Tokens per second of plain decoding: one token per forward of one."""
+        return 1.0 / float(self.costs[0])
+
+    def cost(self, nodes: int) -> float:
+        """Seconds of a forward of the root and `nodes` nodes, never decreasing in `nodes`."""
+        if nodes < self.costs.shape[0]:
+            return float(self.costs[nodes])
+        return max(float(self.costs[-1]), self.curve.at(nodes + 1))
+
+    def should_draft(self) -> bool:
+        """Whether to draft this step, or rest (verify the root alone) because drafted steps have
+        been paying less than plain decoding."""
+        if self._rest_left > 0:
+            self._rest_left -= 1
+            self.rested += 1
+            self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
+            return False
+        return True
+
+    def extend(self, odds: list[float]) -> int:
+        """How many nodes of a chain hung below the chosen tree to verify too: the m (0..len) of
+        the most expected tokens per second, where odds[j] is the chance that the chain's j-th new
+        node is accepted (its whole chain up to it). Counted in this step's prediction."""
+        n = self.pending_nodes
+        tree_gain = 1.0 + self.scale * (self.pending or 0.0)
+        draft_s = self.last_draft_s if self.pending is not None else 0.0
+        best_m, best_rate, gain = 0, tree_gain / (self.cost(n) + draft_s), tree_gain
+        for m, g in enumerate(odds, start=1):
+            gain += g
+            rate = gain / (self.cost(n + m) + draft_s)
+            if rate > best_rate:
+                best_m, best_rate = m, rate
+        self.pending_nodes = n + best_m
+        self.pending_extra = float(sum(odds[:best_m]))
+        return best_m
 
     def draft_time(self, depths: int) -> float:
         """The estimated draft time of a step that runs `depths` head runs."""
@@ -260,6 +318,7 @@ class TreeSizer:
         """`best`, remembering the predicted number of accepted nodes for `record_accepted`."""
         n = self.best(scores)
         self.pending = float(scores[:n].double().exp().sum())
+        self.pending_nodes, self.pending_extra = n, 0.0
         return n
 
     def deeper_pays(self, scores: torch.Tensor, front: torch.Tensor) -> bool:
@@ -291,7 +350,9 @@ class TreeSizer:
         """This proposal took `seconds` in all (its depths recorded before); fold both into the
         moving averages (kept as they are with fixed draft times)."""
         depths, self._depths = self._depths, []
+        self.last_draft_s = seconds
         if self.fixed_draft:
+            self.last_draft_s = self.draft_time(len(depths))
             return
         base = max(0.0, seconds - sum(depths))
         self.base_s = base if self.base_s is None else (1 - DRAFT_EMA) * self.base_s + DRAFT_EMA * base
@@ -299,19 +360,28 @@ class TreeSizer:
             self.depth_s = d if self.depth_s is None else (1 - DRAFT_EMA) * self.depth_s + DRAFT_EMA * d
 
     def record_accepted(self, accepted: int) -> None:
-        """The target accepted `accepted` nodes of the last chosen tree (bonus token excluded)."""
+        """The target accepted `accepted` nodes of the last chosen tree and its extension (bonus
+        token excluded)."""
         if self.pending is None:
             return
         predicted, self.pending = self.pending, None
+        rate = (accepted + 1) / (self.cost(self.pending_nodes) + self.last_draft_s)
+        self.spec_rate = rate if self.spec_rate is None else (1 - RATE_EMA) * self.spec_rate + RATE_EMA * rate
+        if self.spec_rate < self.plain_rate:
+            self._rest_left, self._rest_next = self._rest_next, min(2 * self._rest_next, MAX_REST)
+        else:
+            self._rest_next = 1
+        accepted_tree = max(0.0, accepted - self.pending_extra)  # the extension's share, as expected
         if not self.calibrate:
             return
         self._predicted_ema = (1 - CALIBRATION_EMA) * self._predicted_ema + CALIBRATION_EMA * predicted
-        self._accepted_ema = (1 - CALIBRATION_EMA) * self._accepted_ema + CALIBRATION_EMA * accepted
+        self._accepted_ema = (1 - CALIBRATION_EMA) * self._accepted_ema + CALIBRATION_EMA * accepted_tree
         if self._predicted_ema > 0:
             lo, hi = CALIBRATION_BOUNDS
             self.scale = min(hi, max(lo, self._accepted_ema / self._predicted_ema))
 
     def begin(self) -> None:
-        """A new sequence: the prompt is no verdict on a tree."""
-        self.pending = None
+        """A new sequence: the prompt is no verdict on a tree. What was learnt of the rates stays."""
+        self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
         self._depths = []
+        self._rest_left = 0

@@ -161,6 +161,8 @@ class EagleDrafter(Drafter):
     def propose(self, root: torch.Tensor) -> DraftTree:
         if self.sizer is None:
             return self._propose(root)
+        if not self.sizer.should_draft():  # speculation pays less than plain decoding here, for now
+            return root_only(root)  # the pending features wait for the next draft's commit
         start = time.perf_counter()
         tree = self._propose(root)
         self.sizer.record_draft(time.perf_counter() - start)

@@ -3,10 +3,18 @@ few tokens, alone or grafted into EAGLE's tree."""
 
 from __future__ import annotations
 
+import itertools
+import operator
+
 import torch
 
 from eaglespec.drafter import Drafter
-from eaglespec.tree import DraftTree, graft_chain, make_tree
+from eaglespec.tree import DraftTree, graft_chain, make_tree, walk_chain
+
+#: a lookup token's chance to be right, given the chain before it was, before any is seen
+CHAIN_PRIOR = 0.5
+#: weight of the newest observation in those chances' moving averages
+CHAIN_EMA = 0.1
 
 
 class PromptLookupDrafter(Drafter):
@@ -52,6 +60,11 @@ class HybridDrafter(Drafter):
     before, the lookup chain is often longer than anything the head dares to guess, and where they
     did not, the tree is EAGLE's alone. The merged tree is verified like any other, so output stays
     the target's (greedy) or distributed as the target's (sampling).
+
+    With a cost-sized EAGLE tree the chain is weighed too: its j-th token is right, given the ones
+    before it were, with a chance learnt from the target's tokens (`odds`, a moving average per
+    position), and the sizer keeps as many of its new nodes as raise the expected tokens per
+    second (`TreeSizer.extend`).
     """
 
     def __init__(self, eagle: Drafter, lookup: PromptLookupDrafter) -> None:
@@ -59,14 +72,36 @@ class HybridDrafter(Drafter):
         self.lookup = lookup
         self.max_tree_size = eagle.max_tree_size + lookup.num_tokens
         self.feature_layers = eagle.feature_layers
+        self.sizer = getattr(eagle, "sizer", None)
+        #: [num_tokens] P(the chain's j-th token is right | the tokens before it are)
+        self.odds = [CHAIN_PRIOR] * lookup.num_tokens
+        self._guess: list[int] = []  # the last proposal's whole chain
 
     def begin(self) -> None:
         self.eagle.begin()
         self.lookup.begin()
+        self._guess = []
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        self._learn(tokens)
         self.eagle.observe(tokens, features)
         self.lookup.observe(tokens, features)
 
+    def _learn(self, tokens: torch.Tensor) -> None:
+        """Score the last chain against the target's tokens after the root (`tokens`: the accepted
+        ones and the bonus), each position given that the ones before it were right."""
+        guess, self._guess = self._guess, []
+        for j, (g, t) in enumerate(zip(guess, tokens.tolist())):  # host copy: once per step
+            right = g == t
+            self.odds[j] += CHAIN_EMA * (right - self.odds[j])
+            if not right:
+                break
+
     def propose(self, root: torch.Tensor) -> DraftTree:
-        return graft_chain(self.eagle.propose(root), self.lookup.guess())
+        tree = self.eagle.propose(root)
+        chain = self._guess = self.lookup.guess()
+        if chain and self.sizer is not None:
+            _, matched = walk_chain(tree.tokens.tolist(), tree.parents.tolist(), chain)
+            reach = list(itertools.accumulate(self.odds[: len(chain)], operator.mul))  # P(right up to j)
+            chain = chain[: matched + self.sizer.extend(reach[matched:])]
+        return graft_chain(tree, chain)

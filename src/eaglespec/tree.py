@@ -194,6 +194,17 @@ def select_dynamic(
     return make_tree(node_tokens, node_parents, max_depth=max_depth), kept
 
 
+def walk_chain(tokens: Sequence[int], parents: Sequence[int], chain: Sequence[int]) -> tuple[int, int]:
+    """Follow a chain of tokens down a tree from the root while they match children: the node
+    reached and how many chain tokens it took (those need no nodes of their own)."""
+    child_of = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens)) if i > 0}
+    node, matched = 0, 0
+    while matched < len(chain) and (node, chain[matched]) in child_of:
+        node = child_of[(node, chain[matched])]
+        matched += 1
+    return node, matched
+
+
 def graft_chain(tree: DraftTree, chain: Sequence[int]) -> DraftTree:
     """Merge a guessed chain (tokens following the root) into a tree.
 
@@ -205,15 +216,13 @@ def graft_chain(tree: DraftTree, chain: Sequence[int]) -> DraftTree:
     if not chain:
         return tree
     tokens, parents = tree.tokens.tolist(), tree.parents.tolist()  # host copy: once per step
-    child_of = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens)) if i > 0}
+    node, matched = walk_chain(tokens, parents, chain)
+    rest = list(chain[matched:])
+    if not rest:
+        return tree
     depth = [0] * len(parents)
     for i in range(1, len(parents)):
         depth[i] = depth[parents[i]] + 1
-    node, rest = 0, list(chain)
-    while rest and (node, rest[0]) in child_of:
-        node = child_of[(node, rest.pop(0))]
-    if not rest:
-        return tree
     n = len(tokens)
     device = tree.tokens.device
     new_tokens = torch.tensor(rest, dtype=torch.long, device=device)

@@ -16,11 +16,16 @@ One `llama_decode` verifies a whole tree:
   embeddings with pooling NONE: what transformers' decoder returns) come from the same decode.
 
 After verification `compact` keeps only the accepted path: `seq_rm` drops every other sequence
-and the accepted leaf's tail. In exact mode (the default) rejected cells stay occupied under a
-sequence no token reads, since llama.cpp attends in cell order and a freed cell would be refilled
-by a later token out of position order, changing the rounding of the attention sums; a lone token
-is decoded beside a padding row, and trees stay under 64 rows, so that every row takes the kernels
-plain decoding takes (docs/design.md, "llama.cpp backend").
+and the accepted leaf's tail. In exact mode (the default) every row of a decode computes the bits
+it computes in plain decoding (docs/design.md, "llama.cpp backend"):
+- keys and values are kept in bf16: llama.cpp's CPU flash attention then runs each query row over
+  the cells in order whatever the batch and the cache length (with an F16 or F32 cache it splits a
+  lone row's cache across threads from 512 cells on, and tiles batches of 64 rows or more);
+- rejected cells stay occupied under a sequence no token reads, since a freed cell would be
+  refilled by a later token out of position order, changing the order of the attention sums;
+- a decode of fewer rows than `min_rows` gets padding rows. Some weight types switch matmul
+  kernels at a batch size (llamafile's sgemm starts at two rows for F32, F16 and Q8_0 on x86; Q4_1
+  has none there), so `min_rows` is measured once per machine and model file, not assumed.
 
 The draft head needs the target's token embedding and LM head as torch modules: they are read from
 the dequantized transformers folder of the same GGUF (`eaglespec.target.convert_gguf`), with the
@@ -82,9 +87,13 @@ def physical_cores() -> int:
     return max(1, min(n or usable, usable))
 
 
-#: the most rows a verification forward may have and keep each row's bits: from 64 query rows on,
-#: llama.cpp's CPU flash attention switches to a tiled kernel (GGML_FA_TILE_Q) that rounds otherwise
-EXACT_MAX_ROWS = 63
+#: the most nodes one forward may verify: each leaf is a llama.cpp sequence, two more are this
+#: backend's (parked cells, padding rows), and llama.cpp allows 256 (LLAMA_MAX_SEQ)
+MAX_TREE = 250
+#: the largest batch the row probe compares a smaller one with (`LlamaCppTarget.min_rows`)
+ROW_PROBE_ROWS = 8
+#: ggml type ids of the KV cache (ggml.h): exact mode keeps bf16, the fast mode llama.cpp's f16
+GGML_TYPE_F16, GGML_TYPE_BF16 = 1, 30
 
 
 @dataclass(frozen=True)
@@ -95,11 +104,10 @@ class LlamaCppTargetConfig:
     max_len: int = 2048  # committed tokens + one tree, as the torch target's cache
     max_tree: int = 48  # most nodes (and leaves) one forward verifies
     #: every row of a decode step gets the bits it gets in plain decoding, so greedy speculative
-    #: output equals this backend's plain output (docs/design.md, "llama.cpp backend"): a lone
-    #: token is decoded with a padding row (llama.cpp reduces a single query's attention in
-    #: per-thread chunks of the cache), trees stay under EXACT_MAX_ROWS, and rejected cells stay
-    #: occupied so no later token lands before an earlier one (attention sums run in cell order).
-    #: False: lone tokens alone, rejected cells freed and reused (faster, not bit-exact)
+    #: output equals this backend's plain output (docs/design.md, "llama.cpp backend"): a bf16 KV
+    #: cache, rejected cells kept occupied so no later token lands before an earlier one
+    #: (attention sums run in cell order), and padding rows up to the measured `min_rows`.
+    #: False: llama.cpp's f16 cache, no padding, rejected cells freed and reused (not bit-exact)
     exact: bool = True
     #: KV cells beyond max_len for rejected nodes kept occupied (exact); when they run out the
     #: committed tokens are copied, bit for bit, into one contiguous block (0: max_len)
@@ -110,15 +118,24 @@ class LlamaCppTargetConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_len < 16:
             raise ValueError(f"max_len must be >= 16, got {self.max_len}")
-        limit = EXACT_MAX_ROWS if self.exact else 250
-        if not 1 <= self.max_tree <= limit:
-            raise ValueError(f"max_tree must be in [1, {limit}]{' (exact mode)' if self.exact else ''}, got {self.max_tree}")
+        if not 1 <= self.max_tree <= MAX_TREE:
+            raise ValueError(f"max_tree must be in [1, {MAX_TREE}], got {self.max_tree}")
         if self.spare_cells < 0:
             raise ValueError(f"spare_cells must be >= 0, got {self.spare_cells}")
 
     @property
     def n_threads(self) -> int:
         return self.threads or physical_cores()
+
+    @property
+    def n_seq_needed(self) -> int:
+        """llama.cpp sequences: one per leaf, one for parked cells, one for padding rows."""
+        return self.max_tree + 2
+
+    @property
+    def kv_type(self) -> int:
+        """The KV cache's ggml type: bf16 in exact mode (see `exact`), else llama.cpp's default f16."""
+        return GGML_TYPE_BF16 if self.exact else GGML_TYPE_F16
 
     @property
     def n_ctx(self) -> int:
@@ -171,7 +188,7 @@ class SequenceCache:
         self.holders: set[int] = {0}  # the sequences that hold them (a tree may use any of them)
         self.leaf_limit = target.n_seq - 2
         self.trash = target.n_seq - 2  # parked rejected cells
-        self.pad = target.n_seq - 1  # a lone token's padding row, parked after each decode
+        self.pad = target.n_seq - 1  # padding rows of a short decode, parked after it
         self.parked = 0  # cells under `trash`
         self._tree: TreeSequences | None = None
         self._seq_of_leaf: list[int] = []
@@ -277,7 +294,7 @@ class LlamaCppTarget:
             raise LlamaCppError(f"GGUF file not found: {self.gguf}")
         self.config = config
         self.max_len = config.max_len
-        self.n_seq = config.max_tree + 2  # leaves, the trash and the padding sequences
+        self.n_seq = config.n_seq_needed
         self.folder = Path(folder) if folder is not None else convert_gguf(self.gguf)
         self._load_torch_parts(self.folder)
         _silence(lib)
@@ -299,6 +316,7 @@ class LlamaCppTarget:
         # flash attention: each query row runs over the cells in order, skipping masked ones, so a
         # row's bits do not depend on the other rows (the unfused path's matmuls over the batch do)
         cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cparams.type_k = cparams.type_v = config.kv_type
         cparams.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -319,6 +337,8 @@ class LlamaCppTarget:
         self._seq_rows: list[np.ndarray | None] = [None] * self._batch_cap  # views made on first use
         self.cache = SequenceCache(self)
         self.feature_layers: tuple[int, ...] | None = None
+        #: decodes of fewer rows get padding rows up to this many (exact mode; `_probe_min_rows`)
+        self.min_rows = self._min_rows() if config.exact else 1
 
     def _load_torch_parts(self, folder: Path) -> None:
         from safetensors import safe_open
@@ -371,11 +391,54 @@ class LlamaCppTarget:
         """What a measured cost curve depends on: backend, weights (file name, size, mtime) and threads."""
         st = self.gguf.stat()
         ident = json.dumps(["llamacpp", self.gguf.name, st.st_size, st.st_mtime_ns, self.config.n_threads,
-                            self.config.exact])
+                            self.config.exact, self.config.kv_type])
         return f"llamacpp-{self.gguf.stem}-t{self.config.n_threads}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
     def reset(self) -> None:
         self.cache.reset()
+
+    def _min_rows(self) -> int:
+        """`_probe_min_rows`, measured once per machine and `cost_key()` and kept in the probe cache."""
+        from eaglespec.backends import machine_id
+        from eaglespec.paths import ProbeCache
+
+        entry = hashlib.sha256(f"row kernels\n{self.cost_key()}".encode()).hexdigest()[:16]
+        probes = ProbeCache(machine_id("cpu"), entry)
+        found = probes.get("min_rows", kind=int)
+        if found is not None and 1 <= found <= ROW_PROBE_ROWS:
+            return found
+        rows = self._probe_min_rows()
+        log.info("%s: decodes of fewer than %d rows get padding rows (measured)", self.gguf.name, rows)
+        probes.put("min_rows", rows)
+        probes.save()
+        return rows
+
+    @torch.inference_mode()
+    def _probe_min_rows(self, context: int = 16) -> int:
+        """The fewest rows m for which a token's logits and features decoded in a batch of m, m + 1,
+        ..., ROW_PROBE_ROWS rows are bit-identical: the batch sizes from which every matmul takes
+        the kernel a larger batch takes. A short decode is padded to m rows. Leaves the cache
+        empty."""
+        cache = self.cache
+        cache.reset()
+        tokens = torch.arange(context + ROW_PROBE_ROWS) * 7919 % (self.vocab_size - 100) + 100  # fixed, varied ids
+        self.min_rows = 1
+        self.prefill(tokens[:context])
+
+        def row0(q: int, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+            self.min_rows = pad_to
+            out = self.forward(tokens[context:context + q])
+            cache.compact(torch.empty(0, dtype=torch.long))
+            return out.logits[0], out.features[0]
+
+        ref = row0(ROW_PROBE_ROWS, 1)
+        same = [all(torch.equal(a, b) for a, b in zip(row0(1, m), ref)) for m in range(1, ROW_PROBE_ROWS)]
+        same.append(True)  # [ROW_PROBE_ROWS] same[m - 1]: a batch of m rows rounds as the reference
+        m = ROW_PROBE_ROWS
+        while m > 1 and same[m - 2]:
+            m -= 1
+        cache.reset()
+        return m
 
     def close(self) -> None:
         """Free llama.cpp's context, model and batch (also done when the object is collected)."""
@@ -408,12 +471,12 @@ class LlamaCppTarget:
                 outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One llama_decode. tokens, positions: [q]; seqs[i]: node i's sequence ids (None: all in
         `cache.home`); the first `outputs` rows return logits and features. A lone token in exact
-        mode gets a padding row (under `cache.pad`, parked afterwards).
+        mode gets padding rows up to `min_rows` (under `cache.pad`, parked afterwards).
         Returns logits [outputs, V] float32 and features [outputs, H] float32 (copies)."""
         lib, cache = self._lib, self.cache
         q = tokens.shape[0]
-        pad = q == 1 and self.config.exact
-        n = q + pad
+        n = max(q, self.min_rows)
+        pad = n > q
         if n > self._batch_cap:
             raise ValueError(f"{q} tokens exceed llama.cpp's batch of {self._batch_cap}")
         self._batch.n_tokens = n
@@ -429,13 +492,16 @@ class LlamaCppTarget:
             for i, ids in enumerate(seqs):
                 self._n_seq_id[i] = len(ids)
                 self._seq_row(i)[: len(ids)] = ids
-        if pad:  # the token again, under a sequence of its own: only its row count matters
-            self._tokens[1], self._pos[1], self._n_seq_id[1] = tokens[0], positions[0], 1
-            self._seq_row(1)[0] = cache.pad
+        if pad:  # the first token again, under a sequence of its own: only the row count matters
+            self._tokens[q:n] = tokens[0]
+            self._pos[q:n] = positions[0] + np.arange(n - q, dtype=np.int32)
+            self._n_seq_id[q:n] = 1
+            for i in range(q, n):
+                self._seq_row(i)[0] = cache.pad
         rc = lib.llama_decode(self._ctx, self._batch)
         if pad:
             cache.drop(cache.pad, -1, -1)
-            cache.parked += 1
+            cache.parked += n - q
         if rc != 0:
             raise LlamaCppError(f"llama_decode failed ({rc}) on {q} tokens from position {int(positions[0])}")
         logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
@@ -459,7 +525,7 @@ class LlamaCppTarget:
         tok = tokens.numpy().astype(np.int32, copy=False)  # host copy (CPU tensors: a view)
         pos = (np.arange(cache.length, cache.length + q, dtype=np.int32) if positions is None
                else positions.numpy().astype(np.int32, copy=False))
-        cache.room(q + 1)  # before the tree's sequences are set up: a repack renumbers them
+        cache.room(max(q, self.min_rows))  # before the tree's sequences are set up: a repack renumbers them
         if q == 1:
             logits, feats = self._decode(tok, pos, None, 1)
             cache.hold_tree(None, [])

@@ -141,6 +141,7 @@ class SpeculativeStats(BaseModel):
 
     target_forwards: int  # prefill included
     mean_accept_len: float  # tau: new tokens per target forward, as `eaglespec generate --json` reports
+    drafts: int  # decode steps that verified a draft (steps where drafting did not pay verify the root alone)
     drafted_tokens: int  # tree nodes verified beyond the root, summed over steps
     accepted_tokens: int  # drafted tokens the target accepted (bonus tokens not counted)
     tokens_per_s: float  # new tokens over generation time (queueing excluded)

@@ -222,9 +222,9 @@ class EngineWorker:
         m.e2e.observe(end - job.arrived)
         reason = self._finish_reason(job.config)
         m.request_success[reason].inc()
-        _, drafted, accepted, _ = spec_decode_counts(stats)
+        drafts, drafted, accepted, _ = spec_decode_counts(stats)
         spec = SpeculativeStats(target_forwards=stats.target_forwards, mean_accept_len=round(stats.mean_accept_len, 4),
-                                drafted_tokens=drafted, accepted_tokens=accepted,
+                                drafts=drafts, drafted_tokens=drafted, accepted_tokens=accepted,
                                 tokens_per_s=round(stats.tokens_per_s, 2))
         job.emit(Finished(reason, stats.new_tokens, spec))
 
