@@ -192,3 +192,24 @@ def test_profile_times_the_phases_of_a_step(tiny_model_dir, bench_files, capsys)
     # the default model ships a head; another model needs --draft
     assert main(["bench", "profile", "--model", str(tiny_model_dir), "--questions", str(bench_files / "q.jsonl")]) == 2
     assert "pass --draft" in capsys.readouterr().err
+
+
+def test_a_base_model_without_a_chat_template_is_benched_on_the_raw_turns(tiny_model_dir, bench_files, tmp_path, caplog):
+    """A base model's tokenizer has no chat template: the bench says so once and prompts with the
+    conversation's text instead of failing on the template."""
+    import shutil
+
+    base = tmp_path / "base_model"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    code = main(["bench", "--model", str(base), "--draft", str(bench_files / "head"), "--questions",
+                 str(bench_files / "q.jsonl"), "--max-new-tokens", "8", "--limit", "1", "--methods",
+                 "plain,eagle-dynamic", "--dtype", "float32", "--out", str(out)])
+    assert code == 0
+    assert "no chat template" in caplog.text
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 2 * 2 * 2 and all(r["equal_to_baseline"] for r in runs)

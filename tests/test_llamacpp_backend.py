@@ -166,7 +166,7 @@ def test_a_row_rounds_alike_in_decodes_of_any_size_and_cache_length(llama_target
         target.cache.compact(torch.empty(0, dtype=torch.long))
     assert target.cache.length == 600
     assert torch.equal(rows[0], rows[1]) and torch.equal(rows[1], rows[2])
-    if target.min_rows > 1:  # the probe's verdict holds: one row fewer rounds otherwise
+    if (target.min_rows or 1) > 1:  # the probe's verdict holds: one row fewer rounds otherwise
         target.min_rows, measured = target.min_rows - 1, target.min_rows
         try:
             alone = target.forward(chain[:1]).logits[0]
@@ -341,3 +341,56 @@ def test_the_cli_default_on_llamacpp_writes_what_plain_decoding_writes(capsys, t
         answers.append(json.loads(capsys.readouterr().out))
     plain, spec = answers
     assert spec["text"] == plain["text"] and spec["mean_accept_len"] > 1.0
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_a_target_whose_rows_depend_on_the_batch_refuses_drafting_and_auto_falls_back(capsys, monkeypatch):
+    """Where no padding makes a file's rows batch-invariant (measured `min_rows` None, as a K-quant
+    may be), exact drafting on llama.cpp is refused in one line; --backend auto then drafts on the
+    PyTorch backend instead and writes what that backend's plain decoding writes."""
+    import json
+
+    from eaglespec.backends.llamacpp import LlamaCppError, LlamaCppTarget
+    from eaglespec.cli import main
+    from eaglespec.heads import default_head_path, load_drafter
+
+    head = default_head_path()
+    if head is None:
+        pytest.skip("no draft head ships with this install")
+    monkeypatch.setattr(LlamaCppTarget, "_min_rows", lambda self: None)
+    target = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=256, threads=2))
+    assert target.min_rows is None
+    with pytest.raises(LlamaCppError, match="exactly"):
+        load_drafter(head, target)
+    target.close()
+
+    base = ["generate", "Name three colours.", "--max-new-tokens", "24", "--json"]
+    assert main(base + ["--backend", "llamacpp"]) == 2
+    assert "--backend torch" in capsys.readouterr().err
+    assert main(base + ["--backend", "auto"]) == 0
+    out = capsys.readouterr()
+    assert "PyTorch instead" in out.err
+    assert main(base + ["--backend", "torch", "--no-draft"]) == 0
+    assert json.loads(out.out)["text"] == json.loads(capsys.readouterr().out)["text"]
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_only_a_model_without_a_head_runs_as_llamacpp_itself_does():
+    """The default model has a head: even --no-draft decodes in the exact mode, as drafting would,
+    so its text is the default's. A model without a head never drafts and gets llama.cpp's own
+    mode (f16 cache, no padding)."""
+    from eaglespec.cli import build_parser
+    from eaglespec.cli.common import load_engine
+
+    def engine(*extra: str):
+        return load_engine(build_parser().parse_args(["generate", "Hi", "--backend", "llamacpp", *extra]))
+
+    for extra in ([], ["--no-draft"]):
+        target = engine(*extra).target
+        assert target.config.exact, extra
+        target.close()
+    target = engine("--model", str(default_gguf())).target  # an explicit model: no shipped head applies
+    assert not target.config.exact and target.min_rows == 1
+    target.close()

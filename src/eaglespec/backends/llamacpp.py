@@ -337,8 +337,9 @@ class LlamaCppTarget:
         self._seq_rows: list[np.ndarray | None] = [None] * self._batch_cap  # views made on first use
         self.cache = SequenceCache(self)
         self.feature_layers: tuple[int, ...] | None = None
-        #: decodes of fewer rows get padding rows up to this many (exact mode; `_probe_min_rows`)
-        self.min_rows = self._min_rows() if config.exact else 1
+        #: decodes of fewer rows get padding rows up to this many (exact mode; `_probe_min_rows`);
+        #: None: no padding makes rows batch-invariant (plain decoding only, `check_drafting`)
+        self.min_rows: int | None = self._min_rows() if config.exact else 1
 
     def _load_torch_parts(self, folder: Path) -> None:
         from safetensors import safe_open
@@ -397,48 +398,71 @@ class LlamaCppTarget:
     def reset(self) -> None:
         self.cache.reset()
 
-    def _min_rows(self) -> int:
+    def _min_rows(self) -> int | None:
         """`_probe_min_rows`, measured once per machine and `cost_key()` and kept in the probe cache."""
         from eaglespec.backends import machine_id
         from eaglespec.paths import ProbeCache
 
-        entry = hashlib.sha256(f"row kernels\n{self.cost_key()}".encode()).hexdigest()[:16]
+        entry = hashlib.sha256(f"row kernels v2\n{self.cost_key()}".encode()).hexdigest()[:16]
         probes = ProbeCache(machine_id("cpu"), entry)
-        found = probes.get("min_rows", kind=int)
-        if found is not None and 1 <= found <= ROW_PROBE_ROWS:
+        found = probes.get("min_rows", default=0, kind=int)  # None: no padding makes rows invariant
+        if found is None or 1 <= found <= ROW_PROBE_ROWS:
             return found
         rows = self._probe_min_rows()
-        log.info("%s: decodes of fewer than %d rows get padding rows (measured)", self.gguf.name, rows)
+        if rows is None:
+            log.info("%s: a row's bits depend on the batch whatever the padding (measured); exact drafting "
+                     "is refused on this backend", self.gguf.name)
+        else:
+            log.info("%s: decodes of fewer than %d rows get padding rows (measured)", self.gguf.name, rows)
         probes.put("min_rows", rows)
         probes.save()
         return rows
 
     @torch.inference_mode()
-    def _probe_min_rows(self, context: int = 16) -> int:
-        """The fewest rows m for which a token's logits and features decoded in a batch of m, m + 1,
-        ..., ROW_PROBE_ROWS rows are bit-identical: the batch sizes from which every matmul takes
-        the kernel a larger batch takes. A short decode is padded to m rows. Leaves the cache
-        empty."""
+    def _probe_min_rows(self, context: int = 16) -> int | None:
+        """The fewest rows m (1 .. ROW_PROBE_ROWS) such that, with decodes of fewer rows padded to
+        m, every row of a chain of q tokens gets the bits it gets in a chain of 2 * ROW_PROBE_ROWS,
+        for q = 1 .. ROW_PROBE_ROWS and 12: from m rows on, every matmul takes the kernel larger
+        batches take, whatever a row's place in the batch. None when no m does (some kernels
+        switch at other batch sizes, or treat rows by their place: llama.cpp's repacked K-quant
+        GEMMs take rows in blocks of 4 and the rest one by one). Leaves the cache empty."""
         cache = self.cache
         cache.reset()
-        tokens = torch.arange(context + ROW_PROBE_ROWS) * 7919 % (self.vocab_size - 100) + 100  # fixed, varied ids
+        longest = 2 * ROW_PROBE_ROWS
+        tokens = torch.arange(context + longest) * 7919 % (self.vocab_size - 100) + 100  # fixed, varied ids
         self.min_rows = 1
         self.prefill(tokens[:context])
 
-        def row0(q: int, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def rows(q: int, pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:  # logits [q, V], features [q, H]
             self.min_rows = pad_to
             out = self.forward(tokens[context:context + q])
             cache.compact(torch.empty(0, dtype=torch.long))
-            return out.logits[0], out.features[0]
+            return out.logits, out.features
 
-        ref = row0(ROW_PROBE_ROWS, 1)
-        same = [all(torch.equal(a, b) for a, b in zip(row0(1, m), ref)) for m in range(1, ROW_PROBE_ROWS)]
-        same.append(True)  # [ROW_PROBE_ROWS] same[m - 1]: a batch of m rows rounds as the reference
-        m = ROW_PROBE_ROWS
-        while m > 1 and same[m - 2]:
-            m -= 1
+        ref_logits, ref_feats = rows(longest, 1)
+
+        def agrees(q: int, pad_to: int) -> bool:
+            logits, feats = rows(q, pad_to)
+            return torch.equal(logits, ref_logits[:q]) and torch.equal(feats, ref_feats[:q])
+
+        sizes = list(range(1, ROW_PROBE_ROWS + 1)) + [12]
+        unpadded_ok = {q: agrees(q, 1) for q in sizes}
+        found = None
+        for m in range(1, ROW_PROBE_ROWS + 1):
+            if all(unpadded_ok[q] for q in sizes if q >= m) and all(agrees(q, m) for q in range(1, m)):
+                found = m
+                break
+        self.min_rows = found or 1
         cache.reset()
-        return m
+        return found
+
+    def check_drafting(self) -> None:
+        """Raise `LlamaCppError` where this target cannot verify draft trees exactly: in exact mode,
+        when no padding makes its rows round alike in every batch (`min_rows` is None)."""
+        if self.config.exact and self.min_rows is None:
+            raise LlamaCppError(f"{self.gguf.name}: on this CPU llama.cpp rounds a token differently with the size "
+                                "of its batch for this weight format (measured), so a draft tree cannot be verified "
+                                "exactly; use --backend torch, --no-draft, or --llamacpp-fast (not exact)")
 
     def close(self) -> None:
         """Free llama.cpp's context, model and batch (also done when the object is collected)."""
@@ -475,7 +499,7 @@ class LlamaCppTarget:
         Returns logits [outputs, V] float32 and features [outputs, H] float32 (copies)."""
         lib, cache = self._lib, self.cache
         q = tokens.shape[0]
-        n = max(q, self.min_rows)
+        n = max(q, self.min_rows or 1)
         pad = n > q
         if n > self._batch_cap:
             raise ValueError(f"{q} tokens exceed llama.cpp's batch of {self._batch_cap}")
@@ -525,7 +549,7 @@ class LlamaCppTarget:
         tok = tokens.numpy().astype(np.int32, copy=False)  # host copy (CPU tensors: a view)
         pos = (np.arange(cache.length, cache.length + q, dtype=np.int32) if positions is None
                else positions.numpy().astype(np.int32, copy=False))
-        cache.room(max(q, self.min_rows))  # before the tree's sequences are set up: a repack renumbers them
+        cache.room(max(q, self.min_rows or 1))  # before the tree's sequences are set up: a repack renumbers them
         if q == 1:
             logits, feats = self._decode(tok, pos, None, 1)
             cache.hold_tree(None, [])

@@ -267,6 +267,10 @@ def run_bench(target: TargetModel, runners: dict[str, Runner], questions: list[Q
         for run in runners.values():
             run(warm_ids, GenerationConfig(max_new_tokens=16, temperature=cfg.temperature, seed=cfg.seed))
     names = list(runners)
+    chat = bool(getattr(tok, "chat_template", None))
+    if not chat:
+        log.warning("the tokenizer has no chat template (a base model): each prompt is the conversation's text, "
+                    "turns separated by blank lines")
     for i, q in enumerate(tqdm(questions, desc="bench", unit="q")):
         shift = i % len(names) if rotate else 0
         order = names[shift:] + names[:shift]
@@ -275,7 +279,7 @@ def run_bench(target: TargetModel, runners: dict[str, Runner], questions: list[Q
             answers: dict[str, Answer] = {}
             for method in order:
                 messages = history[method] + [{"role": "user", "content": user}]
-                ids = gen.encode(messages)
+                ids = gen.encode(messages if chat else "\n\n".join(m["content"] for m in messages))
                 if ids.shape[0] + cfg.max_new_tokens + 64 > target.max_len:
                     log.warning("question %s turn %d: prompt of %d tokens too long, skipped", q.question_id, turn, ids.shape[0])
                     break

@@ -148,7 +148,8 @@ def run(args) -> int:
 
     llama_cfg = llamacpp.config_from_args(args, llama_methods, torch.get_num_threads(),
                                           cpu=args.device == "cpu") if llama_methods else None
-    target = load_target_from(args)
+    drafting = bool(trees) or any(m.startswith("eagle") or m == "prompt-lookup" for m in methods)
+    target = load_target_from(args, drafts=drafting)  # as generate: a run that never drafts runs as llama.cpp does
     # heads of either kind (EAGLE-1/2 or EAGLE-3), loaded for this target's depth
     layers = target.num_layers
     head = load_head(path, layers) if path is not None else None

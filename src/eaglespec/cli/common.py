@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 log = logging.getLogger("eaglespec")
 
@@ -186,9 +187,11 @@ def chosen_backend(args) -> str:
     return "llamacpp" if gguf and cpu and llamacpp_available() else "torch"
 
 
-def load_target_from(args, dtype: str | None = None, attn_implementation: str | None = None):
+def load_target_from(args, dtype: str | None = None, attn_implementation: str | None = None, drafts: bool = True):
     """The target of the model flags, on the backend --backend picks; `dtype` overrides --dtype
-    (torch backend)."""
+    (torch backend). drafts False: no draft head exists for this model, so on llama.cpp exactness
+    between speculative and plain decoding is moot and the target runs as llama.cpp itself runs it
+    (f16 cache, no padding rows: `LlamaCppTargetConfig(exact=False)`)."""
     if args.max_len < 16:
         raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
     quiet_transformers(args)
@@ -197,7 +200,8 @@ def load_target_from(args, dtype: str | None = None, attn_implementation: str | 
         from eaglespec.target import default_gguf_path
 
         gguf = default_gguf_path() if args.model is None else args.model
-        config = LlamaCppTargetConfig(threads=args.threads, max_len=args.max_len, exact=not args.llamacpp_fast)
+        config = LlamaCppTargetConfig(threads=args.threads, max_len=args.max_len,
+                                      exact=drafts and not args.llamacpp_fast)
         return LlamaCppTarget(gguf, config)
     from eaglespec.target import load_target
 
@@ -220,14 +224,27 @@ def load_engine(args, need_tokenizer: bool = True):
 
     check_lookup(args)
     tree_config(args)  # bad sizes fail before the model loads
-    target = load_target_from(args)
+    has_head = head_path(args) is not None  # --no-draft still decodes as the drafting engine would
+    target = load_target_from(args, drafts=has_head)
     tree = tree_config(args, target.device, target.dtype)
     if need_tokenizer and target.tokenizer is None:
         raise UsageError(f"{args.model}: no tokenizer found")
     drafter = None
-    if not args.no_draft:
-        path = head_path(args)
-        if path is not None:
-            setup = draft_setup(target.device, target.dtype, args.draft_weights)
-            drafter = load_drafter(path, target, tree, setup, lookup=args.lookup)  # EAGLE-1/2 or EAGLE-3
+    path = None if args.no_draft else head_path(args)
+    if path is not None:
+        from eaglespec.backends.llamacpp import LlamaCppError
+
+        try:
+            drafter = load_drafter(path, target, tree, draft_setup(target.device, target.dtype, args.draft_weights),
+                                   lookup=args.lookup)  # EAGLE-1/2 or EAGLE-3
+        except LlamaCppError as e:  # this head or this file cannot draft on llama.cpp
+            if getattr(args, "backend", "torch") != "auto":
+                raise UsageError(str(e)) from None
+            print(f"eaglespec: {e}; --backend auto runs the target on PyTorch instead", file=sys.stderr)
+            getattr(target, "close", lambda: None)()
+            args.backend = "torch"
+            target = load_target_from(args)
+            tree = tree_config(args, target.device, target.dtype)
+            drafter = load_drafter(path, target, tree, draft_setup(target.device, target.dtype, args.draft_weights),
+                                   lookup=args.lookup)
     return Generator(target, drafter)

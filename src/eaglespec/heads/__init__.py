@@ -52,6 +52,9 @@ def make_drafter(head: DraftHead | Eagle3Head, target: TargetModel, tree: TreeCo
     (`HybridDrafter`). Raises `DraftHeadError` (one line) for a head that does not fit the target."""
     if lookup < 0:
         raise ValueError(f"lookup must be >= 0, got {lookup}")
+    check = getattr(target, "check_drafting", None)  # a target that cannot verify trees exactly says so
+    if check is not None:
+        check()
     limit = getattr(target, "max_tree", None)  # most nodes one forward of this target verifies
     if limit is not None and tree.kind == "dynamic" and tree.total_tokens + lookup > limit:
         tree = replace(tree, total_tokens=max(2, limit - lookup))
