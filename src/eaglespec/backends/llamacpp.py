@@ -40,6 +40,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -408,6 +409,8 @@ class LlamaCppTarget:
         found = probes.get("min_rows", default=0, kind=int)  # None: no padding makes rows invariant
         if found is None or 1 <= found <= ROW_PROBE_ROWS:
             return found
+        print(f"measuring how llama.cpp rounds {self.gguf.name} in batches of each size (once, a few seconds)",
+              file=sys.stderr, flush=True)
         rows = self._probe_min_rows()
         if rows is None:
             log.info("%s: a row's bits depend on the batch whatever the padding (measured); exact drafting "

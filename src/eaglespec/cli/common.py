@@ -240,7 +240,8 @@ def load_engine(args, need_tokenizer: bool = True):
         except LlamaCppError as e:  # this head or this file cannot draft on llama.cpp
             if getattr(args, "backend", "torch") != "auto":
                 raise UsageError(str(e)) from None
-            print(f"eaglespec: {e}; --backend auto runs the target on PyTorch instead", file=sys.stderr)
+            reason = str(e).split("; use ")[0].split(": use ")[0]  # the advice is what follows
+            print(f"eaglespec: {reason}; running the target on PyTorch instead (--backend auto)", file=sys.stderr)
             getattr(target, "close", lambda: None)()
             args.backend = "torch"
             target = load_target_from(args)
