@@ -9,7 +9,19 @@ DEFAULT_DRAFT_VOCAB = 8192
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class OptimizerConfig:
+    """AdamW (betas 0.9, 0.95) with linear warm-up, cosine decay and gradient clipping: what both
+    head trainers share."""
+
+    lr: float = 5e-4  # peak learning rate
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+
+
+@dataclass(frozen=True)
+class TrainConfig(OptimizerConfig):
     """Head training hyper-parameters."""
 
     steps: int = 2000  # optimizer steps in all
@@ -18,11 +30,6 @@ class TrainConfig:
     # length_group * batch_size rows, cut into batches, and the batches shuffled, so a batch pads
     # to a length near its rows' own (1 = plain random batches)
     length_group: int = 50
-    lr: float = 5e-4  # peak learning rate
-    warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 0.5
     noise: float = 0.1  # uniform noise U(-noise, noise) on input features
     p_weight: float = 0.1  # weight of the cross-entropy term
     ttt_steps: int = 1  # draft steps unrolled in training, each fed the head's own prediction (1 = EAGLE-1)
@@ -52,7 +59,7 @@ MIXED_PRECISION = {"auto", "no", "bf16", "fp16"}
 
 
 @dataclass(frozen=True)
-class Eagle3TrainConfig:
+class Eagle3TrainConfig(OptimizerConfig):
     """EAGLE-3 training hyper-parameters (train/eagle3.py; `eaglespec train eagle3` maps onto them
     one to one)."""
 
@@ -65,10 +72,6 @@ class Eagle3TrainConfig:
     # (1,486 steps) reached a held-out chain tau of 2.63, 64k-token batches (443 steps) 1.92
     batch_tokens: int = 16384
     lr: float = 6e-4  # peak learning rate
-    warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 0.5
     max_steps: int | None = None  # optimizer steps in all; None: epochs, or what --max-minutes fits
     epochs: float = 3.0  # passes over the training rows when neither max_steps nor max_minutes bounds the run
     max_minutes: float | None = None  # wall-clock budget of this process, loading and saving included
