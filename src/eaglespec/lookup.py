@@ -9,7 +9,7 @@ import operator
 import torch
 
 from eaglespec.drafter import Drafter
-from eaglespec.tree import DraftTree, graft_chain, make_tree, walk_chain
+from eaglespec.tree import DraftTree, graft_chain, make_tree
 
 #: a lookup token's chance to be right, given the chain before it was, before any is seen
 CHAIN_PRIOR = 0.5
@@ -100,8 +100,7 @@ class HybridDrafter(Drafter):
     def propose(self, root: torch.Tensor) -> DraftTree:
         tree = self.eagle.propose(root)
         chain = self._guess = self.lookup.guess()
-        if chain and self.sizer is not None:
-            _, matched = walk_chain(tree.tokens.tolist(), tree.parents.tolist(), chain)
-            reach = list(itertools.accumulate(self.odds[: len(chain)], operator.mul))  # P(right up to j)
-            chain = chain[: matched + self.sizer.extend(reach[matched:])]
-        return graft_chain(tree, chain)
+        if self.sizer is None:
+            return graft_chain(tree, chain)
+        reach = list(itertools.accumulate(self.odds[: len(chain)], operator.mul))  # P(right up to j)
+        return graft_chain(tree, chain, new_nodes=lambda matched: self.sizer.extend(reach[matched:]))

@@ -205,19 +205,23 @@ def walk_chain(tokens: Sequence[int], parents: Sequence[int], chain: Sequence[in
     return node, matched
 
 
-def graft_chain(tree: DraftTree, chain: Sequence[int]) -> DraftTree:
+def graft_chain(tree: DraftTree, chain: Sequence[int],
+                new_nodes: Callable[[int], int] | None = None) -> DraftTree:
     """Merge a guessed chain (tokens following the root) into a tree.
 
     The chain walks down the tree while its tokens match existing children, and the rest hangs
     below the last match as new nodes, appended (so the order stays topological and siblings stay
     distinct). The merged tree verifies both guesses in one forward; e.g. a tree root->{a, b} with
-    chain [a, c, d] becomes root->{a, b}, a->c, c->d.
+    chain [a, c, d] becomes root->{a, b}, a->c, c->d. new_nodes(matched): how many of the chain's
+    tokens after the `matched` the tree already holds become nodes (None: all).
     """
     if not chain:
         return tree
     tokens, parents = tree.tokens.tolist(), tree.parents.tolist()  # host copy: once per step
     node, matched = walk_chain(tokens, parents, chain)
     rest = list(chain[matched:])
+    if new_nodes is not None:
+        rest = rest[: new_nodes(matched)]
     if not rest:
         return tree
     depth = [0] * len(parents)
