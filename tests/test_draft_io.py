@@ -115,7 +115,7 @@ def test_reduced_vocab_head_round_trips_and_stays_lossless(tmp_path):
 
 
 @pytest.mark.parametrize("config, words", [
-    ({"hidden_size": 7}, "hidden size (7)"),  # transformers' own validation
+    ({"hidden_size": 7}, "hidden_size (7)"),
     ({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3}, "config"),
     ({"hidden_size": 64, "num_attention_heads": 4, "vocab_size": -5}, "config"),
     ({"num_hidden_layers": 0}, "num_hidden_layers"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import tiny_target
 
-from eaglespec.kv_cache import DraftKVCache
+from eaglespec.layers import DraftKVCache
 from eaglespec.tree import make_tree
 
 

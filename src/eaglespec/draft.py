@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from eaglespec.kv_cache import DraftKVCache
+from eaglespec.layers import (DraftKVCache, GatedMLP, HeadConfig, HeadConfigError, RMSNorm, attention_qkv,
+                              cached_attention, rotary)
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +41,11 @@ class DraftHeadError(ValueError):
     """A draft head is missing, malformed, or does not fit the target."""
 
 
-def head_config_from_target(target_config, draft_vocab_size: int | None = None, num_layers: int = 1) -> LlamaConfig:
-    """A LlamaConfig of `num_layers` decoder layers (EAGLE's default: 1) with the target's width,
+def head_config_from_target(target_config, draft_vocab_size: int | None = None, num_layers: int = 1) -> HeadConfig:
+    """A head config of `num_layers` decoder layers (EAGLE's default: 1) with the target's width,
     heads and RoPE."""
-    tc = target_config.to_dict()
-    keep = (
-        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-        "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
-        "rope_parameters", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
-    )
-    fields = {k: tc[k] for k in keep if k in tc and tc[k] is not None}
-    config = LlamaConfig(**fields)
-    config.num_hidden_layers = num_layers
-    config.bias = True
-    config.architectures = ["LlamaForCausalLM"]
+    config = HeadConfig.from_target(target_config, num_hidden_layers=num_layers)
+    config.extra.update(architectures=["LlamaForCausalLM"], bias=True)
     config.draft_vocab_size = draft_vocab_size or config.vocab_size
     return config
 
@@ -104,12 +94,12 @@ def unrolled_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
 
 
 class DraftAttention(nn.Module):
-    def __init__(self, config: LlamaConfig, index: int = 0) -> None:
+    def __init__(self, config: HeadConfig, index: int = 0) -> None:
         super().__init__()
         self.index = index  # the layer's slot in the draft KV cache
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = config.head_dim
         h = config.hidden_size
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
@@ -119,12 +109,8 @@ class DraftAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, q, H] -> queries [B, nh, q, d] and keys, values [B, nkv, q, d], RoPE applied."""
-        b, q, _ = x.shape
-        qs = self.q_proj(x).view(b, q, self.num_heads, self.head_dim).transpose(1, 2)
-        ks = self.k_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        vs = self.v_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        qs, ks = apply_rotary_pos_emb(qs, ks, *cos_sin)
-        return qs, ks, vs
+        return attention_qkv(self.q_proj, self.k_proj, self.v_proj, x, cos_sin, self.num_heads, self.num_kv_heads,
+                             self.head_dim)
 
     def forward(
         self,
@@ -137,11 +123,7 @@ class DraftAttention(nn.Module):
         qs, ks, vs = self._qkv(x, cos_sin)
         if cache is not None:
             ks, vs = cache.write(self.index, ks, vs)  # [1, nkv, kv, d]
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            ks = ks.repeat_interleave(groups, dim=1)
-            vs = vs.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None)
+        out = cached_attention(qs, ks, vs, self.num_heads // self.num_kv_heads, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
 
     def forward_unrolled(
@@ -165,13 +147,13 @@ class DraftLayer(nn.Module):
     """A Llama decoder layer. The first has no input_layernorm (the fc output goes straight to
     attention); later ones have it, as in the official EAGLE code."""
 
-    def __init__(self, config: LlamaConfig, index: int = 0) -> None:
+    def __init__(self, config: HeadConfig, index: int = 0) -> None:
         super().__init__()
         self.self_attn = DraftAttention(config, index)
-        self.mlp = LlamaMLP(config)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if index > 0:
-            self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def _norm_in(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_layernorm(x) if self.self_attn.index > 0 else x
@@ -188,19 +170,17 @@ class DraftLayer(nn.Module):
 class DraftHead(nn.Module):
     """Predicts the target's next top feature from (feature t, token t+1)."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: HeadConfig) -> None:
         super().__init__()
-        n_layers = getattr(config, "num_hidden_layers", 1)
-        if not isinstance(n_layers, int) or n_layers < 1:
-            raise DraftHeadError(f"a draft head needs num_hidden_layers >= 1; config says {n_layers!r}")
+        n_layers = config.num_hidden_layers
         self.config = config
         h = config.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.layers = nn.ModuleList([DraftLayer(config, i) for i in range(n_layers)])
         # Not a registered submodule: a dtype cast of the head must not round inv_freq to bf16.
-        object.__setattr__(self, "rotary", LlamaRotaryEmbedding(config))
+        object.__setattr__(self, "rotary", rotary(config))
         vocab = config.vocab_size
-        k = getattr(config, "draft_vocab_size", None) or vocab
+        k = config.draft_vocab_size or vocab
         d2t, t2d = empty_vocab_maps(k, vocab)
         self.register_buffer("d2t", d2t)
         self.register_buffer("t2d", t2d)
@@ -311,11 +291,9 @@ class DraftHead(nn.Module):
             raise DraftHeadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise DraftHeadError(f"{path / 'config.json'} must hold a JSON object of LlamaConfig fields")
-        raw.pop("torch_dtype", None)
-        raw.pop("dtype", None)
         try:
-            config = LlamaConfig(**raw)
-        except Exception as e:  # transformers validates a config with errors of several kinds
+            config = HeadConfig.from_dict(raw)
+        except (HeadConfigError, TypeError) as e:  # a wrong type, or a field of a wrong size
             raise DraftHeadError(f"{path / 'config.json'} is not a valid draft head config: {_reason(e)}") from None
         state = _read_state_dict(path)
         if "d2t" in state:

@@ -24,27 +24,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from eaglespec.aux_features import aux_layer_ids
 from eaglespec.draft import DraftHeadError, draft_token_ids, empty_vocab_maps, unrolled_attention, vocab_maps
-from eaglespec.kv_cache import DraftKVCache
+from eaglespec.layers import (DraftKVCache, GatedMLP, HeadConfig, HeadConfigError, RMSNorm, attention_qkv,
+                              cached_attention, rotary)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 #: config key of the aux layers. Its top-level value counts the decoder layer whose *input* is taken
 #: (vLLM, llama.cpp); the copy inside `eagle_config` counts the layer whose *output* is taken, one
 #: less (SGLang adds 1 to it). docs/design.md, "EAGLE-3 head", has the survey.
 AUX_KEY = "eagle_aux_hidden_state_layer_ids"
-
-#: Llama fields copied from the target into a new head's config
-LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
-                "rope_parameters", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
-
 
 class Eagle3Error(DraftHeadError):
     """An EAGLE-3 head is missing, malformed, or does not fit the target (a `DraftHeadError`, as
@@ -73,18 +65,14 @@ def head_kind(path: str | Path) -> Literal["eagle", "eagle3"]:
     return "eagle"
 
 
-def eagle3_config(target_config, draft_vocab_size: int, layer_ids: tuple[int, ...] | None = None) -> LlamaConfig:
+def eagle3_config(target_config, draft_vocab_size: int, layer_ids: tuple[int, ...] | None = None) -> HeadConfig:
     """A head config for a target: its width, heads and RoPE, one layer, K draft tokens."""
     tc = target_config.to_dict() if hasattr(target_config, "to_dict") else dict(target_config)
-    config = LlamaConfig(**{k: tc[k] for k in LLAMA_FIELDS if tc.get(k) is not None})
-    config.num_hidden_layers = 1
-    config.tie_word_embeddings = False
-    config.architectures = [ARCHITECTURE]
-    config.draft_vocab_size = int(draft_vocab_size)
-    config.target_hidden_size = tc["hidden_size"]
     ids = list(layer_ids if layer_ids is not None else aux_layer_ids(tc["num_hidden_layers"]))
-    setattr(config, AUX_KEY, ids)
-    config.eagle_config = eagle_config_entry(ids)
+    config = HeadConfig.from_target(tc, num_hidden_layers=1, draft_vocab_size=int(draft_vocab_size),
+                                    target_hidden_size=tc["hidden_size"])
+    config.extra.update({"architectures": [ARCHITECTURE], "tie_word_embeddings": False, AUX_KEY: ids,
+                         "eagle_config": eagle_config_entry(ids)})
     return config
 
 
@@ -104,18 +92,14 @@ def read_aux_ids(config: dict) -> list[int] | None:
     return [i + 1 for i in nested] if nested else None
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 class Eagle3Attention(nn.Module):
     """Llama attention whose q, k, v read the 2H-wide cat(embedding, hidden)."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = _head_dim(config)
+        self.head_dim = config.head_dim
         h = config.hidden_size
         self.q_proj = nn.Linear(2 * h, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
@@ -124,12 +108,8 @@ class Eagle3Attention(nn.Module):
 
     def _qkv(self, x, cos_sin):
         """x [B, q, 2H] -> queries [B, nh, q, d], keys and values [B, nkv, q, d], RoPE applied."""
-        b, q, _ = x.shape
-        qs = self.q_proj(x).view(b, q, self.num_heads, self.head_dim).transpose(1, 2)
-        ks = self.k_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        vs = self.v_proj(x).view(b, q, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        qs, ks = apply_rotary_pos_emb(qs, ks, *cos_sin)
-        return qs, ks, vs
+        return attention_qkv(self.q_proj, self.k_proj, self.v_proj, x, cos_sin, self.num_heads, self.num_kv_heads,
+                             self.head_dim)
 
     def forward(self, x, cos_sin, mask: torch.Tensor | None, cache: DraftKVCache | None) -> torch.Tensor:
         """mask: [B or 1, 1, q, kv] bool (True = attend); None = causal over x, no cache."""
@@ -137,10 +117,7 @@ class Eagle3Attention(nn.Module):
         qs, ks, vs = self._qkv(x, cos_sin)
         if cache is not None:
             ks, vs = cache.write(0, ks, vs)  # [1, nkv, kv, d]
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None)
+        out = cached_attention(qs, ks, vs, self.num_heads // self.num_kv_heads, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
 
     def forward_unrolled(self, x, cos_sin, earlier: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -159,14 +136,14 @@ class Eagle3Attention(nn.Module):
 class Eagle3Layer(nn.Module):
     """The head's one decoder layer (official name: `midlayer`)."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = LlamaRMSNorm(h, eps=eps)  # on the token embedding
-        self.hidden_norm = LlamaRMSNorm(h, eps=eps)  # on the hidden input
+        self.input_layernorm = RMSNorm(h, eps=eps)  # on the token embedding
+        self.hidden_norm = RMSNorm(h, eps=eps)  # on the hidden input
         self.self_attn = Eagle3Attention(config)
-        self.post_attention_layernorm = LlamaRMSNorm(h, eps=eps)
-        self.mlp = LlamaMLP(config)
+        self.post_attention_layernorm = RMSNorm(h, eps=eps)
+        self.mlp = GatedMLP(config)
 
     def _attn_in(self, hidden, embeds):
         return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)  # [B, q, 2H]
@@ -184,19 +161,19 @@ class Eagle3Head(nn.Module):
     """EAGLE-3 head: fused target features (first step) or its own outputs (later steps) plus the
     next token's embedding -> hidden output -> draft-vocabulary logits."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         self.config = config
         h = config.hidden_size
-        target_h = getattr(config, "target_hidden_size", None) or h
+        target_h = config.target_hidden_size or h
         vocab = config.vocab_size
-        k = getattr(config, "draft_vocab_size", None) or vocab
+        k = config.draft_vocab_size or vocab
         self.fc = nn.Linear(3 * target_h, h, bias=False)
         self.midlayer = Eagle3Layer(config)
-        self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(h, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(h, k, bias=False)
         # Not a registered submodule: a dtype cast of the head must not round inv_freq to bf16.
-        object.__setattr__(self, "rotary", LlamaRotaryEmbedding(config))
+        object.__setattr__(self, "rotary", rotary(config))
         d2t, t2d = empty_vocab_maps(k, vocab)
         self.register_buffer("d2t", d2t)
         self.register_buffer("t2d", t2d)
@@ -217,7 +194,7 @@ class Eagle3Head(nn.Module):
 
     @property
     def aux_layer_ids(self) -> tuple[int, ...]:
-        return tuple(getattr(self.config, AUX_KEY))
+        return tuple(self.config.extra[AUX_KEY])
 
     def draft_token_ids(self) -> torch.Tensor:
         """[K] the target token id of each draft-vocabulary entry."""
@@ -314,10 +291,6 @@ class Eagle3Head(nn.Module):
                       head_dim=self.midlayer.self_attn.head_dim)
         config[AUX_KEY] = ids
         config["eagle_config"] = {**(config.get("eagle_config") or {}), **eagle_config_entry(ids)}
-        if "rope_theta" not in config:  # transformers 5 keeps it in rope_parameters; loaders read the top level
-            theta = (config.get("rope_parameters") or {}).get("rope_theta")
-            if theta is not None:
-                config["rope_theta"] = theta
         if dtype is not None:
             config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
         (path / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -336,9 +309,10 @@ class Eagle3Head(nn.Module):
         if head_kind(path) != "eagle3":
             raise Eagle3Error(f"{path} does not hold an EAGLE-3 head (config.json)")
         raw = json.loads((path / "config.json").read_text())
-        for key in ("torch_dtype", "dtype"):
-            raw.pop(key, None)
-        config = LlamaConfig(**raw)
+        try:
+            config = HeadConfig.from_dict(raw)
+        except (HeadConfigError, TypeError) as e:
+            raise Eagle3Error(f"{path / 'config.json'} is not a valid EAGLE-3 head config: {e}") from None
         state = _read_state_dict(path)
         state.pop("embed_tokens.weight", None)
         if "lm_head.weight" not in state:
@@ -351,7 +325,7 @@ class Eagle3Head(nn.Module):
             if num_target_layers is None:
                 raise Eagle3Error(f"{path}: config.json names no aux layers ({AUX_KEY}); pass num_target_layers")
             ids = list(aux_layer_ids(num_target_layers))
-        setattr(config, AUX_KEY, list(ids))
+        config.extra[AUX_KEY] = list(ids)
         head = cls(config)
         own = head.state_dict()
         if "d2t" not in state:
