@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from eaglespec.backends import DraftSetup
     from eaglespec.draft import DraftHead
     from eaglespec.eagle3 import Eagle3Head
-    from eaglespec.target import TargetModel
+    from eaglespec.backends.base import TargetModel
 
 
 class Drafter(ABC):
@@ -182,7 +182,7 @@ class EagleDrafter(Drafter):
         return tree
 
 
-def tree_sizer(target: Target, tree: TreeConfig) -> TreeSizer | None:
+def tree_sizer(target: TargetModel, tree: TreeConfig) -> TreeSizer | None:
     """The node budget of a cost-sized dynamic tree on `target`: its cost curve measured on this
     machine (cached), up to `tree.total_tokens - 1` nodes; None for other trees."""
     if tree.kind != "dynamic" or tree.sizing != "cost":

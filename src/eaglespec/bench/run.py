@@ -26,7 +26,7 @@ from eaglespec.drafter import Drafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.heads import make_drafter
 from eaglespec.lookup import PromptLookupDrafter
-from eaglespec.target import TargetModel
+from eaglespec.backends.base import TargetModel
 
 log = logging.getLogger(__name__)
 

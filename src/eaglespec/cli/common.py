@@ -197,7 +197,7 @@ def load_target_from(args, dtype: str | None = None, attn_implementation: str | 
     quiet_transformers(args)
     if chosen_backend(args) == "llamacpp":
         from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
-        from eaglespec.target import default_gguf_path
+        from eaglespec.paths import default_gguf_path
 
         gguf = default_gguf_path() if args.model is None else args.model
         config = LlamaCppTargetConfig(threads=args.threads, max_len=args.max_len,

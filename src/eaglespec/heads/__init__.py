@@ -25,7 +25,7 @@ from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
 
 if TYPE_CHECKING:
     from eaglespec.backends import DraftSetup
-    from eaglespec.target import TargetModel
+    from eaglespec.backends.base import TargetModel
 
 DEFAULT_HEAD = Path(__file__).parent / "smollm2-135m-instruct"
 
