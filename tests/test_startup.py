@@ -142,3 +142,28 @@ def test_generate_ends_without_the_interpreters_teardown(tiny_model_dir, capsys)
     bad = subprocess.run([sys.executable, "-c", code, *argv, "--top-p", "2"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "top_p" in bad.stderr and "teardown" not in bad.stderr
+
+
+def test_llamacpp_backend_builds_the_tokenizer_autotokenizer_builds(converted, tmp_path):
+    """The llama.cpp backend builds a converted folder's tokenizers-backed tokenizer by its class,
+    without AutoTokenizer's detour through the model config; any other class goes through
+    AutoTokenizer."""
+    from eaglespec.backends.llamacpp import _tokenizer
+
+    folder = converted[True]
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    want, got = AutoTokenizer.from_pretrained(folder), _tokenizer(folder)
+    assert type(got) is type(want)
+    assert got.all_special_tokens == want.all_special_tokens and got.eos_token_id == want.eos_token_id
+    text = "<bos> user : w1 w2 <eos> w3 nonsense <unk>"
+    assert got(text).input_ids == want(text).input_ids and got.decode(got(text).input_ids) == want.decode(want(text).input_ids)
+    messages = [{"role": "user", "content": "w5 w6"}]
+    assert got.apply_chat_template(messages, add_generation_prompt=True) == \
+        want.apply_chat_template(messages, add_generation_prompt=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in folder.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert type(_tokenizer(other)) is type(AutoTokenizer.from_pretrained(other))

@@ -50,9 +50,9 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
-    from eaglespec.target import TargetOutput
+    from eaglespec.backends.base import TargetOutput
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,6 @@ class LlamaCppTarget:
     def __init__(self, gguf: str | Path, config: LlamaCppTargetConfig = LlamaCppTargetConfig(), folder: str | Path | None = None) -> None:
         """gguf: the model file; folder: its dequantized transformers folder, for the tokenizer,
         config, embedding and LM head (None: `convert_gguf(gguf)`, converted once and cached)."""
-        from eaglespec.target import convert_gguf
-
         lib = self._lib = _lib()
         self.gguf = Path(gguf)
         if not self.gguf.is_file():
@@ -296,7 +294,7 @@ class LlamaCppTarget:
         self.config = config
         self.max_len = config.max_len
         self.n_seq = config.n_seq_needed
-        self.folder = Path(folder) if folder is not None else convert_gguf(self.gguf)
+        self.folder = Path(folder) if folder is not None else _converted(self.gguf)
         self._load_torch_parts(self.folder)
         _silence(lib)
         lib.llama_backend_init()
@@ -343,16 +341,14 @@ class LlamaCppTarget:
         self.min_rows: int | None = self._min_rows() if config.exact else 1
 
     def _load_torch_parts(self, folder: Path) -> None:
+        """Tokenizer, config and the embedding and LM head from the converted folder. The configs are
+        read as JSON: transformers' config classes cost about half a second of imports at each start."""
         from safetensors import safe_open
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-        self.model_config: PretrainedConfig = AutoConfig.from_pretrained(str(folder))
-        self.tokenizer: PreTrainedTokenizerBase | None = AutoTokenizer.from_pretrained(str(folder))
-        try:
-            gen_eos = GenerationConfig.from_pretrained(str(folder)).eos_token_id
-        except OSError:
-            gen_eos = None
-        self.eos_token_ids = _ids(gen_eos)
+        self.model_config: dict = _read_json(folder / "config.json")
+        self.tokenizer: PreTrainedTokenizerBase | None = _tokenizer(folder)
+        generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+        self.eos_token_ids = _ids(generation.get("eos_token_id"))
         with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
             keys = set(f.keys())
             embed_key = next(k for k in keys if k.endswith("embed_tokens.weight"))
@@ -377,7 +373,8 @@ class LlamaCppTarget:
 
     @property
     def num_layers(self) -> int:
-        return self.model_config.num_hidden_layers
+        text = self.model_config.get("text_config") or {}  # a multimodal folder keeps the decoder's here
+        return int(self.model_config.get("num_hidden_layers") or text["num_hidden_layers"])
 
     def set_feature_layers(self, layer_ids) -> None:
         if layer_ids is not None:
@@ -543,7 +540,7 @@ class LlamaCppTarget:
         chain); last_logits_only: logits [1, V] of the last row (features of all rows either way:
         llama.cpp computes both for an output row). The nodes stay in the cache until
         `cache.compact` keeps the accepted ones."""
-        from eaglespec.target import TargetOutput
+        from eaglespec.backends.base import TargetOutput
 
         q = tokens.shape[0]
         cache = self.cache
@@ -592,3 +589,38 @@ def _ids(value) -> frozenset[int]:
     if isinstance(value, int):
         return frozenset({value})
     return frozenset(int(v) for v in value)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LlamaCppError(f"cannot read {path}: {e}") from None
+
+
+def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer. A plain tokenizers-backed one (what a converted SmolLM2 holds) is
+    built by its class directly: `AutoTokenizer` would first load the model's transformers config,
+    about 0.7 s of imports, to end at the same class (tests/test_llamacpp_backend.py)."""
+    path = folder / "tokenizer_config.json"
+    config = _read_json(path) if path.is_file() else {}
+    if config.get("tokenizer_class") == "TokenizersBackend" and "auto_map" not in config:
+        from transformers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _converted(gguf: Path) -> Path:
+    """The GGUF's dequantized transformers folder: found in the cache when it is there (without
+    importing the PyTorch target code), else converted once (`eaglespec.target.convert_gguf`)."""
+    from eaglespec.paths import converted_dir
+
+    folder = converted_dir(gguf)
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from eaglespec.target import convert_gguf
+
+    return convert_gguf(gguf)
