@@ -93,7 +93,7 @@ def physical_cores() -> int:
 MAX_TREE = 250
 #: the largest batch the row probe compares a smaller one with (`LlamaCppTarget.min_rows`)
 ROW_PROBE_ROWS = 8
-#: ggml type ids of the KV cache (ggml.h): exact mode keeps bf16, the fast mode llama.cpp's f16
+#: ggml type ids of the KV cache (ggml.h): exact mode keeps keys in bf16 (`LlamaCppTargetConfig.kv_types`)
 GGML_TYPE_F16, GGML_TYPE_BF16 = 1, 30
 
 
@@ -105,7 +105,7 @@ class LlamaCppTargetConfig:
     max_len: int = 2048  # committed tokens + one tree, as the torch target's cache
     max_tree: int = 48  # most nodes (and leaves) one forward verifies
     #: every row of a decode step gets the bits it gets in plain decoding, so greedy speculative
-    #: output equals this backend's plain output (docs/design.md, "llama.cpp backend"): a bf16 KV
+    #: output equals this backend's plain output (docs/design.md, "llama.cpp backend"): bf16 keys in the KV
     #: cache, rejected cells kept occupied so no later token lands before an earlier one
     #: (attention sums run in cell order), and padding rows up to the measured `min_rows`.
     #: False: llama.cpp's f16 cache, no padding, rejected cells freed and reused (not bit-exact)
@@ -134,9 +134,13 @@ class LlamaCppTargetConfig:
         return self.max_tree + 2
 
     @property
-    def kv_type(self) -> int:
-        """The KV cache's ggml type: bf16 in exact mode (see `exact`), else llama.cpp's default f16."""
-        return GGML_TYPE_BF16 if self.exact else GGML_TYPE_F16
+    def kv_types(self) -> tuple[int, int]:
+        """The ggml types of the cache's keys and values. Exact mode keeps keys in bf16: llama.cpp's
+        CPU flash attention splits a lone row over the cache, or tiles 64+ rows, only when keys
+        and values are both f16 or f32, and either changes a row's bits with the batch. Values stay
+        f16, which the one-row path reads without converting each cell. The fast mode keeps
+        llama.cpp's f16 for both."""
+        return (GGML_TYPE_BF16 if self.exact else GGML_TYPE_F16), GGML_TYPE_F16
 
     @property
     def n_ctx(self) -> int:
@@ -315,7 +319,7 @@ class LlamaCppTarget:
         # flash attention: each query row runs over the cells in order, skipping masked ones, so a
         # row's bits do not depend on the other rows (the unfused path's matmuls over the batch do)
         cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        cparams.type_k = cparams.type_v = config.kv_type
+        cparams.type_k, cparams.type_v = config.kv_types
         cparams.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -390,7 +394,7 @@ class LlamaCppTarget:
         """What a measured cost curve depends on: backend, weights (file name, size, mtime) and threads."""
         st = self.gguf.stat()
         ident = json.dumps(["llamacpp", self.gguf.name, st.st_size, st.st_mtime_ns, self.config.n_threads,
-                            self.config.exact, self.config.kv_type])
+                            self.config.exact, *self.config.kv_types])
         return f"llamacpp-{self.gguf.stem}-t{self.config.n_threads}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
     def reset(self) -> None:
@@ -506,8 +510,9 @@ class LlamaCppTarget:
         self._batch.n_tokens = n
         self._tokens[:q] = tokens
         self._pos[:q] = positions
-        self._logits_flag[:n] = 0
-        self._logits_flag[:outputs] = 1
+        # every row is an output (`embeddings` makes llama.cpp compute all rows' logits anyway, and
+        # it warns of each unflagged one); the first `outputs` are read
+        self._logits_flag[:n] = 1
         if seqs is None:
             self._n_seq_id[:q] = 1
             for i in range(q):
@@ -523,9 +528,8 @@ class LlamaCppTarget:
             for i in range(q, n):
                 self._seq_row(i)[0] = cache.pad
         rc = lib.llama_decode(self._ctx, self._batch)
-        if pad:
-            cache.drop(cache.pad, -1, -1)
-            cache.parked += n - q
+        if pad:  # freed, not parked: they are the last cells written, so the next tokens refill them in order
+            lib.llama_memory_seq_rm(self._mem, cache.pad, -1, -1)
         if rc != 0:
             raise LlamaCppError(f"llama_decode failed ({rc}) on {q} tokens from position {int(positions[0])}")
         logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
