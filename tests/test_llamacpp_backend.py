@@ -394,3 +394,26 @@ def test_only_a_model_without_a_head_runs_as_llamacpp_itself_does():
     target = engine("--model", str(default_gguf())).target  # an explicit model: no shipped head applies
     assert not target.config.exact and target.min_rows == 1
     target.close()
+
+
+def test_the_probe_key_names_the_llamacpp_build(tmp_path):
+    """Measured row padding and cost curves are kept per llama.cpp build: a rebuilt library (other
+    compile flags) or another version may round rows otherwise, so it is measured again."""
+    from types import SimpleNamespace
+
+    from eaglespec.backends.llamacpp import LlamaCppTarget
+
+    (tmp_path / "llama_cpp" / "lib").mkdir(parents=True)
+    so = tmp_path / "llama_cpp" / "lib" / "libggml-cpu.so"
+    so.write_bytes(b"build one")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    target = LlamaCppTarget.__new__(LlamaCppTarget)  # only what cost_key reads
+    target.gguf, target.config = gguf, LlamaCppTargetConfig(threads=2)
+    target._lib = SimpleNamespace(__file__=str(tmp_path / "llama_cpp" / "__init__.py"), __version__="0.3.36")
+    first = target.cost_key()
+    assert target.cost_key() == first
+    so.write_bytes(b"build two, other flags")
+    rebuilt = target.cost_key()
+    target._lib.__version__ = "0.3.37"
+    assert len({first, rebuilt, target.cost_key()}) == 3

@@ -76,6 +76,16 @@ def _lib():
     return llama_cpp
 
 
+def build_id(lib) -> str:
+    """What identifies the llama.cpp build in use: llama-cpp-python's version and the size and
+    mtime of its shared libraries. Part of the probe cache's key, since another build (an upgrade,
+    other compile flags) may round rows otherwise."""
+    folder = Path(lib.__file__).parent / "lib"
+    libs = sorted(folder.glob("*.so")) + sorted(folder.glob("*.dylib")) + sorted(folder.glob("*.dll"))
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in libs]
+    return f"{getattr(lib, '__version__', '?')} {hashlib.sha256(repr(stats).encode()).hexdigest()[:12]}"
+
+
 def physical_cores() -> int:
     """Physical CPU cores usable by this process (hyperthreads slow llama.cpp's matmuls down)."""
     try:
@@ -391,10 +401,11 @@ class LlamaCppTarget:
         return self.config.max_tree
 
     def cost_key(self) -> str:
-        """What a measured cost curve depends on: backend, weights (file name, size, mtime) and threads."""
+        """What a measured cost curve or row probe depends on: the llama.cpp build, the weights (file
+        name, size, mtime), threads and cache types."""
         st = self.gguf.stat()
-        ident = json.dumps(["llamacpp", self.gguf.name, st.st_size, st.st_mtime_ns, self.config.n_threads,
-                            self.config.exact, *self.config.kv_types])
+        ident = json.dumps(["llamacpp", build_id(self._lib), self.gguf.name, st.st_size, st.st_mtime_ns,
+                            self.config.n_threads, self.config.exact, *self.config.kv_types])
         return f"llamacpp-{self.gguf.stem}-t{self.config.n_threads}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
     def reset(self) -> None:
