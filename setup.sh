@@ -59,6 +59,12 @@ echo "installing eaglespec with its train, bench and dev extras"
 # source for this CPU: about 8 minutes on 2 cores, once (pip caches the wheel it builds).
 # EAGLESPEC_LLAMACPP=0 skips it; =1 makes a failed build an error; auto (the default) goes on
 # with the PyTorch backend alone and says so.
+# It is built without llamafile's sgemm (GGML_LLAMAFILE=OFF): sgemm multiplies two rows or more
+# and refuses one, so a lone token of an F32, F16 or BF16 model rounds otherwise than the same
+# token in a draft tree, and exact decoding has to pad every lone token with a second row
+# (docs/design.md, "llama.cpp backend"). Without it, F32 plain decoding ran at 0.98x llama.cpp's
+# own instead of 0.60x (docs/benchmarks.md). Q4_1, the default model's format, has no sgemm kernel.
+export CMAKE_ARGS="${CMAKE_ARGS:+$CMAKE_ARGS }-DGGML_LLAMAFILE=OFF"
 if [ "$LLAMA" != "0" ]; then
     if "$VPY" -c "import llama_cpp" 2>/dev/null; then
         "$VPY" -m pip install -q -e ".[llamacpp]"  # already built: only checks the pin
@@ -72,6 +78,20 @@ if [ "$LLAMA" != "0" ]; then
             fi
             echo "setup.sh: llama-cpp-python could not be built (see above; it needs a C++ compiler and cmake);" >&2
             echo "eaglespec runs on its PyTorch backend. EAGLESPEC_LLAMACPP=1 bash setup.sh tries again." >&2
+        fi
+    fi
+    # pip reuses a wheel it cached without looking at CMAKE_ARGS: one built with llamafile (by an
+    # older set-up, or by hand) is built again, once, and replaces it in the cache
+    if "$VPY" -c "import llama_cpp, sys; sys.exit('LLAMAFILE = 1' not in llama_cpp.llama_print_system_info().decode())" 2>/dev/null; then
+        echo "rebuilding llama-cpp-python without llamafile's sgemm (about 8 minutes on 2 cores, once)"
+        "$VPY" -m pip cache remove "llama_cpp_python*" >/dev/null 2>&1 || true
+        if ! "$VPY" -m pip install -q --force-reinstall --no-deps "llama-cpp-python>=0.3.36"; then
+            if [ "$LLAMA" = "1" ]; then
+                echo "setup.sh: rebuilding llama-cpp-python failed (see above)" >&2
+                exit 1
+            fi
+            echo "setup.sh: the rebuild failed; the installed llama-cpp-python (with llamafile) stays: exact" >&2
+            echo "decoding of F32, F16 and BF16 models then pads each lone token (slower, still exact)" >&2
         fi
     fi
 fi
