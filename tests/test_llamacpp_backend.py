@@ -392,8 +392,31 @@ def test_only_a_model_without_a_head_runs_as_llamacpp_itself_does():
         assert target.config.exact, extra
         target.close()
     target = engine("--model", str(default_gguf())).target  # an explicit model: no shipped head applies
-    assert not target.config.exact and target.min_rows == 1
+    assert not target.config.exact and target.min_rows == 1 and not target.config.features
     target.close()
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_without_features_a_prompt_computes_one_row_of_logits_and_decodes_alike():
+    """Without a head the target returns no hidden states, so llama.cpp computes a prompt's LM head
+    for its last token only (a 262k vocabulary made that most of Gemma 3's prefill); the tokens
+    decoded are those of the same mode with features."""
+    from eaglespec.backends.llamacpp import LlamaCppTarget
+    from eaglespec.generate import GenerationConfig, Generator
+
+    with pytest.raises(ValueError, match="exact=False"):
+        LlamaCppTargetConfig(features=False)
+    lean = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=512, threads=2, exact=False, features=False))
+    full = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=512, threads=2, exact=False))
+    ids = Generator(lean).encode("Name three rivers of Europe.")
+    out = lean.prefill(ids)
+    assert out.logits.shape == (1, lean.vocab_size) and out.features.shape == (1, 0)
+    assert torch.equal(out.logits, full.prefill(ids).logits)
+    cfg = GenerationConfig(max_new_tokens=32)
+    assert Generator(lean).generate(ids, cfg).token_ids == Generator(full).generate(ids, cfg).token_ids
+    lean.close()
+    full.close()
 
 
 def test_the_probe_key_names_the_llamacpp_build(tmp_path):

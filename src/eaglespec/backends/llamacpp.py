@@ -120,6 +120,11 @@ class LlamaCppTargetConfig:
     #: (attention sums run in cell order), and padding rows up to the measured `min_rows`.
     #: False: llama.cpp's f16 cache, no padding, rejected cells freed and reused (not bit-exact)
     exact: bool = True
+    #: return the last hidden state with the logits, what a draft head reads. llama.cpp then
+    #: computes every row's logits, the prompt's too (for a 262k vocabulary, about 10 ms a prompt
+    #: token). False (no head, and not exact): logits only, and a prompt's LM head runs for its
+    #: last token alone
+    features: bool = True
     #: KV cells beyond max_len for rejected nodes kept occupied (exact); when they run out the
     #: committed tokens are copied, bit for bit, into one contiguous block (0: max_len)
     spare_cells: int = 0
@@ -133,6 +138,8 @@ class LlamaCppTargetConfig:
             raise ValueError(f"max_tree must be in [1, {MAX_TREE}], got {self.max_tree}")
         if self.spare_cells < 0:
             raise ValueError(f"spare_cells must be >= 0, got {self.spare_cells}")
+        if self.exact and not self.features:  # exact rows need every row's LM head, as trees compute it
+            raise ValueError("features=False needs exact=False")
 
     @property
     def n_threads(self) -> int:
@@ -323,7 +330,7 @@ class LlamaCppTarget:
         cparams.n_ubatch = cparams.n_batch  # a prompt or a tree is one graph
         cparams.n_seq_max = self.n_seq
         cparams.kv_unified = True  # one KV buffer that every sequence's tokens share
-        cparams.embeddings = True
+        cparams.embeddings = config.features
         cparams.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
         cparams.n_threads = cparams.n_threads_batch = config.n_threads
         # flash attention: each query row runs over the cells in order, skipping masked ones, so a
@@ -509,9 +516,10 @@ class LlamaCppTarget:
     def _decode(self, tokens: np.ndarray, positions: np.ndarray, seqs: list[list[int]] | None,
                 outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One llama_decode. tokens, positions: [q]; seqs[i]: node i's sequence ids (None: all in
-        `cache.home`); the first `outputs` rows return logits and features. A lone token in exact
-        mode gets padding rows up to `min_rows` (under `cache.pad`, parked afterwards).
-        Returns logits [outputs, V] float32 and features [outputs, H] float32 (copies)."""
+        `cache.home`); the last `outputs` rows return logits and, with `config.features`,
+        features. A lone token in exact mode gets padding rows up to `min_rows` (under
+        `cache.pad`, freed afterwards). Returns logits [outputs, V] float32 and features
+        [outputs, H] float32 ([outputs, 0] without features), copies."""
         lib, cache = self._lib, self.cache
         q = tokens.shape[0]
         n = max(q, self.min_rows or 1)
@@ -521,9 +529,11 @@ class LlamaCppTarget:
         self._batch.n_tokens = n
         self._tokens[:q] = tokens
         self._pos[:q] = positions
-        # every row is an output (`embeddings` makes llama.cpp compute all rows' logits anyway, and
-        # it warns of each unflagged one); the first `outputs` are read
-        self._logits_flag[:n] = 1
+        if self.config.features:  # llama.cpp computes every row's logits anyway (and warns of each unflagged one)
+            self._logits_flag[:n] = 1
+        else:
+            self._logits_flag[:n] = 0
+            self._logits_flag[q - outputs:q] = 1
         if seqs is None:
             self._n_seq_id[:q] = 1
             for i in range(q):
@@ -543,18 +553,22 @@ class LlamaCppTarget:
             lib.llama_memory_seq_rm(self._mem, cache.pad, -1, -1)
         if rc != 0:
             raise LlamaCppError(f"llama_decode failed ({rc}) on {q} tokens from position {int(positions[0])}")
-        logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
-        feats = np.ctypeslib.as_array(lib.llama_get_embeddings(self._ctx), shape=(outputs, self.hidden_size))
-        return torch.from_numpy(logits.copy()), torch.from_numpy(feats.copy())
+        if not self.config.features:  # llama.cpp's outputs are the flagged rows
+            logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
+            return torch.from_numpy(logits.copy()), torch.empty(outputs, 0)
+        first = q - outputs  # every row is an output
+        logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(n, self.vocab_size))
+        feats = np.ctypeslib.as_array(lib.llama_get_embeddings(self._ctx), shape=(n, self.hidden_size))
+        return torch.from_numpy(logits[first:q].copy()), torch.from_numpy(feats[first:q].copy())
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 tree_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> TargetOutput:
         """Run q new tokens after the committed prefix (as `Target.forward`): tokens [q] long,
         positions [q] (length + depth), tree_mask [q, q] bool ancestor-or-self (None: a causal
-        chain); last_logits_only: logits [1, V] of the last row (features of all rows either way:
-        llama.cpp computes both for an output row). The nodes stay in the cache until
-        `cache.compact` keeps the accepted ones."""
+        chain); last_logits_only: logits [1, V] of the last row (with `config.features`, features
+        of all rows either way: llama.cpp computes both for an output row; without, [q or 1, 0]).
+        The nodes stay in the cache until `cache.compact` keeps the accepted ones."""
         from eaglespec.backends.base import TargetOutput
 
         q = tokens.shape[0]
@@ -581,7 +595,8 @@ class LlamaCppTarget:
                 raise ValueError(f"a tree of {q} nodes exceeds max_tree {self.config.max_tree}")
             seqs = cache.leaf_seqs(n_leaves)
             node_seqs = [[seqs[l] for l in np.flatnonzero(row)] for row in tree.member]
-            logits, feats = self._decode(tok, pos, node_seqs, q)
+            last_only = last_logits_only and not self.config.features
+            logits, feats = self._decode(tok, pos, node_seqs, 1 if last_only else q)
             cache.hold_tree(tree, seqs)
         if last_logits_only:
             logits = logits[-1:]

@@ -191,7 +191,7 @@ def load_target_from(args, dtype: str | None = None, attn_implementation: str | 
     """The target of the model flags, on the backend --backend picks; `dtype` overrides --dtype
     (torch backend). drafts False: no draft head exists for this model, so on llama.cpp exactness
     between speculative and plain decoding is moot and the target runs as llama.cpp itself runs it
-    (f16 cache, no padding rows: `LlamaCppTargetConfig(exact=False)`)."""
+    (f16 cache, no padding rows, no hidden states: `LlamaCppTargetConfig(exact=False, features=False)`)."""
     if args.max_len < 16:
         raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
     quiet_transformers(args)
@@ -201,7 +201,7 @@ def load_target_from(args, dtype: str | None = None, attn_implementation: str | 
 
         gguf = default_gguf_path() if args.model is None else args.model
         config = LlamaCppTargetConfig(threads=args.threads, max_len=args.max_len,
-                                      exact=drafts and not args.llamacpp_fast)
+                                      exact=drafts and not args.llamacpp_fast, features=drafts)
         return LlamaCppTarget(gguf, config)
     from eaglespec.target import load_target
 
