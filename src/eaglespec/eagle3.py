@@ -38,6 +38,7 @@ ARCHITECTURE = "LlamaForCausalLMEagle3"
 #: less (SGLang adds 1 to it). docs/design.md, "EAGLE-3 head", has the survey.
 AUX_KEY = "eagle_aux_hidden_state_layer_ids"
 
+
 class Eagle3Error(DraftHeadError):
     """An EAGLE-3 head is missing, malformed, or does not fit the target (a `DraftHeadError`, as
     for any head)."""
