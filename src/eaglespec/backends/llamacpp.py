@@ -210,7 +210,7 @@ class SequenceCache:
         self.holders: set[int] = {0}  # the sequences that hold them (a tree may use any of them)
         self.leaf_limit = target.n_seq - 2
         self.trash = target.n_seq - 2  # parked rejected cells
-        self.pad = target.n_seq - 1  # padding rows of a short decode, parked after it
+        self.pad = target.n_seq - 1  # padding rows of a short decode, freed after it
         self.parked = 0  # cells under `trash`
         self._tree: TreeSequences | None = None
         self._seq_of_leaf: list[int] = []
