@@ -1,7 +1,7 @@
 """llama.cpp as the target's backend: a GGUF file evaluated by llama.cpp's CPU kernels (through
 llama-cpp-python's C API), drafted and verified by eaglespec.
 
-`LlamaCppTarget` implements what the decode loop uses of a target (`eaglespec.target.TargetModel`):
+`LlamaCppTarget` implements what the decode loop uses of a target (`eaglespec.backends.base.TargetModel`):
 prefill, a forward over a token tree, and a cache of committed tokens that keeps an accepted path.
 One `llama_decode` verifies a whole tree:
 
@@ -302,7 +302,7 @@ def _silence(lib) -> None:
 class LlamaCppTarget:
     """A GGUF target run by llama.cpp, with eaglespec's tree forward and accepted-path cache.
 
-    Implements `eaglespec.target.TargetModel`. Features are the last hidden state (EAGLE-1/2
+    Implements `eaglespec.backends.base.TargetModel`. Features are the last hidden state (EAGLE-1/2
     heads); EAGLE-3's intermediate layer inputs are not exposed by llama.cpp's C API."""
 
     def __init__(self, gguf: str | Path, config: LlamaCppTargetConfig = LlamaCppTargetConfig(), folder: str | Path | None = None) -> None:
