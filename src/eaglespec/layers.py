@@ -23,7 +23,7 @@ class HeadConfigError(ValueError):
     """A head's config.json holds a field of the wrong type or size."""
 
 
-#: config.json fields a head reads; every other field is kept in `HeadConfig.extra` and written back
+#: the fields that must be positive integers when given (`HeadConfig.__post_init__`)
 _INT_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                "vocab_size", "num_hidden_layers", "max_position_embeddings", "draft_vocab_size", "target_hidden_size")
 

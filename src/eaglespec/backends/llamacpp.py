@@ -60,7 +60,13 @@ INSTALL_HINT = "pip install 'eaglespec[llamacpp]' (llama-cpp-python >= 0.3.36)"
 
 
 class LlamaCppError(RuntimeError):
-    """llama.cpp is missing, or refused a model or a batch; the message says what to do."""
+    """llama.cpp is missing, or refused a model or a batch; the message says what to do. `reason`
+    is what went wrong, `advice` (if any) what to do instead, which a caller that acts on its own
+    (`--backend auto` switching to PyTorch) leaves out."""
+
+    def __init__(self, reason: str, advice: str | None = None) -> None:
+        super().__init__(f"{reason}; {advice}" if advice else reason)
+        self.reason, self.advice = reason, advice
 
 
 def llamacpp_available() -> bool:
@@ -400,7 +406,7 @@ class LlamaCppTarget:
     def set_feature_layers(self, layer_ids) -> None:
         if layer_ids is not None:
             raise LlamaCppError("the llama.cpp backend gives the last hidden state only; an EAGLE-3 head reads "
-                                "intermediate layers: use --backend torch with an EAGLE-3 head")
+                                "intermediate layers", "use --backend torch with an EAGLE-3 head")
 
     @property
     def max_tree(self) -> int:
@@ -484,7 +490,7 @@ class LlamaCppTarget:
         if self.config.exact and self.min_rows is None:
             raise LlamaCppError(f"{self.gguf.name}: on this CPU llama.cpp rounds a token differently with the size "
                                 "of its batch for this weight format (measured), so a draft tree cannot be verified "
-                                "exactly; use --backend torch, --no-draft, or --llamacpp-fast (not exact)")
+                                "exactly", "use --backend torch, --no-draft, or --llamacpp-fast (not exact)")
 
     def close(self) -> None:
         """Free llama.cpp's context, model and batch (also done when the object is collected)."""

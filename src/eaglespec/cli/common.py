@@ -226,26 +226,26 @@ def load_engine(args, need_tokenizer: bool = True):
     tree_config(args)  # bad sizes fail before the model loads
     has_head = head_path(args) is not None  # --no-draft still decodes as the drafting engine would
     target = load_target_from(args, drafts=has_head)
-    tree = tree_config(args, target.device, target.dtype)
     if need_tokenizer and target.tokenizer is None:
         raise UsageError(f"{args.model}: no tokenizer found")
-    drafter = None
     path = None if args.no_draft else head_path(args)
-    if path is not None:
-        from eaglespec.backends.llamacpp import LlamaCppError
+    if path is None:
+        return Generator(target, None)
 
-        try:
-            drafter = load_drafter(path, target, tree, draft_setup(target.device, target.dtype, args.draft_weights),
-                                   lookup=args.lookup)  # EAGLE-1/2 or EAGLE-3
-        except LlamaCppError as e:  # this head or this file cannot draft on llama.cpp
-            if getattr(args, "backend", "torch") != "auto":
-                raise UsageError(str(e)) from None
-            reason = str(e).split("; use ")[0].split(": use ")[0]  # the advice is what follows
-            print(f"eaglespec: {reason}; running the target on PyTorch instead (--backend auto)", file=sys.stderr)
-            getattr(target, "close", lambda: None)()
-            args.backend = "torch"
-            target = load_target_from(args)
-            tree = tree_config(args, target.device, target.dtype)
-            drafter = load_drafter(path, target, tree, draft_setup(target.device, target.dtype, args.draft_weights),
-                                   lookup=args.lookup)
-    return Generator(target, drafter)
+    def drafter_on(target):  # EAGLE-1/2 or EAGLE-3
+        tree = tree_config(args, target.device, target.dtype)
+        return load_drafter(path, target, tree, draft_setup(target.device, target.dtype, args.draft_weights),
+                            lookup=args.lookup)
+
+    from eaglespec.backends.llamacpp import LlamaCppError
+
+    try:
+        return Generator(target, drafter_on(target))
+    except LlamaCppError as e:  # this head or this file cannot draft on llama.cpp
+        if getattr(args, "backend", "torch") != "auto":
+            raise UsageError(str(e)) from None
+        print(f"eaglespec: {e.reason}; running the target on PyTorch instead (--backend auto)", file=sys.stderr)
+        getattr(target, "close", lambda: None)()
+        args.backend = "torch"
+        target = load_target_from(args)
+        return Generator(target, drafter_on(target))
