@@ -55,6 +55,12 @@ def converted_dir(gguf: Path) -> Path:
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return cache_root() / "targets" / f"{gguf.stem}-{key}"
 
+
+def find_converted(gguf: Path) -> Path | None:
+    """The GGUF's converted folder if `convert_gguf` finished writing it, else None."""
+    folder = converted_dir(gguf)
+    return folder if (folder / "model.safetensors").is_file() else None
+
 #: probe outcomes kept per machine; the oldest go first
 MAX_PROBE_ENTRIES = 64
 

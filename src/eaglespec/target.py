@@ -30,7 +30,7 @@ from eaglespec.backends import auto_dtype, exact_rows, optimize_target, weights_
 from eaglespec.backends.base import TargetCache, TargetModel, TargetOutput  # noqa: F401 (their home before)
 from eaglespec.kv_cache import TargetKVCache
 from eaglespec.paths import (CONVERTED_LAYOUT, CONVERTED_MARKER, TargetLoadError, converted_dir,  # noqa: F401
-                             default_gguf_path)
+                             default_gguf_path, find_converted)
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,10 @@ def convert_gguf(gguf: Path) -> Path:
     `quantization_config` in its config, so the weights are written with safetensors directly
     (`write_converted`). fp32 holds the dequantized values exactly.
     """
+    found = find_converted(gguf)
+    if found is not None:
+        return found
     out = converted_dir(gguf)
-    if (out / "model.safetensors").is_file():
-        return out
     log.warning("converting %s to %s (once; about 30 s)", gguf.name, out)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

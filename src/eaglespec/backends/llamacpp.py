@@ -652,11 +652,11 @@ def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
 def _converted(gguf: Path) -> Path:
     """The GGUF's dequantized transformers folder: found in the cache when it is there (without
     importing the PyTorch target code), else converted once (`eaglespec.target.convert_gguf`)."""
-    from eaglespec.paths import converted_dir
+    from eaglespec.paths import find_converted
 
-    folder = converted_dir(gguf)
-    if (folder / "model.safetensors").is_file():
-        return folder
+    found = find_converted(gguf)
+    if found is not None:
+        return found
     from eaglespec.target import convert_gguf
 
     return convert_gguf(gguf)
