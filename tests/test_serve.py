@@ -118,7 +118,19 @@ def test_stop_strings_cut_the_answer(server, reference):
     assert streamed == full[: full.index(stop)]
 
 
-def test_seeded_sampling_is_reproducible(server, reference):
+@pytest.fixture(scope="module")
+def fixed_tree(tiny_model_dir, head_dir):
+    """(server url, reference engine) with a tree of fixed size, where a seed fixes the sample. A
+    cost-sized tree follows measured timings and what earlier requests taught it, and the tree's
+    shape decides which random draws verification makes: a repeat is another sample of the same
+    distribution (docs/serving.md)."""
+    args = serve_args(tiny_model_dir, head_dir, "--total-tokens", "8")
+    with running_server(load_engine(args), model_name="tiny") as url:
+        yield url, load_engine(args)
+
+
+def test_seeded_sampling_is_reproducible(fixed_tree):
+    server, reference = fixed_tree
     c = client(server)
 
     def sample(seed):
@@ -385,11 +397,12 @@ def test_default_model_greedy_answer_equals_generate(tmp_path, capsys, monkeypat
     assert r.choices[0].message.content == expected
 
 
-def test_loadtest_reports_and_finds_no_crosstalk(server, capsys):
+def test_loadtest_reports_and_finds_no_crosstalk(fixed_tree, capsys):
     import asyncio
 
     from eaglespec.serve.loadtest import main, run_load
 
+    server, _ = fixed_tree
     report = asyncio.run(run_load(server, clients=4, n_requests=10, max_tokens=12))
     assert (report.completed, report.rejected, report.failed) == (10, 0, 0)
     assert report.checked == 10 and report.mismatches == 0  # 8 greedy, 2 seeded sampled
