@@ -12,7 +12,7 @@ from eaglespec.drafter import Drafter, EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.head_runner import HeadRunner
 from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
-from eaglespec.verify import SamplingParams, Verdict, process_logits
+from eaglespec.verify import SamplingParams, Verdict, choose, process_logits
 
 N_PROMPTS, NEW_TOKENS = 20, 64
 
@@ -242,7 +242,7 @@ def test_sampling_check_catches_a_biased_verifier(sampling_setup, monkeypatch):
     target, head, prompt = sampling_setup
     params = SamplingParams(1.0)
 
-    def accept_first_children(tree, logits, params, generator=None):
+    def accept_first_children(tree, logits, params, noise=None, position=0):
         p = process_logits(logits, params)
         path, node = [0], 0
         while True:
@@ -252,7 +252,7 @@ def test_sampling_check_catches_a_biased_verifier(sampling_setup, monkeypatch):
             node = int(kids[0])
             path.append(node)
         nodes = torch.tensor(path)
-        bonus = torch.multinomial(p[node], 1, generator=generator)
+        bonus = choose(p[node], noise.at(position + len(path) - 1)).reshape(1)
         return Verdict(nodes=nodes, tokens=torch.cat([tree.tokens[nodes[1:]], bonus]))
 
     monkeypatch.setattr(generate_module, "verify", accept_first_children)
@@ -268,6 +268,28 @@ def test_seeded_sampling_is_deterministic(sampling_setup):
     assert run(spec, prompt, cfg) == run(spec, prompt, cfg)
     assert run(spec, prompt, cfg) != run(spec, prompt, GenerationConfig(max_new_tokens=20, temperature=1.0, seed=43, ignore_eos=True))
 
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=8)],
+                         ids=["t1", "t0.7-p0.9", "t1.3-k8"])
+def test_sampled_text_equals_plain_sampling_with_the_seed(setup, sampling):
+    """A seed fixes each position's sample, so every drafter and tree writes what plain sampling
+    writes with that seed, token for token; and the drafts are accepted often enough for that to
+    be tested."""
+    target, _, ps, _ = setup
+    head = oracle_head(target, noise=0.2)
+    plain = Generator(target)
+    drafters = {name: EagleDrafter.from_head(head, target, tree) for name, tree in TREES.items()}
+    drafters["hybrid"] = hybrid(target, head)
+    for i, prompt in enumerate(ps[:6]):
+        cfg = GenerationConfig(max_new_tokens=32, seed=100 + i, ignore_eos=True, **sampling)
+        expected = run(plain, prompt, cfg)
+        for name, drafter in drafters.items():
+            spec = Generator(target, drafter)
+            assert run(spec, prompt, cfg) == expected, (name, i)
+            assert spec.last_stats.mean_accept_len > 1.2, (name, spec.last_stats.mean_accept_len)
+    other = run(plain, ps[0], GenerationConfig(max_new_tokens=32, seed=99, ignore_eos=True, **sampling))
+    assert other != run(plain, ps[0], GenerationConfig(max_new_tokens=32, seed=100, ignore_eos=True, **sampling))
 
 
 def test_prompt_lookup_drafter_is_lossless_and_accepts_repeats():

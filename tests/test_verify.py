@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from eaglespec.tree import make_tree
-from eaglespec.verify import SamplingParams, process_logits, verify, verify_greedy
+from eaglespec.verify import SampleNoise, SamplingParams, choose, process_logits, sample_next, verify
 
 
 def one_hot_logits(choices: list[int], vocab: int = 10) -> torch.Tensor:
@@ -15,14 +15,14 @@ def test_greedy_accepts_longest_agreeing_path():
     # root -> 3 (node 1), 4 (node 2); node 1 -> 5 (node 3); node 2 -> 6 (node 4)
     tree = make_tree(torch.tensor([9, 3, 4, 5, 6]), torch.tensor([-1, 0, 0, 1, 2]))
     # the target picks 4 after the root, 6 after node 2, then 8
-    v = verify_greedy(tree, one_hot_logits([4, 0, 6, 0, 8]))
+    v = verify(tree, one_hot_logits([4, 0, 6, 0, 8]), SamplingParams())
     assert v.nodes.tolist() == [0, 2, 4]
     assert v.tokens.tolist() == [4, 6, 8]  # two accepted guesses and the bonus token
 
 
 def test_greedy_rejects_everything():
     tree = make_tree(torch.tensor([9, 3, 4]), torch.tensor([-1, 0, 0]))
-    v = verify_greedy(tree, one_hot_logits([7, 0, 0]))
+    v = verify(tree, one_hot_logits([7, 0, 0]), SamplingParams())
     assert v.nodes.tolist() == [0]
     assert v.tokens.tolist() == [7]  # the target's own token
 
@@ -48,20 +48,46 @@ def test_bad_sampling_params(bad):
 
 def test_first_token_follows_p_whatever_the_guesses():
     """The token emitted right after the root is distributed as p(root), exactly, for any set of
-    guessed children (including a low-probability one and a duplicate-free top set)."""
+    guessed children (including a low-probability one and a duplicate-free top set), and it is the
+    token plain sampling with the same seed would choose."""
     torch.manual_seed(0)
     vocab = 6
     logits = torch.randn(5, vocab) * 1.5
     params = SamplingParams(1.0)
     p = process_logits(logits[0], params)
     tree = make_tree(torch.tensor([0, int(p.argmax()), int(p.argmin()), 2, 1]), torch.tensor([-1, 0, 0, 1, 2]))
-    g = torch.Generator().manual_seed(1)
-    n = 40000
+    n = 20000
     counts = torch.zeros(vocab)
-    for _ in range(n):
-        v = verify(tree, logits, params, g)
+    for seed in range(n):
+        noise = SampleNoise(seed, vocab)
+        v = verify(tree, logits, params, noise, position=11)
+        assert int(v.tokens[0]) == int(sample_next(logits[0], params, SampleNoise(seed, vocab), position=11))
         counts[v.tokens[0]] += 1
     freq = counts / n
     # 5 standard errors of a binomial proportion
     tol = 5 * torch.sqrt(p * (1 - p) / n) + 1e-3
     assert ((freq - p).abs() <= tol).all(), (freq, p)
+
+
+def test_noise_depends_on_seed_and_position_alone():
+    a, b = SampleNoise(3, 50), SampleNoise(3, 50)
+    first = a.at(7).clone()
+    b.at(9), b.at(2)  # other positions first, in another order
+    assert torch.equal(b.at(7), first)
+    assert not torch.equal(a.at(8), first)
+    assert not torch.equal(SampleNoise(4, 50).at(7), first)
+    a.forget_before(8)
+    assert torch.equal(a.at(7), first)  # drawn again, the same
+    assert (first > 0).all()
+
+
+def test_choose_never_picks_a_filtered_token():
+    p = torch.tensor([0.0, 0.5, 0.0, 0.5])
+    noise = torch.tensor([1e-30, 1.0, torch.finfo(torch.float32).tiny, 2.0])
+    assert int(choose(p, noise)) == 1
+
+
+def test_sampling_verifier_needs_noise():
+    tree = make_tree(torch.tensor([9, 3]), torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="SampleNoise"):
+        verify(tree, one_hot_logits([3, 0]), SamplingParams(1.0))

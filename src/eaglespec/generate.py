@@ -14,7 +14,7 @@ import torch
 
 from eaglespec.drafter import Drafter, NoDrafter
 from eaglespec.backends.base import TargetModel
-from eaglespec.verify import SamplingParams, sample_next, verify
+from eaglespec.verify import SampleNoise, SamplingParams, sample_next, verify
 
 Messages = Sequence[dict]
 
@@ -129,13 +129,14 @@ class Generator:
             )
         params = config.sampling
         eos = self._eos_ids(config)
-        rng = torch.Generator(device=target.device).manual_seed(config.seed)
+        # the sample at each position depends on (seed, position) alone: any tree gives plain's text
+        noise = None if params.greedy else SampleNoise(config.seed, target.vocab_size, target.device)
         stats = self.last_stats = GenerationStats()
         start = time.perf_counter()
         with torch.inference_mode():
             drafter.begin()
             out = target.prefill(input_ids)
-            root = sample_next(out.logits[-1], params, rng)
+            root = sample_next(out.logits[-1], params, noise, position=n)
             drafter.observe(torch.cat([input_ids[1:], root]), out.features)
             stats.target_forwards = 1
             chunk = [int(root)]  # host sync: the token is emitted
@@ -151,10 +152,12 @@ class Generator:
                 # 2. verify it in one target forward (positions follow the tree depths)
                 positions = target.cache.length + tree.depths
                 res = target.forward(tree.tokens, positions, tree.mask)
+                if noise is not None:
+                    noise.forget_before(target.cache.length + 1)
                 stats.target_forwards += 1
                 stats.tree_sizes.append(tree.tokens.shape[0])
                 # 3. accept the longest agreeing path, plus a bonus token
-                verdict = verify(tree, res.logits, params, rng)
+                verdict = verify(tree, res.logits, params, noise, position=target.cache.length + 1)
                 # 4. move the accepted nodes' keys into place
                 target.cache.compact(verdict.nodes)
                 # 5. tell the drafter what was committed

@@ -3,24 +3,32 @@
 Vocabulary (as in vLLM's rejection sampler):
 - p: the target's *processed* next-token distribution at a node: logits / temperature, then top-k,
   then top-p (the order of transformers' warpers), then softmax. Every token this module emits, an
-  accepted guess, a recovered token or a bonus token, follows this same p.
-- accepted tokens: guesses kept because the target agrees (greedy) or the rejection test passed.
-- recovered token: sampled from the residual when every guess at a node was rejected.
-- bonus token: sampled from p at the last accepted node when it has no children left to try.
+  accepted guess or a bonus token, follows this same p.
+- accepted tokens: guesses equal to the token the target chooses at their parent (its argmax, or
+  its sample).
+- bonus token: the target's own choice at the last accepted node, which no guess matched.
 
 Greedy (temperature 0): walk from the root taking the child whose token is the target's argmax;
 the output is exactly the target's greedy continuation.
 
-Sampling: EAGLE's multi-round speculative sampling over a node's children x_1..x_c. The tree's
-children are deterministic top-k guesses (the draft distribution is a point mass on each), so child
-x_i is accepted with probability r(x_i), where r is p with the already rejected x_1..x_{i-1}
-removed and renormalised; if all are rejected the recovered token is drawn from r. Then
-P(emit y) = p(y) for every y: the first child is emitted with p(x_1), else (1 - p(x_1)) times the
-same walk on r, by induction. The chosen token is distributed as p whatever the draft proposed.
+Sampling: every token is drawn by the Gumbel-max trick with noise fixed by (seed, position): the
+token at absolute position t is argmax_y p(y) / E_t(y), where E_t [V] holds independent Exp(1)
+variates drawn from a generator seeded with (seed, t) alone (`SampleNoise`). That argmax is
+distributed exactly as p. A tree is then walked as in greedy decoding, with each node's sampled
+token in place of its argmax: a guess is kept iff it is the token the target samples there.
+
+- Lossless: the emitted token at position t is the one plain sampling with the same seed emits,
+  whatever the tree proposed. E_t does not depend on the tokens before t, so given the prefix the
+  token follows p exactly.
+- A node's guesses are accepted with probability sum p(x_i) over its children: what EAGLE's
+  multi-round speculative sampling gives for deterministic top-k children (each a point mass).
+- Reproducible: the same seed gives the same text with any draft, any tree size and plain
+  decoding, so a cost-sized tree (which changes with timing) cannot change a seeded sample.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -65,12 +73,56 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits.softmax(dim=-1)
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """One token from the last row of logits ([..., V]); returns a [1] long tensor."""
+class SampleNoise:
+    """The sampling noise of one request: for each absolute position t, E_t [V] independent Exp(1)
+    variates from a generator seeded with (seed, t) alone, so a position's noise is the same
+    whichever order positions are asked for in, and whatever was sampled before it. Positions
+    are kept until `forget_before` (a verification reads a few ahead of the committed text)."""
+
+    def __init__(self, seed: int, vocab_size: int, device: torch.device | str = "cpu") -> None:
+        self.seed, self.vocab_size, self.device = int(seed), vocab_size, torch.device(device)
+        self._held: dict[int, torch.Tensor] = {}
+
+    def _stream_seed(self, position: int) -> int:
+        digest = hashlib.blake2b(f"{self.seed}:{position}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1  # manual_seed takes up to 2**63 - 1
+
+    def at(self, position: int) -> torch.Tensor:
+        """E_position: [V] float32, > 0."""
+        e = self._held.get(position)
+        if e is None:
+            g = torch.Generator(device=self.device).manual_seed(self._stream_seed(position))
+            e = torch.empty(self.vocab_size, device=self.device).exponential_(generator=g)
+            # a variate of exactly 0 (u = 0 in float32, about 2**-24 a token) would divide 0 by 0
+            e = self._held[position] = e.clamp_(min=torch.finfo(torch.float32).tiny)
+        return e
+
+    def span(self, first: int, count: int) -> torch.Tensor:
+        """[count, V]: E_first .. E_{first + count - 1}."""
+        return torch.stack([self.at(first + i) for i in range(count)])
+
+    def forget_before(self, position: int) -> None:
+        for t in [t for t in self._held if t < position]:
+            del self._held[t]
+
+
+def choose(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The Gumbel-max sample argmax_y p(y) / E(y): p [..., V] probabilities, noise [..., V] Exp(1)
+    variates -> [...] long. For independent E it is distributed exactly as p; a token of p = 0 is
+    never chosen."""
+    return (p / noise).argmax(dim=-1)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, noise: SampleNoise | None = None,
+                position: int = 0) -> torch.Tensor:
+    """The token at absolute position `position`, chosen from the last row of logits ([..., V]):
+    its argmax (greedy) or its sample under `noise`. Returns a [1] long tensor."""
     row = logits.reshape(-1, logits.shape[-1])[-1]
     if params.greedy:
         return row.argmax().reshape(1)
-    return torch.multinomial(process_logits(row, params), 1, generator=generator)
+    if noise is None:
+        raise ValueError("sampling needs a SampleNoise")
+    return choose(process_logits(row, params), noise.at(position)).reshape(1)
 
 
 @dataclass(frozen=True)
@@ -78,71 +130,35 @@ class Verdict:
     """What one verification keeps."""
 
     nodes: torch.Tensor  # [k+1] long: root, then the accepted tree nodes, in path order
-    tokens: torch.Tensor  # [k+1] long: the accepted guesses' tokens, then the bonus/recovered token
+    tokens: torch.Tensor  # [k+1] long: the accepted guesses' tokens, then the bonus token
 
 
-def verify(
-    tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
-) -> Verdict:
-    """logits: [N, V] the target's logits at each tree node (predicting that node's next token)."""
+def verify(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, noise: SampleNoise | None = None,
+           position: int = 0) -> Verdict:
+    """logits: [N, V] the target's logits at each tree node (predicting that node's next token);
+    position: the absolute position of the token the root's logits predict (a node at depth d
+    predicts position + d). Sampling draws with `noise` (required unless greedy)."""
     if params.greedy:
-        return verify_greedy(tree, logits)
-    return verify_sampling(tree, logits, params, generator)
+        return accept(tree, logits.argmax(dim=-1))
+    if noise is None:
+        raise ValueError("sampling needs a SampleNoise")
+    p = process_logits(logits, params)  # [N, V]
+    e = noise.span(position, int(tree.depths.max()) + 1)  # [D+1, V]
+    return accept(tree, choose(p, e[tree.depths]))
 
 
-def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
-    target = logits.argmax(dim=-1)  # [N] the target's choice after each node
+def accept(tree: DraftTree, choice: torch.Tensor) -> Verdict:
+    """Walk the tree with the target's choice after each node (choice [N] long): keep the longest
+    path whose every node is its parent's choice, then the choice after its last node."""
     if tree.size == 1:  # plain decoding: nothing to walk
-        return Verdict(nodes=tree.retrieve[0, :1], tokens=target)
+        return Verdict(nodes=tree.retrieve[0, :1], tokens=choice[:1])
     paths = tree.retrieve  # [L, D+1]
     safe = paths.clamp(min=0)
     # node path[j+1] is right iff its token is the target's choice after path[j]
-    match = (tree.tokens[safe[:, 1:]] == target[safe[:, :-1]]) & (paths[:, 1:] >= 0)  # [L, D]
+    match = (tree.tokens[safe[:, 1:]] == choice[safe[:, :-1]]) & (paths[:, 1:] >= 0)  # [L, D]
     accept_len = match.to(torch.int32).cumprod(dim=1).sum(dim=1)  # [L]
     best = int(accept_len.argmax())  # host sync: once per step
     n = int(accept_len[best])
     nodes = paths[best, : n + 1]
-    tokens = torch.cat([tree.tokens[nodes[1:]], target[nodes[-1:]]])
+    tokens = torch.cat([tree.tokens[nodes[1:]], choice[nodes[-1:]]])
     return Verdict(nodes=nodes, tokens=tokens)
-
-
-def verify_sampling(
-    tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> Verdict:
-    p = process_logits(logits, params)  # [N, V]
-    n = tree.size
-    # One host copy per step of the few numbers the walk needs (never a sync per node).
-    parents = tree.parents.tolist()
-    child_p = p[tree.parents[1:], tree.tokens[1:]].tolist() if n > 1 else []  # p(x) at x's parent
-    uniforms = torch.rand(n, generator=generator, device=p.device).tolist()
-    children: list[list[int]] = [[] for _ in range(n)]
-    for node in range(1, n):
-        children[parents[node]].append(node)
-
-    path = [0]
-    node = 0
-    while True:
-        mass_left = 1.0  # 1 - p(rejected siblings so far)
-        rejected: list[int] = []
-        chosen = None
-        for child in children[node]:
-            px = child_p[child - 1]
-            if mass_left > 0 and uniforms[child] * mass_left < px:  # u < r(x) = p(x) / mass_left
-                chosen = child
-                break
-            mass_left -= px
-            rejected.append(child)
-        if chosen is None:
-            break
-        path.append(chosen)
-        node = chosen
-
-    residual = p[node]
-    if rejected:
-        residual = residual.clone()
-        residual[tree.tokens[rejected]] = 0.0
-        if not residual.sum() > 0:  # float dust: every bit of mass sat on rejected guesses
-            residual = p[node]
-    last = torch.multinomial(residual, 1, generator=generator)
-    nodes = torch.tensor(path, dtype=torch.long, device=tree.tokens.device)
-    return Verdict(nodes=nodes, tokens=torch.cat([tree.tokens[nodes[1:]], last]))

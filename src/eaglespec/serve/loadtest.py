@@ -7,8 +7,6 @@ from C clients at once (each client sends its next request when the last one end
 requests completed / rejected (429) / failed, time to first token (p50, p95), aggregate
 generated tokens per second, and whether every answer equals its one-at-a-time reference
 (greedy ones, and sampled ones with a fixed seed): a batch-1 server must never mix requests up.
-Seeded samples repeat only on a server whose tree has a fixed size (`eaglespec serve --total-tokens
-N`); a cost-sized tree makes them other samples of the same distribution (docs/serving.md).
 
 Only loopback servers unless --allow-remote. Needs the `openai` package.
 """
