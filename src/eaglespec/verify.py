@@ -139,12 +139,21 @@ def verify(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, noise:
     position: the absolute position of the token the root's logits predict (a node at depth d
     predicts position + d). Sampling draws with `noise` (required unless greedy)."""
     if params.greedy:
-        return accept(tree, logits.argmax(dim=-1))
+        return accept(tree, argmax(logits))
     if noise is None:
         raise ValueError("sampling needs a SampleNoise")
     p = process_logits(logits, params)  # [N, V]
     e = noise.span(position, int(tree.depths.max()) + 1)  # [D+1, V]
     return accept(tree, choose(p, e[tree.depths]))
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[N, V] -> [N] long, the first maximum of each row. On a CPU through NumPy, which takes about
+    4 us for a 49k vocabulary where torch's reduction takes about 65 us: a plain decoding step's
+    share of a millisecond."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
 
 
 def accept(tree: DraftTree, choice: torch.Tensor) -> Verdict:
