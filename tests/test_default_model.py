@@ -164,3 +164,27 @@ def test_bf16_trees_over_32_nodes_keep_their_bits_on_the_default_model():
         chain, steps = chain_vs_steps(target, prompt, cont)
         assert not torch.equal(chain, steps)
     torch.set_num_threads(1)
+
+
+def test_streamed_text_settles_piecewise_and_equals_the_full_decode(target):
+    """The stream decodes a few tokens per chunk: its settled text only ever grows, never shows a
+    half character, and ends equal to decoding every id at once, for text whose characters span
+    several byte-level tokens."""
+    import random
+
+    from eaglespec.generate import Detokenizer
+
+    tok = target.tokenizer
+    text = "Héllo, wörld! 你好 🌊🤖🤖 and code:\n  def f(x):\n\treturn x**2  \n\n end"
+    ids = tok(text)["input_ids"]
+    assert len(ids) > len(text) // 2  # multi-byte characters split over tokens
+    rng = random.Random(0)
+    for _ in range(10):
+        d, i, last = Detokenizer(tok), 0, ""
+        while i < len(ids):
+            k = rng.randint(1, 3)
+            now = d.add(ids[i:i + k])
+            i += k
+            assert now.startswith(last) and text.startswith(now) and "\ufffd" not in now
+            last = now
+        assert d.finish() == tok.decode(ids, skip_special_tokens=True) == text

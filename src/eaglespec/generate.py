@@ -6,6 +6,7 @@ speedup runs through the very same code.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -17,6 +18,7 @@ from eaglespec.backends.base import TargetModel
 from eaglespec.verify import SampleNoise, SamplingParams, sample_next, verify
 
 Messages = Sequence[dict]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -192,31 +194,30 @@ class Generator:
     def stream(self, prompt: str | Messages | torch.Tensor, config: GenerationConfig, chat: bool = True) -> Iterator[str]:
         """Yield text pieces as they are accepted; stop strings are cut (held back until decided)."""
         ids = prompt if isinstance(prompt, torch.Tensor) else self.encode(prompt, chat)
-        tok = self.tokenizer
-        out: list[int] = []
+        text_of = Detokenizer(self.tokenizer)
         emitted = 0
         hold = max((len(s) for s in config.stop), default=1) - 1
         gen = self.generate_ids(ids, config)
         try:
             for chunk in gen:
-                out.extend(chunk)
-                text = tok.decode(out, skip_special_tokens=True)
+                text = text_of.add(chunk)
                 cut = _find_stop(text, config.stop, max(emitted - hold, 0))
                 if cut is not None:
                     if cut > emitted:
                         yield text[emitted:cut]
-                    self.last_token_ids = out
+                    self.last_token_ids = text_of.ids
                     return
                 safe = len(text) - hold
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
-                    safe = min(safe, len(text) - 1)
                 if safe > emitted:
                     yield text[emitted:safe]
                     emitted = safe
-            text = tok.decode(out, skip_special_tokens=True)
+            text = text_of.finish()
+            cut = _find_stop(text, config.stop, max(emitted - hold, 0))
+            if cut is not None:
+                text = text[:cut]
             if len(text) > emitted:
                 yield text[emitted:]
-            self.last_token_ids = out
+            self.last_token_ids = text_of.ids
         finally:
             gen.close()
 
@@ -228,3 +229,42 @@ class Generator:
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
     hits = [i for s in stops if (i := text.find(s, start)) >= 0]
     return min(hits) if hits else None
+
+
+class Detokenizer:
+    """The text of a growing list of token ids, decoding a few tokens per addition instead of the
+    whole list (which costs O(n^2) over an answer), the way TGI and vLLM detokenize streams: the
+    text of the ids from `prefix` on, less the text of those before `read`, is what the newest
+    ids added. Text stays back while it ends in an incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = 0  # ids before this index are settled text
+        self.read = 0  # ids before this index are in `text`
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, ids: list[int]) -> str:
+        """Append ids; return all the text settled so far."""
+        self.ids.extend(ids)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self.text
+
+    def finish(self) -> str:
+        """All the text, the held-back end included: the decode of every id, which the settled
+        text agrees with for the tokenizers tried; if one decodes windows otherwise, the settled
+        text (already streamed) plus the window's remainder."""
+        full = self._decode(self.ids)
+        if full.startswith(self.text):
+            return full
+        log.warning("incremental detokenization disagreed with the full decode; the streamed text stays")
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        return self.text + after[len(before):]
