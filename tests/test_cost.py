@@ -57,6 +57,24 @@ def test_unsure_drafts_get_fewer_nodes():
     assert sizer.best(unsure) < sizer.best(CONFIDENCES)
 
 
+def test_no_tree_when_none_beats_the_root_alone():
+    """Where each row costs most of a forward (llama.cpp's Q4_1 on a Zen 3: 2 rows 1.8x one), an
+    unsure guess is not worth its row: the root is verified alone. A sure guess still is."""
+    per_row = curve(0.8)
+    unsure = torch.tensor([0.5 * 0.6 ** i for i in range(40)]).log()
+    sure = torch.tensor([0.97 * 0.9 ** i for i in range(40)]).log()
+    sizer = TreeSizer(per_row, 63, draft_s=0.002)
+    assert sizer.best(unsure) == 0 and sizer.choose(unsure) == 0 and sizer.pending == 0.0
+    assert sizer.best(sure) >= 1
+    assert TreeSizer(FLAT, 63, draft_s=0.002).best(unsure) >= 1  # where rows are cheap, unsure guesses pay
+    # by hand: the best tree's rate against the root alone's, the same draft time in both
+    p = unsure.exp().double()
+    best_tree = max((1 + p[:n].sum()) / (per_row.at(n + 1) + 0.002) for n in range(1, 41))
+    assert best_tree < 1 / (per_row.at(1) + 0.002)
+    # and no deeper drafting for a tree that cannot beat the root alone
+    assert not sizer.deeper_pays(unsure[:4], unsure[:4] + math.log(0.5))
+
+
 def test_a_noisy_curve_never_makes_more_nodes_look_cheaper():
     dip = CostCurve((1, 2, 4, 8, 16), (0.030, 0.034, 0.060, 0.040, 0.070))  # 8 measured below 4
     sizer = TreeSizer(dip, 15, draft_s=0.0)
@@ -116,13 +134,14 @@ def expand_sized(c: CostCurve, depth_s: float):
 
 def test_a_sized_expansion_drafts_deeper_only_where_it_may_pay():
     """The fake model's candidates (test_tree.fake_model): .5 and .3 at depth 1, then .4, .18, ...
-    A free head on a flat curve drafts every depth and keeps all seven nodes the bound allows; a
-    steep curve keeps the best node (.5) and drafts nothing; a head run of a third of a forward
+    A free head on a flat curve drafts every depth and keeps all seven nodes the bound allows; on a
+    steep curve even the best node (.5) is not worth a row costing 0.6 of a forward, so it
+    verifies the root alone and drafts nothing deeper; a head run of a third of a forward
     (10 ms) pays for depth 2 but not depth 3; one of a whole forward not even for depth 2."""
     flat, stopped, runs = expand_sized(FLAT, 0.0)
     assert flat.size == 8 and not stopped and runs == 2
     steep, stopped, runs = expand_sized(STEEP, 0.0)
-    assert steep.tokens.tolist() == [7, 10] and stopped and runs == 0
+    assert steep.tokens.tolist() == [7] and stopped and runs == 0
     slow, stopped, runs = expand_sized(FLAT, 0.01)
     assert stopped and runs == 1 and slow.size < 8
     slower, stopped, runs = expand_sized(FLAT, 0.03)
@@ -236,6 +255,26 @@ def test_greedy_stays_token_identical_with_sized_trees(c):
     mean = sum(sizes) / len(sizes)
     assert (mean > 12) if c is FLAT else (mean < 6)  # steep: a few nodes a step; flat: many
     assert math.isfinite(spec.drafter.sizer.scale)
+
+
+def test_greedy_stays_token_identical_when_steps_verify_the_root_alone():
+    """Each row costs 0.7 of a forward: only sure guesses get verified, the other drafted steps
+    verify the root alone (a tree of one node without resting), and the tokens stay plain's."""
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    head = oracle_head(target, noise=0.6)
+    cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(2, target.vocab_size, (int(n),), generator=g) for n in (6, 14)]
+    plain = Generator(target)
+    tree = TreeConfig(top_k=4, depth=6, total_tokens=24, sizing="cost")
+    sizer = TreeSizer(curve(0.7), 23, draft_s=0.0, depth_s=0.0)
+    sizer.record_accepted = lambda accepted: None  # no rests: every step drafts and chooses
+    spec = Generator(target, EagleDrafter(head_runner(head, target), tree, sizer=sizer))
+    sizes = []
+    for p in ps:
+        assert [t for ch in spec.generate_ids(p, cfg) for t in ch] == [t for ch in plain.generate_ids(p, cfg) for t in ch]
+        sizes += spec.last_stats.tree_sizes
+    assert 1 in sizes and max(sizes) > 1 and sizer.rested == 0
 
 
 def test_a_cost_sized_tree_needs_a_sizer():

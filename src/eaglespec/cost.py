@@ -306,16 +306,21 @@ class TreeSizer:
         return gain / (self.costs[1:n + 1].to(p.device) + draft_s)
 
     def best(self, scores: torch.Tensor, depths: int | None = None) -> int:
-        """How many of the sorted `scores` to keep (the smallest N of the highest rate; >= 1) after
-        `depths` head runs (None: those recorded for this proposal). One host sync."""
+        """How many of the sorted `scores` to keep after `depths` head runs (None: those recorded
+        for this proposal): the smallest N of the highest rate, 0 (the root alone, one token for a
+        forward of one) when no tree beats that, which happens where every row of a forward costs
+        nearly a whole forward and the guesses are unsure. One host sync."""
         scores = scores[: self.max_nodes]
-        if scores.shape[0] <= 1:
-            return scores.shape[0]
+        if scores.shape[0] == 0:
+            return 0
         d = self.draft_time(len(self._depths) if depths is None else depths)
-        return int(self.rates(scores, d).argmax()) + 1  # argmax: the first maximum, the smaller tree
+        rates = self.rates(scores, d)
+        n = int(rates.argmax())  # argmax: the first maximum, the smaller tree
+        return n + 1 if float(rates[n]) > 1.0 / (float(self.costs[0]) + d) else 0
 
     def choose(self, scores: torch.Tensor) -> int:
-        """`best`, remembering the predicted number of accepted nodes for `record_accepted`."""
+        """`best` (0: verify the root alone), remembering the predicted number of accepted nodes
+        for `record_accepted`."""
         n = self.best(scores)
         self.pending = float(scores[:n].double().exp().sum())
         self.pending_nodes, self.pending_extra = n, 0.0
@@ -329,7 +334,9 @@ class TreeSizer:
         takes the best n current candidates with such m, against one more head run. One host sync."""
         depths = len(self._depths)
         ranked = scores.sort(descending=True).values[: self.max_nodes]  # [n]
-        now = float(self.rates(ranked, self.draft_time(depths)).max())
+        d_now = self.draft_time(depths)
+        # the best choice if drafting stops here: a tree of the candidates, or the root alone
+        now = max(float(self.rates(ranked, d_now).max()), 1.0 / (float(self.costs[0]) + d_now))
         cur = ranked.double().exp()
         top = front.sort(descending=True).values.double().exp()  # [k]
         n_cur, k = cur.shape[0], top.shape[0]

@@ -56,8 +56,8 @@ def expand_dynamic(tree: TreeConfig, root: torch.Tensor, h_root: torch.Tensor, s
     """EAGLE-2's tree: expand the top_k best-scoring frontier nodes one depth at a time, top_k
     children each, then keep the `total_tokens - 1` candidates of highest cumulative log-probability
     (at least `min_prob`, the best one always; `select_dynamic`). With a `sizer`, keep the first
-    `sizer.choose(...)` of those instead (at least one): the count of the most expected tokens per
-    second on this machine.
+    `sizer.choose(...)` of those instead: the count of the most expected tokens per second on this
+    machine, 0 (the root alone) when no tree beats plain decoding's.
 
     stop_early: before each depth, stop when no deeper node could be kept (`deeper_is_hopeless`):
     the same tree with fewer head runs, for a host sync per depth; with a sizer, also when one more

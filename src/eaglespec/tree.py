@@ -167,7 +167,8 @@ def select_dynamic(
 ) -> tuple[DraftTree, torch.Tensor]:
     """EAGLE-2's re-ranking: keep the `total_tokens - 1` candidates of highest cumulative score,
     and (with `min_score`) only those scoring at least it, the best one always. `size`, given the
-    scores of those sorted descending, may keep fewer: the first size(...) of them (at least one).
+    scores of those sorted descending, may keep fewer: the first size(...) of them (0: the root
+    alone).
 
     Candidates are in creation order (a parent before its children, parents[c] == -1 for the
     root's children), and a child's score is its parent's plus a log-probability <= 0, so a kept
@@ -182,7 +183,7 @@ def select_dynamic(
         keep_n = max(1, min(keep_n, int((scores >= min_score).sum())))
     ranked = torch.sort(scores, descending=True, stable=True)
     if size is not None:
-        keep_n = max(1, min(keep_n, size(ranked.values[:keep_n])))
+        keep_n = max(0, min(keep_n, size(ranked.values[:keep_n])))
     order = ranked.indices[:keep_n]
     kept = order.sort().values  # [N-1], creation order is topological
     # new index of each candidate: 1 + its rank in `kept`; -1 for dropped ones
