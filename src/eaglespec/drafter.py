@@ -55,19 +55,12 @@ class Drafter(ABC):
 
 
 class NoDrafter(Drafter):
-    """Plain autoregressive decoding: the tree is the root alone (its shape built once)."""
+    """Plain autoregressive decoding: the tree is the root alone (its shape built once per device)."""
 
     max_tree_size = 1
 
-    def __init__(self) -> None:
-        self._shape: DraftTree | None = None
-
     def propose(self, root: torch.Tensor) -> DraftTree:
-        shape = self._shape
-        if shape is None or shape.tokens.device != root.device:
-            shape = self._shape = root_only(root)
-        return DraftTree(tokens=root.reshape(1), parents=shape.parents, depths=shape.depths, mask=shape.mask,
-                         retrieve=shape.retrieve)
+        return root_only(root)
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,21 @@ def make_tree(tokens: torch.Tensor, parents: torch.Tensor, max_depth: int | None
     return DraftTree(tokens=tokens, parents=parents, depths=depths, mask=mask, retrieve=retrieve)
 
 
+#: the root-alone tree's shape (parents, depths, mask, retrieve) per device, built once: plain
+#: decoding and resting drafters verify it every step, where building it cost 0.27 ms of a 10 ms token
+_ROOT_SHAPES: dict[torch.device, DraftTree] = {}
+
+
 def root_only(root: torch.Tensor) -> DraftTree:
-    """The trivial tree: plain autoregressive decoding verifies just the root."""
-    return make_tree(root.reshape(1), torch.full((1,), -1, dtype=torch.long, device=root.device), max_depth=0)
+    """The trivial tree: plain autoregressive decoding verifies just the root ([1] long). Its shape
+    tensors are shared between calls; callers never write to them."""
+    shape = _ROOT_SHAPES.get(root.device)
+    if shape is None:
+        shape = _ROOT_SHAPES[root.device] = make_tree(torch.zeros(1, dtype=torch.long, device=root.device),
+                                                      torch.full((1,), -1, dtype=torch.long, device=root.device),
+                                                      max_depth=0)
+    return DraftTree(tokens=root.reshape(1), parents=shape.parents, depths=shape.depths, mask=shape.mask,
+                     retrieve=shape.retrieve)
 
 
 def _depth_on_host(parents: Sequence[int]) -> int:
