@@ -378,3 +378,38 @@ def test_greedy_stays_token_identical_with_a_weighed_chain_and_rests(c):
         assert [t for ch in spec.generate_ids(p, cfg) for t in ch] == w
     if c is not FLAT:
         assert eagle.sizer.rested > 0
+
+
+def test_the_timed_draft_leaves_out_the_catch_up_commit():
+    """The first proposal runs the head over the prompt, and one after rests over the rested
+    steps' tokens; neither is what drafting a step costs, so neither is in the recorded draft
+    time: only the last verification's tokens (the prompt's last one) are committed within it."""
+    import time
+
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    runner = head_runner(oracle_head(target, noise=0.2), target)
+    committed = []
+    inner = runner.commit
+
+    def slow_commit(tokens, features):  # 5 ms a token
+        committed.append(tokens.shape[0])
+        time.sleep(0.005 * tokens.shape[0])
+        return inner(tokens, features)
+
+    runner.commit = slow_commit
+    sizer = TreeSizer(FLAT, 15)
+    drafts = []
+    record = sizer.record_draft
+    sizer.record_draft = lambda seconds: (drafts.append(seconds), record(seconds))
+    drafter = EagleDrafter(runner, TreeConfig(top_k=2, depth=3, total_tokens=16, sizing="cost"), sizer=sizer)
+    spec = Generator(target, drafter)
+    prompt = torch.randint(2, target.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    list(spec.generate_ids(prompt, GenerationConfig(max_new_tokens=4, ignore_eos=True)))
+    assert committed[:2] == [39, 1]  # the prompt caught up, then its last token within the timed draft
+    assert drafts[0] < 0.1  # not the 0.2 s of the whole prompt
+    committed.clear()
+    pattern = iter([True, False, False, False] + [True] * 20)  # draft, rest three steps, draft on
+    sizer.should_draft = lambda: next(pattern)
+    list(spec.generate_ids(prompt, GenerationConfig(max_new_tokens=12, ignore_eos=True)))
+    # the prompt, its last token; then the rested steps' tokens apart from the last step's
+    assert committed[:2] == [39, 1] and committed[2] >= 3 and committed[3] == 1

@@ -127,6 +127,7 @@ class EagleDrafter(Drafter):
         self.early_stops = 0  # how many proposals stopped early
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_features: list[torch.Tensor] = []
+        self._fresh = True  # no proposal yet in this sequence: the pending tokens are the prompt
 
     @classmethod
     def from_head(cls, head: DraftHead | Eagle3Head, target: TargetModel, tree: TreeConfig = TreeConfig(),
@@ -141,6 +142,7 @@ class EagleDrafter(Drafter):
         self.runner.reset()
         self.pending_tokens.clear()
         self.pending_features.clear()
+        self._fresh = True
         if self.sizer is not None:
             self.sizer.begin()
 
@@ -156,10 +158,24 @@ class EagleDrafter(Drafter):
             return self._propose(root)
         if not self.sizer.should_draft():  # speculation pays less than plain decoding here, for now
             return root_only(root)  # the pending features wait for the next draft's commit
+        self._catch_up()
         start = time.perf_counter()
         tree = self._propose(root)
         self.sizer.record_draft(time.perf_counter() - start)
         return tree
+
+    def _catch_up(self) -> None:
+        """Run the head over the pending tokens a drafting step does not commit in steady state:
+        all but the last verification's (the tokens of rested steps), or, first in a sequence,
+        all of the prompt but its last token. The step's timed draft then covers what drafting
+        every step costs. Counted in, a commit of 32 rested tokens made drafting look slower
+        than it is, so the sizer rested more, and so on."""
+        keep = 1 if self._fresh else self.pending_tokens[-1].shape[0]
+        self._fresh = False
+        tokens, features = torch.cat(self.pending_tokens), torch.cat(self.pending_features)  # [k], [k, F]
+        if tokens.shape[0] > keep:
+            self.runner.commit(tokens[:-keep], features[:-keep])
+            self.pending_tokens[:], self.pending_features[:] = [tokens[-keep:]], [features[-keep:]]
 
     def _propose(self, root: torch.Tensor) -> DraftTree:
         tokens, features = torch.cat(self.pending_tokens), torch.cat(self.pending_features)  # [k], [k, F]
