@@ -440,3 +440,86 @@ def test_the_probe_key_names_the_llamacpp_build(tmp_path):
     rebuilt = target.cost_key()
     target._lib.__version__ = "0.3.37"
     assert len({first, rebuilt, target.cost_key()}) == 3
+
+
+# -- EAGLE-3 features: the inputs of decoder layers ----------------------------------------------
+
+EAGLE3_LAYERS = (2, 15, 27)  # the official choice for a 30-layer target
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_layer_inputs_are_the_torch_targets_features(prompt):
+    """With feature layers set, a prefill returns the inputs of those layers for every prompt
+    token ([n, 3H]), close to what the PyTorch target computes from the dequantized weights (4-bit
+    weights and 8-bit activations round otherwise), and greedy logits of the last token only."""
+    from eaglespec.backends.llamacpp import LlamaCppTarget
+    from eaglespec.target import load_target
+
+    target = LlamaCppTarget(default_gguf(), LlamaCppTargetConfig(max_len=256, threads=2))
+    try:
+        hidden = target.prefill(prompt)
+        target.set_feature_layers(EAGLE3_LAYERS)
+        out = target.prefill(prompt)
+        n, h = prompt.shape[0], target.hidden_size
+        assert out.features.shape == (n, 3 * h) and out.logits.shape == (1, target.vocab_size)
+        assert int(out.logits[0].argmax()) == int(hidden.logits[0].argmax())
+        step = target.forward(torch.tensor([int(out.logits[0].argmax())]))
+        assert step.features.shape == (1, 3 * h)
+        target.cache.compact(torch.tensor([0]))
+        torch_target = load_target(dtype="float32", max_len=256)
+        torch_target.set_feature_layers(EAGLE3_LAYERS)
+        want = torch_target.prefill(prompt).features
+        cos = torch.nn.functional.cosine_similarity(out.features.view(n * 3, h), want.view(n * 3, h), dim=-1)
+        assert cos.min() > 0.98, cos.min()
+        # and back to the last hidden state
+        target.set_feature_layers(None)
+        assert target.prefill(prompt).features.shape == (n, h)
+    finally:
+        target.close()
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_greedy_with_an_eagle3_head_equals_plain_output(llama_target):
+    """An EAGLE-3 head (random, so the lookup chain makes the acceptances) drafts fixed-size trees
+    through llama.cpp's layer inputs: the same tokens as plain decoding with the same target."""
+    from helpers import random_eagle3_head
+
+    from eaglespec.drafter import EagleDrafter, TreeConfig
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
+    from eaglespec.target import load_target
+
+    target = llama_target
+    head = random_eagle3_head(load_target(dtype="float32", max_len=64), k=2048)
+    assert head.aux_layer_ids == EAGLE3_LAYERS
+    eagle = EagleDrafter.from_head(head, target, TreeConfig(top_k=4, depth=4, total_tokens=8))
+    target.set_feature_layers(eagle.feature_layers)
+    try:
+        plain, spec = Generator(target), Generator(target, HybridDrafter(eagle, PromptLookupDrafter(num_tokens=8)))
+        cfg = GenerationConfig(max_new_tokens=80)
+        ids = plain.encode("Copy this text exactly: The quick brown fox jumps over the lazy dog, then the fox "
+                           "runs into the green forest and the dog sleeps under the old oak tree.")
+        a, b = plain.generate(ids, cfg), spec.generate(ids, cfg)
+        assert a.token_ids == b.token_ids
+        assert b.stats.mean_accept_len > 1.3 and max(b.stats.tree_sizes) > 8  # trees and chains were verified
+    finally:
+        target.set_feature_layers(None)
+
+
+@needs_llamacpp
+def test_layer_inputs_are_refused_where_llama_cpp_lacks_them(llama_target, monkeypatch):
+    import eaglespec.backends.llamacpp as backend
+
+    monkeypatch.setattr(backend, "LAYER_INPUT_ARCHS", frozenset({"gemma3"}))
+    with pytest.raises(backend.LlamaCppError, match="'llama' models"):
+        llama_target.set_feature_layers(EAGLE3_LAYERS)
+    monkeypatch.undo()
+    with pytest.raises(backend.LlamaCppError, match="outside the model's 30 layers"):
+        llama_target.set_feature_layers((2, 30))
+    assert llama_target.feature_layers is None
+    monkeypatch.setattr(backend, "layer_input_api", lambda lib: None)
+    llama_target._layer_api = None
+    with pytest.raises(backend.LlamaCppError, match="does not export"):
+        llama_target.set_feature_layers(EAGLE3_LAYERS)

@@ -12,8 +12,10 @@ One `llama_decode` verifies a whole tree:
   exactly its ancestors and itself (positions = prefix length + depth);
 - the committed prefix belongs to every sequence a tree uses (llama.cpp checks that a batch
   continues each of its sequences at the next position);
-- logits and the features (the last hidden state after the final norm, llama.cpp's per-token
-  embeddings with pooling NONE: what transformers' decoder returns) come from the same decode.
+- logits and the features come from the same decode: the last hidden state after the final norm
+  (llama.cpp's per-token embeddings with pooling NONE: what transformers' decoder returns) for an
+  EAGLE-1/2 head, or the inputs of three decoder layers for an EAGLE-3 head (`set_feature_layers`,
+  through llama.cpp's `llama_set_embeddings_layer_inp`, which its own EAGLE-3 drafting uses).
 
 After verification `compact` keeps only the accepted path: `seq_rm` drops every other sequence
 and the accepted leaf's tail. In exact mode (the default) every row of a decode computes the bits
@@ -111,6 +113,27 @@ MAX_TREE = 250
 ROW_PROBE_ROWS = 8
 #: ggml type ids of the KV cache (ggml.h): exact mode keeps keys in bf16 (`LlamaCppTargetConfig.kv_types`)
 GGML_TYPE_F16, GGML_TYPE_BF16 = 1, 30
+#: model architectures (GGUF `general.architecture`) whose llama.cpp graph records each decoder
+#: layer's input, which `llama_set_embeddings_layer_inp` needs (llama.cpp asserts otherwise)
+LAYER_INPUT_ARCHS = frozenset({"llama", "qwen3", "qwen3moe"})
+#: llama.cpp declares the layer-input calls in src/llama-ext.h without C linkage: their symbols
+#: are the Itanium C++ names (Linux and macOS compilers)
+LAYER_INPUT_SYMBOLS = ("_Z30llama_set_embeddings_layer_inpP13llama_contextjb",
+                       "_Z30llama_get_embeddings_layer_inpP13llama_contextj")
+
+
+def layer_input_api(lib):
+    """(set, get): llama.cpp's `llama_set_embeddings_layer_inp(ctx, layer, on)` and
+    `llama_get_embeddings_layer_inp(ctx, layer) -> float*` (every token of the last decode, in
+    batch order), bound from the loaded library; None where this build lacks them."""
+    cdll = getattr(getattr(lib, "llama_cpp", None), "_lib", None)
+    try:
+        set_fn, get_fn = (getattr(cdll, name) for name in LAYER_INPUT_SYMBOLS)
+    except (AttributeError, TypeError):
+        return None
+    set_fn.argtypes, set_fn.restype = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool], None
+    get_fn.argtypes, get_fn.restype = [ctypes.c_void_p, ctypes.c_uint32], ctypes.POINTER(ctypes.c_float)
+    return set_fn, get_fn
 
 
 @dataclass(frozen=True)
@@ -309,7 +332,7 @@ class LlamaCppTarget:
     """A GGUF target run by llama.cpp, with eaglespec's tree forward and accepted-path cache.
 
     Implements `eaglespec.backends.base.TargetModel`. Features are the last hidden state (EAGLE-1/2
-    heads); EAGLE-3's intermediate layer inputs are not exposed by llama.cpp's C API."""
+    heads) or, after `set_feature_layers`, the inputs of decoder layers (EAGLE-3 heads)."""
 
     def __init__(self, gguf: str | Path, config: LlamaCppTargetConfig = LlamaCppTargetConfig(), folder: str | Path | None = None) -> None:
         """gguf: the model file; folder: its dequantized transformers folder, for the tokenizer,
@@ -363,6 +386,7 @@ class LlamaCppTarget:
         self._seq_rows: list[np.ndarray | None] = [None] * self._batch_cap  # views made on first use
         self.cache = SequenceCache(self)
         self.feature_layers: tuple[int, ...] | None = None
+        self._layer_api = None  # (set, get) of llama.cpp's layer inputs, bound on first use
         #: decodes of fewer rows get padding rows up to this many (exact mode; `_probe_min_rows`);
         #: None: no padding makes rows batch-invariant (plain decoding only, `check_drafting`)
         self.min_rows: int | None = self._min_rows() if config.exact else 1
@@ -404,9 +428,45 @@ class LlamaCppTarget:
         return int(self.model_config.get("num_hidden_layers") or text["num_hidden_layers"])
 
     def set_feature_layers(self, layer_ids) -> None:
-        if layer_ids is not None:
-            raise LlamaCppError("the llama.cpp backend gives the last hidden state only; an EAGLE-3 head reads "
-                                "intermediate layers", "use --backend torch with an EAGLE-3 head")
+        """Features from here on: the inputs of these decoder layers side by side ([q, len * H], an
+        EAGLE-3 head's), or None: the last hidden state ([q, H]). With layer inputs llama.cpp
+        returns no hidden state, so a prompt's LM head runs for its last token alone."""
+        lib = self._lib
+        ids = None if layer_ids is None else tuple(int(i) for i in layer_ids)
+        if ids == self.feature_layers:
+            return
+        if ids is not None:
+            self._check_layer_inputs(ids)
+        setter = self._layer_api[0] if self._layer_api else None
+        for i in self.feature_layers or ():
+            setter(self._ctx, i, False)
+        for i in ids or ():
+            setter(self._ctx, i, True)
+        lib.llama_set_embeddings(self._ctx, ids is None and self.config.features)
+        self.feature_layers = ids
+
+    def _check_layer_inputs(self, ids: tuple[int, ...]) -> None:
+        lib = self._lib
+        if not self.config.features:
+            raise LlamaCppError("this llama.cpp target was made without features (features=False)")
+        self._layer_api = self._layer_api or layer_input_api(lib)
+        if self._layer_api is None:
+            raise LlamaCppError("this llama-cpp-python build does not export llama.cpp's layer inputs, which an "
+                                "EAGLE-3 head reads", f"use --backend torch, or {INSTALL_HINT}")
+        arch = self.architecture
+        if arch not in LAYER_INPUT_ARCHS:
+            raise LlamaCppError(f"llama.cpp does not return the layer inputs an EAGLE-3 head reads for {arch!r} "
+                                f"models (only {', '.join(sorted(LAYER_INPUT_ARCHS))})", "use --backend torch")
+        n_layer = lib.llama_model_n_layer(self._model)
+        if not ids or any(not 0 <= i < n_layer for i in ids):
+            raise LlamaCppError(f"feature layers {list(ids)} outside the model's {n_layer} layers")
+
+    @property
+    def architecture(self) -> str:
+        """The GGUF's `general.architecture` as llama.cpp read it."""
+        buf = ctypes.create_string_buffer(128)
+        n = self._lib.llama_model_meta_val_str(self._model, b"general.architecture", buf, len(buf))
+        return buf.value.decode() if n >= 0 else "?"
 
     @property
     def max_tree(self) -> int:
@@ -522,24 +582,28 @@ class LlamaCppTarget:
     def _decode(self, tokens: np.ndarray, positions: np.ndarray, seqs: list[list[int]] | None,
                 outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One llama_decode. tokens, positions: [q]; seqs[i]: node i's sequence ids (None: all in
-        `cache.home`); the last `outputs` rows return logits and, with `config.features`,
-        features. A lone token in exact mode gets padding rows up to `min_rows` (under
-        `cache.pad`, freed afterwards). Returns logits [outputs, V] float32 and features
-        [outputs, H] float32 ([outputs, 0] without features), copies."""
+        `cache.home`); the last `outputs` rows return logits. Features: with `feature_layers`,
+        those layers' inputs for all q rows ([q, len * H]); else with `config.features` the last
+        hidden state, which llama.cpp returns for every row, each then an output with logits
+        (outputs must be q); else none ([outputs, 0]). A decode of fewer rows than `min_rows`
+        gets padding rows (under `cache.pad`, freed afterwards), flagged as outputs when its own
+        rows all are, so the last layer runs on as many rows either way. Returns logits
+        [outputs, V] float32 and the features, copies."""
         lib, cache = self._lib, self.cache
         q = tokens.shape[0]
         n = max(q, self.min_rows or 1)
         pad = n > q
         if n > self._batch_cap:
             raise ValueError(f"{q} tokens exceed llama.cpp's batch of {self._batch_cap}")
+        hidden = self.config.features and self.feature_layers is None  # llama.cpp's embeddings: every row an output
+        if hidden and outputs != q:
+            raise ValueError("with the last hidden state every row is an output")
         self._batch.n_tokens = n
         self._tokens[:q] = tokens
         self._pos[:q] = positions
-        if self.config.features:  # llama.cpp computes every row's logits anyway (and warns of each unflagged one)
-            self._logits_flag[:n] = 1
-        else:
-            self._logits_flag[:n] = 0
-            self._logits_flag[q - outputs:q] = 1
+        flagged = n if outputs == q else outputs  # llama.cpp's output rows, in batch order
+        self._logits_flag[:n] = 1 if outputs == q else 0
+        self._logits_flag[q - outputs:q] = 1
         if seqs is None:
             self._n_seq_id[:q] = 1
             for i in range(q):
@@ -559,21 +623,26 @@ class LlamaCppTarget:
             lib.llama_memory_seq_rm(self._mem, cache.pad, -1, -1)
         if rc != 0:
             raise LlamaCppError(f"llama_decode failed ({rc}) on {q} tokens from position {int(positions[0])}")
-        if not self.config.features:  # llama.cpp's outputs are the flagged rows
-            logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
-            return torch.from_numpy(logits.copy()), torch.empty(outputs, 0)
-        first = q - outputs  # every row is an output
-        logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(n, self.vocab_size))
+        logits = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(flagged, self.vocab_size))
+        logits = torch.from_numpy(logits[:outputs].copy())  # the flagged rows of ours come first
+        if self.feature_layers is not None:
+            get = self._layer_api[1]
+            feats = np.concatenate([np.ctypeslib.as_array(get(self._ctx, i), shape=(n, self.hidden_size))[:q]
+                                    for i in self.feature_layers], axis=1)  # [q, len * H], a copy
+            return logits, torch.from_numpy(feats)
+        if not hidden:
+            return logits, torch.empty(outputs, 0)
         feats = np.ctypeslib.as_array(lib.llama_get_embeddings(self._ctx), shape=(n, self.hidden_size))
-        return torch.from_numpy(logits[first:q].copy()), torch.from_numpy(feats[first:q].copy())
+        return logits, torch.from_numpy(feats[:q].copy())
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 tree_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> TargetOutput:
         """Run q new tokens after the committed prefix (as `Target.forward`): tokens [q] long,
         positions [q] (length + depth), tree_mask [q, q] bool ancestor-or-self (None: a causal
-        chain); last_logits_only: logits [1, V] of the last row (with `config.features`, features
-        of all rows either way: llama.cpp computes both for an output row; without, [q or 1, 0]).
+        chain); last_logits_only: logits [1, V] of the last row. Features of all rows either way
+        ([q, F], `_decode`; [q or 1, 0] without features); the last hidden state makes every row
+        an output, so its prompt still computes every row's logits.
         The nodes stay in the cache until `cache.compact` keeps the accepted ones."""
         from eaglespec.backends.base import TargetOutput
 
@@ -601,7 +670,8 @@ class LlamaCppTarget:
                 raise ValueError(f"a tree of {q} nodes exceeds max_tree {self.config.max_tree}")
             seqs = cache.leaf_seqs(n_leaves)
             node_seqs = [[seqs[l] for l in np.flatnonzero(row)] for row in tree.member]
-            last_only = last_logits_only and not self.config.features
+            # the last hidden state needs every row as an output; layer inputs and no features do not
+            last_only = last_logits_only and not (self.config.features and self.feature_layers is None)
             logits, feats = self._decode(tok, pos, node_seqs, 1 if last_only else q)
             cache.hold_tree(tree, seqs)
         if last_logits_only:
