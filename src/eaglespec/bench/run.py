@@ -287,7 +287,8 @@ def run_bench(target: TargetModel, runners: dict[str, Runner], questions: list[Q
                 history[method] = messages + [{"role": "assistant", "content": tok.decode(ans.tokens, skip_special_tokens=True)}]
             base = answers.get(BASELINE)
             for method, ans in answers.items():
-                equal = None if cfg.temperature > 0 or base is None else ans.tokens == base.tokens
+                # sampled too: a seed fixes each position's sample, so eaglespec's methods write plain's text
+                equal = None if base is None else ans.tokens == base.tokens
                 n = len(ans.tokens)
                 yield RunRecord(q.question_id, q.category, turn, method, n, round(ans.seconds, 5), ans.forwards,
                                 round(n / ans.forwards, 4) if ans.forwards else 0.0,
