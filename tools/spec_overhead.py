@@ -1,0 +1,80 @@
+"""What speculation costs where it does not pay: plain decoding against the shipped head's default
+drafter on the llama.cpp backend, the same prompts one after the other, and cProfile's busiest
+functions of the speculative runs. Where every verified row costs nearly a forward (Q4_1 on an
+AVX2 CPU) the drafter rests most steps, and this shows what resting and the probes between rests
+still cost.
+
+    PYTHONPATH=src python tools/spec_overhead.py --questions ../shared/data/mt_bench/question.jsonl
+    PYTHONPATH=src python tools/spec_overhead.py --gguf F32.gguf --lookup 8
+
+Prints the seconds of each and their ratio, the sizer's state (steps rested, the rates it
+learnt, the draft times) and the profile. Keep other jobs off the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", default=None, help="GGUF target (default: the shipped SmolLM2 Q4_1 file)")
+    parser.add_argument("--questions", default=None, help="MT-bench-style question.jsonl (default: built-in prompts)")
+    parser.add_argument("--n", type=int, default=8, help="prompts: every 10th question, first turns")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--lookup", type=int, default=0, help="lookup chain length (8: the generate default)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=15, help="profile lines to print")
+    args = parser.parse_args()
+
+    from eaglespec.backends import default_tree, draft_setup
+    from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
+    from eaglespec.generate import GenerationConfig, Generator
+    from eaglespec.heads import default_head_path, load_drafter
+    from eaglespec.paths import default_gguf_path
+
+    torch.set_num_threads(args.threads)
+    target = LlamaCppTarget(args.gguf or default_gguf_path(), LlamaCppTargetConfig(threads=args.threads))
+    drafter = load_drafter(default_head_path(), target, default_tree("cpu", torch.float32),
+                           draft_setup("cpu", torch.float32), lookup=args.lookup)
+    plain, spec = Generator(target), Generator(target, drafter)
+    if args.questions:
+        rows = [json.loads(line) for line in open(args.questions)]
+        prompts = [r["turns"][0] for r in rows[:: max(1, len(rows) // args.n)][: args.n]]
+    else:
+        prompts = ["Write a short story about a lighthouse keeper.", "Explain how vaccines work.",
+                   "Give three tips for learning a language.", "Describe the water cycle."][: args.n]
+    ids = [plain.encode(p) for p in prompts]
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    for i in ids[:2]:  # warm-up: the head's first runs, llama.cpp's graphs
+        plain.generate(i, cfg)
+        spec.generate(i, cfg)
+    profile = cProfile.Profile()
+    plain_s = spec_s = 0.0
+    for i in ids:  # alternating, so load elsewhere hits both alike
+        start = time.perf_counter()
+        plain.generate(i, cfg)
+        plain_s += time.perf_counter() - start
+        profile.enable()
+        start = time.perf_counter()
+        spec.generate(i, cfg)
+        spec_s += time.perf_counter() - start
+        profile.disable()
+    print(f"{len(ids)} prompts x {args.max_new_tokens} tokens: plain {plain_s:.3f} s, speculative {spec_s:.3f} s, "
+          f"speculative/plain speed {plain_s / spec_s:.3f}x")
+    sizer = getattr(drafter, "sizer", None)
+    if sizer is not None:
+        print(f"sizer: {sizer.rested} steps rested; rates (tokens/s) drafted {sizer.spec_rate or 0:.1f}, plain "
+              f"{sizer.plain_rate:.1f}; draft base {1000 * (sizer.base_s or 0):.2f} ms, per depth "
+              f"{1000 * (sizer.depth_s or 0):.2f} ms; calibration {sizer.scale:.2f}")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
