@@ -5,6 +5,10 @@ context of cached tokens. Prints the median milliseconds of each and its multipl
     PYTHONPATH=src python tools/llamacpp_decode_cost.py model.gguf
     PYTHONPATH=src python tools/llamacpp_decode_cost.py model.gguf --fast --chains 1 --repeats 200
     PYTHONPATH=src python tools/llamacpp_decode_cost.py model.gguf --rows 1      # no padding, for timing only
+    PYTHONPATH=src python tools/llamacpp_decode_cost.py model.gguf --prompts 32,300 --feature-layers 2,15,27
+
+--prompts times prefills of those lengths instead (median of 5): with the last hidden state every
+prompt row computes its logits; with --feature-layers (an EAGLE-3 head's) only the last does.
 
 Compare with llama.cpp's own `llama-bench -m model.gguf -t 2 -p 0 -n 128 -d 300 -fa 1` (a token
 after 300 cached tokens). Which llama-cpp-python is used is printed with its llama.cpp features
@@ -29,6 +33,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fast", action="store_true", help="llama.cpp's own mode (f16 cache, no padding)")
     parser.add_argument("--rows", type=int, default=None, help="pad lone tokens to this many rows instead of min_rows")
+    parser.add_argument("--prompts", default=None, help="time prefills of these lengths instead of chains")
+    parser.add_argument("--feature-layers", default=None, help="features: these layers' inputs (EAGLE-3), e.g. 2,15,27")
     args = parser.parse_args()
 
     import llama_cpp
@@ -42,6 +48,19 @@ def main() -> None:
     print(f"min_rows measured: {target.min_rows}" + (f", timed with {args.rows}" if args.rows else ""))
     if args.rows:
         target.min_rows = args.rows
+    if args.feature_layers:
+        target.set_feature_layers([int(i) for i in args.feature_layers.split(",")])
+    if args.prompts:
+        for n in (int(c) for c in args.prompts.split(",")):
+            tokens = torch.arange(n) * 7919 % (target.vocab_size - 100) + 100
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                out = target.prefill(tokens)
+                times.append(time.perf_counter() - start)
+            print(f"prompt {n:4d}  {statistics.median(times) * 1e3:8.1f} ms  features {tuple(out.features.shape)}")
+        target.close()
+        return
     target.prefill(torch.arange(args.context) * 7919 % (target.vocab_size - 100) + 100)
     lone = None
     for q in (int(c) for c in args.chains.split(",")):
