@@ -81,8 +81,10 @@ def test_the_converted_folder_is_a_standard_transformers_checkpoint(target):
     with torch.inference_mode():
         want = plain(ids[None]).logits[0]  # [q, vocab]
     target.reset()
-    got = target.forward(ids).logits  # fp32 packed products round unlike stock ones by ~1e-6
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got = target.forward(ids).logits
+    # oneDNN's packed fp32 products sum in another order than stock linears: over 30 layers the
+    # logits (up to about 38) differ by up to 1.7e-4 on an AVX2 Zen 3, about 1e-6 with AVX-512
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
