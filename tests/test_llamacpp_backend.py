@@ -274,11 +274,11 @@ def test_sampling_follows_the_backends_distribution(llama_target):
     drafter = load_drafter(head, target, TreeConfig(top_k=3, depth=2, total_tokens=6), draft_setup("cpu", torch.float32))
     spec = Generator(target, drafter)
     draws, merged = [], 0
-    for seed in range(600):
+    for seed in range(400):  # 600 took 160 s on a Zen 3, a fifth of the suite
         cfg = GenerationConfig(max_new_tokens=3, temperature=1.0, top_k=3, seed=seed, ignore_eos=True)
         draws.append(tuple(spec.generate(prompt, cfg).token_ids))
         merged += spec.last_stats.target_forwards < 3
-    assert merged > 60, "the draft was (almost) never accepted: the test would be vacuous"
+    assert merged > 40, "the draft was (almost) never accepted: the test would be vacuous"
     stat, crit = chi_square_excess(draws, joint)
     assert stat < crit, f"chi-square {stat:.1f} exceeds the 1e-4 critical value {crit:.1f}"
 
