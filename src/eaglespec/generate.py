@@ -247,13 +247,18 @@ class Detokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _new_text(self) -> str:
+        """What the ids from `read` on add to the text: the window's decode less its settled part."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        return after[len(before):] if len(after) > len(before) else ""
+
     def add(self, ids: list[int]) -> str:
         """Append ids; return all the text settled so far."""
         self.ids.extend(ids)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+        new = self._new_text()
+        if new and not new.endswith("\ufffd"):
+            self.text += new
             self.prefix, self.read = self.read, len(self.ids)
         return self.text
 
@@ -265,6 +270,4 @@ class Detokenizer:
         if full.startswith(self.text):
             return full
         log.warning("incremental detokenization disagreed with the full decode; the streamed text stays")
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        return self.text + after[len(before):]
+        return self.text + self._new_text()
