@@ -419,6 +419,28 @@ def test_without_features_a_prompt_computes_one_row_of_logits_and_decodes_alike(
     full.close()
 
 
+@needs_llamacpp
+@pytest.mark.slow
+def test_a_prompt_asked_for_fewer_hidden_states_commits_the_same_bits(llama_target, prompt):
+    """A prompt whose first tokens' hidden states are not wanted runs as two decodes, the first
+    without llama.cpp's embeddings (so without their LM head). The last token's logits, the
+    hidden states returned and every later step must be those of the one-decode prompt."""
+    full = llama_target.prefill(prompt)
+    after_full = plain_logits(llama_target, prompt, [int(full.logits[-1].argmax()), 42])
+    n = prompt.shape[0]
+    for rows in (0, 1, 3, n - 1):
+        out = llama_target.prefill(prompt, feature_rows=rows)
+        assert torch.equal(out.logits, full.logits)
+        assert out.features.shape == (rows, llama_target.hidden_size)
+        assert torch.equal(out.features, full.features[n - rows:])
+        step = llama_target.forward(torch.tensor([int(full.logits[-1].argmax())]))
+        llama_target.cache.compact(torch.tensor([0]))
+        step = llama_target.forward(torch.tensor([42]))
+        llama_target.cache.compact(torch.tensor([0]))
+        assert torch.equal(step.logits[-1], after_full)  # the cache holds what one decode wrote
+    assert llama_target._returns_hidden  # embeddings are back on for the steps
+
+
 def test_the_probe_key_names_the_llamacpp_build(tmp_path):
     """Measured row padding and cost curves are kept per llama.cpp build: a rebuilt library (other
     compile flags) or another version may round rows otherwise, so it is measured again."""

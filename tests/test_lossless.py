@@ -72,6 +72,26 @@ def test_greedy_is_token_identical(setup, kind, head_kind):
         assert tau > 2.5  # long acceptances: compaction over multi-token paths was exercised
 
 
+def test_a_head_reading_a_prompts_last_features_alone_stays_lossless_and_pairs_them(setup):
+    """`prompt_features`: the target returns the features of a prompt's last m positions, and the
+    drafter pairs each with the token after it (the head's cache then starts m positions before
+    the root). Plain decoding asks for none."""
+    target, cfg, ps, expected = setup
+    drafter = EagleDrafter.from_head(oracle_head(target, noise=0.2), target, TREES["dynamic"])
+    drafter.prompt_features = 3
+    seen = []
+    commit = drafter.runner.commit
+    drafter.runner.commit = lambda tokens, features: seen.append((tokens.shape[0], features.shape[0])) or commit(
+        tokens, features)
+    spec = Generator(target, drafter)
+    for p, want in zip(ps[:6], expected):
+        seen.clear()
+        assert run(spec, p, cfg) == want
+        assert seen[0] == (3, 3)  # the first commit: the prompt's last 3 pairs, not len(p)
+    assert Generator(target).drafter.prompt_features == 0
+    assert target.prefill(ps[0], feature_rows=0).features.shape[0] == 0
+
+
 @pytest.mark.parametrize("exact_rows", [None, 3])
 def test_sliding_window_layers_keep_their_window_in_trees(exact_rows):
     """Gemma 3 style: a layer that sees only the last 4 positions. A tree forward must give each

@@ -41,13 +41,17 @@ class Drafter(ABC):
     #: the target features `observe` expects: the inputs of these decoder layers side by side
     #: (`Target.set_feature_layers`), or None: the last hidden state, or no features at all
     feature_layers: tuple[int, ...] | None = None
+    #: how many of a prompt's last positions `observe` needs features of (None: all, 0: none);
+    #: a target may then spare the others' work
+    prompt_features: int | None = None
 
     def begin(self) -> None:
         """Forget the previous sequence."""
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        """The target committed: features[i] ([k, F]) is the target's feature at a committed
-        position and tokens[i] ([k]) the token that follows it. tokens[-1] is the next root."""
+        """The target committed k positions: tokens[i] ([k]) is the token that follows the i-th,
+        tokens[-1] the next root. features ([m, F], m <= k) are the target's features at the
+        last m of them: all k after a verification, the last `prompt_features` after a prompt."""
 
     @abstractmethod
     def propose(self, root: torch.Tensor) -> DraftTree:
@@ -58,6 +62,7 @@ class NoDrafter(Drafter):
     """Plain autoregressive decoding: the tree is the root alone (its shape built once per device)."""
 
     max_tree_size = 1
+    prompt_features = 0
 
     def propose(self, root: torch.Tensor) -> DraftTree:
         return root_only(root)
@@ -147,7 +152,7 @@ class EagleDrafter(Drafter):
             self.sizer.begin()
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        self.pending_tokens.append(tokens)
+        self.pending_tokens.append(tokens[tokens.shape[0] - features.shape[0]:])  # those with features
         self.pending_features.append(features)
         if self.sizer is not None:
             self.sizer.record_accepted(tokens.shape[0] - 1)  # the last token is the bonus

@@ -137,7 +137,7 @@ class Generator:
         start = time.perf_counter()
         with torch.inference_mode():
             drafter.begin()
-            out = target.prefill(input_ids)
+            out = target.prefill(input_ids, feature_rows=drafter.prompt_features)
             root = sample_next(out.logits[-1], params, noise, position=n)
             drafter.observe(torch.cat([input_ids[1:], root]), out.features)
             stats.target_forwards = 1

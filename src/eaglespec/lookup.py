@@ -28,6 +28,7 @@ class PromptLookupDrafter(Drafter):
         self.max_ngram = max_ngram
         self.num_tokens = num_tokens
         self.max_tree_size = num_tokens + 1
+        self.prompt_features = 0  # tokens alone
         self.history: list[int] = []
 
     def begin(self) -> None:
@@ -72,6 +73,7 @@ class HybridDrafter(Drafter):
         self.lookup = lookup
         self.max_tree_size = eagle.max_tree_size + lookup.num_tokens
         self.feature_layers = eagle.feature_layers
+        self.prompt_features = eagle.prompt_features
         self.sizer = getattr(eagle, "sizer", None)
         #: [num_tokens] P(the chain's j-th token is right | the tokens before it are)
         self.odds = [CHAIN_PRIOR] * lookup.num_tokens

@@ -375,10 +375,10 @@ class Target:
         return {"full_attention": self._additive(visible), "sliding_attention": self._additive(visible & near)}
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor) -> TargetOutput:
+    def prefill(self, tokens: torch.Tensor, feature_rows: int | None = None) -> TargetOutput:
         """Process a prompt from an empty cache and commit it; logits of the last token only
-        ([1, vocab]: the 49k-wide LM head over a whole prompt is wasted work), features of all
-        ([n, F], as `forward`)."""
+        ([1, vocab]: the 49k-wide LM head over a whole prompt is wasted work), features of the
+        last `feature_rows` tokens (None: all; [n, F], as `forward`)."""
         self.cache.reset()
         self.cache.set_storage(*cache_dtypes(self.config))  # the attention may have been switched since
         if self.sdpa_prefill:
@@ -387,7 +387,7 @@ class Target:
         else:
             out = self.forward(tokens, last_logits_only=True)
         self.cache.length = tokens.shape[0]
-        return out
+        return out.last_features(feature_rows)
 
 
 def load_model(

@@ -45,6 +45,12 @@ class TargetOutput:
     #: (`Target.set_feature_layers`) the inputs of those layers side by side (F = len(ids) x hidden)
     features: torch.Tensor
 
+    def last_features(self, rows: int | None) -> TargetOutput:
+        """The same output with the features of the last `rows` positions alone (None: all)."""
+        if rows is None or rows >= self.features.shape[0]:
+            return self
+        return TargetOutput(self.logits, self.features[self.features.shape[0] - max(rows, 0):])
+
 
 class TargetCache(Protocol):
     """What the decode loop uses of a target's cache."""
@@ -86,6 +92,6 @@ class TargetModel(Protocol):
 
     def set_feature_layers(self, layer_ids: Sequence[int] | None) -> None: ...
     def reset(self) -> None: ...
-    def prefill(self, tokens: torch.Tensor) -> TargetOutput: ...
+    def prefill(self, tokens: torch.Tensor, feature_rows: int | None = None) -> TargetOutput: ...
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 tree_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> TargetOutput: ...

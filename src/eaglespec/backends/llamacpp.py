@@ -387,6 +387,7 @@ class LlamaCppTarget:
         self.cache = SequenceCache(self)
         self.feature_layers: tuple[int, ...] | None = None
         self._layer_api = None  # (set, get) of llama.cpp's layer inputs, bound on first use
+        self._hidden_off = False  # llama.cpp's embeddings turned off for a while (`prefill`)
         #: decodes of fewer rows get padding rows up to this many (exact mode; `_probe_min_rows`);
         #: None: no padding makes rows batch-invariant (plain decoding only, `check_drafting`)
         self.min_rows: int | None = self._min_rows() if config.exact else 1
@@ -595,7 +596,7 @@ class LlamaCppTarget:
         pad = n > q
         if n > self._batch_cap:
             raise ValueError(f"{q} tokens exceed llama.cpp's batch of {self._batch_cap}")
-        hidden = self.config.features and self.feature_layers is None  # llama.cpp's embeddings: every row an output
+        hidden = self._returns_hidden  # llama.cpp's embeddings: every row an output
         if hidden and outputs != q:
             raise ValueError("with the last hidden state every row is an output")
         self._batch.n_tokens = n
@@ -671,22 +672,51 @@ class LlamaCppTarget:
             seqs = cache.leaf_seqs(n_leaves)
             node_seqs = [[seqs[l] for l in np.flatnonzero(row)] for row in tree.member]
             # the last hidden state needs every row as an output; layer inputs and no features do not
-            last_only = last_logits_only and not (self.config.features and self.feature_layers is None)
+            last_only = last_logits_only and not self._returns_hidden
             logits, feats = self._decode(tok, pos, node_seqs, 1 if last_only else q)
             cache.hold_tree(tree, seqs)
         if last_logits_only:
             logits = logits[-1:]
         return TargetOutput(logits=logits, features=feats)
 
+    @property
+    def _returns_hidden(self) -> bool:
+        """Decodes return the last hidden state (llama.cpp's embeddings), so every row is an output."""
+        return self.config.features and self.feature_layers is None and not self._hidden_off
+
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor) -> TargetOutput:
+    def prefill(self, tokens: torch.Tensor, feature_rows: int | None = None) -> TargetOutput:
         """Process a prompt from an empty cache and commit it: logits of the last token ([1, V]),
-        features of all ([n, H])."""
-        self.cache.reset()
-        out = self.forward(tokens, last_logits_only=True)
-        self.cache.hold_tree(None, [])
-        self.cache.length = tokens.shape[0]
-        return out
+        features of the last `feature_rows` tokens (None: all; [n, F]).
+
+        llama.cpp returns the last hidden state only with logits, for every row of a decode. So
+        where fewer rows' hidden states are wanted, the prompt runs as two decodes: the head of it
+        with embeddings off, which computes no LM head but the last row's, then the last
+        max(feature_rows, min_rows) tokens with embeddings on. Each row's keys, values and
+        outputs are those of one decode (rows round alike in decodes of min_rows or more, the
+        exact mode's premise), and a small model's LM head costs about what the rest of a token's
+        forward does: a 300-token SmolLM2 Q4_1 prompt took 1.88 s with every row's and 1.49 s
+        without on a Zen 3 (docs/benchmarks.md)."""
+        cache = self.cache
+        cache.reset()
+        n = tokens.shape[0]
+        tail = n
+        if feature_rows is not None and self._returns_hidden:
+            tail = min(n, max(feature_rows, self.min_rows or 1, 1))
+        if tail < n:
+            self._lib.llama_set_embeddings(self._ctx, False)
+            self._hidden_off = True
+            try:
+                self.forward(tokens[: n - tail], last_logits_only=True)
+            finally:
+                self._lib.llama_set_embeddings(self._ctx, True)
+                self._hidden_off = False
+            cache.hold_tree(None, [])
+            cache.length = n - tail
+        out = self.forward(tokens[n - tail:], last_logits_only=True)
+        cache.hold_tree(None, [])
+        cache.length = n
+        return out.last_features(feature_rows)
 
 
 def _ids(value) -> frozenset[int]:
