@@ -336,6 +336,28 @@ def test_prompt_lookup_finds_latest_match():
     assert tree.parents.tolist() == [-1, 0, 1, 2]
 
 
+def scan_guess(h: list[int], max_ngram: int, num_tokens: int) -> list[int]:
+    """Prompt lookup by brute force: the latest earlier occurrence of the longest matching tail."""
+    for n in range(min(max_ngram, len(h) - 1), 0, -1):
+        for start in range(len(h) - n - 1, -1, -1):
+            if h[start:start + n] == h[-n:]:
+                return h[start + n:start + n + num_tokens]
+    return []
+
+
+def test_prompt_lookups_index_guesses_what_a_scan_of_the_history_finds():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        d = PromptLookupDrafter(max_ngram=3, num_tokens=4)
+        d.begin()
+        seen: list[int] = []
+        for _ in range(40):  # chunks of 1-5 tokens from a small alphabet: many repeats
+            chunk = torch.randint(0, 6, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+            d.observe(chunk, torch.zeros(0, 1))
+            seen += chunk.tolist()
+            assert d.guess() == scan_guess(seen, 3, 4)
+
+
 class Sizes(Drafter):
     """Passes every call to `inner`, a real drafter, and keeps the size of each tree it proposes."""
 

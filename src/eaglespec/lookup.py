@@ -30,12 +30,21 @@ class PromptLookupDrafter(Drafter):
         self.max_tree_size = num_tokens + 1
         self.prompt_features = 0  # tokens alone
         self.history: list[int] = []
+        #: latest[n - 1][gram]: the start of the latest occurrence of the n-gram that some token
+        #: follows, kept as the history grows, so a guess costs a few lookups, not a scan
+        self.latest: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram)]
 
     def begin(self) -> None:
         self.history = []
+        self.latest = [{} for _ in range(self.max_ngram)]
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        self.history.extend(tokens.tolist())  # host copy: once per step
+        h = self.history
+        for t in tokens.tolist():  # host copy: once per step
+            j = len(h)  # t follows the n-grams that end at j - 1
+            for n in range(1, min(self.max_ngram, j) + 1):
+                self.latest[n - 1][tuple(h[j - n:j])] = j - n
+            h.append(t)
 
     def propose(self, root: torch.Tensor) -> DraftTree:
         guess = self.guess()
@@ -44,13 +53,13 @@ class PromptLookupDrafter(Drafter):
         return make_tree(tokens, parents, max_depth=len(guess))
 
     def guess(self) -> list[int]:
-        """The chain to propose after the committed history (empty when nothing matches)."""
+        """The chain to propose after the committed history: what followed the latest earlier
+        occurrence of its last n tokens, n as long as matches (empty when nothing does)."""
         h = self.history
         for n in range(min(self.max_ngram, len(h) - 1), 0, -1):
-            tail = h[-n:]
-            for start in range(len(h) - n - 1, -1, -1):  # latest earlier match first
-                if h[start : start + n] == tail:
-                    return h[start + n : start + n + self.num_tokens]
+            start = self.latest[n - 1].get(tuple(h[-n:]))  # never the tail itself: nothing follows it yet
+            if start is not None:
+                return h[start + n : start + n + self.num_tokens]
         return []
 
 
