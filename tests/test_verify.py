@@ -40,6 +40,27 @@ def test_process_logits_filters():
     torch.testing.assert_close(p, torch.softmax(logits / 0.5, -1))
 
 
+@pytest.mark.parametrize("scale", [8.0, 1.0, 0.05])  # peaked; a nucleus past the first 64; nearly flat
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.995])
+def test_the_nucleus_is_the_smallest_sorted_prefix_that_reaches_top_p(scale, top_p):
+    """Rows of a tree at once; the search widens past its first 64 tokens where it must. Logits
+    spaced apart (a shuffled ramp) leave no tie at the edge, so the set is exactly defined."""
+    from eaglespec.verify import nucleus
+
+    g = torch.Generator().manual_seed(int(scale * 100 + top_p * 1000))
+    vocab = 3000
+    logits = torch.stack([torch.linspace(0, 10, vocab)[torch.randperm(vocab, generator=g)] * scale for _ in range(3)])
+    probs = logits.softmax(-1)
+    keep = nucleus(probs, top_p)
+    for row in range(3):
+        ranked = probs[row].sort(descending=True).values
+        k = int(keep[row].sum())
+        assert ranked[: k - 1].sum() < top_p <= ranked[:k].sum() + 1e-6
+        assert torch.equal(keep[row], probs[row] >= ranked[k - 1])  # the top k, no other
+    if scale == 0.05:
+        assert (keep.sum(-1) > 64).all()  # the search had to widen
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)])
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):

@@ -57,6 +57,10 @@ class SamplingParams:
         return self.temperature == 0
 
 
+#: tokens the nucleus (top-p) search ranks first; it ranks 8 times more until their mass reaches top_p
+NUCLEUS_FIRST = 64
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The processed target distribution p. logits: [..., V] float -> probs [..., V]."""
     logits = logits / params.temperature
@@ -64,13 +68,26 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1)  # ascending
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cum <= 1 - params.top_p
-        remove_sorted[..., -1] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
+        logits = logits.masked_fill(~nucleus(logits.softmax(dim=-1), params.top_p), float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[..., V] bool: the tokens top-p keeps, those ranked before the mass of the tokens ranked
+    above them reaches top_p (the most likely always; transformers' `TopPLogitsWarper` keeps the
+    same set). The nucleus is rarely more than a few hundred tokens, so the search ranks the
+    NUCLEUS_FIRST most likely and widens only while their mass falls short: sorting Gemma 3's
+    262k-token vocabulary took 30 ms a token on a Zen 3, longer than decoding it."""
+    vocab = probs.shape[-1]
+    k = min(NUCLEUS_FIRST, vocab)
+    while True:
+        top, idx = probs.topk(k, dim=-1)  # [..., k] descending
+        mass = top.cumsum(dim=-1)
+        if k == vocab or bool((mass[..., -1] >= top_p).all()):
+            break
+        k = min(vocab, 8 * k)
+    above = torch.cat([torch.zeros_like(mass[..., :1]), mass[..., :-1]], dim=-1)  # [..., k]
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, idx, above < top_p)
 
 
 class SampleNoise:
@@ -88,11 +105,13 @@ class SampleNoise:
         return int.from_bytes(digest, "little") >> 1  # manual_seed takes up to 2**63 - 1
 
     def at(self, position: int) -> torch.Tensor:
-        """E_position: [V] float32, > 0."""
+        """E_position: [V] float32, > 0: -log(1 - u) for uniform u in [0, 1), which on a CPU
+        takes a quarter of the time of `exponential_` (0.29 against 1.16 ms for 49k tokens,
+        2.0 against 6.1 ms for 262k, on a Zen 3)."""
         e = self._held.get(position)
         if e is None:
             g = torch.Generator(device=self.device).manual_seed(self._stream_seed(position))
-            e = torch.empty(self.vocab_size, device=self.device).exponential_(generator=g)
+            e = torch.rand(self.vocab_size, device=self.device, generator=g).neg_().log1p_().neg_()
             # a variate of exactly 0 (u = 0 in float32, about 2**-24 a token) would divide 0 by 0
             e = self._held[position] = e.clamp_(min=torch.finfo(torch.float32).tiny)
         return e
