@@ -77,8 +77,11 @@ def test_a_head_reading_a_prompts_last_features_alone_stays_lossless_and_pairs_t
     drafter pairs each with the token after it (the head's cache then starts m positions before
     the root). Plain decoding asks for none."""
     target, cfg, ps, expected = setup
-    drafter = EagleDrafter.from_head(oracle_head(target, noise=0.2), target, TREES["dynamic"])
-    drafter.prompt_features = 3
+
+    class Windowed(EagleDrafter):
+        prompt_features = 3
+
+    drafter = Windowed.from_head(oracle_head(target, noise=0.2), target, TREES["dynamic"])
     seen = []
     commit = drafter.runner.commit
     drafter.runner.commit = lambda tokens, features: seen.append((tokens.shape[0], features.shape[0])) or commit(
@@ -90,6 +93,24 @@ def test_a_head_reading_a_prompts_last_features_alone_stays_lossless_and_pairs_t
         assert seen[0] == (3, 3)  # the first commit: the prompt's last 3 pairs, not len(p)
     assert Generator(target).drafter.prompt_features == 0
     assert target.prefill(ps[0], feature_rows=0).features.shape[0] == 0
+
+
+def test_a_resting_head_asks_for_a_prompts_last_features_alone(setup):
+    """While drafted steps pay less than plain decoding (the sizer rests), a prompt's hidden
+    states would mostly go unread: the drafter, and a hybrid around it, ask for the last few."""
+    from eaglespec.cost import CostCurve, TreeSizer
+    from eaglespec.drafter import RESTING_PROMPT_FEATURES
+
+    target = setup[0]
+    sizer = TreeSizer(CostCurve((1, 2, 4), (0.010, 0.012, 0.020)), max_nodes=8)
+    tree = TreeConfig(kind="dynamic", sizing="cost", total_tokens=9)
+    drafter = EagleDrafter(EagleDrafter.from_head(random_head(target), target).runner, tree, sizer=sizer)
+    hybrid = HybridDrafter(drafter, PromptLookupDrafter())
+    assert drafter.prompt_features is None and hybrid.prompt_features is None  # nothing measured yet
+    sizer.spec_rate = 0.5 * sizer.plain_rate
+    assert drafter.prompt_features == hybrid.prompt_features == RESTING_PROMPT_FEATURES
+    sizer.spec_rate = 2.0 * sizer.plain_rate
+    assert drafter.prompt_features is None
 
 
 @pytest.mark.parametrize("exact_rows", [None, 3])

@@ -256,6 +256,11 @@ class TreeSizer:
         self.rested = 0  # steps decoded without drafting (for reports)
 
     @property
+    def resting(self) -> bool:
+        """Drafted steps have lately paid less than plain decoding would."""
+        return self.spec_rate is not None and self.spec_rate < self.plain_rate
+
+    @property
     def plain_rate(self) -> float:
         """Tokens per second of plain decoding: one token per forward of one."""
         return 1.0 / float(self.costs[0])

@@ -26,6 +26,10 @@ from eaglespec.expand import dynamic_slots, expand_dynamic, expand_static
 from eaglespec.head_runner import HeadRunner, head_runner
 from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan
 
+#: the prompt positions a head reads while its drafts have been paying less than plain decoding
+#: (its first draft after a rest then sees the prompt's end); all of them otherwise
+RESTING_PROMPT_FEATURES = 32
+
 if TYPE_CHECKING:
     from eaglespec.backends import DraftSetup
     from eaglespec.draft import DraftHead
@@ -150,6 +154,12 @@ class EagleDrafter(Drafter):
         self._fresh = True
         if self.sizer is not None:
             self.sizer.begin()
+
+    @property
+    def prompt_features(self) -> int | None:
+        """All of a prompt's features, unless the sizer has been resting: then the last few, and
+        a llama.cpp target spares the LM head of the others (docs/design.md, "llama.cpp backend")."""
+        return RESTING_PROMPT_FEATURES if self.sizer is not None and self.sizer.resting else None
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
         self.pending_tokens.append(tokens[tokens.shape[0] - features.shape[0]:])  # those with features

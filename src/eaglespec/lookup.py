@@ -82,11 +82,14 @@ class HybridDrafter(Drafter):
         self.lookup = lookup
         self.max_tree_size = eagle.max_tree_size + lookup.num_tokens
         self.feature_layers = eagle.feature_layers
-        self.prompt_features = eagle.prompt_features
         self.sizer = getattr(eagle, "sizer", None)
         #: [num_tokens] P(the chain's j-th token is right | the tokens before it are)
         self.odds = [CHAIN_PRIOR] * lookup.num_tokens
         self._guess: list[int] = []  # the last proposal's whole chain
+
+    @property
+    def prompt_features(self) -> int | None:
+        return self.eagle.prompt_features
 
     def begin(self) -> None:
         self.eagle.begin()
