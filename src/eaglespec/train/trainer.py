@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict
@@ -259,15 +258,6 @@ def grow_head(head: DraftHead, num_layers: int) -> DraftHead:
     return grown
 
 
-def lr_lambda(cfg: TrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
 def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[dict], out_dir: Path,
                cfg: TrainConfig, extra_card: dict | None = None, init_from: Path | None = None) -> dict:
     """Train (or resume) a head in `out_dir`; write the final head to `out_dir / 'head'`.
@@ -278,6 +268,7 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision, device)
@@ -307,7 +298,10 @@ def train_head(parts: FrozenTargetParts, train_rows: list[dict], val_rows: list[
     vocab_ids = head.draft_token_ids()
     lm_draft = parts.lm_head[vocab_ids]  # [K, H]
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # linear warm-up, then cosine decay to min_lr_ratio * lr at cfg.steps
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        min_lr_rate=cfg.min_lr_ratio)
     head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
     parts.embed, lm_draft = parts.embed.to(accelerator.device), lm_draft.to(accelerator.device)
 
