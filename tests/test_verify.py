@@ -80,9 +80,9 @@ def test_first_token_follows_p_whatever_the_guesses():
     n = 20000
     counts = torch.zeros(vocab)
     for seed in range(n):
-        noise = SampleNoise(seed, vocab)
+        noise = SampleNoise(seed)
         v = verify(tree, logits, params, noise, position=11)
-        assert int(v.tokens[0]) == int(sample_next(logits[0], params, SampleNoise(seed, vocab), position=11))
+        assert int(v.tokens[0]) == int(sample_next(logits[0], params, SampleNoise(seed), position=11))
         counts[v.tokens[0]] += 1
     freq = counts / n
     # 5 standard errors of a binomial proportion
@@ -91,21 +91,26 @@ def test_first_token_follows_p_whatever_the_guesses():
 
 
 def test_noise_depends_on_seed_and_position_alone():
-    a, b = SampleNoise(3, 50), SampleNoise(3, 50)
-    first = a.at(7).clone()
+    a, b = SampleNoise(3), SampleNoise(3)
+    first = a.at(7)
     b.at(9), b.at(2)  # other positions first, in another order
     assert torch.equal(b.at(7), first)
     assert not torch.equal(a.at(8), first)
-    assert not torch.equal(SampleNoise(4, 50).at(7), first)
-    a.forget_before(8)
-    assert torch.equal(a.at(7), first)  # drawn again, the same
-    assert (first > 0).all()
+    assert not torch.equal(SampleNoise(4).at(7), first)
+    draws = SampleNoise(0).span(0, 4000)
+    assert 0 <= float(draws.min()) and float(draws.max()) < 1
+    # uniform: each tenth of [0, 1) holds a tenth of the draws, within 5 standard errors
+    counts = torch.histc(draws, bins=10, min=0, max=1)
+    assert ((counts - 400).abs() <= 5 * (4000 * 0.1 * 0.9) ** 0.5).all(), counts
 
 
-def test_choose_never_picks_a_filtered_token():
+def test_choose_takes_the_token_whose_interval_holds_u_and_never_a_filtered_one():
     p = torch.tensor([0.0, 0.5, 0.0, 0.5])
-    noise = torch.tensor([1e-30, 1.0, torch.finfo(torch.float32).tiny, 2.0])
-    assert int(choose(p, noise)) == 1
+    picks = {u: int(choose(p, torch.tensor(u, dtype=torch.float64))) for u in (0.0, 0.25, 0.5 - 1e-12, 0.5, 0.9,
+                                                                                 1 - 2.0**-53)}
+    assert picks == {0.0: 1, 0.25: 1, 0.5 - 1e-12: 1, 0.5: 3, 0.9: 3, 1 - 2.0**-53: 3}
+    rows = torch.tensor([[0.2, 0.8], [0.9, 0.1]])
+    assert choose(rows, torch.tensor([0.1, 0.95], dtype=torch.float64)).tolist() == [0, 1]  # row by row
 
 
 def test_sampling_verifier_needs_noise():

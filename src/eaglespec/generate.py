@@ -132,7 +132,7 @@ class Generator:
         params = config.sampling
         eos = self._eos_ids(config)
         # the sample at each position depends on (seed, position) alone: any tree gives plain's text
-        noise = None if params.greedy else SampleNoise(config.seed, target.vocab_size, target.device)
+        noise = None if params.greedy else SampleNoise(config.seed, target.device)
         stats = self.last_stats = GenerationStats()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -154,8 +154,6 @@ class Generator:
                 # 2. verify it in one target forward (positions follow the tree depths)
                 positions = target.cache.length + tree.depths
                 res = target.forward(tree.tokens, positions, tree.mask)
-                if noise is not None:
-                    noise.forget_before(target.cache.length + 1)
                 stats.target_forwards += 1
                 stats.tree_sizes.append(tree.tokens.shape[0])
                 # 3. accept the longest agreeing path, plus a bonus token
