@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--gguf", default=None, help="GGUF target (default: the shipped SmolLM2 Q4_1 file)")
     parser.add_argument("--questions", required=True, help="MT-bench-style question.jsonl")
     parser.add_argument("--n", type=int, default=8, help="prompts: every 10th question, first turns")
+    parser.add_argument("--categories", default=None, help="comma-separated categories to take questions from")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--tree", default="4,5,12", help="top_k,depth,nodes of the fixed dynamic tree")
     parser.add_argument("--vocab", nargs="+", default=["shipped"], help="shipped, answers:K or full")
@@ -58,6 +59,8 @@ def main() -> None:
     top_k, depth, nodes = (int(x) for x in args.tree.split(","))
     tree = TreeConfig(kind="dynamic", top_k=top_k, depth=depth, total_tokens=nodes)
     rows = [json.loads(line) for line in open(args.questions)]
+    if args.categories:
+        rows = [r for r in rows if r.get("category") in args.categories.split(",")]
     prompts = [r["turns"][0] for r in rows[::10][: args.n]]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     print(f"{target.gguf.name}, tree {args.tree}, {len(prompts)} prompts x {args.max_new_tokens} tokens")
