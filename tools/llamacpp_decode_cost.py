@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None, help="pad lone tokens to this many rows instead of min_rows")
     parser.add_argument("--prompts", default=None, help="time prefills of these lengths instead of chains")
     parser.add_argument("--feature-layers", default=None, help="features: these layers' inputs (EAGLE-3), e.g. 2,15,27")
+    parser.add_argument("--feature-rows", default=None,
+                        help="with --prompts: the prompt's last positions to return features of, e.g. all,256,0")
     args = parser.parse_args()
 
     import llama_cpp
@@ -51,14 +53,16 @@ def main() -> None:
     if args.feature_layers:
         target.set_feature_layers([int(i) for i in args.feature_layers.split(",")])
     if args.prompts:
+        windows = [None if w == "all" else int(w) for w in (args.feature_rows or "all").split(",")]
         for n in (int(c) for c in args.prompts.split(",")):
             tokens = torch.arange(n) * 7919 % (target.vocab_size - 100) + 100
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                out = target.prefill(tokens)
-                times.append(time.perf_counter() - start)
-            print(f"prompt {n:4d}  {statistics.median(times) * 1e3:8.1f} ms  features {tuple(out.features.shape)}")
+            for rows in windows:
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    out = target.prefill(tokens, feature_rows=rows)
+                    times.append(time.perf_counter() - start)
+                print(f"prompt {n:4d}  {statistics.median(times) * 1e3:8.1f} ms  features {tuple(out.features.shape)}")
         target.close()
         return
     target.prefill(torch.arange(args.context) * 7919 % (target.vocab_size - 100) + 100)
