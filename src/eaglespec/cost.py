@@ -379,7 +379,7 @@ class TreeSizer:
         predicted, self.pending = self.pending, None
         rate = (accepted + 1) / (self.cost(self.pending_nodes) + self.last_draft_s)
         self.spec_rate = rate if self.spec_rate is None else (1 - RATE_EMA) * self.spec_rate + RATE_EMA * rate
-        if self.spec_rate < self.plain_rate:
+        if self.resting:
             self._rest_left, self._rest_next = self._rest_next, min(2 * self._rest_next, MAX_REST)
         else:
             self._rest_next = 1

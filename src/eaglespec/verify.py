@@ -122,9 +122,11 @@ def choose(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     it is distributed as p (to float64 rounding of the sums); a token of p = 0 has an empty
     interval and is never chosen."""
     cum = p.double().cumsum(dim=-1)  # [..., V]
-    x = (u.to(cum) * cum[..., -1]).unsqueeze(-1)  # [..., 1], below the total
-    # u * total rounds to the total itself with odds below 2**-52: the last token then
-    return torch.searchsorted(cum, x, right=True).squeeze(-1).clamp_(max=p.shape[-1] - 1)
+    total = cum[..., -1]
+    # u * total may round up to the total itself (odds below 2**-52): kept just under it, the
+    # draw stays inside the last token of nonzero probability
+    x = torch.minimum(u.to(cum) * total, torch.nextafter(total, torch.zeros_like(total))).unsqueeze(-1)  # [..., 1]
+    return torch.searchsorted(cum, x, right=True).squeeze(-1)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, noise: SampleNoise | None = None,

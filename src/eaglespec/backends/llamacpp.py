@@ -43,6 +43,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -443,8 +445,8 @@ class LlamaCppTarget:
             setter(self._ctx, i, False)
         for i in ids or ():
             setter(self._ctx, i, True)
-        lib.llama_set_embeddings(self._ctx, ids is None and self.config.features)
         self.feature_layers = ids
+        self._sync_embeddings()
 
     def _check_layer_inputs(self, ids: tuple[int, ...]) -> None:
         lib = self._lib
@@ -643,7 +645,7 @@ class LlamaCppTarget:
         positions [q] (length + depth), tree_mask [q, q] bool ancestor-or-self (None: a causal
         chain); last_logits_only: logits [1, V] of the last row. Features of all rows either way
         ([q, F], `_decode`; [q or 1, 0] without features); the last hidden state makes every row
-        an output, so its prompt still computes every row's logits.
+        an output, with its logits (`prefill` spares a prompt's first rows that).
         The nodes stay in the cache until `cache.compact` keeps the accepted ones."""
         from eaglespec.backends.base import TargetOutput
 
@@ -684,6 +686,28 @@ class LlamaCppTarget:
         """Decodes return the last hidden state (llama.cpp's embeddings), so every row is an output."""
         return self.config.features and self.feature_layers is None and not self._hidden_off
 
+    def _sync_embeddings(self) -> None:
+        """llama.cpp computes its embeddings exactly while decodes return the last hidden state."""
+        self._lib.llama_set_embeddings(self._ctx, self._returns_hidden)
+
+    @contextmanager
+    def _without_hidden(self) -> Iterator[None]:
+        """Decodes in this block return no hidden state, so only their flagged rows' LM head runs."""
+        self._hidden_off = True
+        self._sync_embeddings()
+        try:
+            yield
+        finally:
+            self._hidden_off = False
+            self._sync_embeddings()
+
+    def _commit_chain(self, tokens: torch.Tensor) -> TargetOutput:
+        """Decode a causal chain after the committed tokens and commit it: logits of its last token."""
+        out = self.forward(tokens, last_logits_only=True)
+        self.cache.hold_tree(None, [])
+        self.cache.length += tokens.shape[0]
+        return out
+
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, feature_rows: int | None = None) -> TargetOutput:
         """Process a prompt from an empty cache and commit it: logits of the last token ([1, V]),
@@ -697,26 +721,15 @@ class LlamaCppTarget:
         exact mode's premise), and a small model's LM head costs about what the rest of a token's
         forward does: a 300-token SmolLM2 Q4_1 prompt took 1.88 s with every row's and 1.49 s
         without on a Zen 3 (docs/benchmarks.md)."""
-        cache = self.cache
-        cache.reset()
+        self.cache.reset()
         n = tokens.shape[0]
         tail = n
         if feature_rows is not None and self._returns_hidden:
             tail = min(n, max(feature_rows, self.min_rows or 1, 1))
         if tail < n:
-            self._lib.llama_set_embeddings(self._ctx, False)
-            self._hidden_off = True
-            try:
-                self.forward(tokens[: n - tail], last_logits_only=True)
-            finally:
-                self._lib.llama_set_embeddings(self._ctx, True)
-                self._hidden_off = False
-            cache.hold_tree(None, [])
-            cache.length = n - tail
-        out = self.forward(tokens[n - tail:], last_logits_only=True)
-        cache.hold_tree(None, [])
-        cache.length = n
-        return out.last_features(feature_rows)
+            with self._without_hidden():
+                self._commit_chain(tokens[: n - tail])
+        return self._commit_chain(tokens[n - tail:]).last_features(feature_rows)
 
 
 def _ids(value) -> frozenset[int]:
