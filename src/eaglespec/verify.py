@@ -78,7 +78,7 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     above them reaches top_p (the most likely always; transformers' `TopPLogitsWarper` keeps the
     same set). The nucleus is rarely more than a few hundred tokens, so the search ranks the
     NUCLEUS_FIRST most likely and widens only while their mass falls short: sorting Gemma 3's
-    262k-token vocabulary took 30 ms a token on a Zen 3, longer than decoding it."""
+    262k-token vocabulary cost more than decoding a token (docs/design.md, sampling)."""
     vocab = probs.shape[-1]
     k = min(NUCLEUS_FIRST, vocab)
     while True:
@@ -97,8 +97,8 @@ class SampleNoise:
     positions are asked for in, and whatever was sampled before it.
 
     One number a position, not one a token: the Gumbel-max trick this replaced drew V
-    exponential variates a position, 1.2 ms for SmolLM2's 49k tokens and 6 ms for Gemma 3's 262k
-    on a Zen 3, against a decode of 11 and 17 ms."""
+    exponential variates a position, a large share of a small model's decode step
+    (docs/design.md, sampling)."""
 
     def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
         self.seed, self.device = int(seed), torch.device(device)

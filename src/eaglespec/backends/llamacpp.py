@@ -718,8 +718,8 @@ class LlamaCppTarget:
         with embeddings off, which computes no LM head but the last row's, then the last
         max(feature_rows, min_rows) tokens with embeddings on. Each row's keys, values and
         outputs are those of one decode (rows round alike in decodes of min_rows or more, the
-        exact mode's premise), and a small model's LM head costs about what the rest of a token's
-        forward does: a 300-token SmolLM2 Q4_1 prompt took 1.88 s with every row's and 1.49 s
+        exact mode's premise), and a small model's LM head costs a fair share of a token's forward:
+        a 300-token SmolLM2 Q4_1 prompt took 1.92 s with every row's and 1.55 s
         without on a Zen 3 (docs/benchmarks.md)."""
         self.cache.reset()
         n = tokens.shape[0]
