@@ -13,6 +13,8 @@ _EXPORTS = {
     "DraftHead": "eaglespec.draft",
     "Drafter": "eaglespec.drafter",
     "Eagle3Head": "eaglespec.eagle3",
+    "EngineConfig": "eaglespec.engine",
+    "load_engine": "eaglespec.engine",
     "EagleDrafter": "eaglespec.drafter",
     "NoDrafter": "eaglespec.drafter",
     "TreeConfig": "eaglespec.drafter",

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from eaglespec.engine import BACKENDS, DRAFT_WEIGHTS, LOOKUP_TOKENS  # light: no torch
 
 log = logging.getLogger("eaglespec")
-
-#: length of the prompt-lookup chain grafted into EAGLE's tree unless --lookup says otherwise
-#: (the README's bench: the chain recovers what the tree misses on copy-heavy prompts)
-LOOKUP_TOKENS = 8
-
-DRAFT_WEIGHTS = ("auto", "int8", "full")
 
 
 class UsageError(Exception):
@@ -45,9 +40,6 @@ def add_model_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    help="keep stock nn.Linear weights (bf16 on CPU pre-packs them for oneDNN by default)")
     if backend:
         add_backend_args(g)
-
-
-BACKENDS = ("auto", "torch", "llamacpp")
 
 
 def add_backend_args(g) -> None:
@@ -161,91 +153,80 @@ def tree_config(args, device="cpu", dtype=None):
 
     from eaglespec.backends import default_tree
 
-    return default_tree(torch.device(device), dtype or torch.bfloat16, kind=args.tree, top_k=args.top_k_draft,
-                        depth=args.depth, total_tokens=args.total_tokens, min_prob=args.min_draft_prob,
-                        sizing=args.tree_sizing, static_tree=args.static_tree)
+    return default_tree(torch.device(device), dtype or torch.bfloat16, **tree_options(args))
+
+
+def tree_options(args) -> dict:
+    """The tree flags that were given, as `default_tree` keywords (`EngineConfig.tree`)."""
+    given = dict(kind=getattr(args, "tree", None), top_k=getattr(args, "top_k_draft", None),
+                 depth=getattr(args, "depth", None), total_tokens=getattr(args, "total_tokens", None),
+                 min_prob=getattr(args, "min_draft_prob", None), sizing=getattr(args, "tree_sizing", None),
+                 static_tree=getattr(args, "static_tree", None))
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def engine_config(args):
+    """The `EngineConfig` of the model, draft and tree flags (those a subcommand lacks keep their
+    defaults); bad values end in `UsageError`."""
+    from eaglespec.engine import EngineConfig
+
+    if args.max_len < 16:
+        raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
+    try:
+        return EngineConfig(model=args.model, draft=getattr(args, "draft", None) or "default",
+                            speculate=not getattr(args, "no_draft", False), backend=getattr(args, "backend", "torch"),
+                            device=args.device, dtype=args.dtype, threads=getattr(args, "threads", None), max_len=args.max_len,
+                            lookup=getattr(args, "lookup", LOOKUP_TOKENS),
+                            tree=tree_options(args),
+                            draft_weights=getattr(args, "draft_weights", "auto"),
+                            exact=not getattr(args, "llamacpp_fast", False), pack=not args.no_pack)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def chosen_backend(args) -> str:
-    """"torch" or "llamacpp", from --backend (auto: llamacpp for a GGUF model on a CPU when
-    llama-cpp-python is installed)."""
-    from eaglespec.backends.llamacpp import INSTALL_HINT, llamacpp_available
+    """"torch" or "llamacpp", from --backend (`eaglespec.engine.choose_backend`)."""
+    from eaglespec.engine import choose_backend
 
-    backend = getattr(args, "backend", "torch")
-    if backend == "torch":
-        return "torch"
-    gguf = args.model is None or str(args.model).endswith(".gguf")
-    cpu = str(args.device) == "cpu"
-    if backend == "llamacpp":
-        if not llamacpp_available():
-            raise UsageError(f"--backend llamacpp needs llama-cpp-python: {INSTALL_HINT}")
-        if not gguf:
-            raise UsageError(f"--backend llamacpp runs GGUF files; {args.model} is not one (use --backend torch)")
-        if not cpu:
-            raise UsageError(f"--backend llamacpp runs on the CPU, not {args.device} (use --backend torch)")
-        return "llamacpp"
-    return "llamacpp" if gguf and cpu and llamacpp_available() else "torch"
+    try:
+        return choose_backend(args.model, getattr(args, "backend", "torch"), args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def load_target_from(args, dtype: str | None = None, attn_implementation: str | None = None, drafts: bool = True):
-    """The target of the model flags, on the backend --backend picks; `dtype` overrides --dtype
-    (torch backend). drafts False: no draft head exists for this model, so on llama.cpp exactness
-    between speculative and plain decoding is moot and the target runs as llama.cpp itself runs it
-    (f16 cache, no padding rows, no hidden states: `LlamaCppTargetConfig(exact=False, features=False)`)."""
-    if args.max_len < 16:
-        raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
+    """The target of the model flags, on the backend --backend picks (`eaglespec.engine.load_engine_target`);
+    `dtype` overrides --dtype (torch backend). drafts False: no draft head exists for this model, so
+    on llama.cpp the target runs as llama.cpp itself runs it."""
+    from eaglespec.engine import load_engine_target
+
+    config = engine_config(args)
+    chosen_backend(args)  # a backend that cannot run is one line, before anything loads
     quiet_transformers(args)
-    if chosen_backend(args) == "llamacpp":
-        from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
-        from eaglespec.paths import default_gguf_path
-
-        gguf = default_gguf_path() if args.model is None else args.model
-        config = LlamaCppTargetConfig(threads=args.threads, max_len=args.max_len,
-                                      exact=drafts and not args.llamacpp_fast, features=drafts)
-        return LlamaCppTarget(gguf, config)
-    from eaglespec.target import load_target
-
-    return load_target(args.model, dtype=dtype or args.dtype, device=args.device, max_len=args.max_len,
-                       pack=not args.no_pack, attn_implementation=attn_implementation)
+    return load_engine_target(config, drafts=drafts, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def head_path(args):
     """--draft, else the head shipped for the default model (None for another --model)."""
-    from eaglespec.heads import default_head_path
+    from eaglespec.engine import EngineConfig
 
-    return args.draft or (default_head_path() if args.model is None else None)
+    return EngineConfig(model=args.model, draft=args.draft or "default").head_path()
 
 
 def load_engine(args, need_tokenizer: bool = True):
-    """Target + drafter from the common flags."""
-    from eaglespec.backends import draft_setup
-    from eaglespec.generate import Generator
-    from eaglespec.heads import load_drafter
+    """Target + drafter from the common flags (`eaglespec.engine.load_engine`)."""
+    from eaglespec import engine
+    from eaglespec.backends.llamacpp import LlamaCppError
 
     check_lookup(args)
     tree_config(args)  # bad sizes fail before the model loads
-    has_head = head_path(args) is not None  # --no-draft still decodes as the drafting engine would
-    target = load_target_from(args, drafts=has_head)
-    if need_tokenizer and target.tokenizer is None:
-        raise UsageError(f"{args.model}: no tokenizer found")
-    path = None if args.no_draft else head_path(args)
-    if path is None:
-        return Generator(target, None)
-
-    def drafter_on(target):  # EAGLE-1/2 or EAGLE-3
-        tree = tree_config(args, target.device, target.dtype)
-        return load_drafter(path, target, tree, draft_setup(target.device, target.dtype, args.draft_weights),
-                            lookup=args.lookup)
-
-    from eaglespec.backends.llamacpp import LlamaCppError
-
+    config = engine_config(args)
+    chosen_backend(args)
+    quiet_transformers(args)
     try:
-        return Generator(target, drafter_on(target))
-    except LlamaCppError as e:  # this head or this file cannot draft on llama.cpp
-        if getattr(args, "backend", "torch") != "auto":
-            raise UsageError(str(e)) from None
-        print(f"eaglespec: {e.reason}; running the target on PyTorch instead (--backend auto)", file=sys.stderr)
-        getattr(target, "close", lambda: None)()
-        args.backend = "torch"
-        target = load_target_from(args)
-        return Generator(target, drafter_on(target))
+        gen = engine.load_engine(config)
+    except LlamaCppError as e:  # this head or file cannot draft on llama.cpp, and --backend asked for it
+        raise UsageError(str(e)) from None
+    if need_tokenizer and gen.tokenizer is None:
+        raise UsageError(f"{args.model}: no tokenizer found")
+    return gen
