@@ -113,6 +113,36 @@ def test_a_resting_head_asks_for_a_prompts_last_features_alone(setup):
     assert drafter.prompt_features is None
 
 
+def test_a_head_reads_a_window_of_the_prompt_only_where_its_hidden_states_cost_logits(setup, monkeypatch):
+    """On llama.cpp each prompt position a head of the last hidden state reads costs a row of LM
+    head: such a head reads the prompt's last `PROMPT_WINDOW` positions (fewer while resting). A
+    target whose hidden states come free, or a head of layer inputs, reads them all."""
+    from helpers import random_eagle3_head
+
+    from eaglespec.cost import CostCurve, TreeSizer
+    from eaglespec.drafter import PROMPT_WINDOW, RESTING_PROMPT_FEATURES
+
+    target = setup[0]
+    assert EagleDrafter.from_head(random_head(target), target).prompt_features is None
+    monkeypatch.setattr(target, "prompt_hidden_costs_logits", True, raising=False)
+    drafter = EagleDrafter.from_head(random_head(target), target)
+    assert drafter.prompt_window == drafter.prompt_features == PROMPT_WINDOW
+    assert HybridDrafter(drafter, PromptLookupDrafter()).prompt_features == PROMPT_WINDOW
+    deep = tiny_target(layers=6)  # EAGLE-3 reads three of >= 6 layers
+    monkeypatch.setattr(deep, "prompt_hidden_costs_logits", True, raising=False)
+    eagle3 = EagleDrafter.from_head(random_eagle3_head(deep), deep)
+    assert eagle3.feature_layers is not None and eagle3.prompt_features is None
+
+    sizer = TreeSizer(CostCurve((1, 2, 4), (0.010, 0.012, 0.020)), max_nodes=8)
+    tree = TreeConfig(kind="dynamic", sizing="cost", total_tokens=9)
+    resting = EagleDrafter(drafter.runner, tree, sizer=sizer, prompt_window=PROMPT_WINDOW)
+    sizer.spec_rate = 0.5 * sizer.plain_rate
+    assert resting.prompt_features == RESTING_PROMPT_FEATURES
+    assert EagleDrafter(drafter.runner, tree, sizer=sizer, prompt_window=8).prompt_features == 8
+    with pytest.raises(ValueError, match="prompt_window"):
+        EagleDrafter(drafter.runner, tree, sizer=sizer, prompt_window=0)
+
+
 @pytest.mark.parametrize("exact_rows", [None, 3])
 def test_sliding_window_layers_keep_their_window_in_trees(exact_rows):
     """Gemma 3 style: a layer that sees only the last 4 positions. A tree forward must give each

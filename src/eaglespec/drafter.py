@@ -27,8 +27,13 @@ from eaglespec.head_runner import HeadRunner, head_runner
 from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan
 
 #: the prompt positions a head reads while its drafts have been paying less than plain decoding
-#: (its first draft after a rest then sees the prompt's end); all of them otherwise
+#: (its first draft after a rest then sees the prompt's end)
 RESTING_PROMPT_FEATURES = 32
+#: the most prompt positions a head of the last hidden state reads where each costs the target a
+#: row of LM head (`TargetModel.prompt_hidden_costs_logits`, llama.cpp): on the default model and
+#: Q4_1 file, a 750-token prompt took 5.01 s instead of 5.89, for a tau of 1.750 instead of 1.774
+#: on Spec-Bench's long prompts (docs/benchmarks.md); elsewhere a head reads them all
+PROMPT_WINDOW = 256
 
 if TYPE_CHECKING:
     from eaglespec.backends import DraftSetup
@@ -116,18 +121,22 @@ class EagleDrafter(Drafter):
     """Drafts with a head runner over the target's features, as a static or dynamic tree."""
 
     def __init__(self, runner: HeadRunner, tree: TreeConfig = TreeConfig(), stop_early: bool | None = None,
-                 sizer: TreeSizer | None = None) -> None:
+                 sizer: TreeSizer | None = None, prompt_window: int | None = None) -> None:
         """stop_early (dynamic trees): stop drafting deeper once deeper nodes cannot make the tree
         (the same tree, fewer head runs), for a host sync per depth; None: where a sync is cheap
         (`backends.cheap_host_sync`: on a CPU). sizer: the node budget of each step of a dynamic
         tree (needed for `tree.sizing == "cost"`; `from_head` builds it from the target's cost
-        curve), at most `tree.total_tokens - 1` nodes."""
+        curve), at most `tree.total_tokens - 1` nodes. prompt_window: the most prompt positions
+        the head reads (None: all; `from_head` sets `PROMPT_WINDOW` where they cost the target)."""
+        if prompt_window is not None and prompt_window < 1:
+            raise ValueError(f"prompt_window must be >= 1 or None, got {prompt_window}")
         if tree.kind == "dynamic" and tree.sizing == "cost" and sizer is None:
             raise ValueError("a cost-sized tree needs a TreeSizer (EagleDrafter.from_head measures the target)")
         self.runner = runner
         self.tree_config = tree
         self.sizer = sizer if tree.kind == "dynamic" else None
         self.feature_layers = runner.feature_layers
+        self.prompt_window = prompt_window
         device = runner.vocab_ids.device
         self.plan = static_plan(tree.paths()).to(device) if tree.kind == "static" else None
         self.max_tree_size = self.plan.size if self.plan is not None else tree.total_tokens
@@ -145,7 +154,9 @@ class EagleDrafter(Drafter):
         (`backends.draft_setup` picks for the hardware; None: float32, weights as loaded). The
         target must return the features the head reads: `target.set_feature_layers(drafter.feature_layers)`
         (`eaglespec.heads.load_drafter` does it all from a head folder)."""
-        return cls(head_runner(head, target, setup), tree, sizer=tree_sizer(target, tree))
+        runner = head_runner(head, target, setup)
+        costly = runner.feature_layers is None and getattr(target, "prompt_hidden_costs_logits", False)
+        return cls(runner, tree, sizer=tree_sizer(target, tree), prompt_window=PROMPT_WINDOW if costly else None)
 
     def begin(self) -> None:
         self.runner.reset()
@@ -157,9 +168,12 @@ class EagleDrafter(Drafter):
 
     @property
     def prompt_features(self) -> int | None:
-        """All of a prompt's features, unless the sizer has been resting: then the last few, and
-        a llama.cpp target spares the LM head of the others (docs/design.md, "llama.cpp backend")."""
-        return RESTING_PROMPT_FEATURES if self.sizer is not None and self.sizer.resting else None
+        """The last `prompt_window` of a prompt's features (None: all), or while the sizer has been
+        resting the last few: a llama.cpp target spares the LM head of the others (docs/design.md,
+        "llama.cpp backend")."""
+        if self.sizer is not None and self.sizer.resting:
+            return RESTING_PROMPT_FEATURES if self.prompt_window is None else min(RESTING_PROMPT_FEATURES, self.prompt_window)
+        return self.prompt_window
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
         self.pending_tokens.append(tokens[tokens.shape[0] - features.shape[0]:])  # those with features

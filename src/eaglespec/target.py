@@ -174,6 +174,8 @@ class Target:
     (pre-packed weights on a CPU) is the explicit step `eaglespec.backends.optimize_target`, which
     `load_target` takes by default."""
 
+    prompt_hidden_costs_logits = False  # a prompt's hidden states come with its forward
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, max_len: int = 2048) -> None:
         config = model.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):

@@ -70,6 +70,10 @@ class TargetModel(Protocol):
     tokenizer: PreTrainedTokenizerBase | None
     max_len: int
     cache: TargetCache
+    #: whether each prompt position whose last hidden state `prefill` returns costs a row of LM
+    #: head (llama.cpp computes logits wherever it returns a hidden state); False: they come free
+    #: with the forward (a transformers model), and drafters read them all
+    prompt_hidden_costs_logits: bool
 
     @property
     def device(self) -> torch.device: ...

@@ -336,6 +336,10 @@ class LlamaCppTarget:
     Implements `eaglespec.backends.base.TargetModel`. Features are the last hidden state (EAGLE-1/2
     heads) or, after `set_feature_layers`, the inputs of decoder layers (EAGLE-3 heads)."""
 
+    #: llama.cpp returns a position's last hidden state only with its logits (layer inputs come
+    #: without them: `set_feature_layers`)
+    prompt_hidden_costs_logits = True
+
     def __init__(self, gguf: str | Path, config: LlamaCppTargetConfig = LlamaCppTargetConfig(), folder: str | Path | None = None) -> None:
         """gguf: the model file; folder: its dequantized transformers folder, for the tokenizer,
         config, embedding and LM head (None: `convert_gguf(gguf)`, converted once and cached)."""
