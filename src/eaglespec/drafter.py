@@ -201,13 +201,20 @@ class EagleDrafter(Drafter):
         than it is, so the sizer rested more, and so on."""
         keep = 1 if self._fresh else self.pending_tokens[-1].shape[0]
         self._fresh = False
-        tokens, features = torch.cat(self.pending_tokens), torch.cat(self.pending_features)  # [k], [k, F]
+        tokens, features = self._pending()
         if tokens.shape[0] > keep:
             self.runner.commit(tokens[:-keep], features[:-keep])
-            self.pending_tokens[:], self.pending_features[:] = [tokens[-keep:]], [features[-keep:]]
+            tokens, features = tokens[-keep:], features[-keep:]
+        self.pending_tokens[:], self.pending_features[:] = [tokens], [features]
+
+    def _pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pending tokens [k] and features [k, F] as one tensor each (no copy when they are one)."""
+        if len(self.pending_tokens) == 1:
+            return self.pending_tokens[0], self.pending_features[0]
+        return torch.cat(self.pending_tokens), torch.cat(self.pending_features)
 
     def _propose(self, root: torch.Tensor) -> DraftTree:
-        tokens, features = torch.cat(self.pending_tokens), torch.cat(self.pending_features)  # [k], [k, F]
+        tokens, features = self._pending()
         self.pending_tokens.clear()
         self.pending_features.clear()
         h_root = self.runner.commit(tokens, features)  # [D] the head's output after the root
