@@ -178,7 +178,8 @@ def engine_config(args):
                             device=args.device, dtype=args.dtype, threads=getattr(args, "threads", None), max_len=args.max_len,
                             lookup=getattr(args, "lookup", LOOKUP_TOKENS),
                             tree=tree_options(args),
-                            draft_weights=getattr(args, "draft_weights", "auto"),
+                            draft_weights=weights if isinstance(weights := getattr(args, "draft_weights", "auto"), str)
+                            else "auto",  # bench profile takes several, in turn: its own loop
                             exact=not getattr(args, "llamacpp_fast", False), pack=not args.no_pack)
     except ValueError as e:
         raise UsageError(str(e)) from None
