@@ -41,8 +41,18 @@ def test_quick_bench_on_a_tiny_model(tiny_model_dir, bench_files, capsys):
     tree = [r for r in runs if r["method"] == "eagle-dynamic"]
     assert all(len(r["tree_sizes"]) == r["target_forwards"] - 1 for r in tree)  # one per step after the prefill
     assert summary["eagle-dynamic"]["tree_nodes"] == 6.0  # a fixed size: the random head's guesses pay nowhere
+    # time to the first token: the engine's methods say it, transformers' generate() does not
+    for r in runs:
+        if r["method"].startswith("hf-"):
+            assert r["first_token_s"] is None
+        else:
+            assert 0 < r["first_token_s"] < r["seconds"]
+    assert summary["hf-generate"]["first_token_s"] is None and summary["hf-generate"]["decode_tokens_per_s"] is None
+    plain = [r for r in runs if r["method"] == "plain" and r["new_tokens"] > 1]
+    after = sum(r["new_tokens"] - 1 for r in plain) / sum(r["seconds"] - r["first_token_s"] for r in plain)
+    assert summary["plain"]["decode_tokens_per_s"] == pytest.approx(after, rel=1e-3)
     md = (out / "results.md").read_text()
-    assert "| overall | eagle-dynamic |" in md and "| math |" in md
+    assert "| overall | eagle-dynamic |" in md and "| math |" in md and "| first token (s) |" in md
     for png in ("speedup.png", "accept_lengths.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -22,8 +22,9 @@ def test_generate_json_plain_and_speculative_agree(capsys, tiny_model_dir, tmp_p
     assert code == 0
     plain = json.loads(out)
     assert set(plain) == {"text", "new_tokens", "target_forwards", "mean_accept_len", "mean_tree_size",
-                          "tokens_per_s", "elapsed_s"}
+                          "tokens_per_s", "elapsed_s", "first_token_s"}
     assert plain["mean_accept_len"] == 1.0 and plain["target_forwards"] == plain["new_tokens"]
+    assert 0 < plain["first_token_s"] <= plain["elapsed_s"]
     assert plain["mean_tree_size"] == 1.0  # the root alone at every step
 
     random_head(load_target(str(tiny_model_dir))).save_pretrained(tmp_path / "head")

@@ -112,6 +112,11 @@ def test_bench_against_a_fake_server(tiny_model_dir, questions, tmp_path):
         assert r["new_tokens"] == 8 and r["seconds"] == pytest.approx((2.0 + 4.0 * 8) / 1000)
         assert r["extra"]["draft_n"] == 16 and r["extra"]["draft_n_accepted"] == 4
         assert r["target_forwards"] == 8 - 4 and r["extra"]["server_decode_tok_s"] == 250.0
+        assert r["first_token_s"] == pytest.approx(2.0 / 1000)  # the prompt's time: the first token's
+    # the prompt and the rest apart: 2 ms to the first token, then 7 tokens in 32 ms
+    other = res["summary"]["overall"]["llamacpp-ngram"]
+    assert other["first_token_s"] == pytest.approx(0.002, abs=1e-3)
+    assert other["decode_tokens_per_s"] == pytest.approx(7 / 0.032, rel=1e-3)
     # every request: our chat-templated prompt ids, fresh prefill, greedy, the same budget
     tok = load_target(str(tiny_model_dir), dtype="float32").tokenizer
     first = tok.apply_chat_template([{"role": "user", "content": "w0 w1"}], add_generation_prompt=True, tokenize=True)

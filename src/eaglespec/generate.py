@@ -53,6 +53,7 @@ class GenerationStats:
     new_tokens: int = 0
     target_forwards: int = 0
     elapsed_s: float = 0.0
+    first_token_s: float | None = None  # from the call to the first token: the prompt and one sample
     accept_lengths: list[int] = field(default_factory=list)  # tokens added per decode-step forward
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per decode-step forward, root included
 
@@ -72,7 +73,8 @@ class GenerationStats:
         return dict(new_tokens=self.new_tokens, target_forwards=self.target_forwards,
                     mean_accept_len=round(self.mean_accept_len, 4), mean_tree_size=round(self.mean_tree_size, 3),
                     tokens_per_s=round(self.tokens_per_s, 3),
-                    elapsed_s=round(self.elapsed_s, 4))
+                    elapsed_s=round(self.elapsed_s, 4),
+                    first_token_s=None if self.first_token_s is None else round(self.first_token_s, 4))
 
 
 @dataclass
@@ -142,6 +144,7 @@ class Generator:
             drafter.observe(torch.cat([input_ids[1:], root]), out.features)
             stats.target_forwards = 1
             chunk = [int(root)]  # host sync: the token is emitted
+            stats.first_token_s = time.perf_counter() - start
             while True:
                 chunk = self._clip(chunk, eos, config.max_new_tokens - stats.new_tokens)
                 stats.new_tokens += len(chunk)

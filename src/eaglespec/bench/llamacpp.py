@@ -236,7 +236,9 @@ def answer_from_response(res: dict, wall_s: float) -> Answer:
         extra.update(draft_n=int(t["draft_n"]), draft_n_accepted=accepted)
     # forwards: the prompt's gives the first token; each later one gives 1 + its accepted drafts
     forwards = max(1, n - (accepted or 0)) if n else 0
-    return Answer(tokens, seconds, forwards, [], extra=extra)
+    # the first token is sampled from the prompt's logits: the prompt's time is the time to it
+    first = float(t["prompt_ms"]) / 1000.0 if t.get("prompt_ms") is not None else None
+    return Answer(tokens, seconds, forwards, [], extra=extra, first_token_s=first)
 
 
 def llamacpp_runner(server: LlamaServer) -> Runner:

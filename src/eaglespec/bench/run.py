@@ -54,6 +54,7 @@ class RunRecord:
     text: str
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per decode step (engine methods)
     extra: dict = field(default_factory=dict)  # what a method reports beyond these (bench/llamacpp.py)
+    first_token_s: float | None = None  # the prompt and the first token (None: the method does not say)
 
 
 # -- prompt sets ---------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ class Answer:
     accept_lengths: list[int]
     tree_sizes: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    first_token_s: float | None = None  # seconds to the first token: the prompt's share of `seconds`
 
 
 Runner = Callable[[torch.Tensor, GenerationConfig], Answer]
@@ -139,7 +141,8 @@ def engine_runner(gen: Generator) -> Runner:
         gen.target.set_feature_layers(gen.drafter.feature_layers)
         tokens = [t for chunk in gen.generate_ids(ids, cfg) for t in chunk]
         s = gen.last_stats
-        return Answer(tokens, s.elapsed_s, s.target_forwards, list(s.accept_lengths), list(s.tree_sizes))
+        return Answer(tokens, s.elapsed_s, s.target_forwards, list(s.accept_lengths), list(s.tree_sizes),
+                      first_token_s=s.first_token_s)
     return run
 
 
@@ -293,7 +296,8 @@ def run_bench(target: TargetModel, runners: dict[str, Runner], questions: list[Q
                 yield RunRecord(q.question_id, q.category, turn, method, n, round(ans.seconds, 5), ans.forwards,
                                 round(n / ans.forwards, 4) if ans.forwards else 0.0,
                                 round(n / ans.seconds, 4) if ans.seconds else 0.0, ans.accept_lengths, equal,
-                                history[method][-1]["content"], ans.tree_sizes, ans.extra)
+                                history[method][-1]["content"], ans.tree_sizes, ans.extra,
+                                None if ans.first_token_s is None else round(ans.first_token_s, 5))
 
 
 def summarize(records: list[dict]) -> dict:
@@ -323,6 +327,8 @@ def summarize(records: list[dict]) -> dict:
             seconds = sum(r["seconds"] for r in mine)
             eq = [r["equal_to_baseline"] for r in mine if r["equal_to_baseline"] is not None]
             sizes = [n for r in mine for n in r.get("tree_sizes", [])]
+            timed = [r for r in mine if r.get("first_token_s") is not None and r["new_tokens"] > 1]
+            after_first = sum(r["seconds"] - r["first_token_s"] for r in timed)
             table[c][m] = {
                 "runs": len(mine),
                 "tokens_per_s": round(sum(r["new_tokens"] for r in mine) / seconds, 3) if seconds else 0.0,
@@ -330,6 +336,10 @@ def summarize(records: list[dict]) -> dict:
                 "tau": round(sum(r["new_tokens"] for r in mine) / max(1, sum(r["target_forwards"] for r in mine)), 3),
                 "equal_rate": round(sum(eq) / len(eq), 3) if eq else None,
                 "tree_nodes": round(sum(sizes) / len(sizes), 2) if sizes else None,  # verified per step
+                # the prompt and the rest apart: mean seconds to the first token, and tokens/s after it
+                "first_token_s": round(sum(r["first_token_s"] for r in timed) / len(timed), 3) if timed else None,
+                "decode_tokens_per_s": (round(sum(r["new_tokens"] - 1 for r in timed) / after_first, 3)
+                                        if timed and after_first > 0 else None),
             }
     return table
 
@@ -362,14 +372,17 @@ def head_pairs_markdown(pairs: list[dict]) -> str:
 
 
 def markdown(table: dict, header: str) -> str:
-    lines = [header, "", "| category | method | tokens/s | speedup | tau | nodes verified per step | equal to plain |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| category | method | tokens/s | speedup | tau | nodes verified per step | equal to plain "
+             "| first token (s) | tokens/s after it |", "|---|---|---|---|---|---|---|---|---|"]
     for c, per in table.items():
         for m, s in per.items():
             eq = "n/a" if s["equal_rate"] is None else f"{s['equal_rate']:.0%}"
             sp = "n/a" if s["speedup"] is None else f"{s['speedup']:.2f}x"
             nodes = "n/a" if s.get("tree_nodes") is None else f"{s['tree_nodes']:.1f}"
-            lines.append(f"| {c} | {m} | {s['tokens_per_s']:.2f} | {sp} | {s['tau']:.2f} | {nodes} | {eq} |")
+            first = "n/a" if s.get("first_token_s") is None else f"{s['first_token_s']:.3f}"
+            after = "n/a" if s.get("decode_tokens_per_s") is None else f"{s['decode_tokens_per_s']:.2f}"
+            lines.append(f"| {c} | {m} | {s['tokens_per_s']:.2f} | {sp} | {s['tau']:.2f} | {nodes} | {eq} "
+                         f"| {first} | {after} |")
     return "\n".join(lines) + "\n"
 
 
