@@ -56,7 +56,7 @@ def profile(name: str, kind: str, fn, *args, rows: int, shapes: bool = False) ->
         fn(*args)
     events = prof.key_averages(group_by_input_shape=shapes)
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"| operator | input shapes | calls | self ms | share |\n|---|---|---|---|---|")
+    print("| operator | input shapes | calls | self ms | share |\n|---|---|---|---|---|")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
         dims = str(e.input_shapes)[:70] if shapes else ""
         print(f"| {e.key} | {dims} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | {e.self_cpu_time_total / total:.1%} |")

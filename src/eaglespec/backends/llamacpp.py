@@ -438,7 +438,6 @@ class LlamaCppTarget:
         """Features from here on: the inputs of these decoder layers side by side ([q, len * H], an
         EAGLE-3 head's), or None: the last hidden state ([q, H]). With layer inputs llama.cpp
         returns no hidden state, so a prompt's LM head runs for its last token alone."""
-        lib = self._lib
         ids = None if layer_ids is None else tuple(int(i) for i in layer_ids)
         if ids == self.feature_layers:
             return

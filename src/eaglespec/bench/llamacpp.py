@@ -44,6 +44,8 @@ from eaglespec.bench.methods import BenchError
 if TYPE_CHECKING:  # the command line imports this module for its flags: no torch at parse time
     import torch
 
+    from eaglespec.bench.run import Answer
+
     from eaglespec.bench.run import Runner
     from eaglespec.generate import GenerationConfig
 

@@ -172,14 +172,15 @@ def engine_config(args):
 
     if args.max_len < 16:
         raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
+    weights = getattr(args, "draft_weights", "auto")
+    if not isinstance(weights, str):  # bench profile takes several layouts and loops over them itself
+        weights = "auto"
     try:
         return EngineConfig(model=args.model, draft=getattr(args, "draft", None) or "default",
                             speculate=not getattr(args, "no_draft", False), backend=getattr(args, "backend", "torch"),
-                            device=args.device, dtype=args.dtype, threads=getattr(args, "threads", None), max_len=args.max_len,
-                            lookup=getattr(args, "lookup", LOOKUP_TOKENS),
-                            tree=tree_options(args),
-                            draft_weights=weights if isinstance(weights := getattr(args, "draft_weights", "auto"), str)
-                            else "auto",  # bench profile takes several, in turn: its own loop
+                            device=args.device, dtype=args.dtype, threads=getattr(args, "threads", None),
+                            max_len=args.max_len, lookup=getattr(args, "lookup", LOOKUP_TOKENS), tree=tree_options(args),
+                            draft_weights=weights,
                             exact=not getattr(args, "llamacpp_fast", False), pack=not args.no_pack)
     except ValueError as e:
         raise UsageError(str(e)) from None
