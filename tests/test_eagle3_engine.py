@@ -204,12 +204,15 @@ def test_a_target_left_on_its_last_hidden_state_is_refused(setup):
 
 @pytest.fixture(scope="module")
 def sampling_setup():
-    """test_lossless's sampling target (12 tokens), 8 layers deep for EAGLE-3, with a nudged head."""
+    """test_lossless's sampling target (12 tokens), 8 layers deep for EAGLE-3, with a nudged head
+    (100 steps: drafts still merge in over a tenth of the draws, as `draw` requires)."""
     target = tiny_target("llama", layers=LAYERS, logit_scale=12.0, vocab=VOCAB, seed=3)
-    return target, nudged_eagle3_head(target), torch.tensor([2, 7, 4, 9])
+    return target, nudged_eagle3_head(target, steps=100), torch.tensor([2, 7, 4, 9])
 
 
-@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.9)], ids=["t1", "t0.7-p0.9"])
+# test_lossless runs the verifier at each temperature and filter over EAGLE-2 trees; here an
+# EAGLE-3 drafter's trees under the case with the most to get wrong (temperature and top-p)
+@pytest.mark.parametrize("params", [SamplingParams(0.7, top_p=0.9)], ids=["t0.7-p0.9"])
 def test_sampling_matches_target_distribution(sampling_setup, params):
     target, head, prompt = sampling_setup
     joint = exact_joint(target, prompt, params)
