@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ def main() -> None:
 
     from eaglespec.backends import draft_setup
     from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
+    from eaglespec.bench.run import load_questions, select
     from eaglespec.drafter import EagleDrafter, TreeConfig
     from eaglespec.generate import GenerationConfig, Generator
     from eaglespec.heads import default_head_path, load_head
@@ -58,10 +58,8 @@ def main() -> None:
     target = LlamaCppTarget(args.gguf or default_gguf_path(), LlamaCppTargetConfig(threads=args.threads))
     top_k, depth, nodes = (int(x) for x in args.tree.split(","))
     tree = TreeConfig(kind="dynamic", top_k=top_k, depth=depth, total_tokens=nodes)
-    rows = [json.loads(line) for line in open(args.questions)]
-    if args.categories:
-        rows = [r for r in rows if r.get("category") in args.categories.split(",")]
-    prompts = [r["turns"][0] for r in rows[::10][: args.n]]
+    rows = select(load_questions(args.questions), args.categories.split(",") if args.categories else None, None)
+    prompts = [q.turns[0] for q in rows[::10][: args.n]]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     print(f"{target.gguf.name}, tree {args.tree}, {len(prompts)} prompts x {args.max_new_tokens} tokens")
     counts = answer_counts(target.vocab_size)

@@ -13,7 +13,6 @@ Keep other jobs off the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -31,6 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
+    from eaglespec.bench.run import load_questions
     from eaglespec.generate import GenerationConfig, Generator
     from eaglespec.paths import default_gguf_path
 
@@ -40,8 +40,8 @@ def main() -> None:
                             LlamaCppTargetConfig(threads=args.threads, exact=False, features=False))
     gen = Generator(target)
     if args.questions:
-        rows = [json.loads(line) for line in open(args.questions)]
-        prompts = [r["turns"][0] for r in rows[:: max(1, len(rows) // (2 * args.n))][: args.n]]
+        rows = load_questions(args.questions)
+        prompts = [q.turns[0] for q in rows[:: max(1, len(rows) // (2 * args.n))][: args.n]]
     else:
         prompts = ["Write a short story about a lighthouse keeper.", "Explain how vaccines work.",
                    "Give three tips for learning a language.", "Describe the water cycle."][: args.n]

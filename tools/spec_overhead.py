@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import time
 
@@ -35,6 +34,7 @@ def main() -> None:
 
     from eaglespec.backends import default_tree, draft_setup
     from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
+    from eaglespec.bench.run import load_questions
     from eaglespec.generate import GenerationConfig, Generator
     from eaglespec.heads import default_head_path, load_drafter
     from eaglespec.paths import default_gguf_path
@@ -45,8 +45,8 @@ def main() -> None:
                            draft_setup("cpu", torch.float32), lookup=args.lookup)
     plain, spec = Generator(target), Generator(target, drafter)
     if args.questions:
-        rows = [json.loads(line) for line in open(args.questions)]
-        prompts = [r["turns"][0] for r in rows[:: max(1, len(rows) // args.n)][: args.n]]
+        rows = load_questions(args.questions)
+        prompts = [q.turns[0] for q in rows[:: max(1, len(rows) // args.n)][: args.n]]
     else:
         prompts = ["Write a short story about a lighthouse keeper.", "Explain how vaccines work.",
                    "Give three tips for learning a language.", "Describe the water cycle."][: args.n]
