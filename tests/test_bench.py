@@ -124,6 +124,24 @@ def test_compare_draft_runs_other_heads_in_the_same_loop(tiny_model_dir, bench_f
     assert "nope: not found" in capsys.readouterr().err
 
 
+def test_several_draft_weights_run_side_by_side(tiny_model_dir, bench_files, capsys):
+    out = bench_files / "weights"
+    base = ["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "head"),
+            "--questions", str(bench_files / "q.jsonl"), "--max-new-tokens", "12", "--limit", "1", "--turns", "1",
+            "--dtype", "float32", "--out", str(out)]
+    assert main(base + ["--methods", "plain,eagle-dynamic", "--draft-weights", "full", "int8"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["summary"]["overall"]) == {"plain", "eagle-dynamic", "eagle-dynamic@int8"}
+    assert all(r["equal_to_baseline"] for r in res["runs"])  # int8 drafts propose otherwise, accept the same
+    (pair,) = res["head_pairs"]
+    assert (pair["method"], pair["compared"]) == ("eagle-dynamic", "eagle-dynamic@int8")
+    capsys.readouterr()
+    assert main(base + ["--methods", "plain", "--draft-weights", "full", "int8"]) == 2
+    assert "need an eagle method" in capsys.readouterr().err
+    assert main(base + ["--methods", "plain,eagle-dynamic", "--draft-weights", "int8", "int8"]) == 2
+    assert "names a layout twice" in capsys.readouterr().err
+
+
 def test_method_order_rotates_and_speedup_pairs_the_same_turns(tiny_model_dir, bench_files):
     out = bench_files / "rot"
     base = ["bench", "--model", str(tiny_model_dir), "--draft", str(bench_files / "head"),

@@ -7,7 +7,8 @@ from torch import nn
 
 from eaglespec.attention import register
 from eaglespec.backends import draft_setup, optimize_target
-from eaglespec.backends.cpu.quant import Int8Linear, int8_kernel_available, quantize_linears, quantize_weight
+from eaglespec.backends.cpu.quant import (Int8Linear, dynamic_int8_available, int8_kernel_available, quantize_linears,
+                                          quantize_weight)
 from eaglespec.drafter import EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.head_runner import EagleHeadRunner
@@ -41,7 +42,11 @@ def test_int8_linear_is_close_to_the_linear_on_both_paths(dtype, bias):
         q.fused = False  # the dequantizing fallback (non-CPU devices, torch without the kernel)
         slow = q(x)
     assert fused == int8_kernel_available(torch.device("cpu"))
-    assert (slow.float() - got.float()).norm() / want.norm() < 0.01
+    # fp32 activations take fbgemm's dynamic kernel where this torch has it, which rounds them too
+    assert (q.dynamic is not None) == (dtype == torch.float32 and dynamic_int8_available())
+    assert (slow.float() - want).norm() / want.norm() < 0.01  # the weights' rounding alone
+    if q.dynamic is None:
+        assert (slow.float() - got.float()).norm() / want.norm() < 0.01
 
 
 def test_quantize_linears_swaps_every_linear_once():
@@ -91,8 +96,8 @@ def test_int8_draft_is_lossless_and_proposes_nearly_what_the_full_draft_does(dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_weights_pick_int8_only_for_bf16_drafts_on_avx512_cpus_and_bad_values_are_refused(
         monkeypatch, capability, dtype):
-    """On an AVX2 EPYC the int8 kernel drafted 5x slower than fp32 packed weights; on a Zen 4 EPYC
-    (AVX-512) with fp32 activations 6.7x slower, with bf16 ones faster."""
+    """bf16 drafts on AVX-512 draft faster with int8 weights; fp32 drafts gained no speed from
+    them on an AVX2 EPYC and proposed worse (quant.int8_pays)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     target = tiny_target("llama")
     head = oracle_head(tiny_target("llama", copyable=True))

@@ -5,7 +5,7 @@ AVX2 CPU) the drafter rests most steps, and this shows what resting and the prob
 still cost.
 
     PYTHONPATH=src python tools/spec_overhead.py --questions ../shared/data/mt_bench/question.jsonl
-    PYTHONPATH=src python tools/spec_overhead.py --gguf F32.gguf --lookup 8
+    PYTHONPATH=src python tools/spec_overhead.py --gguf F32.gguf --lookup 8 --draft-weights int8
 
 Prints the seconds of each and their ratio, the sizer's state (steps rested, the rates it
 learnt, the draft times) and the profile. Keep other jobs off the machine.
@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--lookup", type=int, default=0, help="lookup chain length (8: the generate default)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--draft-weights", choices=("auto", "int8", "full"), default="auto",
+                        help="the head's weight layout (eaglespec.backends.draft_setup)")
     parser.add_argument("--top", type=int, default=15, help="profile lines to print")
     args = parser.parse_args()
 
@@ -42,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     target = LlamaCppTarget(args.gguf or default_gguf_path(), LlamaCppTargetConfig(threads=args.threads))
     drafter = load_drafter(default_head_path(), target, default_tree("cpu", torch.float32),
-                           draft_setup("cpu", torch.float32), lookup=args.lookup)
+                           draft_setup("cpu", torch.float32, args.draft_weights), lookup=args.lookup)
     plain, spec = Generator(target), Generator(target, drafter)
     if args.questions:
         rows = load_questions(args.questions)
@@ -57,6 +59,9 @@ def main() -> None:
         spec.generate(i, cfg)
     profile = cProfile.Profile()
     plain_s = spec_s = 0.0
+    forwards = new = 0
+    sizer = getattr(drafter, "sizer", None)
+    rested = sizer.rested if sizer is not None else 0  # the warm-up's rests are not counted
     for i in ids:  # alternating, so load elsewhere hits both alike
         start = time.perf_counter()
         plain.generate(i, cfg)
@@ -66,12 +71,14 @@ def main() -> None:
         spec.generate(i, cfg)
         spec_s += time.perf_counter() - start
         profile.disable()
+        forwards += spec.last_stats.target_forwards
+        new += spec.last_stats.new_tokens
     print(f"{len(ids)} prompts x {args.max_new_tokens} tokens: plain {plain_s:.3f} s, speculative {spec_s:.3f} s, "
-          f"speculative/plain speed {plain_s / spec_s:.3f}x")
-    sizer = getattr(drafter, "sizer", None)
+          f"speculative/plain speed {plain_s / spec_s:.3f}x (the speculative runs under cProfile); "
+          f"tau {new / forwards:.2f} over {forwards} target forwards")
     if sizer is not None:
-        print(f"sizer: {sizer.rested} steps rested; rates (tokens/s) drafted {sizer.spec_rate or 0:.1f}, plain "
-              f"{sizer.plain_rate:.1f}; draft base {1000 * (sizer.base_s or 0):.2f} ms, per depth "
+        print(f"sizer: {sizer.rested - rested} of those steps rested (the EAGLE tree was the root alone); "
+              f"rates (tokens/s) drafted {sizer.spec_rate or 0:.1f}, plain {sizer.plain_rate:.1f}; draft base {1000 * (sizer.base_s or 0):.2f} ms, per depth "
               f"{1000 * (sizer.depth_s or 0):.2f} ms; calibration {sizer.scale:.2f}")
     pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
 

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
                         "(NAME: the head's folder, or its parent's when the folder is called 'head'), so heads "
                         "are compared side by side rather than across noisy runs")
     add_model_args(p)
-    add_draft_args(p)
+    add_draft_args(p, several_weights=True)
     llamacpp.add_llamacpp_args(p)
     p.set_defaults(func=run)
     register_profile(p.add_subparsers(dest="bench_command", metavar="{profile}"))
@@ -144,6 +144,10 @@ def run(args) -> int:
     extra_heads = compared_heads(args.compare_draft)
     if extra_heads and not trees and not any(m.startswith("eagle") for m in methods):
         raise BenchError("--compare-draft needs an eagle method in --methods, or --trees")
+    if len(args.draft_weights) != len(set(args.draft_weights)):
+        raise BenchError(f"--draft-weights names a layout twice: {' '.join(args.draft_weights)}")
+    if len(args.draft_weights) > 1 and not trees and not any(m.startswith("eagle") for m in methods):
+        raise BenchError("several --draft-weights need an eagle method in --methods, or --trees")
     import torch
 
     llama_cfg = llamacpp.config_from_args(args, llama_methods, torch.get_num_threads(),
@@ -158,15 +162,20 @@ def run(args) -> int:
     # transformers' generate() runs a model of its own, stock: no packed weights, sdpa attention
     stock = (load_model(args.model, dtype=target.dtype, device=args.device, attn_implementation="sdpa")[0]
              if any(m.startswith("hf-") for m in methods) else None)
-    runners = build_runners(target, methods, head, tree, lookup=args.lookup, draft_weights=args.draft_weights,
-                            stock_model=stock)
+    weights, *more_weights = args.draft_weights  # the first for the methods as named, each other as METHOD@WEIGHTS
+    runners = build_runners(target, methods, head, tree, lookup=args.lookup, draft_weights=weights, stock_model=stock)
     if trees:
-        runners.update(tree_runners(target, head, trees, draft_weights=args.draft_weights))
+        runners.update(tree_runners(target, head, trees, draft_weights=weights))
     eagle_methods = [m for m in methods if m.startswith("eagle")]
-    for name, other in extra_heads.items():
-        more = build_runners(target, eagle_methods, other, tree, lookup=args.lookup, draft_weights=args.draft_weights)
+    for w in more_weights:
+        more = build_runners(target, eagle_methods, head, tree, lookup=args.lookup, draft_weights=w)
         if trees:
-            more.update(tree_runners(target, other, trees, draft_weights=args.draft_weights))
+            more.update(tree_runners(target, head, trees, draft_weights=w))
+        runners.update({f"{m}@{w}": r for m, r in more.items() if m != BASELINE})
+    for name, other in extra_heads.items():
+        more = build_runners(target, eagle_methods, other, tree, lookup=args.lookup, draft_weights=weights)
+        if trees:
+            more.update(tree_runners(target, other, trees, draft_weights=weights))
         runners.update({f"{m}@{name}": r for m, r in more.items() if m != BASELINE})
     with llamacpp.llamacpp_runners(llama_methods, llama_cfg) as more:  # servers stop on any exit
         runners.update(more)
@@ -179,7 +188,7 @@ def run(args) -> int:
                f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = (f"## eaglespec bench: {source}, {len(questions)} questions, {str(target.dtype).removeprefix('torch.')}, "
               f"temperature {args.temperature}, max_new_tokens {args.max_new_tokens}, turns {args.turns or 'all'}\n\n"
-              f"Machine: {machine}. Tree: {tree}. Draft weights: {args.draft_weights}.")
+              f"Machine: {machine}. Tree: {tree}. Draft weights: {', '.join(args.draft_weights)}.")
     mismatches = [r for r in records if r["equal_to_baseline"] is False]
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("func", "bench_command")}
     # write into a fresh folder and swap it in, so a failed run never leaves a half-written --out

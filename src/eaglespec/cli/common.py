@@ -99,13 +99,13 @@ def add_draft_weights_arg(g, several: bool = False) -> None:
                         + ("; several are run in turn on each prompt, side by side" if several else ""))
 
 
-def add_draft_args(p: argparse.ArgumentParser) -> None:
+def add_draft_args(p: argparse.ArgumentParser, several_weights: bool = False) -> None:
     g = p.add_argument_group("draft")
     add_draft_path_arg(g)
     g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
     add_tree_args(g)
     add_lookup_arg(g)
-    add_draft_weights_arg(g)
+    add_draft_weights_arg(g, several=several_weights)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -173,7 +173,7 @@ def engine_config(args):
     if args.max_len < 16:
         raise UsageError(f"--max-len must be >= 16, got {args.max_len}")
     weights = getattr(args, "draft_weights", "auto")
-    if not isinstance(weights, str):  # bench profile takes several layouts and loops over them itself
+    if not isinstance(weights, str):  # the benches take several layouts and build their drafters themselves
         weights = "auto"
     try:
         return EngineConfig(model=args.model, draft=getattr(args, "draft", None) or "default",

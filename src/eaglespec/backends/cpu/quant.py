@@ -1,4 +1,4 @@
-"""Weight-only int8 linears for the draft model on CPU.
+"""Int8 linears for the draft model on CPU.
 
 A draft step on a CPU is bound by memory traffic, not arithmetic: between two draft steps the
 target's verification forward streams its whole weight set through the caches, so each draft step
@@ -11,13 +11,26 @@ verifies every token, so int8 changes what is proposed (rarely: see the tests), 
 accepted. The target itself is never quantized.
 
 `Int8Linear` stores symmetric per-output-channel int8 weights (scale = max |w| / 127) and runs
-`torch.ops.aten._weight_int8pack_mm` (the kernel gpt-fast's int8 mode uses on CPU), or, where that
-op is missing or the tensors are not on CPU, a dequantizing fallback.
+one of two CPU kernels:
+
+- bf16 activations: `torch.ops.aten._weight_int8pack_mm` (the kernel gpt-fast's int8 mode uses on
+  CPU), weight-only: the activations stay bf16. It pays on CPUs with AVX-512 and is slow with
+  fp32 activations (172 ms a proposal against 36 ms in fp32 on an AVX2 EPYC).
+- fp32 activations: fbgemm's dynamic int8 product (`torch.ops.quantized.linear_dynamic`), which
+  also rounds each call's activations to 7 bits (one scale per call; 8 would overflow its int16
+  pair sums) and multiplies in integers.
+  On a Zen 3 EPYC (AVX2) it took an 8,192 x 576 LM head over 4 rows in 0.50 ms against 1.65 ms
+  for pre-packed fp32 weights, both read from DRAM. PyTorch deprecates the quantized tensors it
+  is built on; where they are gone (or fail) the weight-only kernel runs instead.
+
+Either way a dequantizing fallback runs where the op is missing or the tensors are not on CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +44,41 @@ def int8_kernel_available(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+@functools.cache
+def dynamic_int8_available() -> bool:
+    """fbgemm's dynamic int8 linear runs in this torch build (x86 CPUs; PyTorch deprecates the
+    quantized tensors it takes, so a later build may lack it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engines = torch.backends.quantized.supported_engines
+            if not any(e in engines for e in ("x86", "fbgemm")):
+                return False
+            w = torch.ones(8, 16)
+            packed = _prepack(*quantize_weight(w), None)
+            out = torch.ops.quantized.linear_dynamic(torch.ones(2, 16), packed, True)
+        return bool(torch.allclose(out, torch.full((2, 8), 16.0), rtol=0.05))
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
+def _prepack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """fbgemm's packed form of int8 weights [out, in] with per-channel scales [out] (and fp32 bias)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the quantized-tensor deprecation: dynamic_int8_available checks
+        zeros = torch.zeros(q.shape[0], dtype=torch.long)
+        w = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(w, bias)
+
+
 def int8_pays(device: torch.device, dtype: torch.dtype) -> bool:
-    """The int8 kernel is faster than full weights: for bf16 drafts on CPUs with AVX-512. On a Xeon
-    with AMX it cut drafting from 23 to 18 ms per step against bf16 packed weights, on a Zen 4 EPYC
-    from 5.9 to 4.5 ms. With fp32 activations it is slow: a proposal took 32.7 ms against 4.9 ms
-    for fp32 packed weights on the Zen 4, 172 against 36 ms on an AVX2 EPYC
-    (`eaglespec bench profile --dtype float32 --draft-weights int8 full`)."""
+    """Int8 draft weights are worth their rounding: for bf16 drafts on CPUs with AVX-512. On a Xeon
+    with AMX they cut drafting from 23 to 18 ms per step against bf16 packed weights, on a Zen 4
+    EPYC from 5.9 to 4.5 ms. fp32 drafts keep full weights: on a Zen 3 EPYC (AVX2) fbgemm's kernel
+    cut a draft's base from 5.5 to 3.7 ms and a depth from 4.6 to 2.3 ms, yet over the F32 GGUF the
+    speed stayed where it was (1.07x and 1.04x plain decoding, tau 1.66 both: the sizer rests on
+    most steps there either way, `tools/spec_overhead.py --draft-weights`), and the 8-bit proposals
+    accepted fewer tokens in `eaglespec bench` (tau 1.76 against 1.82)."""
     return (int8_kernel_available(device) and dtype == torch.bfloat16
             and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
@@ -64,9 +106,16 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         self.register_buffer("bias", bias)  # [out] or None
         self.fused = int8_kernel_available(q.device) and dtype in (torch.bfloat16, torch.float32)
+        # fp32 activations: fbgemm's packed weights, bias included (None: the weight-only kernel)
+        self.dynamic = None
+        if dtype == torch.float32 and q.device.type == "cpu" and dynamic_int8_available():
+            self.dynamic = _prepack(q, scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         flat = x.reshape(-1, x.shape[-1]).to(self.scales.dtype)
+        if self.dynamic is not None and self.fused and flat.device.type == "cpu":
+            out = torch.ops.quantized.linear_dynamic(flat.contiguous(), self.dynamic, True)  # 7-bit activations: fbgemm's u8 x s8 pair sums saturate int16 with 8
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         if self.fused and flat.device.type == "cpu":
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
         else:
