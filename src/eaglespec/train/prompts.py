@@ -106,7 +106,7 @@ def _money(rng: random.Random) -> float:
 
 def _math_templates() -> list[Callable[[random.Random], str]]:
     def shopping(r):
-        (one, many), n, p, paid = r.choice(ITEMS), r.randint(2, 12), _money(r), r.choice([20, 50, 100])
+        (_, many), n, p, paid = r.choice(ITEMS), r.randint(2, 12), _money(r), r.choice([20, 50, 100])
         return f"{r.choice(NAMES)} buys {n} {many} at ${p} each and pays with a ${paid} bill. How much change does {r.choice(['she', 'he', 'they'])} get back?"
 
     def speed(r):
