@@ -88,8 +88,8 @@ def main() -> None:
     rows = []  # per answer position: (suffix length, share, occurrences, right)
     questions = load_questions(args.questions)[: args.limit]
     for i, q in enumerate(questions):
-        prompt = gen.encode(q.turns[0]).tolist()
-        answer = [t for chunk in gen.generate_ids(gen.encode(q.turns[0]), cfg) for t in chunk]
+        ids = gen.encode(q.turns[0])  # [n]
+        prompt, answer = ids.tolist(), [t for chunk in gen.generate_ids(ids, cfg) for t in chunk]
         for t in range(len(answer)):
             g = guess(index, prompt + answer[:t], args.max_n)
             rows.append((0, 0.0, 0, False) if g is None else (g[1], g[2], g[3], g[0] == answer[t]))

@@ -114,7 +114,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         flat = x.reshape(-1, x.shape[-1]).to(self.scales.dtype)
         if self.dynamic is not None and self.fused and flat.device.type == "cpu":
-            out = torch.ops.quantized.linear_dynamic(flat.contiguous(), self.dynamic, True)  # 7-bit activations: fbgemm's u8 x s8 pair sums saturate int16 with 8
+            # reduce_range: 7-bit activations, since fbgemm's u8 x s8 pair sums saturate int16 with 8
+            out = torch.ops.quantized.linear_dynamic(flat.contiguous(), self.dynamic, True)
             return out.reshape(*x.shape[:-1], out.shape[-1])
         if self.fused and flat.device.type == "cpu":
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
