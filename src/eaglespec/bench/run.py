@@ -347,7 +347,8 @@ def summarize(records: list[dict]) -> dict:
 def head_pairs(records: list[dict]) -> list[dict]:
     """For each `METHOD@NAME` (a --compare-draft head, or a further --draft-weights layout) the
     per-turn tau of METHOD (the --draft head, the first layout) minus that of METHOD@NAME on the
-    same turns: mean, its standard error, and on how many turns each was ahead. Pairing by turn removes the questions' own spread, which dwarfs a head's."""
+    same turns: mean, its standard error, and on how many turns each was ahead. Pairing by turn
+    removes the questions' own spread, which dwarfs a head's."""
     tau = {(r["method"], r["question_id"], r["turn"]): r["tau"] for r in records}
     out = []
     for compared in dict.fromkeys(r["method"] for r in records if "@" in r["method"]):
