@@ -18,10 +18,10 @@ one of two CPU kernels:
   fp32 activations (172 ms a proposal against 36 ms in fp32 on an AVX2 EPYC).
 - fp32 activations: fbgemm's dynamic int8 product (`torch.ops.quantized.linear_dynamic`), which
   also rounds each call's activations to 7 bits (one scale per call; 8 would overflow its int16
-  pair sums) and multiplies in integers.
-  On a Zen 3 EPYC (AVX2) it took an 8,192 x 576 LM head over 4 rows in 0.50 ms against 1.65 ms
-  for pre-packed fp32 weights, both read from DRAM. PyTorch deprecates the quantized tensors it
-  is built on; where they are gone (or fail) the weight-only kernel runs instead.
+  pair sums) and multiplies in integers. On a Zen 3 EPYC (AVX2) beside the F32 GGUF it cut a draft
+  depth from 4.57 to 2.25 ms against pre-packed fp32 weights (`tools/spec_overhead.py
+  --draft-weights`). PyTorch deprecates the quantized tensors it is built on; where they are gone
+  (or fail) the weight-only kernel runs instead.
 
 Either way a dequantizing fallback runs where the op is missing or the tensors are not on CPU.
 """
@@ -75,7 +75,7 @@ def int8_pays(device: torch.device, dtype: torch.dtype) -> bool:
     """Int8 draft weights are worth their rounding: for bf16 drafts on CPUs with AVX-512. On a Xeon
     with AMX they cut drafting from 23 to 18 ms per step against bf16 packed weights, on a Zen 4
     EPYC from 5.9 to 4.5 ms. fp32 drafts keep full weights: on a Zen 3 EPYC (AVX2) fbgemm's kernel
-    cut a draft's base from 5.5 to 3.7 ms and a depth from 4.6 to 2.3 ms, yet over the F32 GGUF the
+    cut a draft's base from 5.54 to 3.65 ms and a depth from 4.57 to 2.25 ms, yet over the F32 GGUF the
     speed stayed where it was (1.07x and 1.04x plain decoding, tau 1.66 both: the sizer rests on
     most steps there either way, `tools/spec_overhead.py --draft-weights`), and the 8-bit proposals
     accepted fewer tokens in `eaglespec bench` (tau 1.76 against 1.82)."""
