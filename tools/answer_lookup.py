@@ -9,7 +9,7 @@ every answer position, looks up that guess and checks it against the token the t
 Prints, for guesses kept by how unanimous the stored continuations are (share of the top one)
 and how often the suffix occurred, the fraction of positions that have such a guess and how often
 it is right. A guess pays only where it is right more often than a verified row costs in
-forwards (the sizer's cost curve: about 0.8 for Q4_1 and 0.35 for F32 on an AVX2 EPYC).
+forwards (`tools/llamacpp_decode_cost.py`: about 0.8 for Q4_1 and 0.3 for F32 on an AVX2 EPYC).
 """
 
 from __future__ import annotations
