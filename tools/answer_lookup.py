@@ -15,7 +15,6 @@ forwards (`tools/llamacpp_decode_cost.py`: about 0.8 for Q4_1 and 0.3 for F32 on
 from __future__ import annotations
 
 import argparse
-import glob
 import time
 from pathlib import Path
 
@@ -27,13 +26,10 @@ MULT = np.uint64(1_000_003)
 
 def datastore() -> np.ndarray:
     """The stored answers as one int64 array, each followed by -1 (no n-gram spans two)."""
-    parts = []
-    for f in sorted(glob.glob(str(ANSWERS / "*.npz"))):
-        z = np.load(f)
-        tokens, offsets = z["tokens"].astype(np.int64), z["offsets"]
-        for a, b in zip(offsets[:-1], offsets[1:]):
-            parts += [tokens[a:b], np.array([-1])]
-    return np.concatenate(parts)
+    from eaglespec.train.answers import read_chunk
+
+    answers = [a for chunk in sorted(ANSWERS.glob("answers-*.npz")) for a in read_chunk(chunk).values()]
+    return np.fromiter((t for a in answers for t in (*a, -1)), dtype=np.int64)
 
 
 def ngram_index(store: np.ndarray, max_n: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:

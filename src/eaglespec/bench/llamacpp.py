@@ -44,9 +44,7 @@ from eaglespec.bench.methods import BenchError
 if TYPE_CHECKING:  # the command line imports this module for its flags: no torch at parse time
     import torch
 
-    from eaglespec.bench.run import Answer
-
-    from eaglespec.bench.run import Runner
+    from eaglespec.bench.run import Answer, Runner
     from eaglespec.generate import GenerationConfig
 
 log = logging.getLogger(__name__)

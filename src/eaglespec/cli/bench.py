@@ -167,15 +167,12 @@ def run(args) -> int:
     if trees:
         runners.update(tree_runners(target, head, trees, draft_weights=weights))
     eagle_methods = [m for m in methods if m.startswith("eagle")]
-    for w in more_weights:
-        more = build_runners(target, eagle_methods, head, tree, lookup=args.lookup, draft_weights=w)
+    # labelled METHOD@NAME: each further layout with the --draft head, each --compare-draft head with the first layout
+    variants = [(w, head, w) for w in more_weights] + [(name, other, weights) for name, other in extra_heads.items()]
+    for name, other, w in variants:
+        more = build_runners(target, eagle_methods, other, tree, lookup=args.lookup, draft_weights=w)
         if trees:
-            more.update(tree_runners(target, head, trees, draft_weights=w))
-        runners.update({f"{m}@{w}": r for m, r in more.items() if m != BASELINE})
-    for name, other in extra_heads.items():
-        more = build_runners(target, eagle_methods, other, tree, lookup=args.lookup, draft_weights=weights)
-        if trees:
-            more.update(tree_runners(target, other, trees, draft_weights=weights))
+            more.update(tree_runners(target, other, trees, draft_weights=w))
         runners.update({f"{m}@{name}": r for m, r in more.items() if m != BASELINE})
     with llamacpp.llamacpp_runners(llama_methods, llama_cfg) as more:  # servers stop on any exit
         runners.update(more)
