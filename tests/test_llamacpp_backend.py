@@ -443,10 +443,13 @@ def test_a_prompt_asked_for_fewer_hidden_states_commits_the_same_bits(llama_targ
     assert llama_target._returns_hidden  # embeddings are back on for the steps
 
 
-def test_the_probe_key_names_the_llamacpp_build(tmp_path):
+def test_the_probe_key_names_the_llamacpp_build(tmp_path, monkeypatch):
     """Measured row padding and cost curves are kept per llama.cpp build: a rebuilt library (other
-    compile flags) or another version may round rows otherwise, so it is measured again."""
+    compile flags), another version, or libraries loaded from LLAMA_CPP_LIB_PATH may round rows
+    otherwise, so each is measured again."""
     from types import SimpleNamespace
+
+    monkeypatch.delenv("LLAMA_CPP_LIB_PATH", raising=False)
 
     from eaglespec.backends.llamacpp import LlamaCppTarget
 
@@ -463,7 +466,12 @@ def test_the_probe_key_names_the_llamacpp_build(tmp_path):
     so.write_bytes(b"build two, other flags")
     rebuilt = target.cost_key()
     target._lib.__version__ = "0.3.37"
-    assert len({first, rebuilt, target.cost_key()}) == 3
+    upgraded = target.cost_key()
+    elsewhere = tmp_path / "own-build"
+    elsewhere.mkdir()
+    (elsewhere / "libggml-cpu.so").write_bytes(b"a build of one's own")
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(elsewhere))
+    assert len({first, rebuilt, upgraded, target.cost_key()}) == 4
 
 
 # -- EAGLE-3 features: the inputs of decoder layers ----------------------------------------------

@@ -89,8 +89,9 @@ def _lib():
 def build_id(lib) -> str:
     """What identifies the llama.cpp build in use: llama-cpp-python's version and the size and
     mtime of its shared libraries. Part of the probe cache's key, since another build (an upgrade,
-    other compile flags) may round rows otherwise."""
-    folder = Path(lib.__file__).parent / "lib"
+    other compile flags) may round rows otherwise. llama-cpp-python loads its libraries from
+    LLAMA_CPP_LIB_PATH where that is set, and from its own lib folder otherwise."""
+    folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(lib.__file__).parent / "lib")
     libs = sorted(folder.glob("*.so")) + sorted(folder.glob("*.dylib")) + sorted(folder.glob("*.dll"))
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in libs]
     return f"{getattr(lib, '__version__', '?')} {hashlib.sha256(repr(stats).encode()).hexdigest()[:12]}"
