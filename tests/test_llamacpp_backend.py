@@ -178,6 +178,28 @@ def test_a_row_rounds_alike_in_decodes_of_any_size_and_cache_length(llama_target
 
 @needs_llamacpp
 @pytest.mark.slow
+def test_the_set_up_build_verifies_the_default_model_without_padding(llama_target):
+    """setup.sh builds llama.cpp with patches/llama-cpp-python-*.patch: llamafile's sgemm compiled
+    in, with a batched Q4_1 and Q8_0 kernel that rounds as ggml's one-row kernels do. So the
+    default model (Q4_1 layers, a Q8_0 LM head) decodes a lone token unpadded and still rounds
+    each row of a tree as it rounds alone."""
+    import sys
+    from pathlib import Path
+
+    import llama_cpp
+
+    from eaglespec.backends.llamacpp import patch_revision
+
+    if not (Path(sys.prefix) / ".eaglespec-llamacpp").exists():
+        pytest.skip("this llama-cpp-python is not the one setup.sh builds (no .eaglespec-llamacpp in the environment)")
+    assert patch_revision(llama_cpp) >= 1
+    assert "eaglespec's patch" in llama_target.build  # as bench reports it
+    assert "LLAMAFILE = 1" in llama_cpp.llama_print_system_info().decode()
+    assert llama_target.min_rows == 1
+
+
+@needs_llamacpp
+@pytest.mark.slow
 def test_greedy_speculative_output_equals_plain_output(llama_target):
     """The EAGLE-2 head with the prompt-lookup chain, through llama.cpp: the same tokens as the
     backend's plain greedy decoding, on real prompts."""

@@ -26,8 +26,9 @@ it computes in plain decoding (docs/design.md, "llama.cpp backend"):
 - rejected cells stay occupied under a sequence no token reads, since a freed cell would be
   refilled by a later token out of position order, changing the order of the attention sums;
 - a decode of fewer rows than `min_rows` gets padding rows. Some weight types switch matmul
-  kernels at a batch size (llamafile's sgemm starts at two rows for F32, F16 and Q8_0 on x86; Q4_1
-  has none there), so `min_rows` is measured once per machine and model file, not assumed.
+  kernels at a batch size (stock llamafile sgemm starts at two rows for F32, F16 and Q8_0 on x86;
+  setup.sh's patched build keeps every row of F32, Q4_1 and Q8_0 rounding as it does alone), so
+  `min_rows` is measured once per machine, model file and build, not assumed.
 
 The draft head needs the target's token embedding and LM head as torch modules: they are read from
 the dequantized transformers folder of the same GGUF (`eaglespec.target.convert_gguf`), with the
@@ -86,15 +87,34 @@ def _lib():
     return llama_cpp
 
 
+def lib_folder(lib) -> Path:
+    """Where llama-cpp-python loads its shared libraries from: LLAMA_CPP_LIB_PATH where that is
+    set, its own lib folder otherwise."""
+    return Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(lib.__file__).parent / "lib")
+
+
 def build_id(lib) -> str:
     """What identifies the llama.cpp build in use: llama-cpp-python's version and the size and
     mtime of its shared libraries. Part of the probe cache's key, since another build (an upgrade,
-    other compile flags) may round rows otherwise. llama-cpp-python loads its libraries from
-    LLAMA_CPP_LIB_PATH where that is set, and from its own lib folder otherwise."""
-    folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(lib.__file__).parent / "lib")
+    other compile flags) may round rows otherwise."""
+    folder = lib_folder(lib)
     libs = sorted(folder.glob("*.so")) + sorted(folder.glob("*.dylib")) + sorted(folder.glob("*.dll"))
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in libs]
     return f"{getattr(lib, '__version__', '?')} {hashlib.sha256(repr(stats).encode()).hexdigest()[:12]}"
+
+
+def patch_revision(lib) -> int:
+    """The revision of eaglespec's llama.cpp patch (patches/llama-cpp-python-*.patch, which
+    setup.sh builds in) that the loaded build carries; 0 for a stock build. With it, Q4_1 and Q8_0
+    trees are verified by a batched kernel whose rows round as llama.cpp's one-row kernels do."""
+    for so in sorted(lib_folder(lib).glob("*ggml-cpu*")):
+        try:
+            fn = ctypes.CDLL(str(so)).ggml_cpu_eaglespec_patch
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_int
+        return int(fn())
+    return 0
 
 
 def physical_cores() -> int:
@@ -355,6 +375,9 @@ class LlamaCppTarget:
         self._load_torch_parts(self.folder)
         _silence(lib)
         lib.llama_backend_init()
+        if not patch_revision(lib):
+            log.info("this llama-cpp-python is a stock build: a draft tree of a Q4_1 or Q8_0 model is verified "
+                     "without a batched kernel (setup.sh builds llama.cpp with eaglespec's, patches/)")
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
         self._model = lib.llama_model_load_from_file(str(self.gguf).encode(), mparams)
@@ -474,6 +497,13 @@ class LlamaCppTarget:
         buf = ctypes.create_string_buffer(128)
         n = self._lib.llama_model_meta_val_str(self._model, b"general.architecture", buf, len(buf))
         return buf.value.decode() if n >= 0 else "?"
+
+    @property
+    def build(self) -> str:
+        """The llama.cpp build, for reports: llama-cpp-python's version and eaglespec's patch."""
+        rev = patch_revision(self._lib)
+        return f"llama-cpp-python {getattr(self._lib, '__version__', '?')}, " + (
+            f"eaglespec's patch {rev}" if rev else "a stock build")
 
     @property
     def max_tree(self) -> int:

@@ -185,7 +185,8 @@ def run(args) -> int:
                f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = (f"## eaglespec bench: {source}, {len(questions)} questions, {str(target.dtype).removeprefix('torch.')}, "
               f"temperature {args.temperature}, max_new_tokens {args.max_new_tokens}, turns {args.turns or 'all'}\n\n"
-              f"Machine: {machine}. Tree: {tree}. Draft weights: {', '.join(args.draft_weights)}.")
+              f"Machine: {machine}. Tree: {tree}. Draft weights: {', '.join(args.draft_weights)}."
+              + (f" Target on llama.cpp: {target.build}." if hasattr(target, "build") else ""))
     mismatches = [r for r in records if r["equal_to_baseline"] is False]
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("func", "bench_command")}
     # write into a fresh folder and swap it in, so a failed run never leaves a half-written --out
