@@ -320,6 +320,65 @@ def test_the_sizer_rests_while_drafted_steps_pay_less_than_plain_decoding():
     assert all(per_row.should_draft() for _ in range(5))
 
 
+def test_a_timed_sizer_weighs_measured_steps_where_the_probed_curve_flatters_trees():
+    """The curve says nodes are nearly free (probed after a short context); after a long prompt a
+    step of the root alone measures 30 ms and a drafted step 90 ms for one token more. A timed
+    sizer times plain decoding first, finds drafting slower and rests; an untimed one, reading the
+    curve, keeps drafting. Steps that measure fast bring drafting back."""
+    timed, untimed = TreeSizer(FLAT, 63, draft_s=0.005, timed=True), TreeSizer(FLAT, 63, draft_s=0.005)
+    for sizer in (timed, untimed):
+        sizer.begin()
+        drafted = []
+        for _ in range(12):
+            drafting = sizer.should_draft()
+            drafted.append(drafting)
+            nodes = sizer.choose(CONFIDENCES) if drafting else 0
+            if drafting:
+                sizer.record_draft(0.0)
+            if sizer.timed:
+                sizer.record_step(0.090 if nodes else 0.030)
+            sizer.record_accepted(1 if nodes else 0)
+        sizer.drafted = drafted
+    assert untimed.drafted == [True] * 12
+    assert timed.drafted[0] is False  # the first step times plain decoding
+    assert timed.plain_s == pytest.approx(0.030) and timed.spec_rate < timed.plain_rate
+    assert timed.drafted.count(True) <= 4
+    for _ in range(100):  # the same trees now verify fast: drafting pays again
+        if timed.should_draft():
+            timed.choose(CONFIDENCES)
+            timed.record_draft(0.0)
+            timed.record_step(0.032)
+            timed.record_accepted(4)
+        else:
+            timed.record_step(0.030)
+            timed.record_accepted(0)
+    assert timed.spec_rate > timed.plain_rate and timed.should_draft()
+
+
+def test_a_timed_sizer_verifies_the_root_alone_now_and_then_to_time_plain_decoding():
+    """While drafting pays, one step in PLAIN_TIMING_EVERY + 1 verifies the root alone, without a
+    lookup chain either, so plain decoding's time stays current; an untimed sizer never does."""
+    from eaglespec.cost import PLAIN_TIMING_EVERY
+
+    for timed in (True, False):
+        sizer = TreeSizer(FLAT, 63, draft_s=0.0, timed=timed)
+        plain_steps, chains = [], []
+        for step in range(3 * (PLAIN_TIMING_EVERY + 1)):
+            if sizer.should_draft():
+                sizer.choose(CONFIDENCES)
+                sizer.record_draft(0.0)
+            else:
+                plain_steps.append(step)
+                chains.append(sizer.extend([0.99] * 4))
+            sizer.record_step(0.03 if sizer.pending_nodes == 0 else 0.031)
+            sizer.record_accepted(5 if sizer.pending_nodes else 0)
+        if timed:
+            assert plain_steps == [0, PLAIN_TIMING_EVERY + 1, 2 * (PLAIN_TIMING_EVERY + 1)]
+            assert chains == [0, 0, 0]
+        else:
+            assert plain_steps == []
+
+
 def test_extend_keeps_the_chain_nodes_that_pay_for_their_rows():
     """Nearly free nodes are all kept when the chain is sure and a few when it is not; nodes
     that cost 0.6 of a forward each are kept only while they are likely right."""

@@ -55,6 +55,9 @@ MAX_PROBE_BLOCKS = 3
 RATE_EMA = 0.2
 #: the most steps the drafter rests at a stretch when speculation pays less than plain decoding
 MAX_REST = 32
+#: a timed sizer verifies the root alone at the start of each sequence and after this many drafted
+#: steps without such a step, to time plain decoding at the cache length and load of the moment
+PLAIN_TIMING_EVERY = 64
 
 
 class CostTarget(Protocol):
@@ -227,10 +230,17 @@ class TreeSizer:
     drafted steps reached (accepted tokens over the modelled forward plus the draft time) and,
     while it is below plain decoding's 1 / c(1), `should_draft` says to rest: 1 step, then 2, 4,
     ... up to MAX_REST, drafting once between rests to measure again.
+
+    The curve is probed after a short context, where a verified row's attention is cheap; after a
+    long prompt each row costs more than it says. A `timed` sizer is told each step's measured
+    verification (`record_step`): steps of the root alone time plain decoding as it runs now (one is
+    taken at the start of each sequence and after every PLAIN_TIMING_EVERY drafted steps without
+    one), and drafted steps' rates count their measured forward instead of the modelled one. So
+    the rests weigh speculation against plain decoding both as measured in the moment.
     """
 
     def __init__(self, curve: CostCurve, max_nodes: int, draft_s: float | None = None, depth_s: float | None = None,
-                 calibrate: bool = True) -> None:
+                 calibrate: bool = True, timed: bool = False) -> None:
         if max_nodes < 1:
             raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
         self.curve = curve
@@ -254,6 +264,11 @@ class TreeSizer:
         self._rest_left = 0  # steps still to rest
         self._rest_next = 1  # the next rest's length
         self.rested = 0  # steps decoded without drafting (for reports)
+        self.timed = timed
+        self.plain_s: float | None = None  # moving average: measured seconds of a step of the root alone
+        self._step_s: float | None = None  # the last step's measured verification (`record_step`)
+        self._since_plain = 0  # drafted steps since the last step of the root alone
+        self._timing = False  # this step verifies the root alone to time plain decoding
 
     @property
     def resting(self) -> bool:
@@ -262,8 +277,9 @@ class TreeSizer:
 
     @property
     def plain_rate(self) -> float:
-        """Tokens per second of plain decoding: one token per forward of one."""
-        return 1.0 / float(self.costs[0])
+        """Tokens per second of plain decoding: one token per step of the root alone, as measured
+        (timed) or modelled (one forward of one)."""
+        return 1.0 / (self.plain_s if self.plain_s is not None else float(self.costs[0]))
 
     def cost(self, nodes: int) -> float:
         """Seconds of a forward of the root and `nodes` nodes, never decreasing in `nodes`."""
@@ -274,17 +290,21 @@ class TreeSizer:
     def should_draft(self) -> bool:
         """Whether to draft this step, or rest (verify the root alone) because drafted steps have
         been paying less than plain decoding."""
-        if self._rest_left > 0:
-            self._rest_left -= 1
+        self._timing = self.timed and (self.plain_s is None or self._since_plain >= PLAIN_TIMING_EVERY)
+        if self._rest_left > 0 or self._timing:
+            self._rest_left = max(0, self._rest_left - 1)
             self.rested += 1
             self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
             return False
+        self._since_plain += 1
         return True
 
     def extend(self, odds: list[float]) -> int:
         """How many nodes of a chain hung below the chosen tree to verify too: the m (0..len) of
         the most expected tokens per second, where odds[j] is the chance that the chain's j-th new
         node is accepted (its whole chain up to it). Counted in this step's prediction."""
+        if self._timing:  # the root alone this step, to time plain decoding
+            return 0
         n = self.pending_nodes
         tree_gain = 1.0 + self.scale * (self.pending or 0.0)
         draft_s = self.last_draft_s if self.pending is not None else 0.0
@@ -371,13 +391,29 @@ class TreeSizer:
         for d in depths:
             self.depth_s = d if self.depth_s is None else (1 - DRAFT_EMA) * self.depth_s + DRAFT_EMA * d
 
+    def record_step(self, seconds: float) -> None:
+        """The step just verified took `seconds` from its proposal to its verdict (the target's
+        forward, acceptance, cache compaction); called before `record_accepted`. A step of the root
+        alone times plain decoding; a drafted step's time replaces its modelled forward. Untimed
+        sizers ignore it."""
+        if not self.timed:
+            return
+        self._step_s = seconds
+        self._timing = False
+        if self.pending_nodes == 0:
+            self.plain_s = seconds if self.plain_s is None else (1 - RATE_EMA) * self.plain_s + RATE_EMA * seconds
+            self._since_plain = 0
+
     def record_accepted(self, accepted: int) -> None:
         """The target accepted `accepted` nodes of the last chosen tree and its extension (bonus
         token excluded)."""
+        step_s, self._step_s = self._step_s, None
         if self.pending is None:
             return
         predicted, self.pending = self.pending, None
-        rate = (accepted + 1) / (self.cost(self.pending_nodes) + self.last_draft_s)
+        # measured against measured: the step's own time once plain decoding has been timed too
+        forward_s = step_s if step_s is not None and self.plain_s is not None else self.cost(self.pending_nodes)
+        rate = (accepted + 1) / (forward_s + self.last_draft_s)
         self.spec_rate = rate if self.spec_rate is None else (1 - RATE_EMA) * self.spec_rate + RATE_EMA * rate
         if self.resting:
             self._rest_left, self._rest_next = self._rest_next, min(2 * self._rest_next, MAX_REST)
@@ -397,3 +433,4 @@ class TreeSizer:
         self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
         self._depths = []
         self._rest_left = 0
+        self.plain_s, self._step_s, self._since_plain, self._timing = None, None, 0, False  # another cache length

@@ -146,6 +146,7 @@ class EagleDrafter(Drafter):
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_features: list[torch.Tensor] = []
         self._fresh = True  # no proposal yet in this sequence: the pending tokens are the prompt
+        self._proposed_at: float | None = None  # when the last proposal was handed to the target
 
     @classmethod
     def from_head(cls, head: DraftHead | Eagle3Head, target: TargetModel, tree: TreeConfig = TreeConfig(),
@@ -159,6 +160,7 @@ class EagleDrafter(Drafter):
         return cls(runner, tree, sizer=tree_sizer(target, tree), prompt_window=PROMPT_WINDOW if costly else None)
 
     def begin(self) -> None:
+        self._proposed_at = None
         self.runner.reset()
         self.pending_tokens.clear()
         self.pending_features.clear()
@@ -179,6 +181,9 @@ class EagleDrafter(Drafter):
         self.pending_tokens.append(tokens[tokens.shape[0] - features.shape[0]:])  # those with features
         self.pending_features.append(features)
         if self.sizer is not None:
+            if self._proposed_at is not None:  # the target's verification of the last proposal, as measured
+                self.sizer.record_step(time.perf_counter() - self._proposed_at)
+                self._proposed_at = None
             self.sizer.record_accepted(tokens.shape[0] - 1)  # the last token is the bonus
 
     @torch.inference_mode()
@@ -186,11 +191,13 @@ class EagleDrafter(Drafter):
         if self.sizer is None:
             return self._propose(root)
         if not self.sizer.should_draft():  # speculation pays less than plain decoding here, for now
+            self._proposed_at = time.perf_counter()
             return root_only(root)  # the pending features wait for the next draft's commit
         self._catch_up()
         start = time.perf_counter()
         tree = self._propose(root)
-        self.sizer.record_draft(time.perf_counter() - start)
+        self._proposed_at = time.perf_counter()
+        self.sizer.record_draft(self._proposed_at - start)
         return tree
 
     def _catch_up(self) -> None:
@@ -232,4 +239,4 @@ def tree_sizer(target: TargetModel, tree: TreeConfig) -> TreeSizer | None:
     machine (cached), up to `tree.total_tokens - 1` nodes; None for other trees."""
     if tree.kind != "dynamic" or tree.sizing != "cost":
         return None
-    return TreeSizer(probe_cost_curve(target), tree.total_tokens - 1)
+    return TreeSizer(probe_cost_curve(target), tree.total_tokens - 1, timed=True)
