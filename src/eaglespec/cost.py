@@ -289,7 +289,7 @@ class TreeSizer:
 
     def should_draft(self) -> bool:
         """Whether to draft this step, or rest (verify the root alone) because drafted steps have
-        been paying less than plain decoding."""
+        been paying less than plain decoding, or, timed, to time plain decoding now."""
         self._timing = self.timed and (self.plain_s is None or self._since_plain >= PLAIN_TIMING_EVERY)
         if self._rest_left > 0 or self._timing:
             self._rest_left = max(0, self._rest_left - 1)

@@ -236,7 +236,9 @@ class EagleDrafter(Drafter):
 
 def tree_sizer(target: TargetModel, tree: TreeConfig) -> TreeSizer | None:
     """The node budget of a cost-sized dynamic tree on `target`: its cost curve measured on this
-    machine (cached), up to `tree.total_tokens - 1` nodes; None for other trees."""
+    machine (cached), up to `tree.total_tokens - 1` nodes; None for other trees. On a CPU the sizer
+    also times each step (`TreeSizer.timed`); on a GPU a step's wall time ends before its kernels do."""
     if tree.kind != "dynamic" or tree.sizing != "cost":
         return None
-    return TreeSizer(probe_cost_curve(target), tree.total_tokens - 1, timed=True)
+    timed = torch.device(getattr(target, "device", "cpu")).type == "cpu"
+    return TreeSizer(probe_cost_curve(target), tree.total_tokens - 1, timed=timed)
