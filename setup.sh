@@ -58,8 +58,9 @@ echo "installing eaglespec with its train, bench and dev extras"
 # CPU): on the default model about 1.6x the speed of the PyTorch backend. Set-up builds
 # llama-cpp-python from source for this CPU with eaglespec's patch to llama.cpp's matrix products
 # (patches/ says what it changes and why): about 10 minutes on 2 cores, once; the wheel is kept in
-# ~/.cache/eaglespec (or $EAGLESPEC_CACHE) for the next set-up on this machine. EAGLESPEC_LLAMACPP=0 skips it; =1 makes a
-# failed build an error; auto (the default) goes on with the PyTorch backend alone and says so.
+# ~/.cache/eaglespec (or $EAGLESPEC_CACHE) for the next set-up on this machine.
+# EAGLESPEC_LLAMACPP=0 skips it; =1 makes a failed build an error; auto (the default) goes on with
+# the PyTorch backend alone and says so.
 LCPP_VERSION=0.3.36
 LCPP_PATCH=$(pwd -P)/patches/llama-cpp-python-$LCPP_VERSION.patch
 export CMAKE_ARGS="${CMAKE_ARGS:+$CMAKE_ARGS }-DGGML_LLAMAFILE=ON"
