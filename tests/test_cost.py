@@ -326,23 +326,21 @@ def test_a_timed_sizer_weighs_measured_steps_where_the_probed_curve_flatters_tre
     sizer times plain decoding first, finds drafting slower and rests; an untimed one, reading the
     curve, keeps drafting. Steps that measure fast bring drafting back."""
     timed, untimed = TreeSizer(FLAT, 63, draft_s=0.005, timed=True), TreeSizer(FLAT, 63, draft_s=0.005)
+    drafted: dict[bool, list[bool]] = {True: [], False: []}  # per sizer (timed or not): drafted each step
     for sizer in (timed, untimed):
         sizer.begin()
-        drafted = []
         for _ in range(12):
             drafting = sizer.should_draft()
-            drafted.append(drafting)
+            drafted[sizer.timed].append(drafting)
             nodes = sizer.choose(CONFIDENCES) if drafting else 0
             if drafting:
                 sizer.record_draft(0.0)
-            if sizer.timed:
-                sizer.record_step(0.090 if nodes else 0.030)
+            sizer.record_step(0.090 if nodes else 0.030)  # ignored by the untimed one
             sizer.record_accepted(1 if nodes else 0)
-        sizer.drafted = drafted
-    assert untimed.drafted == [True] * 12
-    assert timed.drafted[0] is False  # the first step times plain decoding
+    assert drafted[False] == [True] * 12
+    assert drafted[True][0] is False  # the first step times plain decoding
     assert timed.plain_s == pytest.approx(0.030) and timed.spec_rate < timed.plain_rate
-    assert timed.drafted.count(True) <= 4
+    assert drafted[True].count(True) <= 4
     for _ in range(100):  # the same trees now verify fast: drafting pays again
         if timed.should_draft():
             timed.choose(CONFIDENCES)
