@@ -70,7 +70,7 @@ LCPP_WHEELS=${EAGLESPEC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/eaglespec}/llama-
 LCPP_MARK=$VENV/.eaglespec-llamacpp  # the key of the build installed in this environment
 
 build_progress() {  # cmake's [n/N] steps, read from pip's output, as a line every tenth with an ETA
-    local start=$SECONDS last=-1 n total done_s line
+    local start=$SECONDS last=0 n total done_s line  # from the first tenth on: an ETA needs a few steps
     while IFS= read -r line; do
         [[ $line =~ \[([0-9]+)/([0-9]+)\] ]] || continue
         n=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
