@@ -76,7 +76,11 @@ build_progress() {  # cmake's [n/N] steps, read from pip's output, as a line eve
         n=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
         [ $((n * 10 / total)) -eq "$last" ] && continue
         last=$((n * 10 / total)) done_s=$((SECONDS - start))
-        echo "  llama.cpp: step $n of $total, $((done_s / 60)) min so far, about $((done_s * (total - n) / n / 60 + 1)) min to go"
+        if [ "$n" -eq "$total" ]; then
+            echo "  llama.cpp: compiled in $((done_s / 60)) min $((done_s % 60)) s; packing the wheel"
+        else
+            echo "  llama.cpp: step $n of $total, $((done_s / 60)) min so far, about $((done_s * (total - n) / n / 60 + 1)) min to go"
+        fi
     done
     return 0
 }
