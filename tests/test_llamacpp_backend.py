@@ -347,7 +347,9 @@ def test_training_keeps_the_torch_target():
 @pytest.mark.slow
 def test_the_cli_default_on_llamacpp_writes_what_plain_decoding_writes(capsys, tmp_path, monkeypatch):
     """`eaglespec generate --backend llamacpp` with its defaults: the cost-sized tree (its probe runs
-    through the backend, within the nodes one llama_decode verifies) and the lookup chain."""
+    through the backend, within the nodes one llama_decode verifies) and the lookup chain. The
+    prompt asks for a copy, so that drafting pays whatever this machine's row costs: on an answer
+    written anew the sizer may rightly rest on every step."""
     import json
 
     from eaglespec.cli import main
@@ -357,8 +359,8 @@ def test_the_cli_default_on_llamacpp_writes_what_plain_decoding_writes(capsys, t
     convert_gguf(default_gguf_path())  # the converted target is shared; the probe cache is fresh,
     (tmp_path / "targets").symlink_to(cache_root() / "targets")  # so the curve is measured here
     monkeypatch.setenv("EAGLESPEC_CACHE", str(tmp_path))
-    base = ["generate", "List three tips for staying focused while studying.", "--backend", "llamacpp",
-            "--max-new-tokens", "48", "--json"]
+    base = ["generate", "Repeat this sentence three times: The quick brown fox jumps over the lazy dog.",
+            "--backend", "llamacpp", "--max-new-tokens", "48", "--json"]
     answers = []
     for extra in (["--no-draft"], []):
         assert main(base + extra) == 0
