@@ -38,14 +38,14 @@ def test_int8_linear_is_close_to_the_linear_on_both_paths(dtype, bias):
         assert got.shape == (3, 5, 200) and got.dtype == dtype
         rel = (got.float() - want).norm() / want.norm()
         assert rel < 0.02
-        fused = q.fused
-        q.fused = False  # the dequantizing fallback (non-CPU devices, torch without the kernel)
+        fused, dynamic = q.fused, q.dynamic
+        q.fused, q.dynamic = False, None  # the dequantizing fallback (non-CPU devices, torch without the kernels)
         slow = q(x)
     assert fused == int8_kernel_available(torch.device("cpu"))
     # fp32 activations take fbgemm's dynamic kernel where this torch has it, which rounds them too
-    assert (q.dynamic is not None) == (dtype == torch.float32 and dynamic_int8_available())
+    assert (dynamic is not None) == (dtype == torch.float32 and dynamic_int8_available())
     assert (slow.float() - want).norm() / want.norm() < 0.01  # the weights' rounding alone
-    if q.dynamic is None:
+    if dynamic is None:
         assert (slow.float() - got.float()).norm() / want.norm() < 0.01
 
 

@@ -113,7 +113,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         flat = x.reshape(-1, x.shape[-1]).to(self.scales.dtype)
-        if self.dynamic is not None and self.fused and flat.device.type == "cpu":
+        if self.dynamic is not None and flat.device.type == "cpu":
             # reduce_range: 7-bit activations, since fbgemm's u8 x s8 pair sums saturate int16 with 8
             out = torch.ops.quantized.linear_dynamic(flat.contiguous(), self.dynamic, True)
             return out.reshape(*x.shape[:-1], out.shape[-1])
