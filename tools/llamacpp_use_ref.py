@@ -25,7 +25,6 @@ import argparse
 import ctypes
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -40,7 +39,9 @@ class CpuBackendCatcher:
     def __init__(self) -> None:
         import llama_cpp
 
-        lib = Path(llama_cpp.__file__).parent / "lib"
+        from eaglespec.backends.llamacpp import lib_folder
+
+        lib = lib_folder(llama_cpp)
         llama_cpp.llama_backend_init()
         self.ggml = ctypes.CDLL(str(lib / "libggml.so"))
         self.cpu = ctypes.CDLL(str(lib / "libggml-cpu.so"))

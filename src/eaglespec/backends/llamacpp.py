@@ -375,7 +375,8 @@ class LlamaCppTarget:
         self._load_torch_parts(self.folder)
         _silence(lib)
         lib.llama_backend_init()
-        if not patch_revision(lib):
+        self.patch = patch_revision(lib)  # eaglespec's kernels in this build (0: a stock one)
+        if not self.patch:
             log.info("this llama-cpp-python is a stock build: a draft tree of a Q4_1 or Q8_0 model is verified "
                      "without a batched kernel (setup.sh builds llama.cpp with eaglespec's, patches/)")
         mparams = lib.llama_model_default_params()
@@ -501,9 +502,8 @@ class LlamaCppTarget:
     @property
     def build(self) -> str:
         """The llama.cpp build, for reports: llama-cpp-python's version and eaglespec's patch."""
-        rev = patch_revision(self._lib)
         return f"llama-cpp-python {getattr(self._lib, '__version__', '?')}, " + (
-            f"eaglespec's patch {rev}" if rev else "a stock build")
+            f"eaglespec's patch {self.patch}" if self.patch else "a stock build")
 
     @property
     def max_tree(self) -> int:
