@@ -151,6 +151,36 @@ def test_tree_rows_equal_plain_decoding_along_each_branch(llama_target, prompt):
 
 @needs_llamacpp
 @pytest.mark.slow
+def test_rows_stay_exact_over_blocks_of_cells_with_rejected_cells_between(llama_target):
+    """After 180 cached tokens, three tree steps each keep one path and leave the rejected nodes'
+    cells parked among the committed ones, which pushes kept tokens past cell 192 where plain
+    decoding's stay below it. Every node of a fourth tree, and the next token, still get the bits
+    that plain decoding of prompt + kept path gives them (set-up's build attends over the cells a
+    row sees in blocks of 64 of them, ggml's own loop one at a time)."""
+    target = llama_target
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(100, 20000, (180,), generator=gen)
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3])  # branches 0-1-3-6, 0-1-4, 0-2-5
+    kept = []
+    target.prefill(prompt)
+    for _ in range(3):
+        tree = make_tree(torch.randint(100, 20000, (7,), generator=gen), parents, max_depth=3)
+        target.forward(tree.tokens, target.cache.length + tree.depths, tree.mask)
+        target.cache.compact(torch.tensor([0, 1, 4]))
+        kept += tree.tokens[[0, 1, 4]].tolist()
+    assert target.cache.parked >= 12  # the rejected nodes' cells, between the kept ones
+    tree = make_tree(torch.randint(100, 20000, (7,), generator=gen), parents, max_depth=3)
+    rows = target.forward(tree.tokens, target.cache.length + tree.depths, tree.mask).logits
+    target.cache.compact(torch.tensor([0, 2, 5]))
+    after = target.forward(torch.tensor([42])).logits[0]
+    target.cache.compact(torch.tensor([0]))
+    for node, branch in [(6, [0, 1, 3, 6]), (4, [0, 1, 4]), (5, [0, 2, 5])]:
+        assert torch.equal(rows[node], plain_logits(target, prompt, kept + tree.tokens[branch].tolist()))
+    assert torch.equal(after, plain_logits(target, prompt, kept + tree.tokens[[0, 2, 5]].tolist() + [42]))
+
+
+@needs_llamacpp
+@pytest.mark.slow
 def test_a_row_rounds_alike_in_decodes_of_any_size_and_cache_length(llama_target):
     """After 600 cached tokens (where an f16 cache would split a lone row's attention across
     threads), a token decoded alone (padded to the measured `min_rows`), first in a chain of 8 and
@@ -188,11 +218,11 @@ def test_the_set_up_build_verifies_the_default_model_without_padding(llama_targe
 
     import llama_cpp
 
-    from eaglespec.backends.llamacpp import patch_revision
+    from eaglespec.backends.llamacpp import PATCH_REVISION, patch_revision
 
     if not (Path(sys.prefix) / ".eaglespec-llamacpp").exists():
         pytest.skip("this llama-cpp-python is not the one setup.sh builds (no .eaglespec-llamacpp in the environment)")
-    assert patch_revision(llama_cpp) >= 1
+    assert patch_revision(llama_cpp) == PATCH_REVISION  # the checkout's patch, not an older build's
     assert "eaglespec's patch" in llama_target.build  # as bench reports it
     assert "LLAMAFILE = 1" in llama_cpp.llama_print_system_info().decode()
     assert llama_target.min_rows == 1

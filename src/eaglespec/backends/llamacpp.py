@@ -20,9 +20,10 @@ One `llama_decode` verifies a whole tree:
 After verification `compact` keeps only the accepted path: `seq_rm` drops every other sequence
 and the accepted leaf's tail. In exact mode (the default) every row of a decode computes the bits
 it computes in plain decoding (docs/design.md, "llama.cpp backend"):
-- keys and values are kept in bf16: llama.cpp's CPU flash attention then runs each query row over
-  the cells in order whatever the batch and the cache length (with an F16 or F32 cache it splits a
-  lone row's cache across threads from 512 cells on, and tiles batches of 64 rows or more);
+- keys are kept in bf16 (values in f16): llama.cpp's CPU flash attention then runs each query row
+  over the cells in order whatever the batch and the cache length (with an F16 or F32 cache it
+  splits a lone row's cache across threads from 512 cells on, and tiles batches of 64 rows or
+  more); setup.sh's patched build does so in blocks of the cells a row sees, with a kernel of its own;
 - rejected cells stay occupied under a sequence no token reads, since a freed cell would be
   refilled by a later token out of position order, changing the order of the attention sums;
 - a decode of fewer rows than `min_rows` gets padding rows. Some weight types switch matmul
@@ -101,6 +102,10 @@ def build_id(lib) -> str:
     libs = sorted(folder.glob("*.so")) + sorted(folder.glob("*.dylib")) + sorted(folder.glob("*.dll"))
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in libs]
     return f"{getattr(lib, '__version__', '?')} {hashlib.sha256(repr(stats).encode()).hexdigest()[:12]}"
+
+
+#: the revision of patches/llama-cpp-python-*.patch in this checkout (its ggml_cpu_eaglespec_patch())
+PATCH_REVISION = 2
 
 
 def patch_revision(lib) -> int:
@@ -379,6 +384,9 @@ class LlamaCppTarget:
         if not self.patch:
             log.info("this llama-cpp-python is a stock build: a draft tree of a Q4_1 or Q8_0 model is verified "
                      "without a batched kernel (setup.sh builds llama.cpp with eaglespec's, patches/)")
+        elif self.patch < PATCH_REVISION:
+            log.info("this llama-cpp-python carries revision %d of eaglespec's patch; the checkout has revision %d "
+                     "(faster attention over the exact cache): rerun setup.sh to build it", self.patch, PATCH_REVISION)
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
         self._model = lib.llama_model_load_from_file(str(self.gguf).encode(), mparams)
