@@ -404,14 +404,28 @@ def test_the_hybrid_learns_how_often_the_lookup_chain_is_right():
     eagle = EagleDrafter(head_runner(oracle_head(target), target), TreeConfig(top_k=2, depth=3, total_tokens=8,
                                                                              sizing="cost"),
                          sizer=TreeSizer(STEEP, 7, draft_s=0.01))
-    hybrid = HybridDrafter(eagle, PromptLookupDrafter(num_tokens=4))
-    assert hybrid.odds == [CHAIN_PRIOR] * 4
-    hybrid._guess = [5, 6, 7, 8]
+    hybrid = HybridDrafter(eagle, PromptLookupDrafter(max_ngram=3, num_tokens=4))
+    assert hybrid.odds == [[CHAIN_PRIOR] * 4] * 4
+    hybrid._guess, hybrid._matched = [5, 6, 7, 8], 3
     hybrid._learn(torch.tensor([5, 6, 9]))  # two right, the third wrong, the fourth unseen
-    assert hybrid.odds[:3] == [pytest.approx(0.55), pytest.approx(0.55), pytest.approx(0.45)]
-    assert hybrid.odds[3] == CHAIN_PRIOR
+    assert hybrid.odds[3][:3] == [pytest.approx(0.55), pytest.approx(0.55), pytest.approx(0.45)]
+    assert hybrid.odds[3][3] == CHAIN_PRIOR
+    assert hybrid.odds[1] == [CHAIN_PRIOR] * 4  # chains found by a one-token match learn apart
     hybrid._learn(torch.tensor([5, 6]))  # nothing guessed last step: nothing learnt
-    assert hybrid.odds[0] == pytest.approx(0.55)
+    assert hybrid.odds[3][0] == pytest.approx(0.55)
+    hybrid._guess, hybrid._matched = [7, 8], 1
+    hybrid._learn(torch.tensor([9]))
+    assert hybrid.odds[1][0] == pytest.approx(0.45) and hybrid.odds[3][0] == pytest.approx(0.55)
+
+
+def test_the_lookup_drafter_says_how_long_a_match_found_its_chain():
+    from eaglespec.lookup import PromptLookupDrafter
+
+    d = PromptLookupDrafter(max_ngram=3, num_tokens=2)
+    d.observe(torch.tensor([1, 2, 3, 4, 9, 2, 3]), torch.empty(0))
+    assert d.guess() == [4, 9] and d.matched == 2  # "2 3" occurred before; "9 2 3" did not
+    d.observe(torch.tensor([7]), torch.empty(0))
+    assert d.guess() == [] and d.matched == 0
 
 
 @pytest.mark.parametrize("c", [FLAT, curve(1.0)], ids=["flat", "per-row"])

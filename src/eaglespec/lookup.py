@@ -30,6 +30,7 @@ class PromptLookupDrafter(Drafter):
         self.max_tree_size = num_tokens + 1
         self.prompt_features = 0  # tokens alone
         self.history: list[int] = []
+        self.matched = 0  # the n of the last guess's n-gram (0: nothing matched)
         #: latest[n - 1][gram]: the start of the latest occurrence of the n-gram that some token
         #: follows, kept as the history grows, so a guess costs a few lookups, not a scan
         self.latest: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram)]
@@ -59,7 +60,9 @@ class PromptLookupDrafter(Drafter):
         for n in range(min(self.max_ngram, len(h) - 1), 0, -1):
             start = self.latest[n - 1].get(tuple(h[-n:]))  # never the tail itself: nothing follows it yet
             if start is not None:
+                self.matched = n
                 return h[start + n : start + n + self.num_tokens]
+        self.matched = 0
         return []
 
 
@@ -72,9 +75,10 @@ class HybridDrafter(Drafter):
     the target's (greedy) or distributed as the target's (sampling).
 
     With a cost-sized EAGLE tree the chain is weighed too: its j-th token is right, given the ones
-    before it were, with a chance learnt from the target's tokens (`odds`, a moving average per
-    position), and the sizer keeps as many of its new nodes as raise the expected tokens per
-    second (`TreeSizer.extend`).
+    before it were, with a chance learnt from the target's tokens (`odds[n]`, a moving average per
+    position for chains found by an n-token match: what follows a lone repeated token is a far
+    weaker guess than what follows three), and the sizer keeps as many of its new nodes as raise
+    the expected tokens per second (`TreeSizer.extend`).
     """
 
     def __init__(self, eagle: Drafter, lookup: PromptLookupDrafter) -> None:
@@ -83,9 +87,11 @@ class HybridDrafter(Drafter):
         self.max_tree_size = eagle.max_tree_size + lookup.num_tokens
         self.feature_layers = eagle.feature_layers
         self.sizer = getattr(eagle, "sizer", None)
-        #: [num_tokens] P(the chain's j-th token is right | the tokens before it are)
-        self.odds = [CHAIN_PRIOR] * lookup.num_tokens
+        #: odds[n][j]: P(the chain's j-th token is right | the tokens before it are), for chains found
+        #: by an n-token match (n = 1 .. max_ngram; odds[0] is unused)
+        self.odds = [[CHAIN_PRIOR] * lookup.num_tokens for _ in range(lookup.max_ngram + 1)]
         self._guess: list[int] = []  # the last proposal's whole chain
+        self._matched = 0  # its match length
 
     @property
     def prompt_features(self) -> int | None:
@@ -105,16 +111,18 @@ class HybridDrafter(Drafter):
         """Score the last chain against the target's tokens after the root (`tokens`: the accepted
         ones and the bonus), each position given that the ones before it were right."""
         guess, self._guess = self._guess, []
+        odds = self.odds[self._matched]
         for j, (g, t) in enumerate(zip(guess, tokens.tolist())):  # host copy: once per step
             right = g == t
-            self.odds[j] += CHAIN_EMA * (right - self.odds[j])
+            odds[j] += CHAIN_EMA * (right - odds[j])
             if not right:
                 break
 
     def propose(self, root: torch.Tensor) -> DraftTree:
         tree = self.eagle.propose(root)
         chain = self._guess = self.lookup.guess()
+        self._matched = self.lookup.matched
         if self.sizer is None:
             return graft_chain(tree, chain)
-        reach = list(itertools.accumulate(self.odds[: len(chain)], operator.mul))  # P(right up to j)
+        reach = list(itertools.accumulate(self.odds[self._matched][: len(chain)], operator.mul))  # P(right up to j)
         return graft_chain(tree, chain, new_nodes=lambda matched: self.sizer.extend(reach[matched:]))
