@@ -152,11 +152,11 @@ def test_tree_rows_equal_plain_decoding_along_each_branch(llama_target, prompt):
 @needs_llamacpp
 @pytest.mark.slow
 def test_rows_stay_exact_over_blocks_of_cells_with_rejected_cells_between(llama_target):
-    """After 180 cached tokens, three tree steps each keep one path and leave the rejected nodes'
-    cells parked among the committed ones, which pushes kept tokens past cell 192 where plain
-    decoding's stay below it. Every node of a fourth tree, and the next token, still get the bits
-    that plain decoding of prompt + kept path gives them (set-up's build attends over the cells a
-    row sees in blocks of 64 of them, ggml's own loop one at a time)."""
+    """After 180 cached tokens (set-up's build attends over the cells a row sees in blocks of 64 of
+    them), three tree steps each keep one path and leave the rejected nodes' cells parked between
+    the kept ones, so the kept tokens sit in other cells than plain decoding puts them in. Every
+    node of a fourth tree, and the next token, still get the bits that plain decoding of prompt +
+    kept path gives them."""
     target = llama_target
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(100, 20000, (180,), generator=gen)
@@ -204,6 +204,22 @@ def test_a_row_rounds_alike_in_decodes_of_any_size_and_cache_length(llama_target
         finally:
             target.min_rows = measured
         assert not torch.equal(alone, rows[1])
+
+
+def test_the_patch_set_up_builds_carries_the_revision_the_backend_expects():
+    """setup.sh builds patches/llama-cpp-python-*.patch; its ggml_cpu_eaglespec_patch() must return
+    the PATCH_REVISION the backend compares a loaded build with."""
+    import re
+    from pathlib import Path
+
+    from eaglespec.backends.llamacpp import PATCH_REVISION
+
+    patches = sorted((Path(__file__).resolve().parents[1] / "patches").glob("llama-cpp-python-*.patch"))
+    assert len(patches) == 1
+    text = patches[0].read_text()
+    body = text[text.index("ggml_cpu_eaglespec_patch(void) {"):]
+    assert int(re.search(r"^\+\s+return (\d+);", body, re.M).group(1)) == PATCH_REVISION
+    assert f"revision ({PATCH_REVISION})" in text  # and its header says so
 
 
 @needs_llamacpp
