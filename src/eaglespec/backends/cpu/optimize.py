@@ -97,8 +97,8 @@ def draft_setup(target_dtype: torch.dtype, weights: Literal["auto", "int8", "ful
     dtype (None: chosen): bf16 for a bf16 target where bf16 linears can be pre-packed (a stock bf16
     matmul of a few rows is slower than fp32 here), float32 otherwise. weights: "int8" stores the
     linears as int8 (a draft step is bound by reading them); "full" keeps them in `dtype`,
-    pre-packed where oneDNN has it; "auto" is int8 where an int8 kernel pays (fp32 drafts where
-    fbgemm's dynamic kernel runs, bf16 drafts on AVX-512 CPUs: `int8_pays`), full elsewhere."""
+    pre-packed where oneDNN has it; "auto" is int8 where the int8 kernel pays (bf16 drafts on
+    AVX-512 CPUs), full elsewhere."""
     if dtype is None:
         bf16 = target_dtype == torch.bfloat16 and packing_available(CPU, torch.bfloat16)
         dtype = torch.bfloat16 if bf16 else torch.float32

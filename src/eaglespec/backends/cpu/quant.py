@@ -72,16 +72,18 @@ def _prepack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
 
 
 def int8_pays(device: torch.device, dtype: torch.dtype) -> bool:
-    """Int8 draft weights are worth their rounding: for bf16 drafts on CPUs with AVX-512 (on a Xeon
+    """Int8 draft weights are worth their rounding: for bf16 drafts on CPUs with AVX-512. On a Xeon
     with AMX they cut drafting from 23 to 18 ms per step against bf16 packed weights, on a Zen 4
-    EPYC from 5.9 to 4.5 ms) and for fp32 drafts where fbgemm's dynamic kernel runs. On a Zen 3
-    EPYC (AVX2) that kernel halves a draft (an 8-node step's proposal 13.7 -> 7.3 ms beside the
-    Q4_1 GGUF) for about 0.05 less tau; beside the F32 GGUF, now that set-up's llama.cpp build
-    verifies a row for a fifth of a forward, the default ran 4-5% faster with it in two runs
-    (1.22x against 1.16x and 1.17x plain decoding) and within 1% on the Q4_1 GGUF
-    (docs/benchmarks.md, "Attention in blocks of visible cells")."""
-    if dtype == torch.float32:
-        return device.type == "cpu" and dynamic_int8_available()
+    EPYC from 5.9 to 4.5 ms. fp32 drafts keep full weights: on a Zen 3 EPYC (AVX2) fbgemm's kernel
+    cut a draft's base from 5.54 to 3.65 ms and a depth from 4.57 to 2.25 ms, yet over the F32 GGUF the
+    speed stayed where it was (1.07x and 1.04x plain decoding, tau 1.66 both: the sizer rests on
+    most steps there either way, `tools/spec_overhead.py --draft-weights`), and the 8-bit proposals
+    accepted fewer tokens in `eaglespec bench` (tau 1.76 against 1.82). With verification cheaper
+    (set-up's patch revision 2) int8 made the default 4-5% faster over the F32 GGUF and no faster
+    over the shipped Q4_1, but fbgemm rounds each call's activations to 7 bits with one scale, and
+    the head's inputs carry outlier channels (|x| up to 31): after a 4-token prompt its first
+    guesses turned to other tokens, and sampled drafts were accepted in 0 of 60 draws against 45
+    with full weights."""
     return (int8_kernel_available(device) and dtype == torch.bfloat16
             and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
