@@ -406,14 +406,14 @@ def test_the_hybrid_learns_how_often_the_lookup_chain_is_right():
                          sizer=TreeSizer(STEEP, 7, draft_s=0.01))
     hybrid = HybridDrafter(eagle, PromptLookupDrafter(max_ngram=3, num_tokens=4))
     assert hybrid.odds == [[CHAIN_PRIOR] * 4] * 4
-    hybrid._guess, hybrid._matched = [5, 6, 7, 8], 3
+    hybrid._guess, hybrid.lookup.matched = [5, 6, 7, 8], 3
     hybrid._learn(torch.tensor([5, 6, 9]))  # two right, the third wrong, the fourth unseen
     assert hybrid.odds[3][:3] == [pytest.approx(0.55), pytest.approx(0.55), pytest.approx(0.45)]
     assert hybrid.odds[3][3] == CHAIN_PRIOR
     assert hybrid.odds[1] == [CHAIN_PRIOR] * 4  # chains found by a one-token match learn apart
     hybrid._learn(torch.tensor([5, 6]))  # nothing guessed last step: nothing learnt
     assert hybrid.odds[3][0] == pytest.approx(0.55)
-    hybrid._guess, hybrid._matched = [7, 8], 1
+    hybrid._guess, hybrid.lookup.matched = [7, 8], 1
     hybrid._learn(torch.tensor([9]))
     assert hybrid.odds[1][0] == pytest.approx(0.45) and hybrid.odds[3][0] == pytest.approx(0.55)
 

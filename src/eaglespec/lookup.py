@@ -90,8 +90,7 @@ class HybridDrafter(Drafter):
         #: odds[n][j]: P(the chain's j-th token is right | the tokens before it are), for chains found
         #: by an n-token match (n = 1 .. max_ngram; odds[0] is unused)
         self.odds = [[CHAIN_PRIOR] * lookup.num_tokens for _ in range(lookup.max_ngram + 1)]
-        self._guess: list[int] = []  # the last proposal's whole chain
-        self._matched = 0  # its match length
+        self._guess: list[int] = []  # the last proposal's whole chain (found by a lookup.matched-token match)
 
     @property
     def prompt_features(self) -> int | None:
@@ -111,7 +110,7 @@ class HybridDrafter(Drafter):
         """Score the last chain against the target's tokens after the root (`tokens`: the accepted
         ones and the bonus), each position given that the ones before it were right."""
         guess, self._guess = self._guess, []
-        odds = self.odds[self._matched]
+        odds = self.odds[self.lookup.matched]
         for j, (g, t) in enumerate(zip(guess, tokens.tolist())):  # host copy: once per step
             right = g == t
             odds[j] += CHAIN_EMA * (right - odds[j])
@@ -121,8 +120,7 @@ class HybridDrafter(Drafter):
     def propose(self, root: torch.Tensor) -> DraftTree:
         tree = self.eagle.propose(root)
         chain = self._guess = self.lookup.guess()
-        self._matched = self.lookup.matched
         if self.sizer is None:
             return graft_chain(tree, chain)
-        reach = list(itertools.accumulate(self.odds[self._matched][: len(chain)], operator.mul))  # P(right up to j)
+        reach = list(itertools.accumulate(self.odds[self.lookup.matched][: len(chain)], operator.mul))  # P(right up to j)
         return graft_chain(tree, chain, new_nodes=lambda matched: self.sizer.extend(reach[matched:]))
