@@ -68,6 +68,34 @@ def draft_token_ids(d2t: torch.Tensor) -> torch.Tensor:
     return torch.arange(d2t.shape[0], device=d2t.device) + d2t
 
 
+class DraftVocabulary:
+    """The d2t/t2d buffers of a head module with a `config` (EAGLE-1/2 and EAGLE-3 heads alike):
+    draft id i stands for target id i + d2t[i]; t2d marks the target ids drafted."""
+
+    d2t: torch.Tensor
+    t2d: torch.Tensor
+
+    def _init_vocab(self, k: int) -> None:
+        d2t, t2d = empty_vocab_maps(k, self.config.vocab_size)
+        self.register_buffer("d2t", d2t)
+        self.register_buffer("t2d", t2d)
+
+    def draft_token_ids(self) -> torch.Tensor:
+        """[K] the target token id of each draft-vocabulary entry."""
+        return draft_token_ids(self.d2t)
+
+    def _store_vocab(self, ids: torch.Tensor) -> None:
+        """Keep the maps of `ids` ([K] sorted distinct target ids, checked by the caller), on the
+        buffers' device."""
+        d2t, t2d = vocab_maps(ids, self.config.vocab_size)
+        self.d2t, self.t2d = d2t.to(self.d2t.device), t2d.to(self.t2d.device)
+
+
+def sorted_vocab_ids(token_ids: torch.Tensor) -> torch.Tensor:
+    """[K] distinct target ids in ascending order, on the CPU, from any order or container."""
+    return torch.unique(torch.as_tensor(token_ids, dtype=torch.long).cpu())
+
+
 def unrolled_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
                        earlier: list[tuple[torch.Tensor, torch.Tensor]], groups: int, head_dim: int) -> torch.Tensor:
     """Attention of unrolled draft step s = len(earlier) at every anchor at once (training-time
@@ -167,7 +195,7 @@ class DraftLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DraftHead(nn.Module):
+class DraftHead(DraftVocabulary, nn.Module):
     """Predicts the target's next top feature from (feature t, token t+1)."""
 
     def __init__(self, config: HeadConfig) -> None:
@@ -179,11 +207,7 @@ class DraftHead(nn.Module):
         self.layers = nn.ModuleList([DraftLayer(config, i) for i in range(n_layers)])
         # Not a registered submodule: a dtype cast of the head must not round inv_freq to bf16.
         object.__setattr__(self, "rotary", rotary(config))
-        vocab = config.vocab_size
-        k = config.draft_vocab_size or vocab
-        d2t, t2d = empty_vocab_maps(k, vocab)
-        self.register_buffer("d2t", d2t)
-        self.register_buffer("t2d", t2d)
+        self._init_vocab(config.draft_vocab_size or config.vocab_size)
 
     @property
     def hidden_size(self) -> int:
@@ -202,18 +226,12 @@ class DraftHead(nn.Module):
     def reduced_vocab(self) -> bool:
         return self.d2t.shape[0] != self.config.vocab_size
 
-    def draft_token_ids(self) -> torch.Tensor:
-        """[K] the target token id of each draft-vocabulary entry."""
-        return draft_token_ids(self.d2t)
-
     def set_vocab(self, token_ids: torch.Tensor) -> None:
         """Restrict drafting to these target token ids ([K] long, any order; stored sorted)."""
-        ids = torch.unique(token_ids.to(torch.long).cpu())  # sorted, distinct
+        ids = sorted_vocab_ids(token_ids)
         if ids.numel() == 0 or ids[0] < 0 or ids[-1] >= self.config.vocab_size:
             raise DraftHeadError(f"draft vocabulary ids must lie in [0, {self.config.vocab_size})")
-        device = self.fc.weight.device
-        d2t, t2d = vocab_maps(ids, self.config.vocab_size)
-        self.d2t, self.t2d = d2t.to(device), t2d.to(device)
+        self._store_vocab(ids)
         self.config.draft_vocab_size = ids.numel()
 
     def forward(

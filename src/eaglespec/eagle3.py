@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from eaglespec.aux_features import aux_layer_ids
-from eaglespec.draft import DraftHeadError, draft_token_ids, empty_vocab_maps, unrolled_attention, vocab_maps
+from eaglespec.draft import DraftHeadError, DraftVocabulary, sorted_vocab_ids, unrolled_attention
 from eaglespec.layers import (DraftKVCache, GatedMLP, HeadConfig, HeadConfigError, RMSNorm, attention_qkv,
                               cached_attention, rotary)
 
@@ -158,7 +158,7 @@ class Eagle3Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Eagle3Head(nn.Module):
+class Eagle3Head(DraftVocabulary, nn.Module):
     """EAGLE-3 head: fused target features (first step) or its own outputs (later steps) plus the
     next token's embedding -> hidden output -> draft-vocabulary logits."""
 
@@ -175,9 +175,7 @@ class Eagle3Head(nn.Module):
         self.lm_head = nn.Linear(h, k, bias=False)
         # Not a registered submodule: a dtype cast of the head must not round inv_freq to bf16.
         object.__setattr__(self, "rotary", rotary(config))
-        d2t, t2d = empty_vocab_maps(k, vocab)
-        self.register_buffer("d2t", d2t)
-        self.register_buffer("t2d", t2d)
+        self._init_vocab(k)
 
     # -- shape and vocabulary --------------------------------------------------------------------
 
@@ -197,19 +195,13 @@ class Eagle3Head(nn.Module):
     def aux_layer_ids(self) -> tuple[int, ...]:
         return tuple(self.config.extra[AUX_KEY])
 
-    def draft_token_ids(self) -> torch.Tensor:
-        """[K] the target token id of each draft-vocabulary entry."""
-        return draft_token_ids(self.d2t)
-
     def set_vocab(self, token_ids: torch.Tensor) -> None:
         """Draft over these target ids ([K] long, any order; stored sorted). K must be lm_head's size."""
-        ids = torch.unique(torch.as_tensor(token_ids, dtype=torch.long).cpu())  # sorted, distinct
+        ids = sorted_vocab_ids(token_ids)
         if ids.numel() != self.draft_vocab_size or ids[0] < 0 or ids[-1] >= self.config.vocab_size:
             raise Eagle3Error(f"the draft vocabulary must be {self.draft_vocab_size} distinct ids in "
                               f"[0, {self.config.vocab_size}), got {ids.numel()}")
-        device = self.d2t.device
-        d2t, t2d = vocab_maps(ids, self.config.vocab_size)
-        self.d2t, self.t2d = d2t.to(device), t2d.to(device)
+        self._store_vocab(ids)
 
     def new_cache(self, max_len: int, device: torch.device | str, dtype: torch.dtype) -> DraftKVCache:
         """An empty KV cache of `max_len` pairs."""
