@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
-ANSWERS = Path(__file__).resolve().parent.parent / "data" / "answers" / "smollm2-135m-instruct"
 MULT = np.uint64(1_000_003)
 
 
 def datastore() -> np.ndarray:
     """The stored answers as one int64 array, each followed by -1 (no n-gram spans two)."""
-    from eaglespec.train.answers import read_chunk
+    from eaglespec.train.answers import SHIPPED_STORE, read_chunk, store_chunks
 
-    answers = [a for chunk in sorted(ANSWERS.glob("answers-*.npz")) for a in read_chunk(chunk).values()]
+    answers = [a for chunk in store_chunks(SHIPPED_STORE) for a in read_chunk(chunk).values()]
     return np.fromiter((t for a in answers for t in (*a, -1)), dtype=np.int64)
 
 

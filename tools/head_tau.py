@@ -15,20 +15,19 @@ answers:K drafts over the K tokens most frequent in the stored target-written an
 from __future__ import annotations
 
 import argparse
-import glob
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ANSWERS = Path(__file__).resolve().parent.parent / "data" / "answers" / "smollm2-135m-instruct"
 
 
 def answer_counts(vocab_size: int) -> np.ndarray:
     """[V] how often each token occurs in the stored answers."""
+    from eaglespec.train.answers import SHIPPED_STORE, store_chunks
+
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for f in sorted(glob.glob(str(ANSWERS / "*.npz"))):
+    for f in store_chunks(SHIPPED_STORE):
         counts += np.bincount(np.load(f)["tokens"], minlength=vocab_size)
     return counts
 

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 #: answers per chunk file; a killed run loses at most this many from the store (they stay in its
 #: run folder's *.regen.jsonl, and the next run over that folder adds them)
 CHUNK_ROWS = 500
+#: the default target's answers, kept in the repository (found from a checkout, not from a wheel)
+SHIPPED_STORE = Path(__file__).resolve().parents[3] / "data" / "answers" / "smollm2-135m-instruct"
 
 
 class StoreMismatch(ValueError):
@@ -66,7 +68,7 @@ class AnswerStore:
         self._pending: list[tuple[str, list[int]]] = []
 
     def _chunks(self) -> list[Path]:
-        return sorted(self.root.glob("answers-*.npz"))
+        return store_chunks(self.root)
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -93,6 +95,11 @@ class AnswerStore:
             chunks = self._chunks()
             index = int(chunks[-1].stem.split("-")[1]) + 1 if chunks else 0
             write_chunk(self.root / f"answers-{index:05d}.npz", part)
+
+
+def store_chunks(root: Path) -> list[Path]:
+    """A store folder's chunk files, oldest first."""
+    return sorted(Path(root).glob("answers-*.npz"))
 
 
 def write_chunk(path: Path, rows: list[tuple[str, list[int]]]) -> None:
