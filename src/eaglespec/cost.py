@@ -51,8 +51,11 @@ DRAFT_EMA = 0.2
 CALIBRATION_EMA = 0.05
 #: at most this many blocks of `repeats` rounds when the curve looks disturbed (`plausible`)
 MAX_PROBE_BLOCKS = 3
-#: weight of the newest drafted step in the moving average of speculation's rate
-RATE_EMA = 0.2
+#: what a drafted step's tokens and seconds still weigh in speculation's rate after each later
+#: drafted step (about the last ten steps count)
+RATE_DECAY = 0.9
+#: weight of the newest step of the root alone in the moving average of its measured time
+PLAIN_EMA = 0.2
 #: the most steps the drafter rests at a stretch when speculation pays less than plain decoding
 MAX_REST = 32
 #: a timed sizer verifies the root alone at the start of each sequence and after this many drafted
@@ -226,10 +229,13 @@ class TreeSizer:
     `extend` keeps as many as raise the expected rate, given each one's acceptance odds.
 
     Where verifying costs per row (a 4-bit GGUF on a CPU without a batched kernel for it) even
-    the best tree can pay less than plain decoding. The sizer keeps a moving average of the rate
-    drafted steps reached (accepted tokens over the modelled forward plus the draft time) and,
-    while it is below plain decoding's 1 / c(1), `should_draft` says to rest: 1 step, then 2, 4,
-    ... up to MAX_REST, drafting once between rests to measure again.
+    the best tree can pay less than plain decoding. The sizer keeps the rate drafted steps reached
+    lately, their accepted tokens over their seconds (the modelled forward plus the draft time),
+    both sums decaying by RATE_DECAY per drafted step, and, while it is below plain decoding's
+    1 / c(1), `should_draft` says to rest: 1 step, then 2, 4, ... up to MAX_REST, drafting once
+    between rests to measure again. A ratio of sums weighs each step by its time; an average of
+    per-step rates, which it replaced, sank below plain decoding's after a step or two that
+    accepted nothing and rested where drafting paid on the whole (F32 targets on a CPU).
 
     The curve is probed after a short context, where a verified row's attention is cheap; after a
     long prompt each row costs more than it says. A `timed` sizer is told each step's measured
@@ -260,7 +266,9 @@ class TreeSizer:
         self.pending_extra = 0.0  # expected accepted nodes of the extension (`extend`)
         self.last_draft_s = 0.0  # the last proposal's draft time
         self._depths: list[float] = []  # this proposal's head runs so far (seconds)
-        self.spec_rate: float | None = None  # moving average: tokens per second of drafted steps
+        self.spec_rate: float | None = None  # tokens per second of drafted steps, lately
+        self._spec_tokens = 0.0  # decaying sums over drafted steps: tokens, and seconds
+        self._spec_seconds = 0.0
         self._rest_left = 0  # steps still to rest
         self._rest_next = 1  # the next rest's length
         self.rested = 0  # steps decoded without drafting (for reports)
@@ -401,7 +409,7 @@ class TreeSizer:
         self._step_s = seconds
         self._timing = False
         if self.pending_nodes == 0:
-            self.plain_s = seconds if self.plain_s is None else (1 - RATE_EMA) * self.plain_s + RATE_EMA * seconds
+            self.plain_s = seconds if self.plain_s is None else (1 - PLAIN_EMA) * self.plain_s + PLAIN_EMA * seconds
             self._since_plain = 0
 
     def record_accepted(self, accepted: int) -> None:
@@ -413,8 +421,9 @@ class TreeSizer:
         predicted, self.pending = self.pending, None
         # measured against measured: the step's own time once plain decoding has been timed too
         forward_s = step_s if step_s is not None and self.plain_s is not None else self.cost(self.pending_nodes)
-        rate = (accepted + 1) / (forward_s + self.last_draft_s)
-        self.spec_rate = rate if self.spec_rate is None else (1 - RATE_EMA) * self.spec_rate + RATE_EMA * rate
+        self._spec_tokens = RATE_DECAY * self._spec_tokens + accepted + 1
+        self._spec_seconds = RATE_DECAY * self._spec_seconds + forward_s + self.last_draft_s
+        self.spec_rate = self._spec_tokens / self._spec_seconds
         if self.resting:
             self._rest_left, self._rest_next = self._rest_next, min(2 * self._rest_next, MAX_REST)
         else:
