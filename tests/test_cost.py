@@ -508,3 +508,18 @@ def test_a_step_or_two_that_accept_nothing_do_not_stop_drafting_that_pays_on_the
 
     assert not all(run([2, 0, 0], 40))
     assert all(run([2, 2, 2, 0, 0], 40))
+
+
+def test_a_rest_in_progress_goes_on_into_the_next_sequence():
+    """Drafting has not paid: the sizer rests 1, 2, 4 ... steps. A new sequence does not end the
+    rest (a short answer would pay for a probe each time), and the rest still ends when it is over."""
+    sizer = TreeSizer(curve(0.5), 63, draft_s=0.015)
+    while sizer._rest_next < 8:  # steps that gain nothing, until a rest of 4 is under way
+        if sizer.should_draft():
+            sizer.choose(CONFIDENCES)
+            sizer.record_draft(0.0)
+            sizer.record_accepted(0)
+    left = sizer._rest_left
+    assert left > 0
+    sizer.begin()
+    assert [sizer.should_draft() for _ in range(left + 1)] == [False] * left + [True]

@@ -438,8 +438,10 @@ class TreeSizer:
             self.scale = min(hi, max(lo, self._accepted_ema / self._predicted_ema))
 
     def begin(self) -> None:
-        """A new sequence: the prompt is no verdict on a tree. What was learnt of the rates stays."""
+        """A new sequence: the prompt is no verdict on a tree. What was learnt of the rates stays,
+        and so does a rest in progress: drafting has not paid lately, a new prompt is no sign that
+        it will, and a probe costs a draft and the head's catch-up over the prompt's last
+        positions, which a short answer feels most."""
         self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
         self._depths = []
-        self._rest_left = 0
         self.plain_s, self._step_s, self._since_plain, self._timing = None, None, 0, False  # another cache length
