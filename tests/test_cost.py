@@ -486,7 +486,6 @@ def test_the_timed_draft_leaves_out_the_catch_up_commit():
     assert committed[:2] == [39, 1] and committed[2] >= 3 and committed[3] == 1
 
 
-
 def test_a_step_or_two_that_accept_nothing_do_not_stop_drafting_that_pays_on_the_whole():
     """Drafted steps of two nodes take 0.06 s (a forward of three tokens, 0.05 s, and 0.01 s of
     draft) against 0.03 s for plain decoding's one token: a step that accepts both nodes makes 50
