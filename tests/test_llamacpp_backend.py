@@ -8,6 +8,7 @@ through llama-cpp-python and is skipped, saying why, where either is missing.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import math
 
@@ -220,6 +221,75 @@ def test_the_patch_set_up_builds_carries_the_revision_the_backend_expects():
     body = text[text.index("ggml_cpu_eaglespec_patch(void) {"):]
     assert int(re.search(r"^\+\s+return (\d+);", body, re.M).group(1)) == PATCH_REVISION
     assert f"revision ({PATCH_REVISION})" in text  # and its header says so
+
+
+class GgmlInitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def f32_products(folder, weight: np.ndarray, columns: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """ggml's F32 mul_mat of weight [m, k] by the first n rows of columns [N, k], for each n in
+    counts, on 2 threads, through the ggml libraries in `folder`: one [n, m] array per count."""
+    base = ctypes.CDLL(str(next(folder.glob("libggml-base.so*"))))
+    cpu = ctypes.CDLL(str(next(folder.glob("libggml-cpu.so*"))))
+    p = ctypes.c_void_p
+    base.ggml_init.argtypes, base.ggml_init.restype = [GgmlInitParams], p
+    base.ggml_new_tensor_2d.argtypes, base.ggml_new_tensor_2d.restype = [p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], p
+    base.ggml_mul_mat.argtypes, base.ggml_mul_mat.restype = [p, p, p], p
+    base.ggml_new_graph.argtypes, base.ggml_new_graph.restype = [p], p
+    base.ggml_build_forward_expand.argtypes = [p, p]
+    base.ggml_get_data.argtypes, base.ggml_get_data.restype = [p], p
+    base.ggml_free.argtypes = [p]
+    cpu.ggml_graph_compute_with_ctx.argtypes, cpu.ggml_graph_compute_with_ctx.restype = [p, p, ctypes.c_int], ctypes.c_int
+    m, k = weight.shape
+    need = 4 * (m * k + 2 * sum(counts) * max(m, k)) + (len(counts) + 1) * (1 << 20)
+    ctx = base.ggml_init(GgmlInitParams(need, None, False))
+    assert ctx
+
+    def tensor(rows: int, cols: int, values: np.ndarray | None = None):
+        t = base.ggml_new_tensor_2d(ctx, 0, cols, rows)  # GGML_TYPE_F32; ne0 = the contiguous dimension
+        if values is not None:
+            ctypes.memmove(base.ggml_get_data(t), np.ascontiguousarray(values, dtype=np.float32).ctypes.data, values.nbytes)
+        return t
+
+    try:
+        w = tensor(m, k, weight)
+        out = []
+        for n in counts:
+            y = base.ggml_mul_mat(ctx, w, tensor(n, k, columns[:n]))
+            graph = base.ggml_new_graph(ctx)
+            base.ggml_build_forward_expand(graph, y)
+            assert cpu.ggml_graph_compute_with_ctx(ctx, graph, 2) == 0
+            out.append(np.ctypeslib.as_array(ctypes.cast(base.ggml_get_data(y), ctypes.POINTER(ctypes.c_float)),
+                                             shape=(n, m)).copy())
+        return out
+    finally:
+        base.ggml_free(ctx)
+
+
+@needs_llamacpp
+def test_the_set_up_builds_f32_products_give_each_column_its_bits_alone():
+    """F32 trees are verified by the patch's own kernel from 2 to 64 rows and by llamafile's sgemm
+    for one row and for more than 64: every column of a product of any width must get the bits it
+    gets alone (an F32 model's trees are exact without padding), at an LM head's width and at a
+    layer's, and with an input width that is a multiple of 8 but not of 64."""
+    import llama_cpp
+
+    from eaglespec.backends.llamacpp import lib_folder, patch_revision
+
+    if patch_revision(llama_cpp) < 3:
+        pytest.skip("this llama-cpp-python lacks revision 3 of eaglespec's patch (setup.sh builds it)")
+    rng = np.random.default_rng(0)
+    counts = [1, 2, 3, 5, 7, 8, 9, 16, 17, 33, 64, 65, 100]
+    for m, k in ((4099, 576), (576, 1536), (301, 200)):
+        weight = rng.standard_normal((m, k), dtype=np.float32)
+        columns = rng.standard_normal((max(counts), k), dtype=np.float32)
+        products = f32_products(lib_folder(llama_cpp), weight, columns, counts)
+        last = {n: f32_products(lib_folder(llama_cpp), weight, columns[n - 1:n], [1])[0][0] for n in counts}
+        for n, product in zip(counts, products):
+            assert np.array_equal(product[-1], last[n]), f"m={m} k={k}: column {n} of {n} differs from itself alone"
+            assert np.array_equal(product[0], products[0][0]), f"m={m} k={k}: column 1 of {n} differs from itself alone"
+            assert np.allclose(product, columns[:n] @ weight.T, rtol=1e-4, atol=1e-3)  # and it is the product
 
 
 @needs_llamacpp
