@@ -227,9 +227,14 @@ class GgmlInitParams(ctypes.Structure):
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
-def f32_products(folder, weight: np.ndarray, columns: np.ndarray, counts: list[int]) -> list[np.ndarray]:
-    """ggml's F32 mul_mat of weight [m, k] by the first n rows of columns [N, k], for each n in
-    counts, on 2 threads, through the ggml libraries in `folder`: one [n, m] array per count."""
+#: ggml's type ids and numpy's dtypes for the weights `ggml_products` takes
+GGML_TYPES = {"f32": (0, np.float32), "f16": (1, np.float16)}
+
+
+def ggml_products(folder, weight: np.ndarray, columns: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """ggml's mul_mat of weight [m, k] (float32 or float16) by the first n rows of columns [N, k]
+    (float32), for each n in counts, on 2 threads, through the ggml libraries in `folder`: one
+    [n, m] float32 array per count."""
     base = ctypes.CDLL(str(next(folder.glob("libggml-base.so*"))))
     cpu = ctypes.CDLL(str(next(folder.glob("libggml-cpu.so*"))))
     p = ctypes.c_void_p
@@ -242,14 +247,14 @@ def f32_products(folder, weight: np.ndarray, columns: np.ndarray, counts: list[i
     base.ggml_free.argtypes = [p]
     cpu.ggml_graph_compute_with_ctx.argtypes, cpu.ggml_graph_compute_with_ctx.restype = [p, p, ctypes.c_int], ctypes.c_int
     m, k = weight.shape
-    need = 4 * (m * k + 2 * sum(counts) * max(m, k)) + (len(counts) + 1) * (1 << 20)
+    need = 4 * (m * k + 3 * sum(counts) * max(m, k)) + (len(counts) + 1) * (1 << 20)
     ctx = base.ggml_init(GgmlInitParams(need, None, False))
     assert ctx
 
-    def tensor(rows: int, cols: int, values: np.ndarray | None = None):
-        t = base.ggml_new_tensor_2d(ctx, 0, cols, rows)  # GGML_TYPE_F32; ne0 = the contiguous dimension
-        if values is not None:
-            ctypes.memmove(base.ggml_get_data(t), np.ascontiguousarray(values, dtype=np.float32).ctypes.data, values.nbytes)
+    def tensor(rows: int, cols: int, values: np.ndarray) -> int:
+        kind = next(t for t, dtype in GGML_TYPES.values() if dtype == values.dtype)
+        t = base.ggml_new_tensor_2d(ctx, kind, cols, rows)  # ne0 = the contiguous dimension
+        ctypes.memmove(base.ggml_get_data(t), np.ascontiguousarray(values).ctypes.data, values.nbytes)
         return t
 
     try:
@@ -268,28 +273,32 @@ def f32_products(folder, weight: np.ndarray, columns: np.ndarray, counts: list[i
 
 
 @needs_llamacpp
-def test_the_set_up_builds_f32_products_give_each_column_its_bits_alone():
-    """F32 trees are verified by the patch's own kernel from 2 to 64 rows and by llamafile's sgemm
-    for one row and for more than 64: every column of a product of any width must get the bits it
-    gets alone (an F32 model's trees are exact without padding), at an LM head's width and at a
-    layer's, and with an input width that is a multiple of 8 but not of 64."""
+@pytest.mark.parametrize("weights, revision", [("f32", 3), ("f16", 4)])
+def test_the_set_up_builds_products_give_each_column_its_bits_alone(weights, revision):
+    """The patch's F32 kernel takes 2 to 64 rows (llamafile's sgemm one row and more than 64), its
+    F16 kernel 1 to 64 (ggml's dot products more): every column of a product of any width must get
+    the bits it gets alone, so that trees of such models are exact without padding. At an LM head's
+    width and at a layer's, and with an input width that is a multiple of 8 but not of 32 or 64."""
     import llama_cpp
 
     from eaglespec.backends.llamacpp import lib_folder, patch_revision
 
-    if patch_revision(llama_cpp) < 3:
-        pytest.skip("this llama-cpp-python lacks revision 3 of eaglespec's patch (setup.sh builds it)")
+    if patch_revision(llama_cpp) < revision:
+        pytest.skip(f"this llama-cpp-python lacks revision {revision} of eaglespec's patch (setup.sh builds it)")
+    folder, dtype = lib_folder(llama_cpp), GGML_TYPES[weights][1]
     rng = np.random.default_rng(0)
-    counts = [1, 2, 3, 5, 7, 8, 9, 16, 17, 33, 64, 65, 100]
+    counts = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 65, 100]
     for m, k in ((4099, 576), (576, 1536), (301, 200)):
-        weight = rng.standard_normal((m, k), dtype=np.float32)
+        weight = rng.standard_normal((m, k), dtype=np.float32).astype(dtype)
         columns = rng.standard_normal((max(counts), k), dtype=np.float32)
-        products = f32_products(lib_folder(llama_cpp), weight, columns, counts)
-        last = {n: f32_products(lib_folder(llama_cpp), weight, columns[n - 1:n], [1])[0][0] for n in counts}
+        products = ggml_products(folder, weight, columns, counts)
+        last = {n: ggml_products(folder, weight, columns[n - 1:n], [1])[0][0] for n in counts}
+        # F16 weights take their activations rounded to F16 too
+        exact = columns.astype(dtype).astype(np.float32) @ weight.astype(np.float32).T
         for n, product in zip(counts, products):
             assert np.array_equal(product[-1], last[n]), f"m={m} k={k}: column {n} of {n} differs from itself alone"
             assert np.array_equal(product[0], products[0][0]), f"m={m} k={k}: column 1 of {n} differs from itself alone"
-            assert np.allclose(product, columns[:n] @ weight.T, rtol=1e-4, atol=1e-3)  # and it is the product
+            assert np.allclose(product, exact[:n], rtol=1e-4, atol=1e-3)  # and it is the product
 
 
 @needs_llamacpp
