@@ -276,7 +276,7 @@ def ggml_products(folder, weight: np.ndarray, columns: np.ndarray, counts: list[
 @pytest.mark.parametrize("weights, revision", [("f32", 3), ("f16", 4)])
 def test_the_set_up_builds_products_give_each_column_its_bits_alone(weights, revision):
     """The patch's F32 kernel takes 2 to 64 rows (llamafile's sgemm one row and more than 64), its
-    F16 kernel 1 to 64 (ggml's dot products more): every column of a product of any width must get
+    F16 kernel any number, in blocks of 128: every column of a product of any width must get
     the bits it gets alone, so that trees of such models are exact without padding. At an LM head's
     width and at a layer's, and with an input width that is a multiple of 8 but not of 32 or 64."""
     import llama_cpp
@@ -287,7 +287,7 @@ def test_the_set_up_builds_products_give_each_column_its_bits_alone(weights, rev
         pytest.skip(f"this llama-cpp-python lacks revision {revision} of eaglespec's patch (setup.sh builds it)")
     folder, dtype = lib_folder(llama_cpp), GGML_TYPES[weights][1]
     rng = np.random.default_rng(0)
-    counts = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 65, 100]
+    counts = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 65, 100, 129, 300]
     for m, k in ((4099, 576), (576, 1536), (301, 200)):
         weight = rng.standard_normal((m, k), dtype=np.float32).astype(dtype)
         columns = rng.standard_normal((max(counts), k), dtype=np.float32)
