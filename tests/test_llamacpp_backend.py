@@ -227,41 +227,88 @@ class GgmlInitParams(ctypes.Structure):
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
-#: ggml's type ids and numpy's dtypes for the weights `ggml_products` takes
-GGML_TYPES = {"f32": (0, np.float32), "f16": (1, np.float16)}
+#: ggml's type ids of the weight types `ggml_products` takes
+GGML_TYPES = {"f32": 0, "f16": 1, "bf16": 30}
 
 
-def ggml_products(folder, weight: np.ndarray, columns: np.ndarray, counts: list[int]) -> list[np.ndarray]:
-    """ggml's mul_mat of weight [m, k] (float32 or float16) by the first n rows of columns [N, k]
-    (float32), for each n in counts, on 2 threads, through the ggml libraries in `folder`: one
-    [n, m] float32 array per count."""
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounded to nearest even as ggml rounds (no NaNs here)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def stored(x: np.ndarray, weights: str) -> np.ndarray:
+    """float32 values as ggml stores them in a tensor of that type."""
+    if weights == "bf16":
+        return to_bf16(x)
+    return x.astype({"f32": np.float32, "f16": np.float16}[weights])
+
+
+def widened(x: np.ndarray, weights: str) -> np.ndarray:
+    """float32 values rounded to that type (what ggml multiplies them as)."""
+    if weights == "bf16":
+        return (to_bf16(x).astype(np.uint32) << 16).view(np.float32)
+    return stored(x, weights).astype(np.float32)
+
+
+def vec_dot_reference(weight: np.ndarray, column: np.ndarray, weights: str) -> np.ndarray:
+    """[m] what ggml_vec_dot_f16 / ggml_vec_dot_bf16 (AVX2) compute for each row of weight [m, k]
+    and column [k], both already rounded to that type: four 8-lane chains over steps of 32 (a
+    product of two such values is exact in float32, so a sum of products is a fused multiply-add),
+    their reduction, the leftovers added in double, rounded to float32."""
+    m, k = weight.shape
+    full = k - k % 32
+    products = (weight[:, :full] * column[:full]).reshape(m, full // 32, 4, 8)  # exact
+    chains = np.zeros((m, 4, 8), dtype=np.float32)
+    for step in range(full // 32):
+        chains += products[:, step]
+    x = (chains[:, 0] + chains[:, 2]) + (chains[:, 1] + chains[:, 3])  # [m, 8]
+    if weights == "f16":  # GGML_F32x8_REDUCE: halves, then two horizontal adds
+        t = x[:, :4] + x[:, 4:]
+        total = (t[:, 0] + t[:, 1]) + (t[:, 2] + t[:, 3])
+    else:  # ggml_vec_dot_bf16: halves, then movehl and movehdup adds
+        g = x[:, 4:] + x[:, :4]
+        total = (g[:, 0] + g[:, 2]) + (g[:, 1] + g[:, 3])
+    total = total.astype(np.float64)
+    for i in range(full, k):
+        total += (weight[:, i] * column[i]).astype(np.float64)
+    return total.astype(np.float32)
+
+
+def ggml_products(folder, weights: str, weight: np.ndarray, columns: np.ndarray,
+                  counts: list[int]) -> list[np.ndarray]:
+    """ggml's mul_mat of weight [m, k] (float32 values, stored as `weights`: f32, f16 or bf16) by the
+    first n rows of columns [N, k] (float32), for each n in counts, on 2 threads, through the ggml
+    libraries in `folder`: one [n, m] float32 array per count."""
     base = ctypes.CDLL(str(next(folder.glob("libggml-base.so*"))))
     cpu = ctypes.CDLL(str(next(folder.glob("libggml-cpu.so*"))))
     p = ctypes.c_void_p
     base.ggml_init.argtypes, base.ggml_init.restype = [GgmlInitParams], p
-    base.ggml_new_tensor_2d.argtypes, base.ggml_new_tensor_2d.restype = [p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], p
+    base.ggml_new_tensor_2d.argtypes = [p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    base.ggml_new_tensor_2d.restype = p
     base.ggml_mul_mat.argtypes, base.ggml_mul_mat.restype = [p, p, p], p
     base.ggml_new_graph.argtypes, base.ggml_new_graph.restype = [p], p
     base.ggml_build_forward_expand.argtypes = [p, p]
     base.ggml_get_data.argtypes, base.ggml_get_data.restype = [p], p
     base.ggml_free.argtypes = [p]
-    cpu.ggml_graph_compute_with_ctx.argtypes, cpu.ggml_graph_compute_with_ctx.restype = [p, p, ctypes.c_int], ctypes.c_int
+    cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, ctypes.c_int]
+    cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
     m, k = weight.shape
     need = 4 * (m * k + 3 * sum(counts) * max(m, k)) + (len(counts) + 1) * (1 << 20)
     ctx = base.ggml_init(GgmlInitParams(need, None, False))
     assert ctx
 
-    def tensor(rows: int, cols: int, values: np.ndarray) -> int:
-        kind = next(t for t, dtype in GGML_TYPES.values() if dtype == values.dtype)
-        t = base.ggml_new_tensor_2d(ctx, kind, cols, rows)  # ne0 = the contiguous dimension
-        ctypes.memmove(base.ggml_get_data(t), np.ascontiguousarray(values).ctypes.data, values.nbytes)
+    def tensor(rows: int, cols: int, values: np.ndarray, kind: str) -> int:
+        t = base.ggml_new_tensor_2d(ctx, GGML_TYPES[kind], cols, rows)  # ne0 = the contiguous dimension
+        data = np.ascontiguousarray(stored(values, kind))
+        ctypes.memmove(base.ggml_get_data(t), data.ctypes.data, data.nbytes)
         return t
 
     try:
-        w = tensor(m, k, weight)
+        w = tensor(m, k, weight, weights)
         out = []
         for n in counts:
-            y = base.ggml_mul_mat(ctx, w, tensor(n, k, columns[:n]))
+            y = base.ggml_mul_mat(ctx, w, tensor(n, k, columns[:n], "f32"))
             graph = base.ggml_new_graph(ctx)
             base.ggml_build_forward_expand(graph, y)
             assert cpu.ggml_graph_compute_with_ctx(ctx, graph, 2) == 0
@@ -273,28 +320,33 @@ def ggml_products(folder, weight: np.ndarray, columns: np.ndarray, counts: list[
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("weights, revision", [("f32", 3), ("f16", 4)])
+@pytest.mark.parametrize("weights, revision", [("f32", 3), ("f16", 4), ("bf16", 5)])
 def test_the_set_up_builds_products_give_each_column_its_bits_alone(weights, revision):
     """The patch's F32 kernel takes 2 to 64 rows (llamafile's sgemm one row and more than 64), its
-    F16 kernel any number, in blocks of 128: every column of a product of any width must get
-    the bits it gets alone, so that trees of such models are exact without padding. At an LM head's
-    width and at a layer's, and with an input width that is a multiple of 8 but not of 32 or 64."""
+    F16 and BF16 kernel any number, in blocks of 128: every column of a product of any width must get
+    the bits it gets alone, so that trees of such models are exact without padding; and the F16 and
+    BF16 kernel the bits of ggml's own one-row dot products, so that plain decoding is llama.cpp's.
+    At an LM head's width and at a layer's, and with an input width that is a multiple of 8 but not
+    of 32 or 64."""
     import llama_cpp
 
     from eaglespec.backends.llamacpp import lib_folder, patch_revision
 
     if patch_revision(llama_cpp) < revision:
         pytest.skip(f"this llama-cpp-python lacks revision {revision} of eaglespec's patch (setup.sh builds it)")
-    folder, dtype = lib_folder(llama_cpp), GGML_TYPES[weights][1]
+    folder = lib_folder(llama_cpp)
     rng = np.random.default_rng(0)
     counts = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 65, 100, 129, 300]
     for m, k in ((4099, 576), (576, 1536), (301, 200)):
-        weight = rng.standard_normal((m, k), dtype=np.float32).astype(dtype)
+        weight = rng.standard_normal((m, k), dtype=np.float32)
         columns = rng.standard_normal((max(counts), k), dtype=np.float32)
-        products = ggml_products(folder, weight, columns, counts)
-        last = {n: ggml_products(folder, weight, columns[n - 1:n], [1])[0][0] for n in counts}
-        # F16 weights take their activations rounded to F16 too
-        exact = columns.astype(dtype).astype(np.float32) @ weight.astype(np.float32).T
+        products = ggml_products(folder, weights, weight, columns, counts)
+        last = {n: ggml_products(folder, weights, weight, columns[n - 1:n], [1])[0][0] for n in counts}
+        # F16 and BF16 weights take their activations rounded to their type too
+        exact = widened(columns, weights) @ widened(weight, weights).T
+        if weights != "f32":
+            reference = vec_dot_reference(widened(weight, weights), widened(columns[0], weights), weights)
+            assert np.array_equal(products[0][0], reference), f"m={m} k={k}: not ggml_vec_dot_{weights}'s bits"
         for n, product in zip(counts, products):
             assert np.array_equal(product[-1], last[n]), f"m={m} k={k}: column {n} of {n} differs from itself alone"
             assert np.array_equal(product[0], products[0][0]), f"m={m} k={k}: column 1 of {n} differs from itself alone"

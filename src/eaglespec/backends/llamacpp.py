@@ -105,15 +105,15 @@ def build_id(lib) -> str:
 
 
 #: the revision of patches/llama-cpp-python-*.patch in this checkout (its ggml_cpu_eaglespec_patch())
-PATCH_REVISION = 4
+PATCH_REVISION = 5
 
 
 def patch_revision(lib) -> int:
     """The revision of eaglespec's llama.cpp patch (patches/llama-cpp-python-*.patch, which
     setup.sh builds in) that the loaded build carries; 0 for a stock build. With it, Q4_1 and Q8_0
     trees are verified by a batched kernel whose rows round as llama.cpp's one-row kernels do, F32
-    trees (revision 3) by one that streams the weights as fast as a lone row does, and F16 models
-    (revision 4) by one that converts each weight once for up to three rows."""
+    trees (revision 3) by one that streams the weights as fast as a lone row does, and F16 and BF16
+    models (revisions 4 and 5) by one that converts each weight once for up to three rows."""
     for so in sorted(lib_folder(lib).glob("*ggml-cpu*")):
         try:
             fn = ctypes.CDLL(str(so)).ggml_cpu_eaglespec_patch
@@ -388,8 +388,8 @@ class LlamaCppTarget:
                      "without a batched kernel (setup.sh builds llama.cpp with eaglespec's, patches/)")
         elif self.patch < PATCH_REVISION:
             log.info("this llama-cpp-python carries revision %d of eaglespec's patch; the checkout has revision %d "
-                     "(cheaper F32 and F16 trees, faster attention over the exact cache): rerun setup.sh to build it",
-                     self.patch, PATCH_REVISION)
+                     "(cheaper F32, F16 and BF16 trees, faster attention over the exact cache): "
+                     "rerun setup.sh to build it", self.patch, PATCH_REVISION)
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
         self._model = lib.llama_model_load_from_file(str(self.gguf).encode(), mparams)
