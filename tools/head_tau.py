@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 
-
 def answer_counts(vocab_size: int) -> np.ndarray:
     """[V] how often each token occurs in the stored answers."""
     from eaglespec.train.answers import SHIPPED_STORE, store_chunks
