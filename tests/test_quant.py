@@ -1,14 +1,19 @@
-"""Int8 draft weights (eaglespec/backends/cpu/quant.py): close to the full-precision draft, never lossy."""
+"""Int8 and fp16 draft weights (eaglespec/backends/cpu/quant.py, half.py): close to the full-precision
+draft, never lossy."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import oracle_head, tiny_target
 from torch import nn
 
 from eaglespec.attention import register
 from eaglespec.backends import draft_setup, optimize_target
+from eaglespec.backends.base import DraftSetup
+from eaglespec.backends.cpu import optimize
+from eaglespec.backends.cpu.half import Fp16Linear, fp16_kernel_available
 from eaglespec.backends.cpu.quant import (Int8Linear, dynamic_int8_available, int8_kernel_available, quantize_linears,
-                                          quantize_weight)
+                                          quantize_weight, swap_linears)
 from eaglespec.drafter import EagleDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.head_runner import EagleHeadRunner
@@ -109,3 +114,80 @@ def test_auto_weights_pick_int8_only_for_bf16_drafts_on_avx512_cpus_and_bad_valu
     assert draft_setup(target.device, target.dtype, weights="int8").weights == "int8"
     with pytest.raises(ValueError, match="draft weights"):
         draft_setup(target.device, target.dtype, weights="int4")
+
+
+@pytest.mark.skipif(not fp16_kernel_available(), reason="this torch build has no fbgemm fp16 linear")
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp16_linear_rounds_the_weights_and_nothing_else(bias):
+    """fp16 weights, fp32 activations and sums: the product of the fp16-rounded weight in fp32,
+    even with an outlier input channel (which the 7-bit int8 kernel rounds its neighbours against)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 200, bias=bias)
+    half = Fp16Linear(lin)
+    x = torch.randn(3, 5, 96)
+    x[..., 7] = 31.0  # an outlier channel, as the default head's inputs carry
+    with torch.inference_mode():
+        got = half(x)
+        rounded = F.linear(x, lin.weight.half().float(), lin.bias)
+        exact = lin(x)
+    assert got.shape == (3, 5, 200) and got.dtype == torch.float32
+    assert torch.allclose(got, rounded, rtol=1e-5, atol=1e-5)  # the weights' rounding is all it does
+    assert not torch.equal(got, exact)  # and it does round them
+
+
+def test_swapped_draft_linears_take_fp16_weights_once():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(4, 8), shared, nn.ReLU(), shared)
+    if not fp16_kernel_available():
+        with pytest.raises(RuntimeError, match="fbgemm"):
+            swap_linears(model, Fp16Linear)
+        return
+    assert swap_linears(model, Fp16Linear) == 3
+    assert isinstance(model[0], Fp16Linear) and model[1] is model[3]
+    assert not any(type(m) is nn.Linear for m in model.modules())
+
+
+@pytest.mark.skipif(not fp16_kernel_available(), reason="this torch build has no fbgemm fp16 linear")
+def test_fp16_draft_is_lossless_and_proposes_what_the_full_draft_does():
+    target = tiny_target("llama", copyable=True, logit_scale=30.0, pack=True)
+    head = oracle_head(target, noise=0.2)
+    cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
+    plain = Generator(target)
+    setups = {w: draft_setup(target.device, target.dtype, weights=w) for w in ("full", "fp16", "auto")}
+    assert setups["fp16"] == setups["auto"] == DraftSetup(torch.float32, "fp16")
+    drafters = {w: EagleDrafter.from_head(head, target, TreeConfig(kind="dynamic"), setups[w]) for w in ("full", "fp16")}
+    assert isinstance(drafters["fp16"].runner.lm, Fp16Linear)
+    assert sum(isinstance(m, Fp16Linear) for m in drafters["fp16"].runner.head.modules()) == 8  # fc, q k v o, the MLP
+    assert all(type(m) is nn.Linear for m in head.modules() if isinstance(m, (nn.Linear, Fp16Linear)))  # caller's head untouched
+    g = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        prompt = torch.randint(2, target.vocab_size, (10,), generator=g)
+        want = run(plain, prompt, cfg)
+        for d in drafters.values():
+            assert run(Generator(target, d), prompt, cfg) == want
+    # what each proposes from the same committed pairs: the same guesses, scores within the rounding
+    runners = {w: d.runner for w, d in drafters.items()}
+    same, worst = 0, 0.0
+    with torch.inference_mode():
+        for _ in range(8):
+            tokens = torch.randint(2, target.vocab_size, (6,), generator=g)
+            feats = torch.randn(6, target.hidden_size, generator=g)
+            scores = {}
+            for w, r in runners.items():
+                r.reset()
+                scores[w] = r.logprobs(r.commit(tokens, feats)[None])[0]
+            same += torch.equal(scores["full"].topk(4).indices, scores["fp16"].topk(4).indices)
+            worst = max(worst, (scores["full"] - scores["fp16"]).abs().max().item())
+    assert same >= 7 and 0 < worst < 0.05
+
+
+def test_fp16_draft_weights_are_refused_where_they_cannot_run(monkeypatch):
+    target = tiny_target("llama")
+    with pytest.raises(ValueError, match="float32"):
+        draft_setup(target.device, target.dtype, weights="fp16", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CPU layout"):
+        draft_setup("cuda", torch.float32, weights="fp16")
+    monkeypatch.setattr(optimize, "fp16_kernel_available", lambda: False)
+    with pytest.raises(ValueError, match="fbgemm"):
+        draft_setup(target.device, target.dtype, weights="fp16")
+    assert draft_setup(target.device, target.dtype).weights != "fp16"  # auto falls back to full weights

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--lookup", type=int, default=0, help="lookup chain length (8: the generate default)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--draft-weights", choices=("auto", "int8", "full"), default="auto",
+    parser.add_argument("--draft-weights", choices=("auto", "int8", "fp16", "full"), default="auto",
                         help="the head's weight layout (eaglespec.backends.draft_setup)")
     parser.add_argument("--top", type=int, default=15, help="profile lines to print")
     args = parser.parse_args()

@@ -32,7 +32,7 @@ BACKENDS = ("auto", "torch", "llamacpp")
 #: length of the prompt-lookup chain grafted into EAGLE's tree by default (the README's bench: the
 #: chain recovers what the tree misses on copy-heavy prompts)
 LOOKUP_TOKENS = 8
-DRAFT_WEIGHTS = ("auto", "int8", "full")
+DRAFT_WEIGHTS = ("auto", "int8", "fp16", "full")
 #: `default_tree` keywords that `EngineConfig.tree` may set
 TREE_OPTIONS = ("kind", "top_k", "depth", "total_tokens", "min_prob", "sizing", "static_tree")
 

@@ -66,15 +66,18 @@ def optimize_target(target: Target, pack: bool = True) -> TargetOptimization:
 
 
 def draft_setup(device: str | torch.device, target_dtype: torch.dtype,
-                weights: Literal["auto", "int8", "full"] = "auto", dtype: torch.dtype | None = None) -> DraftSetup:
+                weights: Literal["auto", "int8", "fp16", "full"] = "auto", dtype: torch.dtype | None = None) -> DraftSetup:
     """How a draft head should run beside a target on `device` in `target_dtype`. weights: "int8"
-    (weight-only int8 linears), "full" (in `dtype`, pre-packed where the backend can), or "auto"
-    (int8 where it pays). dtype: what the head computes in (None: the backend's choice, else
-    float32). Changes what is proposed, never what is accepted."""
-    if weights not in ("auto", "int8", "full"):
-        raise ValueError(f"draft weights must be 'auto', 'int8' or 'full', got {weights!r}")
+    (int8 linears), "fp16" (fp16 weights, fp32 arithmetic; CPUs only), "full" (in `dtype`,
+    pre-packed where the backend can), or "auto" (what pays on this hardware). dtype: what the
+    head computes in (None: the backend's choice, else float32). Changes what is proposed, never
+    what is accepted."""
+    if weights not in ("auto", "int8", "fp16", "full"):
+        raise ValueError(f"draft weights must be 'auto', 'int8', 'fp16' or 'full', got {weights!r}")
     if _device(device).type == "cpu":
         return cpu.draft_setup(target_dtype, weights, dtype)
+    if weights == "fp16":
+        raise ValueError("fp16 draft weights are a CPU layout (fbgemm); on a GPU the head runs in the target's dtype")
     return DraftSetup(dtype or torch.float32, "int8" if weights == "int8" else "plain")
 
 

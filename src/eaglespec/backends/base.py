@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 #: how a draft model's linear weights are stored: as loaded, pre-packed for the CPU's matmul
-#: library, or int8 (weight-only)
-DraftWeights = Literal["plain", "packed", "int8"]
+#: library, int8, or fp16 (fp32 arithmetic)
+DraftWeights = Literal["plain", "packed", "int8", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,10 @@ class DraftSetup:
     weights: DraftWeights = "plain"
 
     def __post_init__(self) -> None:
-        if self.weights not in ("plain", "packed", "int8"):
-            raise ValueError(f"draft weights must be 'plain', 'packed' or 'int8', got {self.weights!r}")
+        if self.weights not in ("plain", "packed", "int8", "fp16"):
+            raise ValueError(f"draft weights must be 'plain', 'packed', 'int8' or 'fp16', got {self.weights!r}")
+        if self.weights == "fp16" and self.dtype != torch.float32:
+            raise ValueError(f"fp16 draft weights compute in float32, not {self.dtype}")
 
 
 @dataclass(frozen=True)

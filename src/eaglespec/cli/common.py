@@ -94,8 +94,9 @@ def add_lookup_arg(g) -> None:
 def add_draft_weights_arg(g, several: bool = False) -> None:
     kw = dict(nargs="+", default=["auto"]) if several else dict(default="auto")
     g.add_argument("--draft-weights", choices=DRAFT_WEIGHTS, **kw,
-                   help="store the draft's weights as int8 (auto: on CPU, where a draft step is bound by reading "
-                        "them); changes what is proposed, never what is accepted"
+                   help="how the draft's weights are stored: int8, fp16 (fp32 arithmetic, CPUs), full, or auto (what "
+                        "pays here: a draft step on a CPU is bound by reading them); changes what is proposed, never "
+                        "what is accepted"
                         + ("; several are run in turn on each prompt, side by side" if several else ""))
 
 

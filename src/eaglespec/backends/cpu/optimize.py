@@ -23,7 +23,8 @@ from eaglespec.backends.base import DraftSetup, TargetOptimization
 from eaglespec.backends.cpu.flags import machine_id
 from eaglespec.backends.cpu.packed import (PackedLinear, pack_linears, packed_splits, packing_available,
                                            stock_rows_vary)
-from eaglespec.backends.cpu.quant import Int8Linear, int8_pays, quantize_linears
+from eaglespec.backends.cpu.half import Fp16Linear, fp16_kernel_available
+from eaglespec.backends.cpu.quant import Int8Linear, int8_pays, quantize_linears, swap_linears
 from eaglespec.paths import ProbeCache
 
 if TYPE_CHECKING:
@@ -90,20 +91,31 @@ def optimize_target(target: Target, pack: bool = True) -> TargetOptimization:
     return TargetOptimization(packed_linears=packed, row_invariant=row_invariant)
 
 
-def draft_setup(target_dtype: torch.dtype, weights: Literal["auto", "int8", "full"] = "auto",
+def draft_setup(target_dtype: torch.dtype, weights: Literal["auto", "int8", "fp16", "full"] = "auto",
                 dtype: torch.dtype | None = None) -> DraftSetup:
     """How a draft head should run beside a target in `target_dtype` on this CPU.
 
     dtype (None: chosen): bf16 for a bf16 target where bf16 linears can be pre-packed (a stock bf16
     matmul of a few rows is slower than fp32 here), float32 otherwise. weights: "int8" stores the
     linears as int8 (a draft step is bound by reading them); "full" keeps them in `dtype`,
-    pre-packed where oneDNN has it; "auto" is int8 where the int8 kernel pays (bf16 drafts on
-    AVX-512 CPUs), full elsewhere."""
+    pre-packed where oneDNN has it; "fp16" stores them in fp16 and computes in float32 (fbgemm).
+    "auto": int8 where the int8 kernel pays (bf16 drafts on AVX-512 CPUs); for float32 drafts
+    fp16 where fbgemm has it (half the bytes a draft step reads, as fast as packed fp32 at every
+    row count, and no rounding of the activations: `half.py`); full elsewhere."""
+    if weights == "fp16":
+        if not fp16_kernel_available():
+            raise ValueError("fp16 draft weights need fbgemm's fp16 linear (x86 builds of torch); "
+                             "use --draft-weights full")
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"fp16 draft weights compute in float32, not {dtype}")
+        return DraftSetup(torch.float32, "fp16")
     if dtype is None:
         bf16 = target_dtype == torch.bfloat16 and packing_available(CPU, torch.bfloat16)
         dtype = torch.bfloat16 if bf16 else torch.float32
     if weights == "int8" or (weights == "auto" and int8_pays(CPU, dtype)):
         return DraftSetup(dtype, "int8")
+    if weights == "auto" and dtype == torch.float32 and fp16_kernel_available():
+        return DraftSetup(dtype, "fp16")
     return DraftSetup(dtype, "packed" if packing_available(CPU, dtype) else "plain")
 
 
@@ -113,6 +125,9 @@ def convert_draft(head: nn.Module, lm: nn.Linear, setup: DraftSetup) -> tuple[nn
     if setup.weights == "int8":
         quantize_linears(head, setup.dtype)
         return head, Int8Linear(lm, setup.dtype)
+    if setup.weights == "fp16":
+        swap_linears(head, Fp16Linear)
+        return head, Fp16Linear(lm)
     if setup.weights == "packed":
         pack_linears(head)
         return head, PackedLinear(lm)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -137,12 +138,18 @@ class Int8Linear(nn.Module):
 def quantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Swap every `nn.Linear` of `model` for an `Int8Linear`, in place; returns how many slots
     were swapped. A module shared by several slots is quantized once."""
+    return swap_linears(model, lambda lin: Int8Linear(lin, dtype))
+
+
+def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Swap every `nn.Linear` of `model` for `make(linear)`, in place; returns how many slots were
+    swapped. A module shared by several slots (tied weights) is converted once."""
     # parent._modules, not named_children(): the latter lists a module shared by two slots once
     found = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
              if type(child) is nn.Linear]
-    done: dict[int, Int8Linear] = {}
+    done: dict[int, nn.Module] = {}
     for parent, name, lin in found:
         if id(lin) not in done:
-            done[id(lin)] = Int8Linear(lin, dtype)
+            done[id(lin)] = make(lin)
         setattr(parent, name, done[id(lin)])
     return len(found)
