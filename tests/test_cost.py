@@ -353,26 +353,28 @@ def test_a_timed_sizer_weighs_measured_steps_where_the_probed_curve_flatters_tre
     assert timed.spec_rate > timed.plain_rate and timed.should_draft()
 
 
-def test_a_timed_sizer_verifies_the_root_alone_now_and_then_to_time_plain_decoding():
-    """While drafting pays, one step in PLAIN_TIMING_EVERY + 1 verifies the root alone, without a
-    lookup chain either, so plain decoding's time stays current; an untimed sizer never does."""
+def test_a_timed_sizer_drafts_nothing_now_and_then_to_time_undrafted_steps():
+    """While drafting pays, one step in PLAIN_TIMING_EVERY + 1 drafts nothing (a lookup chain may
+    still hang below the root), so what resting earns stays measured; an untimed sizer never
+    does."""
     from eaglespec.cost import PLAIN_TIMING_EVERY
 
     for timed in (True, False):
         sizer = TreeSizer(FLAT, 63, draft_s=0.0, timed=timed)
         plain_steps, chains = [], []
         for step in range(3 * (PLAIN_TIMING_EVERY + 1)):
-            if sizer.should_draft():
+            drafting = sizer.should_draft()
+            if drafting:
                 sizer.choose(CONFIDENCES)
                 sizer.record_draft(0.0)
             else:
                 plain_steps.append(step)
                 chains.append(sizer.extend([0.99] * 4))
             sizer.record_step(0.03 if sizer.pending_nodes == 0 else 0.031)
-            sizer.record_accepted(5 if sizer.pending_nodes else 0)
+            sizer.record_accepted(5 if drafting else min(sizer.pending_nodes, 1))
         if timed:
             assert plain_steps == [0, PLAIN_TIMING_EVERY + 1, 2 * (PLAIN_TIMING_EVERY + 1)]
-            assert chains == [0, 0, 0]
+            assert chains == [4, 4, 4] and sizer.rest_rate == pytest.approx(2 / 0.031)
         else:
             assert plain_steps == []
 
@@ -522,3 +524,40 @@ def test_a_rest_in_progress_goes_on_into_the_next_sequence():
     assert left > 0
     sizer.begin()
     assert [sizer.should_draft() for _ in range(left + 1)] == [False] * left + [True]
+
+
+def test_a_timed_sizer_weighs_drafting_against_what_resting_earns_with_a_lookup_chain():
+    """Resting steps verify the root and a lookup chain: 2 tokens in 30 ms (67 tokens/s). Drafted
+    steps make 2.5 tokens in 45 ms (56 tokens/s): faster than plain decoding's lone token in 30 ms
+    (33 tokens/s), slower than resting. The sizer rests more and more; when drafted steps turn
+    faster than resting, it drafts again."""
+    sizer = TreeSizer(FLAT, 63, draft_s=0.0, timed=True)
+    sizer.begin()
+    drafted = []
+
+    def step(drafted_s: float, drafted_tokens: int) -> None:
+        drafting = sizer.should_draft()
+        drafted.append(drafting)
+        if drafting:
+            sizer.choose(CONFIDENCES)
+            sizer.record_draft(0.0)
+            sizer.record_step(drafted_s)
+            sizer.record_accepted(drafted_tokens - 1)
+        elif sizer.extend([0.9] * 4):  # the chain below the root alone
+            sizer.record_step(0.030)
+            sizer.record_accepted(1)
+        else:  # the root alone: plain decoding timed
+            sizer.record_step(0.030)
+            sizer.record_accepted(0)
+
+    for _ in range(40):
+        step(0.045, 2)  # 2 tokens... and the half token on average below
+        step(0.045, 3)
+    assert sizer.plain_rate == pytest.approx(1 / 0.030)
+    assert sizer.undrafted_rate == pytest.approx(2 / 0.030, rel=0.05)
+    assert sizer.plain_rate < sizer.spec_rate < sizer.undrafted_rate and sizer.resting
+    assert drafted[40:].count(True) <= 8  # rests of 1, 2, 4 ... steps between tries
+    for _ in range(100):
+        step(0.030, 4)  # drafted steps now make 4 tokens in 30 ms
+    assert sizer.spec_rate > sizer.undrafted_rate and not sizer.resting
+    assert all(drafted[-5:])

@@ -78,7 +78,8 @@ def main() -> None:
           f"tau {new / forwards:.2f} over {forwards} target forwards")
     if sizer is not None:
         print(f"sizer: {sizer.rested - rested} of those steps rested (the EAGLE tree was the root alone); "
-              f"rates (tokens/s) drafted {sizer.spec_rate or 0:.1f}, plain {sizer.plain_rate:.1f}; draft base {1000 * (sizer.base_s or 0):.2f} ms, per depth "
+              f"rates (tokens/s) drafted {sizer.spec_rate or 0:.1f}, undrafted {sizer.undrafted_rate:.1f}, "
+              f"plain {sizer.plain_rate:.1f}; draft base {1000 * (sizer.base_s or 0):.2f} ms, per depth "
               f"{1000 * (sizer.depth_s or 0):.2f} ms; calibration {sizer.scale:.2f}")
     pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
 

@@ -58,8 +58,8 @@ RATE_DECAY = 0.9
 PLAIN_EMA = 0.2
 #: the most steps the drafter rests at a stretch when speculation pays less than plain decoding
 MAX_REST = 32
-#: a timed sizer verifies the root alone at the start of each sequence and after this many drafted
-#: steps without such a step, to time plain decoding at the cache length and load of the moment
+#: a timed sizer drafts nothing at the start of each sequence and after this many drafted steps
+#: without such a step, to time undrafted steps at the cache length and load of the moment
 PLAIN_TIMING_EVERY = 64
 
 
@@ -243,6 +243,14 @@ class TreeSizer:
     taken at the start of each sequence and after every PLAIN_TIMING_EVERY drafted steps without
     one), and drafted steps' rates count their measured forward instead of the modelled one. So
     the rests weigh speculation against plain decoding both as measured in the moment.
+
+    Timed, the bar is what resting earns, not plain decoding alone: while the head rests a
+    prompt-lookup chain may still hang below the root, and its accepted tokens are no reason to
+    draft. So drafted steps are weighed against the rate of the undrafted steps lately (the same
+    decaying ratio of sums, `undrafted_rate`). Against plain decoding alone, drafted steps that
+    owed most of their tokens to the chain looked faster than resting: on the shipped Q4_1 GGUF
+    the head drafted where resting was as fast, and cheaper drafts (fp16 weights) drafted more
+    often and lost 3-4% (docs/benchmarks.md).
     """
 
     def __init__(self, curve: CostCurve, max_nodes: int, draft_s: float | None = None, depth_s: float | None = None,
@@ -269,19 +277,29 @@ class TreeSizer:
         self.spec_rate: float | None = None  # tokens per second of drafted steps, lately
         self._spec_tokens = 0.0  # decaying sums over drafted steps: tokens, and seconds
         self._spec_seconds = 0.0
+        self.rest_rate: float | None = None  # timed: tokens per second of undrafted steps, lately
+        self._rest_tokens = 0.0  # decaying sums over undrafted steps: tokens, and seconds
+        self._rest_seconds = 0.0
         self._rest_left = 0  # steps still to rest
         self._rest_next = 1  # the next rest's length
         self.rested = 0  # steps decoded without drafting (for reports)
         self.timed = timed
         self.plain_s: float | None = None  # moving average: measured seconds of a step of the root alone
         self._step_s: float | None = None  # the last step's measured verification (`record_step`)
-        self._since_plain = 0  # drafted steps since the last step of the root alone
-        self._timing = False  # this step verifies the root alone to time plain decoding
+        self._since_plain = PLAIN_TIMING_EVERY  # drafted steps since the last undrafted one (timed: time one first)
+        self._timing = False  # this step drafts nothing, to time an undrafted step
 
     @property
     def resting(self) -> bool:
-        """Drafted steps have lately paid less than plain decoding would."""
-        return self.spec_rate is not None and self.spec_rate < self.plain_rate
+        """Drafted steps have lately paid less than steps without a draft (`undrafted_rate`)."""
+        return self.spec_rate is not None and self.spec_rate < self.undrafted_rate
+
+    @property
+    def undrafted_rate(self) -> float:
+        """What resting earns, in tokens per second: timed, the rate undrafted steps reached lately,
+        a prompt-lookup chain's accepted tokens included (`extend` hangs one below the root while
+        the head rests); before any was timed, or untimed, plain decoding's `plain_rate`."""
+        return self.rest_rate if self.rest_rate is not None else self.plain_rate
 
     @property
     def plain_rate(self) -> float:
@@ -296,9 +314,10 @@ class TreeSizer:
         return max(float(self.costs[-1]), self.curve.at(nodes + 1))
 
     def should_draft(self) -> bool:
-        """Whether to draft this step, or rest (verify the root alone) because drafted steps have
-        been paying less than plain decoding, or, timed, to time plain decoding now."""
-        self._timing = self.timed and (self.plain_s is None or self._since_plain >= PLAIN_TIMING_EVERY)
+        """Whether to draft this step, or rest (verify the root, and a lookup chain if one pays)
+        because drafted steps have been paying less than undrafted ones, or, timed, to time an
+        undrafted step now."""
+        self._timing = self.timed and self._since_plain >= PLAIN_TIMING_EVERY
         if self._rest_left > 0 or self._timing:
             self._rest_left = max(0, self._rest_left - 1)
             self.rested += 1
@@ -311,8 +330,6 @@ class TreeSizer:
         """How many nodes of a chain hung below the chosen tree to verify too: the m (0..len) of
         the most expected tokens per second, where odds[j] is the chance that the chain's j-th new
         node is accepted (its whole chain up to it). Counted in this step's prediction."""
-        if self._timing:  # the root alone this step, to time plain decoding
-            return 0
         n = self.pending_nodes
         tree_gain = 1.0 + self.scale * (self.pending or 0.0)
         draft_s = self.last_draft_s if self.pending is not None else 0.0
@@ -401,26 +418,31 @@ class TreeSizer:
 
     def record_step(self, seconds: float) -> None:
         """The step just verified took `seconds` from its proposal to its verdict (the target's
-        forward, acceptance, cache compaction); called before `record_accepted`. A step of the root
-        alone times plain decoding; a drafted step's time replaces its modelled forward. Untimed
-        sizers ignore it."""
+        forward, acceptance, cache compaction); called before `record_accepted`. An undrafted step
+        counts toward `undrafted_rate` (and, of the root alone, times plain decoding); a drafted
+        step's time replaces its modelled forward. Untimed sizers ignore it."""
         if not self.timed:
             return
         self._step_s = seconds
         self._timing = False
+        if self.pending is None:
+            self._since_plain = 0
         if self.pending_nodes == 0:
             self.plain_s = seconds if self.plain_s is None else (1 - PLAIN_EMA) * self.plain_s + PLAIN_EMA * seconds
-            self._since_plain = 0
 
     def record_accepted(self, accepted: int) -> None:
         """The target accepted `accepted` nodes of the last chosen tree and its extension (bonus
         token excluded)."""
         step_s, self._step_s = self._step_s, None
-        if self.pending is None:
+        if self.pending is None:  # no draft this step: the root alone, or with a lookup chain
+            if step_s is not None:
+                self._rest_tokens = RATE_DECAY * self._rest_tokens + accepted + 1
+                self._rest_seconds = RATE_DECAY * self._rest_seconds + step_s
+                self.rest_rate = self._rest_tokens / self._rest_seconds
             return
         predicted, self.pending = self.pending, None
-        # measured against measured: the step's own time once plain decoding has been timed too
-        forward_s = step_s if step_s is not None and self.plain_s is not None else self.cost(self.pending_nodes)
+        # measured against measured: the step's own time once an undrafted step has been timed too
+        forward_s = step_s if step_s is not None and self.rest_rate is not None else self.cost(self.pending_nodes)
         self._spec_tokens = RATE_DECAY * self._spec_tokens + accepted + 1
         self._spec_seconds = RATE_DECAY * self._spec_seconds + forward_s + self.last_draft_s
         self.spec_rate = self._spec_tokens / self._spec_seconds
@@ -444,4 +466,5 @@ class TreeSizer:
         positions, which a short answer feels most."""
         self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
         self._depths = []
-        self.plain_s, self._step_s, self._since_plain, self._timing = None, None, 0, False  # another cache length
+        # another cache length: time plain decoding again, and an undrafted step first
+        self.plain_s, self._step_s, self._since_plain, self._timing = None, None, PLAIN_TIMING_EVERY, False
