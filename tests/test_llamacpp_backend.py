@@ -445,6 +445,12 @@ def chi_square_excess(samples: list[tuple], joint: dict[tuple, float]) -> tuple[
 def test_sampling_follows_the_backends_distribution(llama_target):
     """Three sampled tokens (top-k 3, so 27 outcomes) through the EAGLE-2 tree on llama.cpp follow
     the joint distribution of the backend's own plain steps (chi-square, p = 1e-4)."""
+    check_sampling_follows_the_backend(llama_target)
+
+
+def check_sampling_follows_the_backend(target) -> None:
+    """The chi-square check of three sampled tokens with the shipped head against `target`'s own
+    plain steps (also run on re-encoded GGUF files, tests/test_gguf_reencode.py)."""
     from eaglespec.backends import draft_setup
     from eaglespec.drafter import TreeConfig
     from eaglespec.generate import GenerationConfig, Generator
@@ -454,7 +460,6 @@ def test_sampling_follows_the_backends_distribution(llama_target):
     head = default_head_path()
     if head is None:
         pytest.skip("no draft head ships with this install")
-    target = llama_target
     params = SamplingParams(1.0, top_k=3)
     # a bare 4-token prompt: each prompt row costs about a decoded token on Q4_1, and the chat
     # template's ~30 tokens made this test a sixth of the suite
