@@ -55,7 +55,7 @@ class Fp16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()  # [N, in]
-        out = torch.ops.quantized.linear_dynamic_fp16(flat, self._packed)  # [N, out]
+        out = torch.ops.quantized.linear_dynamic_fp16.default(flat, self._packed)  # [N, out]
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def extra_repr(self) -> str:
