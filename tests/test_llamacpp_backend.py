@@ -380,6 +380,16 @@ def test_the_set_up_build_verifies_the_default_model_without_padding(llama_targe
 def test_greedy_speculative_output_equals_plain_output(llama_target):
     """The EAGLE-2 head with the prompt-lookup chain, through llama.cpp: the same tokens as the
     backend's plain greedy decoding, on real prompts."""
+    check_greedy_equals_plain(llama_target, ["Write a haiku about autumn leaves.",
+                                             "Explain what a hash table is, in three sentences.",
+                                             "List five fruits, one per line, then repeat the list in reverse order."],
+                              max_new_tokens=96)
+
+
+def check_greedy_equals_plain(target, questions: list[str], max_new_tokens: int) -> None:
+    """The shipped head with a 12-node tree and the lookup chain writes, on each question, what
+    `target`'s plain greedy decoding writes, and is accepted often enough for that to mean
+    something (also run on re-encoded GGUF files, tests/test_gguf_reencode.py)."""
     from eaglespec.backends import default_tree, draft_setup
     from eaglespec.generate import GenerationConfig, Generator
     from eaglespec.heads import default_head_path, load_drafter
@@ -387,13 +397,11 @@ def test_greedy_speculative_output_equals_plain_output(llama_target):
     head = default_head_path()
     if head is None:
         pytest.skip("no draft head ships with this install")
-    target = llama_target
     tree = default_tree("cpu", torch.float32, total_tokens=12)
     plain, spec = Generator(target), Generator(target, load_drafter(head, target, tree, draft_setup("cpu", torch.float32), lookup=8))
-    cfg = GenerationConfig(max_new_tokens=96)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     taus = []
-    for question in ["Write a haiku about autumn leaves.", "Explain what a hash table is, in three sentences.",
-                     "List five fruits, one per line, then repeat the list in reverse order."]:
+    for question in questions:
         ids = plain.encode(question)
         a, b = plain.generate(ids, cfg), spec.generate(ids, cfg)
         assert a.token_ids == b.token_ids, question
