@@ -250,7 +250,7 @@ class TreeSizer:
     decaying ratio of sums, `undrafted_rate`). Against plain decoding alone, drafted steps that
     owed most of their tokens to the chain looked faster than resting: on the shipped Q4_1 GGUF
     the head drafted where resting was as fast, and cheaper drafts (fp16 weights) drafted more
-    often and lost 3-4% (docs/benchmarks.md).
+    often and lost 2.7-3.8% in two runs (docs/benchmarks.md, "fp16 draft weights").
     """
 
     def __init__(self, curve: CostCurve, max_nodes: int, draft_s: float | None = None, depth_s: float | None = None,
@@ -286,7 +286,7 @@ class TreeSizer:
         self.timed = timed
         self.plain_s: float | None = None  # moving average: measured seconds of a step of the root alone
         self._step_s: float | None = None  # the last step's measured verification (`record_step`)
-        self._since_plain = PLAIN_TIMING_EVERY  # drafted steps since the last undrafted one (timed: time one first)
+        self._since_undrafted = PLAIN_TIMING_EVERY  # drafted steps since the last undrafted one (timed: time one first)
         self._timing = False  # this step drafts nothing, to time an undrafted step
 
     @property
@@ -317,13 +317,13 @@ class TreeSizer:
         """Whether to draft this step, or rest (verify the root, and a lookup chain if one pays)
         because drafted steps have been paying less than undrafted ones, or, timed, to time an
         undrafted step now."""
-        self._timing = self.timed and self._since_plain >= PLAIN_TIMING_EVERY
+        self._timing = self.timed and self._since_undrafted >= PLAIN_TIMING_EVERY
         if self._rest_left > 0 or self._timing:
             self._rest_left = max(0, self._rest_left - 1)
             self.rested += 1
             self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
             return False
-        self._since_plain += 1
+        self._since_undrafted += 1
         return True
 
     def extend(self, odds: list[float]) -> int:
@@ -426,7 +426,7 @@ class TreeSizer:
         self._step_s = seconds
         self._timing = False
         if self.pending is None:
-            self._since_plain = 0
+            self._since_undrafted = 0
         if self.pending_nodes == 0:
             self.plain_s = seconds if self.plain_s is None else (1 - PLAIN_EMA) * self.plain_s + PLAIN_EMA * seconds
 
@@ -467,4 +467,4 @@ class TreeSizer:
         self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
         self._depths = []
         # another cache length: time plain decoding again, and an undrafted step first
-        self.plain_s, self._step_s, self._since_plain, self._timing = None, None, PLAIN_TIMING_EVERY, False
+        self.plain_s, self._step_s, self._since_undrafted, self._timing = None, None, PLAIN_TIMING_EVERY, False
