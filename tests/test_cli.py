@@ -230,3 +230,20 @@ def test_bad_flags_fail_before_anything_loads(capsys, tiny_model_dir, argv, word
     code, _, err = cli(capsys, *argv, *(["--model", str(tiny_model_dir)] if argv[0] != "train" else []))
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("eaglespec: error:") and words in err
+
+
+@pytest.mark.parametrize("device, built, gpus, words", [
+    ("cuda", False, 0, "CPU build"),
+    ("cuda", True, 0, "no CUDA GPU is visible"),
+    ("cuda:2", True, 1, "only 1 CUDA GPU"),
+    ("banana", False, 0, "unknown device"),
+])
+def test_a_device_this_torch_cannot_use_is_one_clear_line(capsys, monkeypatch, tiny_model_dir, device, built, gpus,
+                                                          words):
+    """Before anything loads: not a traceback from deep inside the model's .to()."""
+    monkeypatch.setattr(torch.version, "cuda", "12.4" if built else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    code, out, err = cli(capsys, "generate", "hi", "--model", str(tiny_model_dir), "--device", device)
+    assert code == 2 and out == ""
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

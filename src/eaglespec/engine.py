@@ -63,8 +63,8 @@ class EngineConfig:
     #: `default_tree` overrides, e.g. {"total_tokens": 16}; unset ones come from the target's device,
     #: dtype and measured costs
     tree: dict[str, Any] = field(default_factory=dict)
-    #: the draft head's weights: auto (int8 on a CPU), int8 or full; changes what is proposed, never
-    #: what is accepted
+    #: the draft head's weights: auto (what pays on the device: `backends.draft_setup`), int8, fp16
+    #: (CPUs) or full; changes what is proposed, never what is accepted
     draft_weights: str = "auto"
     #: llama.cpp backend: every row of a tree rounds as in plain decoding (False: llama.cpp's own
     #: f16 cache and no padding, faster, but greedy text may differ where two tokens nearly tie)
@@ -83,6 +83,10 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.draft_weights not in DRAFT_WEIGHTS:
             raise ValueError(f"draft_weights must be one of {', '.join(DRAFT_WEIGHTS)}, got {self.draft_weights!r}")
+        if str(self.device) != "cpu":  # the check imports torch, which a CPU config does not need yet
+            from eaglespec.backends import check_device
+
+            check_device(self.device)
         unknown = sorted(set(self.tree) - set(TREE_OPTIONS))
         if unknown:
             raise ValueError(f"unknown tree option(s) {', '.join(unknown)}; choose from {', '.join(TREE_OPTIONS)}")

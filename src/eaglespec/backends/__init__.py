@@ -22,13 +22,33 @@ if TYPE_CHECKING:
     from eaglespec.drafter import TreeConfig
     from eaglespec.target import Target
 
-__all__ = ["DraftSetup", "DraftWeights", "TargetOptimization", "auto_dtype", "cheap_host_sync", "convert_draft",
-           "default_tree", "draft_setup", "exact_rows", "machine_id", "optimize_target", "tree_sizes",
+__all__ = ["DraftSetup", "DraftWeights", "TargetOptimization", "auto_dtype", "cheap_host_sync", "check_device",
+           "convert_draft", "default_tree", "draft_setup", "exact_rows", "machine_id", "optimize_target", "tree_sizes",
            "weights_fingerprint"]
 
 
 def _device(device: str | torch.device) -> torch.device:
     return torch.device(device)
+
+
+def check_device(device: str | torch.device) -> None:
+    """Raise ValueError, saying why, unless `device` names a device this torch can use: "cpu", or
+    an accelerator that is built in and present ("cuda", "cuda:1", "mps")."""
+    try:
+        dev = _device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r}: {why} (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        return
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here (use --device cpu)")
 
 
 def auto_dtype(device: str | torch.device) -> torch.dtype:
