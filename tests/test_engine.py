@@ -20,6 +20,7 @@ from eaglespec.target import Target, load_target
     (dict(max_len=8), "max_len must be >= 16"),
     (dict(threads=0), "threads must be >= 1"),
     (dict(draft_weights="int4"), "draft_weights must be one of"),
+    (dict(dtype="float8"), "unknown dtype 'float8'"),
     (dict(tree={"width": 3}), "unknown tree option(s) width"),
 ])
 def test_a_bad_setting_is_one_clear_error(bad, says):
@@ -91,3 +92,10 @@ def test_the_default_engine_drafts_on_the_fastest_backend_and_is_lossless():
     getattr(plain_engine.target, "close", lambda: None)()
     assert spec.token_ids == plain.token_ids and spec.text == plain.text and len(spec.token_ids) > 8
     assert spec.stats.target_forwards <= plain.stats.target_forwards
+
+
+def test_the_config_knows_the_dtype_names_the_target_takes():
+    from eaglespec.engine import DTYPE_NAMES
+    from eaglespec.target import DTYPES
+
+    assert set(DTYPE_NAMES) == {"auto", *DTYPES}

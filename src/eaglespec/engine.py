@@ -33,6 +33,9 @@ BACKENDS = ("auto", "torch", "llamacpp")
 #: chain recovers what the tree misses on copy-heavy prompts)
 LOOKUP_TOKENS = 8
 DRAFT_WEIGHTS = ("auto", "int8", "fp16", "full")
+#: the names `dtype` takes: "auto" and those of `eaglespec.target.DTYPES` (kept here so that a
+#: config is checked without importing torch; tests/test_engine.py holds the two side by side)
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 #: `default_tree` keywords that `EngineConfig.tree` may set
 TREE_OPTIONS = ("kind", "top_k", "depth", "total_tokens", "min_prob", "sizing", "static_tree")
 
@@ -81,6 +84,8 @@ class EngineConfig:
             raise ValueError(f"max_len must be >= 16, got {self.max_len}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if isinstance(self.dtype, str) and self.dtype.lower() not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
         if self.draft_weights not in DRAFT_WEIGHTS:
             raise ValueError(f"draft_weights must be one of {', '.join(DRAFT_WEIGHTS)}, got {self.draft_weights!r}")
         if str(self.device) != "cpu":  # the check imports torch, which a CPU config does not need yet
