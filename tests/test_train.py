@@ -991,3 +991,10 @@ def hashlib_digest(text: str) -> str:
     import hashlib
 
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("flags", [["--max-rows", "0"], ["--max-rows", "-1"], ["--skip-rows", "-2"]])
+def test_data_refuses_row_counts_below_range_before_rendering(tmp_path, capsys, flags):
+    assert main(["train", "data", "--out", str(tmp_path / "run"), *flags]) == 2
+    assert "--max-rows must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "data").exists()

@@ -224,6 +224,8 @@ def _source_name(source: str | Path | None) -> str | None:
 def stage_data(args) -> None:
     from eaglespec.train.data import count_rows, prepare, regenerate
 
+    if args.max_rows < 1 or args.skip_rows < 0:
+        raise UsageError(f"--max-rows must be >= 1 and --skip-rows >= 0, got {args.max_rows} and {args.skip_rows}")
     data_dir = args.out / "data"
     report_path = data_dir / "data_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
