@@ -11,7 +11,7 @@ from eaglespec.attention import register
 from eaglespec.backends import draft_setup, optimize_target
 from eaglespec.backends.base import DraftSetup
 from eaglespec.backends.cpu import optimize
-from eaglespec.backends.cpu.half import Fp16Linear, fp16_kernel_available
+from eaglespec.backends.cpu.half import Fp16Linear, fp16_kernel_available, fp16_pays
 from eaglespec.backends.cpu.quant import (Int8Linear, dynamic_int8_available, int8_kernel_available, quantize_linears,
                                           quantize_weight, swap_linears)
 from eaglespec.drafter import EagleDrafter, TreeConfig
@@ -154,7 +154,8 @@ def test_fp16_draft_is_lossless_and_proposes_what_the_full_draft_does():
     cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
     plain = Generator(target)
     setups = {w: draft_setup(target.device, target.dtype, weights=w) for w in ("full", "fp16", "auto")}
-    assert setups["fp16"] == setups["auto"] == DraftSetup(torch.float32, "fp16")
+    assert setups["fp16"] == DraftSetup(torch.float32, "fp16")
+    assert (setups["auto"] == setups["fp16"]) == fp16_pays()  # auto takes it where fbgemm has vector kernels
     drafters = {w: EagleDrafter.from_head(head, target, TreeConfig(kind="dynamic"), setups[w]) for w in ("full", "fp16")}
     assert isinstance(drafters["fp16"].runner.lm, Fp16Linear)
     assert sum(isinstance(m, Fp16Linear) for m in drafters["fp16"].runner.head.modules()) == 8  # fc, q k v o, the MLP
@@ -187,7 +188,8 @@ def test_fp16_draft_weights_are_refused_where_they_cannot_run(monkeypatch):
         draft_setup(target.device, target.dtype, weights="fp16", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="CPU layout"):
         draft_setup("cuda", torch.float32, weights="fp16")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no AVX2: fbgemm's scalar code
+    assert draft_setup(target.device, target.dtype).weights != "fp16"  # auto keeps full weights there
     monkeypatch.setattr(optimize, "fp16_kernel_available", lambda: False)
     with pytest.raises(ValueError, match="fbgemm"):
         draft_setup(target.device, target.dtype, weights="fp16")
-    assert draft_setup(target.device, target.dtype).weights != "fp16"  # auto falls back to full weights

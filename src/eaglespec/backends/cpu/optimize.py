@@ -23,7 +23,7 @@ from eaglespec.backends.base import DraftSetup, TargetOptimization
 from eaglespec.backends.cpu.flags import machine_id
 from eaglespec.backends.cpu.packed import (PackedLinear, pack_linears, packed_splits, packing_available,
                                            stock_rows_vary)
-from eaglespec.backends.cpu.half import Fp16Linear, fp16_kernel_available
+from eaglespec.backends.cpu.half import Fp16Linear, fp16_kernel_available, fp16_pays
 from eaglespec.backends.cpu.quant import Int8Linear, int8_pays, quantize_linears, swap_linears
 from eaglespec.paths import ProbeCache
 
@@ -100,8 +100,8 @@ def draft_setup(target_dtype: torch.dtype, weights: Literal["auto", "int8", "fp1
     linears as int8 (a draft step is bound by reading them); "full" keeps them in `dtype`,
     pre-packed where oneDNN has it; "fp16" stores them in fp16 and computes in float32 (fbgemm).
     "auto": int8 where the int8 kernel pays (bf16 drafts on AVX-512 CPUs); for float32 drafts
-    fp16 where fbgemm has it (half the bytes a draft step reads, as fast as packed fp32 at every
-    row count, and no rounding of the activations: `half.py`); full elsewhere."""
+    fp16 where fbgemm has its vector kernels (half the bytes a draft step reads, as fast as packed
+    fp32 at every row count, and no rounding of the activations: `half.fp16_pays`); full elsewhere."""
     if weights == "fp16":
         if not fp16_kernel_available():
             raise ValueError("fp16 draft weights need fbgemm's fp16 linear (x86 builds of torch); "
@@ -114,7 +114,7 @@ def draft_setup(target_dtype: torch.dtype, weights: Literal["auto", "int8", "fp1
         dtype = torch.bfloat16 if bf16 else torch.float32
     if weights == "int8" or (weights == "auto" and int8_pays(CPU, dtype)):
         return DraftSetup(dtype, "int8")
-    if weights == "auto" and dtype == torch.float32 and fp16_kernel_available():
+    if weights == "auto" and dtype == torch.float32 and fp16_pays():
         return DraftSetup(dtype, "fp16")
     return DraftSetup(dtype, "packed" if packing_available(CPU, dtype) else "plain")
 
