@@ -1,4 +1,4 @@
-"""The CPU backend: CPU flags, the tree shape for CPUs, pre-packed (oneDNN) and int8 linears.
+"""The CPU backend: CPU flags, the tree shape for CPUs, pre-packed (oneDNN), int8 and fp16 linears.
 
 Everything eaglespec decides by the CPU it runs on is decided here; the method's modules (tree,
 verify, generate, drafter) never ask. Use it through `eaglespec.backends`, which picks the backend
@@ -6,6 +6,7 @@ by device.
 """
 
 from eaglespec.backends.cpu.flags import cpu_flags, has_amx, machine_id, native_bf16
+from eaglespec.backends.cpu.half import Fp16Linear, fp16_pays
 from eaglespec.backends.cpu.optimize import convert_draft, draft_setup, optimize_target, weights_fingerprint
 from eaglespec.backends.cpu.packed import PackedLinear, pack_linears, packing_available
 from eaglespec.backends.cpu.quant import Int8Linear, int8_pays, quantize_linears
@@ -15,6 +16,6 @@ from eaglespec.backends.cpu.trees import tree_sizes
 #: rows as alone; above that oneDNN switches kernels, so bigger trees are verified in blocks
 EXACT_HALF_ROWS = 32
 
-__all__ = ["EXACT_HALF_ROWS", "Int8Linear", "PackedLinear", "convert_draft", "cpu_flags", "draft_setup", "has_amx",
-           "int8_pays", "machine_id", "native_bf16", "optimize_target", "pack_linears", "packing_available",
-           "quantize_linears", "tree_sizes", "weights_fingerprint"]
+__all__ = ["EXACT_HALF_ROWS", "Fp16Linear", "Int8Linear", "PackedLinear", "convert_draft", "cpu_flags", "draft_setup",
+           "fp16_pays", "has_amx", "int8_pays", "machine_id", "native_bf16", "optimize_target", "pack_linears",
+           "packing_available", "quantize_linears", "tree_sizes", "weights_fingerprint"]
