@@ -287,7 +287,6 @@ class TreeSizer:
         self.plain_s: float | None = None  # moving average: measured seconds of a step of the root alone
         self._step_s: float | None = None  # the last step's measured verification (`record_step`)
         self._since_undrafted = PLAIN_TIMING_EVERY  # drafted steps since the last undrafted one (timed: time one first)
-        self._timing = False  # this step drafts nothing, to time an undrafted step
 
     @property
     def resting(self) -> bool:
@@ -317,8 +316,8 @@ class TreeSizer:
         """Whether to draft this step, or rest (verify the root, and a lookup chain if one pays)
         because drafted steps have been paying less than undrafted ones, or, timed, to time an
         undrafted step now."""
-        self._timing = self.timed and self._since_undrafted >= PLAIN_TIMING_EVERY
-        if self._rest_left > 0 or self._timing:
+        timing = self.timed and self._since_undrafted >= PLAIN_TIMING_EVERY  # draft nothing: time an undrafted step
+        if self._rest_left > 0 or timing:
             self._rest_left = max(0, self._rest_left - 1)
             self.rested += 1
             self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
@@ -424,7 +423,6 @@ class TreeSizer:
         if not self.timed:
             return
         self._step_s = seconds
-        self._timing = False
         if self.pending is None:
             self._since_undrafted = 0
         if self.pending_nodes == 0:
@@ -467,4 +465,4 @@ class TreeSizer:
         self.pending, self.pending_nodes, self.pending_extra = None, 0, 0.0
         self._depths = []
         # another cache length: time plain decoding again, and an undrafted step first
-        self.plain_s, self._step_s, self._since_undrafted, self._timing = None, None, PLAIN_TIMING_EVERY, False
+        self.plain_s, self._step_s, self._since_undrafted = None, None, PLAIN_TIMING_EVERY

@@ -52,7 +52,8 @@ def reencode_gguf(src: str | os.PathLike, dst: str | os.PathLike, outtype: str =
     writer = gguf.GGUFWriter(tmp, arch.contents())
     try:
         copy_metadata(reader, writer, file_type)
-        for tensor in tqdm(reader.tensors, desc=f"re-encoding as {outtype.upper()}", unit="tensor", disable=not progress):
+        bar = tqdm(reader.tensors, desc=f"re-encoding as {outtype.upper()}", unit="tensor", disable=not progress)
+        for tensor in bar:
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # [..., ne0] float32
             name = tensor.name
             if values.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
@@ -74,9 +75,8 @@ def reencode_gguf(src: str | os.PathLike, dst: str | os.PathLike, outtype: str =
 def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type: gguf.LlamaFileType) -> None:
     """Every key of `reader` but those the writer sets itself, with `general.file_type` replaced."""
     for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        if field.name == gguf.Keys.General.FILE_TYPE:
+        written_here = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE)
+        if field.name in written_here or field.name.startswith("GGUF."):
             continue
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None

@@ -288,8 +288,9 @@ def cached_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, group
     bool (True = attend) or None (causal, no cache) -> [B, nh, q, d]. Query head h reads key head
     h // groups; sdpa's own grouping (torch >= 2.5) spares the copies of repeated keys, about half
     of a one-token draft step's attention time on a CPU."""
-    if groups > 1 and not SDPA_GQA:
-        ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
+    grouped = {}
     if groups > 1 and SDPA_GQA:
-        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None)
+        grouped = {"enable_gqa": True}
+    elif groups > 1:
+        ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, **grouped)

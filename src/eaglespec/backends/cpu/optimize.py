@@ -106,9 +106,7 @@ def draft_setup(target_dtype: torch.dtype, weights: Literal["auto", "int8", "fp1
         if not fp16_kernel_available():
             raise ValueError("fp16 draft weights need fbgemm's fp16 linear (x86 builds of torch); "
                              "use --draft-weights full")
-        if dtype not in (None, torch.float32):
-            raise ValueError(f"fp16 draft weights compute in float32, not {dtype}")
-        return DraftSetup(torch.float32, "fp16")
+        return DraftSetup(dtype or torch.float32, "fp16")  # which refuses another dtype
     if dtype is None:
         bf16 = target_dtype == torch.bfloat16 and packing_available(CPU, torch.bfloat16)
         dtype = torch.bfloat16 if bf16 else torch.float32
