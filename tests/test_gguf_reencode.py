@@ -6,6 +6,7 @@ tree's rows must still round as plain decoding's. Each file is the shipped Q4_1 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def default_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def reencoded(tmp_path_factory):
-    """outtype -> the default model re-encoded so (written once per module)."""
+    """outtype -> the default model re-encoded so (written once per module). The backend converts
+    each new file into its cache (about 0.5 GB each), so the cache is the module's own here, and
+    files and cache are deleted afterwards: runs of the suite must not fill the user's disk."""
     folder, made = tmp_path_factory.mktemp("reencoded"), {}
 
     def get(outtype: str) -> Path:
@@ -38,7 +41,10 @@ def reencoded(tmp_path_factory):
             made[outtype] = reencode_gguf(default_gguf(), folder / f"model.{outtype}.gguf", outtype, progress=False)
         return made[outtype]
 
-    return get
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EAGLESPEC_CACHE", str(folder / "cache"))
+        yield get
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow
