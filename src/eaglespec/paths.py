@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,17 +50,98 @@ def default_gguf_path() -> Path:
 
 def converted_dir(gguf: Path) -> Path:
     """Where `eaglespec.target.convert_gguf` keeps a GGUF's dequantized transformers folder: keyed
-    by the file's path, size, mtime and CONVERTED_LAYOUT."""
-    st = gguf.stat()
-    ident = f"layout {CONVERTED_LAYOUT}:{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    by the file's contents and CONVERTED_LAYOUT, so that the same file installed at another path (a
+    new virtual environment, a fresh clone) finds the folder already written."""
+    ident = f"layout {CONVERTED_LAYOUT}:{gguf_digest(gguf)}"
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    return cache_root() / "targets" / f"{gguf.stem}-{key}"
+    return converted_root() / f"{gguf.stem}-{key}"
 
 
 def find_converted(gguf: Path) -> Path | None:
     """The GGUF's converted folder if `convert_gguf` finished writing it, else None."""
     folder = converted_dir(gguf)
     return folder if (folder / "model.safetensors").is_file() else None
+
+
+def converted_root() -> Path:
+    """The converted folders, and sources.json (`gguf_digest`)."""
+    return cache_root() / "targets"
+
+
+#: files whose digests are remembered (by path, size and mtime); the oldest go first
+MAX_DIGEST_ENTRIES = 256
+
+
+def gguf_digest(gguf: Path) -> str:
+    """The sha256 of a file's bytes, read once per path, size and mtime: later calls find it in
+    converted_root()/sources.json ({path: [size, mtime_ns, digest]}), which also tells
+    `prune_converted` which files the converted folders belong to."""
+    gguf = gguf.resolve()
+    st = gguf.stat()
+    sources = _read_sources()
+    known = sources.get(str(gguf))
+    if isinstance(known, list) and known[:2] == [st.st_size, st.st_mtime_ns]:
+        return known[2]
+    digest = file_sha256(gguf)
+    sources.pop(str(gguf), None)
+    sources[str(gguf)] = [st.st_size, st.st_mtime_ns, digest]  # last, as the newest
+    while len(sources) > MAX_DIGEST_ENTRIES:
+        sources.pop(next(iter(sources)))
+    write_json(converted_root() / "sources.json", sources)
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _read_sources() -> dict:
+    try:
+        table = json.loads((converted_root() / "sources.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def prune_converted(keep: Path) -> list[Path]:
+    """Delete the converted folders that no file on this machine converts to any more: those of
+    files deleted or changed since (a removed virtual environment's copy of the default model), and
+    those of older layouts or keys, which this version never reads. Each is an fp32 copy of its
+    model (517 MB for the default one). `keep` stays, as do folders being written (their names
+    start with a dot) and folders without CONVERTED_MARKER. Returns the folders deleted."""
+    live = {keep.resolve()}
+    for path, entry in _read_sources().items():
+        try:
+            st = Path(path).stat()
+        except OSError:
+            continue
+        if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
+            live.add(converted_dir(Path(path)).resolve())
+    removed = []
+    for folder in sorted(converted_root().iterdir()):
+        if folder.name.startswith(".") or not (folder / CONVERTED_MARKER).is_file() or folder.resolve() in live:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def write_json(path: Path, value) -> None:
+    """Write a cache file atomically (a race loses an update, never the file); a cache that cannot
+    be written only costs the work again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("could not write %s: %s", path, e)
+
 
 #: probe outcomes kept per machine; the oldest go first
 MAX_PROBE_ENTRIES = 64
@@ -106,11 +188,4 @@ class ProbeCache:
         table[self.entry] = {**self.found, **self.new}  # last, as the newest
         while len(table) > MAX_PROBE_ENTRIES:
             table.pop(next(iter(table)))
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".probes-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(table, f)
-            os.replace(tmp, self.path)
-        except OSError as e:  # a read-only cache only costs the probes next time
-            log.info("could not cache probe results in %s: %s", self.path, e)
+        write_json(self.path, table)

@@ -30,7 +30,7 @@ from eaglespec.backends import auto_dtype, exact_rows, optimize_target, weights_
 from eaglespec.backends.base import TargetCache, TargetModel, TargetOutput  # noqa: F401 (their home before)
 from eaglespec.kv_cache import TargetKVCache
 from eaglespec.paths import (CONVERTED_LAYOUT, CONVERTED_MARKER, TargetLoadError, converted_dir,  # noqa: F401
-                             default_gguf_path, find_converted)
+                             default_gguf_path, find_converted, prune_converted)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def convert_gguf(gguf: Path) -> Path:
     if found is not None:
         return found
     out = converted_dir(gguf)
+    for folder in prune_converted(keep=out):  # before writing: the disk may be short of room
+        log.warning("removed %s: no file on this machine converts to it any more", folder)
     log.warning("converting %s to %s (once; about 30 s)", gguf.name, out)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
