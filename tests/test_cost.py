@@ -456,7 +456,8 @@ def test_greedy_stays_token_identical_with_a_weighed_chain_and_rests(c):
 def test_the_timed_draft_leaves_out_the_catch_up_commit():
     """The first proposal runs the head over the prompt, and one after rests over the rested
     steps' tokens; neither is what drafting a step costs, so neither is in the recorded draft
-    time: only the last verification's tokens (the prompt's last one) are committed within it."""
+    time: only the last verification's tokens (the prompt's last one) are committed within it.
+    The catch-up is recorded apart (a probe's loss counts it)."""
     import time
 
     target = tiny_target("llama", copyable=True, logit_scale=30.0)
@@ -474,12 +475,16 @@ def test_the_timed_draft_leaves_out_the_catch_up_commit():
     drafts = []
     record = sizer.record_draft
     sizer.record_draft = lambda seconds: (drafts.append(seconds), record(seconds))
+    catch_ups = []
+    record_catch_up = sizer.record_catch_up
+    sizer.record_catch_up = lambda seconds: (catch_ups.append(seconds), record_catch_up(seconds))
     drafter = EagleDrafter(runner, TreeConfig(top_k=2, depth=3, total_tokens=16, sizing="cost"), sizer=sizer)
     spec = Generator(target, drafter)
     prompt = torch.randint(2, target.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
     list(spec.generate_ids(prompt, GenerationConfig(max_new_tokens=4, ignore_eos=True)))
     assert committed[:2] == [39, 1]  # the prompt caught up, then its last token within the timed draft
     assert drafts[0] < 0.1  # not the 0.2 s of the whole prompt
+    assert catch_ups[0] >= 39 * 0.005 and all(c < 0.1 for c in catch_ups[1:])
     committed.clear()
     pattern = iter([True, False, False, False] + [True] * 20)  # draft, rest three steps, draft on
     sizer.should_draft = lambda: next(pattern)
@@ -561,3 +566,109 @@ def test_a_timed_sizer_weighs_drafting_against_what_resting_earns_with_a_lookup_
         step(0.030, 4)  # drafted steps now make 4 tokens in 30 ms
     assert sizer.spec_rate > sizer.undrafted_rate and not sizer.resting
     assert all(drafted[-5:])
+
+
+def rest_lengths(sizer: TreeSizer, steps: int, probe: dict, plain_s: float = 0.014) -> list[int]:
+    """Run a timed sizer for `steps` steps where every probe (drafted step) costs what `probe`
+    says ({"catch_up", "draft", "step"} seconds) and accepts nothing, and each undrafted step
+    takes `plain_s` for its one token; return the lengths of the rests between probes."""
+    sizer.begin()
+    rests, run = [], 0
+    for _ in range(steps):
+        if sizer.should_draft():
+            rests.append(run)
+            run = 0
+            sizer.record_catch_up(probe["catch_up"])
+            sizer.choose(CONFIDENCES)
+            sizer.record_draft(probe["draft"])
+            sizer.record_step(probe["step"])
+            sizer.record_accepted(0)
+        else:
+            run += 1
+            sizer.record_step(plain_s)
+            sizer.record_accepted(0)
+    return rests
+
+
+def test_a_timed_sizer_rests_longer_where_probes_lose_more():
+    """A probe that costs 13 ms of draft, 5 ms of catch-up and a 22 ms forward for one token, where
+    undrafted steps make one token in 14 ms, loses 26 ms: rests grow past MAX_REST until the probes
+    lose 1% of the time (ceil(0.026 / (0.01 * 0.014)) = 186 steps), and the probes then cost
+    about that. A cheap probe (1 ms lost) keeps MAX_REST, as does an untimed sizer."""
+    from eaglespec.cost import MAX_REST, PROBE_SHARE
+
+    costly = {"catch_up": 0.005, "draft": 0.013, "step": 0.022}
+    sizer = TreeSizer(FLAT, 63, timed=True)
+    rests = rest_lengths(sizer, 2000, costly)
+    assert sizer.probe_loss_s == pytest.approx(0.026)
+    assert sizer.max_rest == 186
+    assert rests[1:9] == [1, 2, 4, 8, 16, 32, 64, 128] and set(rests[9:-1]) == {186}
+    late = rests[9:-1]
+    lost = len(late) * sizer.probe_loss_s
+    assert lost / (sum(late) * 0.014) == pytest.approx(PROBE_SHARE, rel=0.02)
+
+    cheap = TreeSizer(FLAT, 63, timed=True)
+    assert max(rest_lengths(cheap, 600, {"catch_up": 0.0, "draft": 0.001, "step": 0.014})) == MAX_REST
+    assert cheap.probe_loss_s == pytest.approx(0.001) and cheap.max_rest == MAX_REST
+
+    untimed = TreeSizer(FLAT, 63, draft_s=0.013)
+    for _ in range(600):
+        if untimed.should_draft():
+            untimed.choose(CONFIDENCES)
+            untimed.record_draft(0.0)
+            untimed.record_step(0.022)  # ignored
+            untimed.record_accepted(0)
+    assert untimed.probe_loss_s is None and untimed.max_rest == MAX_REST and untimed.resting
+
+
+def test_a_probe_that_pays_ends_the_long_rests():
+    """After rests have grown past MAX_REST, probes that pay bring drafting back at once."""
+    sizer = TreeSizer(FLAT, 63, timed=True)
+    rest_lengths(sizer, 800, {"catch_up": 0.005, "draft": 0.013, "step": 0.022})
+    assert sizer.resting and sizer.max_rest > 32
+    drafted = []
+    for _ in range(2 * sizer.max_rest + 20):  # the same probes now accept four nodes each
+        drafting = sizer.should_draft()
+        drafted.append(drafting)
+        if drafting:
+            sizer.record_catch_up(0.0)
+            sizer.choose(CONFIDENCES)
+            sizer.record_draft(0.004)
+            sizer.record_step(0.016)
+            sizer.record_accepted(4)
+        else:
+            sizer.record_step(0.014)
+            sizer.record_accepted(0)
+    assert not sizer.resting and all(drafted[-10:])
+
+
+def test_a_long_rest_ahead_reads_no_prompt_features_and_stays_token_identical():
+    """While a rest longer than MAX_REST lies ahead the head reads none of the prompt's features
+    (a short rest: RESTING_PROMPT_FEATURES of them); a probe later in the answer then runs the head
+    over the answer's tokens alone, and the output is still plain decoding's."""
+    from eaglespec.cost import MAX_REST
+    from eaglespec.drafter import RESTING_PROMPT_FEATURES
+
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    sizer = TreeSizer(FLAT, 15, timed=True)
+    rest_lengths(sizer, 700, {"catch_up": 0.005, "draft": 0.013, "step": 0.022})
+    while sizer.rest_left <= MAX_REST:  # on to the start of a long rest
+        if sizer.should_draft():
+            sizer.choose(CONFIDENCES)
+            sizer.record_draft(0.013)
+            sizer.record_step(0.022)
+            sizer.record_accepted(0)
+    drafter = EagleDrafter(head_runner(oracle_head(target, noise=0.2), target),
+                           TreeConfig(top_k=2, depth=3, total_tokens=16, sizing="cost"), sizer=sizer)
+    assert drafter.prompt_features == 0
+    committed = []
+    inner = drafter.runner.commit
+    drafter.runner.commit = lambda tokens, features: (committed.append(tokens.shape[0]), inner(tokens, features))[1]
+    left = sizer.rest_left
+    prompt = torch.randint(2, target.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
+    cfg = GenerationConfig(max_new_tokens=left + 8, ignore_eos=True)
+    spec, plain = Generator(target, drafter), Generator(target)
+    assert [t for ch in spec.generate_ids(prompt, cfg) for t in ch] == [t for ch in plain.generate_ids(prompt, cfg) for t in ch]
+    assert committed and sum(committed[:2]) <= left + 2  # the first probe's head saw the answer's tokens, not the prompt's 30
+    sizer._rest_left = 3  # a short rest ahead: the window's last few
+    assert sizer.resting and drafter.prompt_features == RESTING_PROMPT_FEATURES

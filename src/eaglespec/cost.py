@@ -56,8 +56,13 @@ MAX_PROBE_BLOCKS = 3
 RATE_DECAY = 0.9
 #: weight of the newest step of the root alone in the moving average of its measured time
 PLAIN_EMA = 0.2
-#: the most steps the drafter rests at a stretch when speculation pays less than plain decoding
+#: the most steps the drafter rests at a stretch when speculation pays less than plain decoding;
+#: a timed sizer rests longer where its probes lose more (`TreeSizer.max_rest`)
 MAX_REST = 32
+#: timed: the share of resting time that the probes between rests may lose at most
+PROBE_SHARE = 0.01
+#: timed: the longest rest whatever a probe loses
+MAX_REST_CAP = 512
 #: a timed sizer drafts nothing at the start of each sequence and after this many drafted steps
 #: without such a step, to time undrafted steps at the cache length and load of the moment
 PLAIN_TIMING_EVERY = 64
@@ -232,7 +237,7 @@ class TreeSizer:
     the best tree can pay less than plain decoding. The sizer keeps the rate drafted steps reached
     lately, their accepted tokens over their seconds (the modelled forward plus the draft time),
     both sums decaying by RATE_DECAY per drafted step, and, while it is below plain decoding's
-    1 / c(1), `should_draft` says to rest: 1 step, then 2, 4, ... up to MAX_REST, drafting once
+    1 / c(1), `should_draft` says to rest: 1 step, then 2, 4, ... up to `max_rest`, drafting once
     between rests to measure again. A ratio of sums weighs each step by its time; an average of
     per-step rates, which it replaced, sank below plain decoding's after a step or two that
     accepted nothing and rested where drafting paid on the whole (F32 targets on a CPU).
@@ -251,6 +256,13 @@ class TreeSizer:
     owed most of their tokens to the chain looked faster than resting: on the shipped Q4_1 GGUF
     the head drafted where resting was as fast, and cheaper drafts (fp16 weights) drafted more
     often and lost 2.7-3.8% in two runs (docs/benchmarks.md, "fp16 draft weights").
+
+    Timed, the rests also grow past MAX_REST where probes lose much: each probe that ends in a
+    rest is charged its measured loss (its draft, the head's catch-up over the rested tokens and
+    its forward, less what resting earns in that time), and rests may grow until the probes cost
+    at most PROBE_SHARE of the time (`max_rest`). Where verifying a row costs most of a forward
+    (Q4_1 on a Zen 3 where two rows cost 1.6x one), a probe lost about 1.5 steps' time, so
+    probes every 33 steps cost speculation about 5% against plain decoding while it rested.
     """
 
     def __init__(self, curve: CostCurve, max_nodes: int, draft_s: float | None = None, depth_s: float | None = None,
@@ -287,11 +299,27 @@ class TreeSizer:
         self.plain_s: float | None = None  # moving average: measured seconds of a step of the root alone
         self._step_s: float | None = None  # the last step's measured verification (`record_step`)
         self._since_undrafted = PLAIN_TIMING_EVERY  # drafted steps since the last undrafted one (timed: time one first)
+        self._catch_up_s = 0.0  # the head's catch-up before the last proposal (`record_catch_up`)
+        self.probe_loss_s: float | None = None  # timed: what the last probe that ended in a rest lost
 
     @property
     def resting(self) -> bool:
         """Drafted steps have lately paid less than steps without a draft (`undrafted_rate`)."""
         return self.spec_rate is not None and self.spec_rate < self.undrafted_rate
+
+    @property
+    def rest_left(self) -> int:
+        """Steps still to rest before the next probe."""
+        return self._rest_left
+
+    @property
+    def max_rest(self) -> int:
+        """The longest rest: MAX_REST; timed, once a probe's loss is measured, as many steps as
+        make that loss PROBE_SHARE of plain decoding's time for them, within [MAX_REST, MAX_REST_CAP]."""
+        if not self.timed or self.probe_loss_s is None or self.plain_s is None:
+            return MAX_REST
+        steps = math.ceil(self.probe_loss_s / (PROBE_SHARE * self.plain_s))
+        return min(MAX_REST_CAP, max(MAX_REST, steps))
 
     @property
     def undrafted_rate(self) -> float:
@@ -415,6 +443,11 @@ class TreeSizer:
         for d in depths:
             self.depth_s = d if self.depth_s is None else (1 - DRAFT_EMA) * self.depth_s + DRAFT_EMA * d
 
+    def record_catch_up(self, seconds: float) -> None:
+        """The head's catch-up over the tokens of rested steps took `seconds` before this proposal
+        (left out of its draft time, charged to a probe's loss)."""
+        self._catch_up_s = seconds
+
     def record_step(self, seconds: float) -> None:
         """The step just verified took `seconds` from its proposal to its verdict (the target's
         forward, acceptance, cache compaction); called before `record_accepted`. An undrafted step
@@ -439,13 +472,17 @@ class TreeSizer:
                 self.rest_rate = self._rest_tokens / self._rest_seconds
             return
         predicted, self.pending = self.pending, None
+        catch_up_s, self._catch_up_s = self._catch_up_s, 0.0
         # measured against measured: the step's own time once an undrafted step has been timed too
         forward_s = step_s if step_s is not None and self.rest_rate is not None else self.cost(self.pending_nodes)
         self._spec_tokens = RATE_DECAY * self._spec_tokens + accepted + 1
         self._spec_seconds = RATE_DECAY * self._spec_seconds + forward_s + self.last_draft_s
         self.spec_rate = self._spec_tokens / self._spec_seconds
         if self.resting:
-            self._rest_left, self._rest_next = self._rest_next, min(2 * self._rest_next, MAX_REST)
+            if self.timed and step_s is not None:
+                spent = catch_up_s + self.last_draft_s + step_s
+                self.probe_loss_s = max(0.0, spent - (accepted + 1) / self.undrafted_rate)
+            self._rest_left, self._rest_next = self._rest_next, min(2 * self._rest_next, self.max_rest)
         else:
             self._rest_next = 1
         accepted_tree = max(0.0, accepted - self.pending_extra)  # the extension's share, as expected

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from eaglespec.backends import cheap_host_sync
-from eaglespec.cost import TreeSizer, probe_cost_curve
+from eaglespec.cost import MAX_REST, TreeSizer, probe_cost_curve
 from eaglespec.expand import dynamic_slots, expand_dynamic, expand_static
 from eaglespec.head_runner import HeadRunner, head_runner
 from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan
@@ -171,9 +171,13 @@ class EagleDrafter(Drafter):
     @property
     def prompt_features(self) -> int | None:
         """The last `prompt_window` of a prompt's features (None: all), or while the sizer has been
-        resting the last few: a llama.cpp target spares the LM head of the others (docs/design.md,
+        resting the last few, and none while a rest longer than MAX_REST lies ahead (the sizer rests
+        that long only where its probes lose much; a probe that far into the answer sees the
+        answer's own tokens): a llama.cpp target spares the LM head of the others (docs/design.md,
         "llama.cpp backend")."""
         if self.sizer is not None and self.sizer.resting:
+            if self.sizer.rest_left > MAX_REST:
+                return 0
             return RESTING_PROMPT_FEATURES if self.prompt_window is None else min(RESTING_PROMPT_FEATURES, self.prompt_window)
         return self.prompt_window
 
@@ -193,7 +197,9 @@ class EagleDrafter(Drafter):
         if not self.sizer.should_draft():  # speculation pays less than plain decoding here, for now
             self._proposed_at = time.perf_counter()
             return root_only(root)  # the pending features wait for the next draft's commit
+        start = time.perf_counter()
         self._catch_up()
+        self.sizer.record_catch_up(time.perf_counter() - start)
         start = time.perf_counter()
         tree = self._propose(root)
         self._proposed_at = time.perf_counter()
