@@ -622,12 +622,13 @@ def test_a_timed_sizer_rests_longer_where_probes_lose_more():
 
 
 def test_a_probe_that_pays_ends_the_long_rests():
-    """After rests have grown past MAX_REST, probes that pay bring drafting back at once."""
+    """After rests have grown past MAX_REST, probes that pay bring drafting back within a few
+    rests (speculation's rate remembers the last ten or so drafted steps)."""
     sizer = TreeSizer(FLAT, 63, timed=True)
     rest_lengths(sizer, 800, {"catch_up": 0.005, "draft": 0.013, "step": 0.022})
     assert sizer.resting and sizer.max_rest > 32
     drafted = []
-    for _ in range(2 * sizer.max_rest + 20):  # the same probes now accept four nodes each
+    for _ in range(4 * sizer.max_rest + 20):  # the same probes now accept four nodes each
         drafting = sizer.should_draft()
         drafted.append(drafting)
         if drafting:
@@ -639,7 +640,7 @@ def test_a_probe_that_pays_ends_the_long_rests():
         else:
             sizer.record_step(0.014)
             sizer.record_accepted(0)
-    assert not sizer.resting and all(drafted[-10:])
+    assert not sizer.resting and drafted[-20:].count(True) >= 19  # (one undrafted step in 65 is timed)
 
 
 def test_a_long_rest_ahead_reads_no_prompt_features_and_stays_token_identical():

@@ -6,6 +6,7 @@ still cost.
 
     PYTHONPATH=src python tools/spec_overhead.py --questions ../shared/data/mt_bench/question.jsonl
     PYTHONPATH=src python tools/spec_overhead.py --gguf F32.gguf --lookup 8 --draft-weights int8
+    PYTHONPATH=src python tools/spec_overhead.py --lookup 8 --no-profile   # the ratio alone, unprofiled
 
 Prints the seconds of each and their ratio, the sizer's state (steps rested, the rates it
 learnt, the draft times) and the profile. Keep other jobs off the machine.
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--draft-weights", choices=("auto", "int8", "fp16", "full"), default="auto",
                         help="the head's weight layout (eaglespec.backends.draft_setup)")
     parser.add_argument("--top", type=int, default=15, help="profile lines to print")
+    parser.add_argument("--no-profile", action="store_true", help="time the speculative runs without cProfile")
     args = parser.parse_args()
 
     from eaglespec.backends import default_tree, draft_setup
@@ -66,7 +68,8 @@ def main() -> None:
         start = time.perf_counter()
         plain.generate(i, cfg)
         plain_s += time.perf_counter() - start
-        profile.enable()
+        if not args.no_profile:
+            profile.enable()
         start = time.perf_counter()
         spec.generate(i, cfg)
         spec_s += time.perf_counter() - start
@@ -74,14 +77,19 @@ def main() -> None:
         forwards += spec.last_stats.target_forwards
         new += spec.last_stats.new_tokens
     print(f"{len(ids)} prompts x {args.max_new_tokens} tokens: plain {plain_s:.3f} s, speculative {spec_s:.3f} s, "
-          f"speculative/plain speed {plain_s / spec_s:.3f}x (the speculative runs under cProfile); "
+          f"speculative/plain speed {plain_s / spec_s:.3f}x"
+          f"{'' if args.no_profile else ' (the speculative runs under cProfile)'}; "
           f"tau {new / forwards:.2f} over {forwards} target forwards")
     if sizer is not None:
         print(f"sizer: {sizer.rested - rested} of those steps rested (the EAGLE tree was the root alone); "
               f"rates (tokens/s) drafted {sizer.spec_rate or 0:.1f}, undrafted {sizer.undrafted_rate:.1f}, "
               f"plain {sizer.plain_rate:.1f}; draft base {1000 * (sizer.base_s or 0):.2f} ms, per depth "
               f"{1000 * (sizer.depth_s or 0):.2f} ms; calibration {sizer.scale:.2f}")
-    pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+        loss = getattr(sizer, "probe_loss_s", None)  # (sizers before 033c065 have neither)
+        if loss is not None:
+            print(f"longest rest {sizer.max_rest} steps (a probe that ended in a rest lost {1000 * loss:.1f} ms)")
+    if not args.no_profile:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ MAX_REST = 32
 PROBE_SHARE = 0.01
 #: timed: the longest rest whatever a probe loses
 MAX_REST_CAP = 512
+#: weight of the newest probe in the moving average of what probes lose
+PROBE_LOSS_EMA = 0.5
 #: a timed sizer drafts nothing at the start of each sequence and after this many drafted steps
 #: without such a step, to time undrafted steps at the cache length and load of the moment
 PLAIN_TIMING_EVERY = 64
@@ -259,8 +261,10 @@ class TreeSizer:
 
     Timed, the rests also grow past MAX_REST where probes lose much: each probe that ends in a
     rest is charged its measured loss (its draft, the head's catch-up over the rested tokens and
-    its forward, less what resting earns in that time), and rests may grow until the probes cost
-    at most PROBE_SHARE of the time (`max_rest`). Where verifying a row costs most of a forward
+    its forward, less what resting earns in that time; a moving average, `probe_loss_s`), and rests
+    may grow until the probes cost at most PROBE_SHARE of the time (`max_rest`). The catch-up is mostly a fixed cost (the
+    head's weights read again, its calls), which longer rests do save; its share that grows with
+    the rest is one reason the rests stop at MAX_REST_CAP. Where verifying a row costs most of a forward
     (Q4_1 on a Zen 3 where two rows cost 1.6x one), a probe lost about 1.5 steps' time, so
     probes every 33 steps cost speculation about 5% against plain decoding while it rested.
     """
@@ -300,7 +304,7 @@ class TreeSizer:
         self._step_s: float | None = None  # the last step's measured verification (`record_step`)
         self._since_undrafted = PLAIN_TIMING_EVERY  # drafted steps since the last undrafted one (timed: time one first)
         self._catch_up_s = 0.0  # the head's catch-up before the last proposal (`record_catch_up`)
-        self.probe_loss_s: float | None = None  # timed: what the last probe that ended in a rest lost
+        self.probe_loss_s: float | None = None  # timed: moving average of what probes that ended in a rest lost
 
     @property
     def resting(self) -> bool:
@@ -481,7 +485,9 @@ class TreeSizer:
         if self.resting:
             if self.timed and step_s is not None:
                 spent = catch_up_s + self.last_draft_s + step_s
-                self.probe_loss_s = max(0.0, spent - (accepted + 1) / self.undrafted_rate)
+                loss = max(0.0, spent - (accepted + 1) / self.undrafted_rate)
+                old = self.probe_loss_s
+                self.probe_loss_s = loss if old is None else (1 - PROBE_LOSS_EMA) * old + PROBE_LOSS_EMA * loss
             self._rest_left, self._rest_next = self._rest_next, min(2 * self._rest_next, self.max_rest)
         else:
             self._rest_next = 1
