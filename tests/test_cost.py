@@ -669,7 +669,9 @@ def test_a_long_rest_ahead_reads_no_prompt_features_and_stays_token_identical():
     prompt = torch.randint(2, target.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
     cfg = GenerationConfig(max_new_tokens=left + 8, ignore_eos=True)
     spec, plain = Generator(target, drafter), Generator(target)
-    assert [t for ch in spec.generate_ids(prompt, cfg) for t in ch] == [t for ch in plain.generate_ids(prompt, cfg) for t in ch]
-    assert committed and sum(committed[:2]) <= left + 2  # the first probe's head saw the answer's tokens, not the prompt's 30
+    want = [t for ch in plain.generate_ids(prompt, cfg) for t in ch]
+    assert [t for ch in spec.generate_ids(prompt, cfg) for t in ch] == want
+    # the first probe's head saw the answer's tokens, not the prompt's 30
+    assert committed and sum(committed[:2]) <= left + 2
     sizer._rest_left = 3  # a short rest ahead: the window's last few
     assert sizer.resting and drafter.prompt_features == RESTING_PROMPT_FEATURES

@@ -261,12 +261,13 @@ class TreeSizer:
 
     Timed, the rests also grow past MAX_REST where probes lose much: each probe that ends in a
     rest is charged its measured loss (its draft, the head's catch-up over the rested tokens and
-    its forward, less what resting earns in that time; a moving average, `probe_loss_s`), and rests
-    may grow until the probes cost at most PROBE_SHARE of the time (`max_rest`). The catch-up is mostly a fixed cost (the
-    head's weights read again, its calls), which longer rests do save; its share that grows with
-    the rest is one reason the rests stop at MAX_REST_CAP. Where verifying a row costs most of a forward
-    (Q4_1 on a Zen 3 where two rows cost 1.6x one), a probe lost about 1.5 steps' time, so
-    probes every 33 steps cost speculation about 5% against plain decoding while it rested.
+    its forward, less what resting earns in that time; a moving average, `probe_loss_s`), and
+    rests may grow until the probes cost at most PROBE_SHARE of the time (`max_rest`). The
+    catch-up is mostly a fixed cost (the head's weights read again, its calls), which longer rests
+    do save; its part that grows with the rest is one reason the rests stop at MAX_REST_CAP. Where
+    verifying a row costs most of a forward (Q4_1 on a Zen 3 where two rows cost 1.6x one), a
+    probe lost 20-60 ms, and probes every 33 steps cost speculation about 4% against plain
+    decoding while it rested (docs/benchmarks.md, "Longer rests where probes lose").
     """
 
     def __init__(self, curve: CostCurve, max_nodes: int, draft_s: float | None = None, depth_s: float | None = None,
