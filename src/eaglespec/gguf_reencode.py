@@ -74,8 +74,8 @@ def reencode_gguf(src: str | os.PathLike, dst: str | os.PathLike, outtype: str =
 
 def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type: gguf.LlamaFileType) -> None:
     """Every key of `reader` but those the writer sets itself, with `general.file_type` replaced."""
+    written_here = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE)
     for field in reader.fields.values():
-        written_here = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE)
         if field.name in written_here or field.name.startswith("GGUF."):
             continue
         kind = field.types[0]

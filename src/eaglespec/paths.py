@@ -52,9 +52,13 @@ def converted_dir(gguf: Path) -> Path:
     """Where `eaglespec.target.convert_gguf` keeps a GGUF's dequantized transformers folder: keyed
     by the file's contents and CONVERTED_LAYOUT, so that the same file installed at another path (a
     new virtual environment, a fresh clone) finds the folder already written."""
-    ident = f"layout {CONVERTED_LAYOUT}:{gguf_digest(gguf)}"
-    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    return converted_root() / f"{gguf.stem}-{key}"
+    return _converted_folder(gguf.stem, gguf_digest(gguf))
+
+
+def _converted_folder(stem: str, digest: str) -> Path:
+    """The converted folder of a GGUF named `stem` whose bytes have sha256 `digest`."""
+    key = hashlib.sha256(f"layout {CONVERTED_LAYOUT}:{digest}".encode()).hexdigest()[:16]
+    return converted_root() / f"{stem}-{key}"
 
 
 def find_converted(gguf: Path) -> Path | None:
@@ -100,11 +104,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _read_sources() -> dict:
-    try:
-        table = json.loads((converted_root() / "sources.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return table if isinstance(table, dict) else {}
+    return read_json(converted_root() / "sources.json")
 
 
 def prune_converted(keep: Path) -> list[Path]:
@@ -120,7 +120,7 @@ def prune_converted(keep: Path) -> list[Path]:
         except OSError:
             continue
         if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
-            live.add(converted_dir(Path(path)).resolve())
+            live.add(_converted_folder(Path(path).stem, entry[2]).resolve())
     removed = []
     for folder in sorted(converted_root().iterdir()):
         if folder.name.startswith(".") or not (folder / CONVERTED_MARKER).is_file() or folder.resolve() in live:
@@ -128,6 +128,15 @@ def prune_converted(keep: Path) -> list[Path]:
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
+
+
+def read_json(path: Path) -> dict:
+    """A cache file's JSON object; {} where it is missing, unreadable or not an object."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
 
 
 def write_json(path: Path, value) -> None:
@@ -165,10 +174,7 @@ class ProbeCache:
         self.new: dict = {}
 
     def _read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_json(self.path)
 
     def get(self, name: str, default=None, kind: type = object):
         """The cached outcome `name` if it is None or a `kind`, else `default` (probe again)."""
