@@ -8,7 +8,8 @@ import os
 import pytest
 
 from eaglespec import paths
-from eaglespec.paths import CONVERTED_MARKER, converted_dir, converted_root, find_converted, prune_converted
+from eaglespec.paths import (CONVERTED_MARKER, converted_dir, converted_root, find_converted, parts_dir,
+                             prune_converted)
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +76,9 @@ def test_pruning_keeps_live_conversions_and_deletes_stale_ones(tmp_path):
     changed = write(tmp_path / "changed.gguf", b"GGUF before")
     new = write(tmp_path / "new.gguf", b"GGUF new")
     kept = fake_conversion(converted_dir(live))
+    kept_parts = fake_conversion(parts_dir(live))  # what the llama.cpp backend extracts (gguf_parts)
     stale = fake_conversion(converted_dir(gone))
+    stale_parts = fake_conversion(parts_dir(gone))
     outdated = fake_conversion(converted_dir(changed))
     older_key = fake_conversion(converted_root() / "SmolLM2-135M-Instruct.Q4_1-0123456789abcdef")
     users = converted_root() / "not-ours"  # no marker: not something convert_gguf wrote
@@ -88,10 +91,10 @@ def test_pruning_keeps_live_conversions_and_deletes_stale_ones(tmp_path):
 
     removed = prune_converted(keep=converted_dir(new))
 
-    assert sorted(removed) == sorted([stale, outdated, older_key])
-    for folder in (stale, outdated, older_key):
+    assert sorted(removed) == sorted([stale, stale_parts, outdated, older_key])
+    for folder in removed:
         assert not folder.exists()
-    for folder in (kept, users, writing):
+    for folder in (kept, kept_parts, users, writing):
         assert folder.is_dir()
 
 

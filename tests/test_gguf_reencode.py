@@ -31,9 +31,10 @@ def default_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def reencoded(tmp_path_factory):
-    """outtype -> the default model re-encoded so (written once per module). The backend converts
-    each new file into its cache (about 0.5 GB each), so the cache is the module's own here, and
-    files and cache are deleted afterwards: runs of the suite must not fill the user's disk."""
+    """outtype -> the default model re-encoded so (written once per module). The backend extracts
+    each new file's tokenizer and embedding into its cache (eaglespec.gguf_parts), so the cache is
+    the module's own here, and files and cache are deleted afterwards: runs of the suite must not
+    fill the user's disk."""
     folder, made = tmp_path_factory.mktemp("reencoded"), {}
 
     def get(outtype: str) -> Path:
@@ -94,8 +95,11 @@ def test_greedy_speculation_over_reencoded_weights_equals_plain_decoding(reencod
     patch's F32, F16 or BF16 kernels, and every answer is plain decoding's, token for token."""
     from test_llamacpp_backend import check_greedy_equals_plain
 
+    from eaglespec.paths import parts_dir
+
     target = llama_target(reencoded(outtype))
     try:
+        assert target.folder == parts_dir(target.gguf)  # its parts, not a dequantized copy of every weight
         if (Path(sys.prefix) / ".eaglespec-llamacpp").exists():
             assert target.min_rows == 1  # set-up's build rounds a lone row as it rounds in a tree
         check_greedy_equals_plain(target, ["Explain what a hash table is, in three sentences.",

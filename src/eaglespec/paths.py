@@ -26,8 +26,16 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: holds CONVERTED_MARKER, which lets `load_model` take the short path (`load_converted`).
 CONVERTED_LAYOUT = 3
 
-#: the file that marks a folder `convert_gguf` wrote (its layout and source), read by `load_model`
+#: the file that marks a folder `convert_gguf` wrote (its layout and source), read by `load_model`,
+#: or one that `eaglespec.gguf_parts.extract_parts` wrote
 CONVERTED_MARKER = "eaglespec-converted.json"
+
+#: the layout of a parts folder (`eaglespec.gguf_parts`), part of its cache key. 1 (2026-12-07):
+#: config, generation config, tokenizer (as `convert_gguf` writes them) and PARTS_FILE.
+PARTS_LAYOUT = 1
+
+#: a parts folder's weights: the token embedding and, where the model has its own, the LM head
+PARTS_FILE = "embeddings.safetensors"
 
 
 class TargetLoadError(RuntimeError):
@@ -59,6 +67,24 @@ def _converted_folder(stem: str, digest: str) -> Path:
     """The converted folder of a GGUF named `stem` whose bytes have sha256 `digest`."""
     key = hashlib.sha256(f"layout {CONVERTED_LAYOUT}:{digest}".encode()).hexdigest()[:16]
     return converted_root() / f"{stem}-{key}"
+
+
+def parts_dir(gguf: Path) -> Path:
+    """Where `eaglespec.gguf_parts.extract_parts` keeps what the llama.cpp backend reads of a GGUF
+    besides llama.cpp's own weights (tokenizer, configs, embedding and LM head); keyed as
+    `converted_dir` is."""
+    return _parts_folder(gguf.stem, gguf_digest(gguf))
+
+
+def _parts_folder(stem: str, digest: str) -> Path:
+    key = hashlib.sha256(f"parts {PARTS_LAYOUT}:{digest}".encode()).hexdigest()[:16]
+    return converted_root() / f"{stem}-parts-{key}"
+
+
+def find_parts(gguf: Path) -> Path | None:
+    """The GGUF's parts folder if `extract_parts` finished writing it, else None."""
+    folder = parts_dir(gguf)
+    return folder if (folder / PARTS_FILE).is_file() else None
 
 
 def find_converted(gguf: Path) -> Path | None:
@@ -108,11 +134,12 @@ def _read_sources() -> dict:
 
 
 def prune_converted(keep: Path) -> list[Path]:
-    """Delete the converted folders that no file on this machine converts to any more: those of
-    files deleted or changed since (a removed virtual environment's copy of the default model), and
-    those of older layouts or keys, which this version never reads. Each is an fp32 copy of its
-    model (517 MB for the default one). `keep` stays, as do folders being written (their names
-    start with a dot) and folders without CONVERTED_MARKER. Returns the folders deleted."""
+    """Delete the converted and parts folders that no file on this machine converts to any more:
+    those of files deleted or changed since (a removed virtual environment's copy of the default
+    model), and those of older layouts or keys, which this version never reads. A converted folder
+    is an fp32 copy of its model (517 MB for the default one). `keep` stays, as do folders being
+    written (their names start with a dot) and folders without CONVERTED_MARKER. Returns the
+    folders deleted."""
     live = {keep.resolve()}
     for path, entry in _read_sources().items():
         try:
@@ -120,7 +147,8 @@ def prune_converted(keep: Path) -> list[Path]:
         except OSError:
             continue
         if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
-            live.add(_converted_folder(Path(path).stem, entry[2]).resolve())
+            stem = Path(path).stem
+            live |= {_converted_folder(stem, entry[2]).resolve(), _parts_folder(stem, entry[2]).resolve()}
     removed = []
     for folder in sorted(converted_root().iterdir()):
         if folder.name.startswith(".") or not (folder / CONVERTED_MARKER).is_file() or folder.resolve() in live:

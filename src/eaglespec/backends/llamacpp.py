@@ -31,9 +31,10 @@ it computes in plain decoding (docs/design.md, "llama.cpp backend"):
   setup.sh's patched build keeps every row of F32, Q4_1 and Q8_0 rounding as it does alone), so
   `min_rows` is measured once per machine, model file and build, not assumed.
 
-The draft head needs the target's token embedding and LM head as torch modules: they are read from
-the dequantized transformers folder of the same GGUF (`eaglespec.target.convert_gguf`), with the
-tokenizer, the config and the generation config.
+The draft head needs the target's token embedding and LM head as torch modules: they are read,
+with the tokenizer, the config and the generation config, from the GGUF's parts folder
+(`eaglespec.gguf_parts`, extracted once), or from its converted folder where the PyTorch backend
+has written one (`eaglespec.target.convert_gguf`).
 """
 
 from __future__ import annotations
@@ -369,8 +370,8 @@ class LlamaCppTarget:
     prompt_hidden_costs_logits = True
 
     def __init__(self, gguf: str | Path, config: LlamaCppTargetConfig = LlamaCppTargetConfig(), folder: str | Path | None = None) -> None:
-        """gguf: the model file; folder: its dequantized transformers folder, for the tokenizer,
-        config, embedding and LM head (None: `convert_gguf(gguf)`, converted once and cached)."""
+        """gguf: the model file; folder: where its tokenizer, config, embedding and LM head are, a
+        parts or a converted folder (None: `_torch_parts_folder(gguf)`, extracted once and cached)."""
         lib = self._lib = _lib()
         self.gguf = Path(gguf)
         if not self.gguf.is_file():
@@ -378,7 +379,7 @@ class LlamaCppTarget:
         self.config = config
         self.max_len = config.max_len
         self.n_seq = config.n_seq_needed
-        self.folder = Path(folder) if folder is not None else _converted(self.gguf)
+        self.folder = Path(folder) if folder is not None else _torch_parts_folder(self.gguf)
         self._load_torch_parts(self.folder)
         _silence(lib)
         lib.llama_backend_init()
@@ -435,15 +436,19 @@ class LlamaCppTarget:
         self.min_rows: int | None = self._min_rows() if config.exact else 1
 
     def _load_torch_parts(self, folder: Path) -> None:
-        """Tokenizer, config and the embedding and LM head from the converted folder. The configs are
-        read as JSON: transformers' config classes cost about half a second of imports at each start."""
+        """Tokenizer, config and the embedding and LM head from a parts or converted folder. The
+        configs are read as JSON: transformers' config classes cost about half a second of imports
+        at each start."""
         from safetensors import safe_open
+
+        from eaglespec.paths import PARTS_FILE
 
         self.model_config: dict = _read_json(folder / "config.json")
         self.tokenizer: PreTrainedTokenizerBase | None = _tokenizer(folder)
         generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
         self.eos_token_ids = _ids(generation.get("eos_token_id"))
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        weights = folder / PARTS_FILE if (folder / PARTS_FILE).is_file() else folder / "model.safetensors"
+        with safe_open(str(weights), framework="pt") as f:
             keys = set(f.keys())
             embed_key = next(k for k in keys if k.endswith("embed_tokens.weight"))
             embed_w = f.get_tensor(embed_key)  # [V, H] float32
@@ -807,14 +812,15 @@ def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def _converted(gguf: Path) -> Path:
-    """The GGUF's dequantized transformers folder: found in the cache when it is there (without
-    importing the PyTorch target code), else converted once (`eaglespec.target.convert_gguf`)."""
-    from eaglespec.paths import find_converted
+def _torch_parts_folder(gguf: Path) -> Path:
+    """Where the GGUF's tokenizer, configs, embedding and LM head are: its converted folder where the
+    PyTorch backend has written one, else its parts folder, extracted once (`eaglespec.gguf_parts`).
+    Found in the cache without importing transformers."""
+    from eaglespec.paths import find_converted, find_parts
 
-    found = find_converted(gguf)
+    found = find_converted(gguf) or find_parts(gguf)
     if found is not None:
         return found
-    from eaglespec.target import convert_gguf
+    from eaglespec.gguf_parts import extract_parts
 
-    return convert_gguf(gguf)
+    return extract_parts(gguf)
