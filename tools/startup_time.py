@@ -7,13 +7,18 @@ process and the text each wrote.
     python tools/startup_time.py HEAD --runs 9 -- generate "Hello there" --max-new-tokens 8
 
 Caches (converted targets, probe results) are shared, so run one warm-up of each commit first
-(done here) and keep other jobs off the machine.
+(done here) and keep other jobs off the machine. `--first-start` gives each run an empty cache of
+its own instead ($EAGLESPEC_CACHE): what a first run on a new machine, or of a new model file,
+costs (conversions and probes included).
+
+    python tools/startup_time.py 20dc304 HEAD --runs 3 --first-start
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,11 +33,16 @@ def worktree(repo: Path, commit: str, parent: Path) -> Path:
     return path
 
 
-def run_once(src: Path, argv: list[str]) -> tuple[float, str]:
+def run_once(src: Path, argv: list[str], cache: Path | None = None) -> tuple[float, str]:
+    """Wall clock and stdout of one run; `cache`: an empty folder for $EAGLESPEC_CACHE, deleted after."""
     env = dict(os.environ, PYTHONPATH=str(src))
+    if cache is not None:
+        env["EAGLESPEC_CACHE"] = str(cache)
     start = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "eaglespec.cli", *argv], env=env, capture_output=True, text=True)
     took = time.perf_counter() - start
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
     if r.returncode != 0:
         raise SystemExit(f"{src}: exit {r.returncode}\n{r.stderr[-2000:]}")
     return took, r.stdout.strip()
@@ -42,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("commits", nargs="+")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--first-start", action="store_true", help="each run with an empty cache of its own")
     parser.add_argument("argv", nargs=argparse.REMAINDER, help="after --: the eaglespec command line")
     args = parser.parse_args()
     argv = [a for a in args.argv if a != "--"] or ["generate", "Hi", "--max-new-tokens", "1"]
@@ -56,9 +67,10 @@ def main() -> None:
             for i in range(args.runs):
                 order = list(trees) if i % 2 == 0 else list(trees)[::-1]
                 for c in order:
-                    took, texts[c] = run_once(trees[c], argv)
+                    cache = Path(tmp) / f"cache-{i}-{c.replace('/', '_')}" if args.first_start else None
+                    took, texts[c] = run_once(trees[c], argv, cache)
                     times[c].append(took)
-            print(f"eaglespec {' '.join(argv)}; {args.runs} runs each")
+            print(f"eaglespec {' '.join(argv)}; {args.runs} runs each{', each from an empty cache' if args.first_start else ''}")
             print("| commit | median | min-max | text |\n|---|---|---|---|")
             for c, ts in times.items():
                 text = texts[c].replace("\n", " ")[:60]
