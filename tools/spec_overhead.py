@@ -8,8 +8,9 @@ still cost.
     PYTHONPATH=src python tools/spec_overhead.py --gguf F32.gguf --lookup 8 --draft-weights int8
     PYTHONPATH=src python tools/spec_overhead.py --lookup 8 --no-profile   # the ratio alone, unprofiled
 
-Prints the seconds of each and their ratio, the sizer's state (steps rested, the rates it
-learnt, the draft times) and the profile. Keep other jobs off the machine.
+Prints the seconds of each and their ratio, split into llama.cpp's decodes and the rest (Python,
+the head, the tree); the sizer's state (steps rested, the rates it learnt, the draft times) and the
+profile. Keep other jobs off the machine.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def main() -> None:
     drafter = load_drafter(default_head_path(), target, default_tree("cpu", torch.float32),
                            draft_setup("cpu", torch.float32, args.draft_weights), lookup=args.lookup)
     plain, spec = Generator(target), Generator(target, drafter)
+    decode_s = [0.0]  # seconds inside llama.cpp's decodes (`LlamaCppTarget._decode`), all runs
+
+    def timed_decode(*a, _inner=target._decode, **kw):
+        start = time.perf_counter()
+        try:
+            return _inner(*a, **kw)
+        finally:
+            decode_s[0] += time.perf_counter() - start
+
+    target._decode = timed_decode
     if args.questions:
         rows = load_questions(args.questions)
         prompts = [q.turns[0] for q in rows[:: max(1, len(rows) // args.n)][: args.n]]
@@ -60,19 +71,21 @@ def main() -> None:
         plain.generate(i, cfg)
         spec.generate(i, cfg)
     profile = cProfile.Profile()
-    plain_s = spec_s = 0.0
+    plain_s = spec_s = plain_decode_s = spec_decode_s = 0.0
     forwards = new = 0
     sizer = getattr(drafter, "sizer", None)
     rested = sizer.rested if sizer is not None else 0  # the warm-up's rests are not counted
     for i in ids:  # alternating, so load elsewhere hits both alike
-        start = time.perf_counter()
+        start, decoded = time.perf_counter(), decode_s[0]
         plain.generate(i, cfg)
         plain_s += time.perf_counter() - start
+        plain_decode_s += decode_s[0] - decoded
         if not args.no_profile:
             profile.enable()
-        start = time.perf_counter()
+        start, decoded = time.perf_counter(), decode_s[0]
         spec.generate(i, cfg)
         spec_s += time.perf_counter() - start
+        spec_decode_s += decode_s[0] - decoded
         profile.disable()
         forwards += spec.last_stats.target_forwards
         new += spec.last_stats.new_tokens
@@ -80,6 +93,8 @@ def main() -> None:
           f"speculative/plain speed {plain_s / spec_s:.3f}x"
           f"{'' if args.no_profile else ' (the speculative runs under cProfile)'}; "
           f"tau {new / forwards:.2f} over {forwards} target forwards")
+    print(f"inside llama.cpp's decodes: plain {plain_decode_s:.3f} s (the rest {plain_s - plain_decode_s:.3f} s), "
+          f"speculative {spec_decode_s:.3f} s (the rest {spec_s - spec_decode_s:.3f} s)")
     if sizer is not None:
         print(f"sizer: {sizer.rested - rested} of those steps rested (the EAGLE tree was the root alone); "
               f"rates (tokens/s) drafted {sizer.spec_rate or 0:.1f}, undrafted {sizer.undrafted_rate:.1f}, "

@@ -4,14 +4,14 @@ commits alternating which goes first; prints the median, min and max wall clock 
 process and the text each wrote.
 
     python tools/startup_time.py feba06e HEAD                    # generate "Hi" --max-new-tokens 1
-    python tools/startup_time.py HEAD --runs 9 -- generate "Hello there" --max-new-tokens 8
+    python tools/startup_time.py --runs 9 HEAD -- generate "Hello there" --max-new-tokens 8
 
 Caches (converted targets, probe results) are shared, so run one warm-up of each commit first
 (done here) and keep other jobs off the machine. `--first-start` gives each run an empty cache of
 its own instead ($EAGLESPEC_CACHE): what a first run on a new machine, or of a new model file,
 costs (conversions and probes included).
 
-    python tools/startup_time.py 20dc304 HEAD --runs 3 --first-start
+    python tools/startup_time.py --runs 3 --first-start 20dc304 HEAD    # options before the commits
 """
 
 from __future__ import annotations
