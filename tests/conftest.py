@@ -29,3 +29,17 @@ def fresh_accelerate_state():
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def sizer_memory_off(request, monkeypatch):
+    """Each test's drafters start from a fresh tree sizer, as their asserts on trees assume: what a
+    sizer learnt in another test (or another run of the suite) is neither resumed nor kept. Tests
+    marked `sizer_memory` use the memory, in a cache of their own."""
+    if request.node.get_closest_marker("sizer_memory"):
+        return
+    from eaglespec.cost import SizerMemory
+
+    monkeypatch.setattr(SizerMemory, "load", lambda self, sizer: False)
+    monkeypatch.setattr(SizerMemory, "save", lambda self, sizer, force=False: False)
+

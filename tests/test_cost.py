@@ -1,5 +1,6 @@
 """The measured cost of a verified node, and tree sizes chosen from it."""
 
+import json
 import math
 
 import pytest
@@ -675,3 +676,101 @@ def test_a_long_rest_ahead_reads_no_prompt_features_and_stays_token_identical():
     assert committed and sum(committed[:2]) <= left + 2
     sizer._rest_left = 3  # a short rest ahead: the window's last few
     assert sizer.resting and drafter.prompt_features == RESTING_PROMPT_FEATURES
+
+
+# -- a sizer that remembers, across processes ----------------------------------------------------
+
+
+def test_a_resumed_sizer_goes_on_where_the_last_one_stopped():
+    """A sizer that learnt to rest long hands its rates, draft times, probe loss and the rest in
+    progress to a new one, which then rests at once: no probes at 1, 2, 4, ... steps to relearn."""
+    costly = {"catch_up": 0.005, "draft": 0.013, "step": 0.022}
+    old = TreeSizer(FLAT, 63, timed=True)
+    rest_lengths(old, 900, costly)
+    assert old.resting and old.rest_left > 0
+    state = json.loads(json.dumps(old.learnt()))  # as kept on disk
+
+    new = TreeSizer(FLAT, 63, timed=True)
+    assert new.resume(state)
+    assert new.learnt() == old.learnt() and new.resting
+    left = new.rest_left
+    new.begin()
+    assert [new.should_draft() for _ in range(left)] == [False] * left
+
+    fresh = TreeSizer(FLAT, 63, timed=True)  # without the state: it probes within the first steps
+    assert rest_lengths(fresh, 40, costly)[1:4] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("change", [
+    {"version": 0}, {"_rest_left": -1}, {"_rest_next": 10**6}, {"spec_rate": float("nan")},
+    {"scale": "1.0"}, {"_rest_left": 2.5}, {"base_s": -0.1}])
+def test_a_state_of_another_version_or_out_of_place_is_not_resumed(change):
+    old = TreeSizer(FLAT, 63, timed=True)
+    rest_lengths(old, 300, {"catch_up": 0.005, "draft": 0.013, "step": 0.022})
+    new = TreeSizer(FLAT, 63, timed=True)
+    before = new.learnt()
+    assert not new.resume({**old.learnt(), **change})
+    assert new.learnt() == before
+    missing = old.learnt()
+    missing.pop("probe_loss_s")
+    assert not new.resume(missing) and not new.resume(None)
+
+
+def test_fixed_draft_times_stay_fixed_when_resumed():
+    old = TreeSizer(FLAT, 63, timed=True)
+    rest_lengths(old, 300, {"catch_up": 0.005, "draft": 0.013, "step": 0.022})
+    fixed = TreeSizer(FLAT, 63, draft_s=0.002, depth_s=0.001)
+    assert fixed.resume(old.learnt())
+    assert (fixed.base_s, fixed.depth_s) == (0.002, 0.001) and fixed.spec_rate == old.spec_rate
+
+
+@pytest.mark.sizer_memory
+def test_a_drafter_keeps_its_sizers_state_for_the_next_process(tmp_path, monkeypatch, tiny_model_dir):
+    """`load_drafter` keys the memory by the machine, target, head files, tree, setup and lookup.
+    After a sequence (here one cut short by the caller) the state is on disk; a drafter loaded
+    alike resumes it, one with another lookup chain does not, and output stays plain decoding's."""
+    from helpers import random_head
+
+    from eaglespec import cost
+    from eaglespec.heads import load_drafter
+    from eaglespec.target import load_target
+
+    monkeypatch.setenv("EAGLESPEC_CACHE", str(tmp_path / "cache"))
+    target = load_target(str(tiny_model_dir))
+    random_head(target).save_pretrained(tmp_path / "head")
+    tree = TreeConfig(top_k=2, depth=3, total_tokens=16, sizing="cost")
+    first = load_drafter(tmp_path / "head", target, tree, lookup=4)
+    assert first.eagle.memory is not None and not first.eagle.memory.load(first.sizer)  # nothing kept yet
+    prompt = torch.tensor([2, 9, 14, 30, 7])
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    want = [t for ch in Generator(target).generate_ids(prompt, cfg) for t in ch]
+    run = Generator(target, first).generate_ids(prompt, cfg)
+    got = [t for _, ch in zip(range(6), run) for t in ch]
+    run.close()  # the caller stops reading: the drafter still keeps its state
+    assert got == want[: len(got)]
+    kept = first.sizer.learnt()
+    saves = []
+    monkeypatch.setattr(cost.SizerMemory, "save", lambda self, sizer, force=False: saves.append(sizer))
+
+    second = load_drafter(tmp_path / "head", target, tree, lookup=4)
+    assert second.sizer.learnt() == kept
+    other = load_drafter(tmp_path / "head", target, tree, lookup=2)
+    assert other.sizer.learnt() != kept
+    assert [t for ch in Generator(target, second).generate_ids(prompt, cfg) for t in ch] == want
+    assert saves == [second.sizer]
+
+
+@pytest.mark.sizer_memory
+def test_a_server_saves_the_sizers_state_at_most_every_so_often(tmp_path, monkeypatch):
+    from eaglespec import cost
+
+    monkeypatch.setenv("EAGLESPEC_CACHE", str(tmp_path / "cache"))
+    clock = [100.0]
+    monkeypatch.setattr(cost.time, "monotonic", lambda: clock[0])
+    memory, sizer = cost.SizerMemory("machine", "key"), TreeSizer(FLAT, 63, timed=True)
+    assert memory.save(sizer) and not memory.save(sizer)
+    clock[0] += cost.MEMORY_SAVE_EVERY_S
+    assert memory.save(sizer) and memory.save(sizer, force=True)
+    assert TreeSizer(FLAT, 63, timed=True).resume(sizer.learnt())
+    fresh = TreeSizer(FLAT, 63, timed=True)
+    assert cost.SizerMemory("machine", "key").load(fresh) and not cost.SizerMemory("machine", "other").load(fresh)

@@ -7,6 +7,7 @@ still cost.
     PYTHONPATH=src python tools/spec_overhead.py --questions ../shared/data/mt_bench/question.jsonl
     PYTHONPATH=src python tools/spec_overhead.py --gguf F32.gguf --lookup 8 --draft-weights int8
     PYTHONPATH=src python tools/spec_overhead.py --lookup 8 --no-profile   # the ratio alone, unprofiled
+    PYTHONPATH=src python tools/spec_overhead.py --lookup 8 --no-profile --fresh [--forget]   # as separate processes
 
 Prints the seconds of each and their ratio, split into llama.cpp's decodes and the rest (Python,
 the head, the tree); the sizer's state (steps rested, the rates it learnt, the draft times) and the
@@ -35,6 +36,10 @@ def main() -> None:
                         help="the head's weight layout (eaglespec.backends.draft_setup)")
     parser.add_argument("--top", type=int, default=15, help="profile lines to print")
     parser.add_argument("--no-profile", action="store_true", help="time the speculative runs without cProfile")
+    parser.add_argument("--fresh", action="store_true",
+                        help="a new drafter for each prompt, as each `eaglespec generate` process starts one")
+    parser.add_argument("--forget", action="store_true",
+                        help="drafters start afresh instead of from the last one's sizer state (SizerMemory)")
     args = parser.parse_args()
 
     from eaglespec.backends import default_tree, draft_setup
@@ -46,8 +51,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     target = LlamaCppTarget(args.gguf or default_gguf_path(), LlamaCppTargetConfig(threads=args.threads))
-    drafter = load_drafter(default_head_path(), target, default_tree("cpu", torch.float32),
-                           draft_setup("cpu", torch.float32, args.draft_weights), lookup=args.lookup)
+    def new_drafter():
+        return load_drafter(default_head_path(), target, default_tree("cpu", torch.float32),
+                            draft_setup("cpu", torch.float32, args.draft_weights), lookup=args.lookup,
+                            remember=not args.forget)
+
+    drafter = new_drafter()
     plain, spec = Generator(target), Generator(target, drafter)
     decode_s = [0.0]  # seconds inside llama.cpp's decodes (`LlamaCppTarget._decode`), all runs
 
@@ -74,8 +83,13 @@ def main() -> None:
     plain_s = spec_s = plain_decode_s = spec_decode_s = 0.0
     forwards = new = 0
     sizer = getattr(drafter, "sizer", None)
-    rested = sizer.rested if sizer is not None else 0  # the warm-up's rests are not counted
+    rested = 0  # steps rested in the timed runs (not the warm-up's)
     for i in ids:  # alternating, so load elsewhere hits both alike
+        if args.fresh:
+            drafter = new_drafter()
+            spec = Generator(target, drafter)
+            sizer = getattr(drafter, "sizer", None)
+        rested_before = sizer.rested if sizer is not None else 0
         start, decoded = time.perf_counter(), decode_s[0]
         plain.generate(i, cfg)
         plain_s += time.perf_counter() - start
@@ -86,6 +100,7 @@ def main() -> None:
         spec.generate(i, cfg)
         spec_s += time.perf_counter() - start
         spec_decode_s += decode_s[0] - decoded
+        rested += sizer.rested - rested_before if sizer is not None else 0
         profile.disable()
         forwards += spec.last_stats.target_forwards
         new += spec.last_stats.new_tokens
@@ -96,7 +111,7 @@ def main() -> None:
     print(f"inside llama.cpp's decodes: plain {plain_decode_s:.3f} s (the rest {plain_s - plain_decode_s:.3f} s), "
           f"speculative {spec_decode_s:.3f} s (the rest {spec_s - spec_decode_s:.3f} s)")
     if sizer is not None:
-        print(f"sizer: {sizer.rested - rested} of those steps rested (the EAGLE tree was the root alone); "
+        print(f"sizer: {rested} of those steps rested (the EAGLE tree was the root alone); "
               f"rates (tokens/s) drafted {sizer.spec_rate or 0:.1f}, undrafted {sizer.undrafted_rate:.1f}, "
               f"plain {sizer.plain_rate:.1f}; draft base {1000 * (sizer.base_s or 0):.2f} ms, per depth "
               f"{1000 * (sizer.depth_s or 0):.2f} ms; calibration {sizer.scale:.2f}")

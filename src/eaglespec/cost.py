@@ -68,6 +68,16 @@ PROBE_LOSS_EMA = 0.5
 #: a timed sizer drafts nothing at the start of each sequence and after this many drafted steps
 #: without such a step, to time undrafted steps at the cache length and load of the moment
 PLAIN_TIMING_EVERY = 64
+#: what `TreeSizer.learnt` keeps for another process (`SizerMemory`); a state of another version
+#: is not resumed
+LEARNT_VERSION = 1
+#: the fields of that state: the rates of drafted and undrafted steps (their decaying sums), the
+#: draft times, the calibration, what probes lose, and the rest in progress
+LEARNT_FLOATS = ("base_s", "depth_s", "scale", "_predicted_ema", "_accepted_ema", "spec_rate", "_spec_tokens",
+                 "_spec_seconds", "rest_rate", "_rest_tokens", "_rest_seconds", "probe_loss_s")
+LEARNT_INTS = ("_rest_left", "_rest_next")
+#: a process saves its sizer's state after a sequence at most this often (a server answers many)
+MEMORY_SAVE_EVERY_S = 30.0
 
 
 class CostTarget(Protocol):
@@ -501,6 +511,31 @@ class TreeSizer:
             lo, hi = CALIBRATION_BOUNDS
             self.scale = min(hi, max(lo, self._accepted_ema / self._predicted_ema))
 
+    def learnt(self) -> dict:
+        """What this sizer has learnt of drafting here, as JSON: the rates, draft times and
+        calibration, what probes lose, and the rest in progress (`resume` takes it up)."""
+        return {"version": LEARNT_VERSION, **{k: getattr(self, k) for k in LEARNT_FLOATS + LEARNT_INTS}}
+
+    def resume(self, state: dict) -> bool:
+        """Start from what a sizer of the same target, head and tree learnt in another process
+        (`learnt`): where drafting did not pay, a new process rests at once, the rest it was in
+        going on, instead of probing its way there again (each probe a draft and a forward of
+        several rows). Returns whether `state` was taken: one of another version, or with a value
+        out of place, is not, and this sizer starts afresh. Fixed draft times stay fixed."""
+        if not isinstance(state, dict) or state.get("version") != LEARNT_VERSION:
+            return False
+        floats = {k: state.get(k, "missing") for k in LEARNT_FLOATS}
+        ints = {k: state.get(k, "missing") for k in LEARNT_INTS}
+        if not all(v is None or (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0) for v in floats.values()):
+            return False
+        if not all(isinstance(v, int) and 0 <= v <= MAX_REST_CAP for v in ints.values()):
+            return False
+        if self.fixed_draft:
+            floats.pop("base_s"), floats.pop("depth_s")
+        for k, v in {**floats, **ints}.items():
+            setattr(self, k, v)
+        return True
+
     def begin(self) -> None:
         """A new sequence: the prompt is no verdict on a tree. What was learnt of the rates stays,
         and so does a rest in progress: drafting has not paid lately, a new prompt is no sign that
@@ -510,3 +545,33 @@ class TreeSizer:
         self._depths = []
         # another cache length: time plain decoding again, and an undrafted step first
         self.plain_s, self._step_s, self._since_undrafted = None, None, PLAIN_TIMING_EVERY
+
+
+class SizerMemory:
+    """A sizer's learnt state kept across processes, per machine and `key` (what the state
+    depends on: the target's weights and backend, the head, the tree, the lookup chain), in the
+    probe cache. Each `eaglespec generate` starts a new process: without it every one of them
+    learns again, by probing, that drafting does not pay on a machine and model where it does not,
+    which cost 3-6% of a 256-token answer (docs/benchmarks.md, "A sizer that remembers")."""
+
+    def __init__(self, machine: str, key: str) -> None:
+        self.machine = machine
+        self.entry = hashlib.sha256(f"sizer\n{key}".encode()).hexdigest()[:16]
+        self._saved_at: float | None = None
+
+    def load(self, sizer: TreeSizer) -> bool:
+        """Resume `sizer` from the kept state, if any (`TreeSizer.resume`)."""
+        state = ProbeCache(self.machine, self.entry).get("sizer", kind=dict)
+        return state is not None and sizer.resume(state)
+
+    def save(self, sizer: TreeSizer, force: bool = False) -> bool:
+        """Keep `sizer`'s state: after the first sequence, then at most every MEMORY_SAVE_EVERY_S
+        (`force`: now). Returns whether it was written."""
+        now = time.monotonic()
+        if not force and self._saved_at is not None and now - self._saved_at < MEMORY_SAVE_EVERY_S:
+            return False
+        self._saved_at = now
+        probes = ProbeCache(self.machine, self.entry)
+        probes.put("sizer", sizer.learnt())
+        probes.save()
+        return True

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from eaglespec.backends import cheap_host_sync
-from eaglespec.cost import MAX_REST, TreeSizer, probe_cost_curve
+from eaglespec.cost import MAX_REST, SizerMemory, TreeSizer, probe_cost_curve
 from eaglespec.expand import dynamic_slots, expand_dynamic, expand_static
 from eaglespec.head_runner import HeadRunner, head_runner
 from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan
@@ -65,6 +65,10 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, root: torch.Tensor) -> DraftTree:
         """A tree whose node 0 holds `root` ([1] long), the last committed token."""
+
+    def end(self) -> None:
+        """The sequence ended (its last token, a stop, or a caller that stopped reading): a drafter
+        may keep what it learnt beyond this process."""
 
 
 class NoDrafter(Drafter):
@@ -147,6 +151,7 @@ class EagleDrafter(Drafter):
         self.pending_features: list[torch.Tensor] = []
         self._fresh = True  # no proposal yet in this sequence: the pending tokens are the prompt
         self._proposed_at: float | None = None  # when the last proposal was handed to the target
+        self.memory: SizerMemory | None = None  # where the sizer's state outlives the process (`remember`)
 
     @classmethod
     def from_head(cls, head: DraftHead | Eagle3Head, target: TargetModel, tree: TreeConfig = TreeConfig(),
@@ -158,6 +163,18 @@ class EagleDrafter(Drafter):
         runner = head_runner(head, target, setup)
         costly = runner.feature_layers is None and getattr(target, "prompt_hidden_costs_logits", False)
         return cls(runner, tree, sizer=tree_sizer(target, tree), prompt_window=PROMPT_WINDOW if costly else None)
+
+    def remember(self, memory: SizerMemory) -> bool:
+        """Keep the sizer's learnt state in `memory` after each sequence, and start from the state
+        kept there, if any. Returns whether one was resumed (False too without a sizer)."""
+        if self.sizer is None:
+            return False
+        self.memory = memory
+        return memory.load(self.sizer)
+
+    def end(self) -> None:
+        if self.memory is not None and self.sizer is not None:
+            self.memory.save(self.sizer)
 
     def begin(self) -> None:
         self._proposed_at = None

@@ -120,6 +120,12 @@ class Generator:
 
     def generate_ids(self, input_ids: torch.Tensor, config: GenerationConfig) -> Iterator[list[int]]:
         """Yield new token ids in accepted chunks; `self.last_stats` is live while iterating."""
+        try:
+            yield from self._steps(input_ids, config)
+        finally:
+            self.drafter.end()  # also where the caller stopped reading: it may keep what it learnt
+
+    def _steps(self, input_ids: torch.Tensor, config: GenerationConfig) -> Iterator[list[int]]:
         target, drafter = self.target, self.drafter
         n = input_ids.shape[0]
         if n == 0:

@@ -101,6 +101,10 @@ class HybridDrafter(Drafter):
         self.lookup.begin()
         self._guess = []
 
+    def end(self) -> None:
+        self.eagle.end()
+        self.lookup.end()
+
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
         self._learn(tokens)
         self.eagle.observe(tokens, features)

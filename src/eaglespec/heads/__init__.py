@@ -69,6 +69,22 @@ def make_drafter(head: DraftHead | Eagle3Head, target: TargetModel, tree: TreeCo
 
 
 def load_drafter(path: str | Path, target: TargetModel, tree: TreeConfig = TreeConfig(), setup: DraftSetup | None = None,
-                 lookup: int = 0) -> Drafter:
-    """`make_drafter` for the head in a folder of either kind (`load_head`)."""
-    return make_drafter(load_head(path, target.num_layers), target, tree, setup, lookup)
+                 lookup: int = 0, remember: bool = True) -> Drafter:
+    """`make_drafter` for the head in a folder of either kind (`load_head`). remember: a cost-sized
+    tree's sizer starts from what the last process with the same machine, target weights, head
+    files, tree, setup and lookup learnt, and keeps what it learns (`eaglespec.cost.SizerMemory`)."""
+    drafter = make_drafter(load_head(path, target.num_layers), target, tree, setup, lookup)
+    eagle = drafter.eagle if isinstance(drafter, HybridDrafter) else drafter
+    if remember and isinstance(eagle, EagleDrafter) and eagle.sizer is not None:
+        from eaglespec.backends import machine_id
+        from eaglespec.cost import SizerMemory
+
+        key = "\n".join([_files_id(Path(path)), target.cost_key(), repr(eagle.tree_config), repr(setup), f"lookup {lookup}"])
+        eagle.remember(SizerMemory(machine_id(target.device), key))
+    return drafter
+
+
+def _files_id(folder: Path) -> str:
+    """The head folder's files, by path, size and modification time."""
+    files = sorted(f for f in folder.resolve().iterdir() if f.is_file())
+    return "\n".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
