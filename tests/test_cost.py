@@ -569,10 +569,10 @@ def test_a_timed_sizer_weighs_drafting_against_what_resting_earns_with_a_lookup_
     assert all(drafted[-5:])
 
 
-def rest_lengths(sizer: TreeSizer, steps: int, probe: dict, plain_s: float = 0.014) -> list[int]:
+def rest_lengths(sizer: TreeSizer, steps: int, probe: dict, plain_s: float = 0.014, accepted: int = 0) -> list[int]:
     """Run a timed sizer for `steps` steps where every probe (drafted step) costs what `probe`
-    says ({"catch_up", "draft", "step"} seconds) and accepts nothing, and each undrafted step
-    takes `plain_s` for its one token; return the lengths of the rests between probes."""
+    says ({"catch_up", "draft", "step"} seconds) and accepts `accepted` nodes, and each undrafted
+    step takes `plain_s` for its one token; return the lengths of the rests between probes."""
     sizer.begin()
     rests, run = [], 0
     for _ in range(steps):
@@ -583,7 +583,7 @@ def rest_lengths(sizer: TreeSizer, steps: int, probe: dict, plain_s: float = 0.0
             sizer.choose(CONFIDENCES)
             sizer.record_draft(probe["draft"])
             sizer.record_step(probe["step"])
-            sizer.record_accepted(0)
+            sizer.record_accepted(accepted)
         else:
             run += 1
             sizer.record_step(plain_s)
@@ -748,6 +748,7 @@ def test_a_drafter_keeps_its_sizers_state_for_the_next_process(tmp_path, monkeyp
     got = [t for _, ch in zip(range(6), run) for t in ch]
     run.close()  # the caller stops reading: the drafter still keeps its state
     assert got == want[: len(got)]
+    assert first.sizer.resting  # a random head's drafts cost more than they earn: the state worth keeping
     kept = first.sizer.learnt()
     saves = []
     monkeypatch.setattr(cost.SizerMemory, "save", lambda self, sizer, force=False: saves.append(sizer))
@@ -768,9 +769,24 @@ def test_a_server_saves_the_sizers_state_at_most_every_so_often(tmp_path, monkey
     clock = [100.0]
     monkeypatch.setattr(cost.time, "monotonic", lambda: clock[0])
     memory, sizer = cost.SizerMemory("machine", "key"), TreeSizer(FLAT, 63, timed=True)
+    rest_lengths(sizer, 300, {"catch_up": 0.005, "draft": 0.013, "step": 0.022})
     assert memory.save(sizer) and not memory.save(sizer)
     clock[0] += cost.MEMORY_SAVE_EVERY_S
     assert memory.save(sizer) and memory.save(sizer, force=True)
-    assert TreeSizer(FLAT, 63, timed=True).resume(sizer.learnt())
     fresh = TreeSizer(FLAT, 63, timed=True)
-    assert cost.SizerMemory("machine", "key").load(fresh) and not cost.SizerMemory("machine", "other").load(fresh)
+    assert not cost.SizerMemory("machine", "other").load(fresh)
+    assert cost.SizerMemory("machine", "key").load(fresh) and fresh.learnt() == sizer.learnt()
+
+
+@pytest.mark.sizer_memory
+def test_a_state_where_drafting_paid_is_not_resumed(tmp_path, monkeypatch):
+    """A fresh sizer drafts from the first step anyway; only a resting state spares probes."""
+    from eaglespec import cost
+
+    monkeypatch.setenv("EAGLESPEC_CACHE", str(tmp_path / "cache"))
+    paying = TreeSizer(FLAT, 63, timed=True)
+    rest_lengths(paying, 200, {"catch_up": 0.0, "draft": 0.002, "step": 0.016}, accepted=4)
+    assert not paying.resting and paying.spec_rate is not None
+    cost.SizerMemory("machine", "key").save(paying)
+    fresh = TreeSizer(FLAT, 63, timed=True)
+    assert not cost.SizerMemory("machine", "key").load(fresh) and fresh.spec_rate is None

@@ -560,9 +560,15 @@ class SizerMemory:
         self._saved_at: float | None = None
 
     def load(self, sizer: TreeSizer) -> bool:
-        """Resume `sizer` from the kept state, if any (`TreeSizer.resume`)."""
+        """Resume `sizer` from the kept state (`TreeSizer.resume`) if there is one and it was
+        resting: drafted steps paying less than undrafted ones. Where drafting paid, a fresh sizer
+        drafts from the first step anyway, and rates carried over from other answers (a lookup
+        chain's rich stretches among them) made a resumed one rest more: on an F32 target 484-666
+        of about 950 steps against 98-183, at 1.36-1.45x of plain decoding against 1.42-1.44x."""
         state = ProbeCache(self.machine, self.entry).get("sizer", kind=dict)
-        return state is not None and sizer.resume(state)
+        if state is None or not _was_resting(state):
+            return False
+        return sizer.resume(state)
 
     def save(self, sizer: TreeSizer, force: bool = False) -> bool:
         """Keep `sizer`'s state: after the first sequence, then at most every MEMORY_SAVE_EVERY_S
@@ -575,3 +581,9 @@ class SizerMemory:
         probes.put("sizer", sizer.learnt())
         probes.save()
         return True
+
+
+def _was_resting(state: dict) -> bool:
+    """Whether a kept sizer state (`TreeSizer.learnt`) had drafted steps paying less than undrafted ones."""
+    spec, rest = state.get("spec_rate"), state.get("rest_rate")
+    return isinstance(spec, (int, float)) and isinstance(rest, (int, float)) and spec < rest
