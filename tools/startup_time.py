@@ -70,7 +70,8 @@ def main() -> None:
                     cache = Path(tmp) / f"cache-{i}-{c.replace('/', '_')}" if args.first_start else None
                     took, texts[c] = run_once(trees[c], argv, cache)
                     times[c].append(took)
-            print(f"eaglespec {' '.join(argv)}; {args.runs} runs each{', each from an empty cache' if args.first_start else ''}")
+            fresh = ", each from an empty cache" if args.first_start else ""
+            print(f"eaglespec {' '.join(argv)}; {args.runs} runs each{fresh}")
             print("| commit | median | min-max | text |\n|---|---|---|---|")
             for c, ts in times.items():
                 text = texts[c].replace("\n", " ")[:60]

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from eaglespec.paths import (CONVERTED_MARKER, PARTS_FILE, PARTS_LAYOUT, TargetLoadError, find_parts, parts_dir,
-                             prune_converted)
+                             write_folder)
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +37,8 @@ def extract_parts(gguf: Path) -> Path:
     if found is not None:
         return found
     out = parts_dir(gguf)
-    for folder in prune_converted(keep=out):  # before writing: the disk may be short of room
-        log.warning("removed %s: no file on this machine converts to it any more", folder)
     log.warning("reading the tokenizer, config and embedding of %s into %s (once)", gguf.name, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".parts-"))
-    try:
-        write_parts(gguf, tmp)
-        os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a cache hit
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_folder(out, lambda tmp: write_parts(gguf, tmp), prefix=".parts-")
 
 
 def write_parts(gguf: Path, folder: Path) -> None:

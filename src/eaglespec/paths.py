@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,23 @@ def prune_converted(keep: Path) -> list[Path]:
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
+
+
+def write_folder(out: Path, write: Callable[[Path], None], prefix: str) -> Path:
+    """Write a converted or parts folder `out` once: first delete the folders no file needs any
+    more (`prune_converted`; the disk may be short of room), then let `write` fill a temporary
+    folder (named `prefix`...) that one rename makes `out`, so that a half-written folder is never
+    mistaken for a cache hit. Returns `out`."""
+    for folder in prune_converted(keep=out):
+        log.warning("removed %s: no file on this machine converts to it any more", folder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=prefix))
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def read_json(path: Path) -> dict:

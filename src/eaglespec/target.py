@@ -14,9 +14,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import shutil
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +27,7 @@ from eaglespec.backends import auto_dtype, exact_rows, optimize_target, weights_
 from eaglespec.backends.base import TargetCache, TargetModel, TargetOutput  # noqa: F401 (their home before)
 from eaglespec.kv_cache import TargetKVCache
 from eaglespec.paths import (CONVERTED_LAYOUT, CONVERTED_MARKER, TargetLoadError, converted_dir,  # noqa: F401
-                             default_gguf_path, find_converted, prune_converted)
+                             default_gguf_path, find_converted, write_folder)
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +72,14 @@ def convert_gguf(gguf: Path) -> Path:
     if found is not None:
         return found
     out = converted_dir(gguf)
-    for folder in prune_converted(keep=out):  # before writing: the disk may be short of room
-        log.warning("removed %s: no file on this machine converts to it any more", folder)
-    log.warning("converting %s to %s (once; about 30 s)", gguf.name, out)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
-    try:
+
+    def convert(tmp: Path) -> None:
+        log.warning("converting %s to %s (once; about 25 s)", gguf.name, out)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         write_converted(model, tokenizer, tmp, source=gguf.name)
-        os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a cache hit
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_folder(out, convert, prefix=".convert-")
 
 
 def write_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, source: str) -> None:

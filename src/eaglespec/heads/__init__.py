@@ -79,7 +79,8 @@ def load_drafter(path: str | Path, target: TargetModel, tree: TreeConfig = TreeC
         from eaglespec.backends import machine_id
         from eaglespec.cost import SizerMemory
 
-        key = "\n".join([_files_id(Path(path)), target.cost_key(), repr(eagle.tree_config), repr(setup), f"lookup {lookup}"])
+        key = "\n".join([_files_id(Path(path)), target.cost_key(), repr(eagle.tree_config), repr(setup),
+                         f"lookup {lookup}"])
         eagle.remember(SizerMemory(machine_id(target.device), key))
     return drafter
 
