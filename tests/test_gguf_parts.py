@@ -89,9 +89,10 @@ def test_parts_hold_what_a_conversion_writes(tmp_path):
     names = {p.name for p in parts.iterdir()}
     assert names == {p.name for p in converted.iterdir()} - {"model.safetensors"} | {PARTS_FILE}
     for name in names - {PARTS_FILE, "eaglespec-converted.json"}:
-        if name == "config.json":  # a conversion names the model class and its dtype; nothing else differs
+        if name == "config.json":  # a conversion names the model class, its dtype and where the file was
             a, b = (json.loads((f / name).read_text()) for f in (converted, parts))
-            for key in ("architectures", "dtype", "torch_dtype"):
+            assert "_name_or_path" not in b  # parts are shared by every copy of the file
+            for key in ("architectures", "dtype", "torch_dtype", "_name_or_path"):
                 a.pop(key, None), b.pop(key, None)
             assert a == b
         else:

@@ -52,6 +52,7 @@ def write_parts(gguf: Path, folder: Path) -> None:
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     d = config.to_dict()
     d.pop("quantization_config", None)
+    d.pop("_name_or_path", None)  # the folder the file was read from: the parts serve any copy of it
     (folder / "config.json").write_text(json.dumps(d, indent=2))
     GenerationConfig.from_model_config(config).save_pretrained(folder)  # what from_pretrained gives a GGUF model
     save_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name), folder)
