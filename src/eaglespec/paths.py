@@ -122,6 +122,12 @@ def gguf_digest(gguf: Path) -> str:
     return digest
 
 
+def file_stamp(path: Path) -> str:
+    """A file's identity without reading it: its resolved path, size and modification time."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def file_sha256(path: Path) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as f:

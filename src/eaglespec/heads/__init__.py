@@ -78,14 +78,11 @@ def load_drafter(path: str | Path, target: TargetModel, tree: TreeConfig = TreeC
     if remember and isinstance(eagle, EagleDrafter) and eagle.sizer is not None:
         from eaglespec.backends import machine_id
         from eaglespec.cost import SizerMemory
+        from eaglespec.paths import file_stamp
 
-        key = "\n".join([_files_id(Path(path)), target.cost_key(), repr(eagle.tree_config), repr(setup),
+        files = sorted(f for f in Path(path).resolve().iterdir() if f.is_file())  # the head's, as they are now
+        key = "\n".join([*map(file_stamp, files), target.cost_key(), repr(eagle.tree_config), repr(setup),
                          f"lookup {lookup}"])
         eagle.remember(SizerMemory(machine_id(target.device), key))
     return drafter
 
-
-def _files_id(folder: Path) -> str:
-    """The head folder's files, by path, size and modification time."""
-    files = sorted(f for f in folder.resolve().iterdir() if f.is_file())
-    return "\n".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)

@@ -25,7 +25,7 @@ from eaglespec.backends.cpu.packed import (PackedLinear, pack_linears, packed_sp
                                            stock_rows_vary)
 from eaglespec.backends.cpu.half import Fp16Linear, fp16_kernel_available, fp16_pays
 from eaglespec.backends.cpu.quant import Int8Linear, int8_pays, quantize_linears, swap_linears
-from eaglespec.paths import ProbeCache
+from eaglespec.paths import ProbeCache, file_stamp
 
 if TYPE_CHECKING:
     from eaglespec.target import Target
@@ -47,7 +47,7 @@ def weights_fingerprint(model: nn.Module, dtype: torch.dtype) -> str | None:
     files = weights_files(model)
     if not files:
         return None
-    ident = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files] + [str(dtype)]
+    ident = [file_stamp(f) for f in files] + [str(dtype)]
     return hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
 
 
