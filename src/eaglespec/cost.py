@@ -552,7 +552,8 @@ class SizerMemory:
     depends on: the target's weights and backend, the head, the tree, the lookup chain), in the
     probe cache. Each `eaglespec generate` starts a new process: without it every one of them
     learns again, by probing, that drafting does not pay on a machine and model where it does not,
-    which cost 3-6% of a 256-token answer (docs/benchmarks.md, "A sizer that remembers")."""
+    which cost 4-11% of the default's speed over 256-token answers (docs/benchmarks.md, "A sizer that
+    remembers")."""
 
     def __init__(self, machine: str, key: str) -> None:
         self.machine = machine

@@ -30,9 +30,9 @@ LM_HEAD = ("output.weight", "lm_head.weight")
 
 
 def extract_parts(gguf: Path) -> Path:
-    """The GGUF's parts folder: found in the cache, else written there once (about 15 s for the
-    default model on a Zen 3 core, most of it parsing the file's metadata, its 49k-token vocabulary
-    included, once each for the config, the tokenizer and gguf-py's reader)."""
+    """The GGUF's parts folder: found in the cache, else written there once. Most of that is
+    parsing the file's metadata, its vocabulary included, once each for the config, the tokenizer
+    and gguf-py's reader (`tools/startup_time.py --first-start` times a first start)."""
     found = find_parts(gguf)
     if found is not None:
         return found

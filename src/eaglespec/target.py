@@ -74,7 +74,7 @@ def convert_gguf(gguf: Path) -> Path:
     out = converted_dir(gguf)
 
     def convert(tmp: Path) -> None:
-        log.warning("converting %s to %s (once; about 25 s)", gguf.name, out)
+        log.warning("converting %s to %s (once; about 30 s)", gguf.name, out)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         write_converted(model, tokenizer, tmp, source=gguf.name)
