@@ -106,7 +106,7 @@ def build_id(lib) -> str:
 
 
 #: the revision of patches/llama-cpp-python-*.patch in this checkout (its ggml_cpu_eaglespec_patch())
-PATCH_REVISION = 5
+PATCH_REVISION = 6
 
 
 def patch_revision(lib) -> int:
@@ -114,7 +114,8 @@ def patch_revision(lib) -> int:
     setup.sh builds in) that the loaded build carries; 0 for a stock build. With it, Q4_1 and Q8_0
     trees are verified by a batched kernel whose rows round as llama.cpp's one-row kernels do, F32
     trees (revision 3) by one that streams the weights as fast as a lone row does, and F16 and BF16
-    models (revisions 4 and 5) by one that converts each weight once for up to three rows."""
+    models (revisions 4 and 5) by one that converts each weight once for up to three rows; with
+    AVX-512, F32 tokens (revision 6) by that F32 kernel, from one to eight rows, at sgemm's width."""
     for so in sorted(lib_folder(lib).glob("*ggml-cpu*")):
         try:
             fn = ctypes.CDLL(str(so)).ggml_cpu_eaglespec_patch
