@@ -251,28 +251,22 @@ def widened(x: np.ndarray, weights: str) -> np.ndarray:
     return stored(x, weights).astype(np.float32)
 
 
-def vec_dot_reference(weight: np.ndarray, column: np.ndarray, weights: str) -> np.ndarray:
-    """[m] what ggml_vec_dot_f16 / ggml_vec_dot_bf16 (AVX2) compute for each row of weight [m, k]
-    and column [k], both already rounded to that type: four 8-lane chains over steps of 32 (a
-    product of two such values is exact in float32, so a sum of products is a fused multiply-add),
-    their reduction, the leftovers added in double, rounded to float32."""
+def vec_dot_reference(folder, weight: np.ndarray, column: np.ndarray, weights: str) -> np.ndarray:
+    """[m] ggml's own one-row product of the ggml libraries in `folder`, ggml_vec_dot_f16 or
+    ggml_vec_dot_bf16 (what ggml runs for each weight row and column where llamafile's sgemm takes
+    no batch), for each row of weight [m, k] and column [k] (float32 values, stored as `weights`)."""
+    cpu = ctypes.CDLL(str(next(folder.glob("libggml-cpu.so*"))))
+    dot = getattr(cpu, f"ggml_vec_dot_{weights}")
+    dot.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_void_p,
+                    ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dot.restype = None
     m, k = weight.shape
-    full = k - k % 32
-    products = (weight[:, :full] * column[:full]).reshape(m, full // 32, 4, 8)  # exact
-    chains = np.zeros((m, 4, 8), dtype=np.float32)
-    for step in range(full // 32):
-        chains += products[:, step]
-    x = (chains[:, 0] + chains[:, 2]) + (chains[:, 1] + chains[:, 3])  # [m, 8]
-    if weights == "f16":  # GGML_F32x8_REDUCE: halves, then two horizontal adds
-        t = x[:, :4] + x[:, 4:]
-        total = (t[:, 0] + t[:, 1]) + (t[:, 2] + t[:, 3])
-    else:  # ggml_vec_dot_bf16: halves, then movehl and movehdup adds
-        g = x[:, 4:] + x[:, :4]
-        total = (g[:, 0] + g[:, 2]) + (g[:, 1] + g[:, 3])
-    total = total.astype(np.float64)
-    for i in range(full, k):
-        total += (weight[:, i] * column[i]).astype(np.float64)
-    return total.astype(np.float32)
+    rows, col = np.ascontiguousarray(stored(weight, weights)), np.ascontiguousarray(stored(column, weights))
+    out, s = np.empty(m, dtype=np.float32), ctypes.c_float()
+    for i in range(m):
+        dot(k, ctypes.byref(s), 0, rows[i].ctypes.data, 0, col.ctypes.data, 0, 1)
+        out[i] = s.value
+    return out
 
 
 def ggml_products(folder, weights: str, weight: np.ndarray, columns: np.ndarray,
@@ -323,20 +317,17 @@ def ggml_products(folder, weights: str, weight: np.ndarray, columns: np.ndarray,
 @pytest.mark.parametrize("weights, revision", [("f32", 3), ("f16", 4), ("bf16", 5)])
 def test_the_set_up_builds_products_give_each_column_its_bits_alone(weights, revision):
     """The patch's F32 kernel takes 2 to 64 rows with AVX2 and 1 to 8 with AVX-512 (llamafile's
-    sgemm the rest), its F16 and BF16 kernel any number, in blocks of 128: every column of a product
-    of any width must get the bits it gets alone, so that trees of such models are exact without
-    padding; and the F16 and BF16 kernel the bits of ggml's own one-row dot products, so that plain
-    decoding is llama.cpp's. At an LM head's width and at a layer's, and with an input width that
-    is a multiple of 8 but not of 32 or 64."""
+    sgemm the rest), its F16 and BF16 kernels (AVX2; BF16 also with AVX-512 BF16, up to 64 rows)
+    any number: every column of a product of any width must get the bits it gets alone, so that
+    trees of such models are exact without padding; and F16 and BF16 products the bits of ggml's
+    own one-row dot products, so that plain decoding is llama.cpp's. At an LM head's width and at
+    a layer's, and with an input width that is a multiple of 8 but not of 32 or 64."""
     import llama_cpp
 
     from eaglespec.backends.llamacpp import lib_folder, patch_revision
 
     if patch_revision(llama_cpp) < revision:
         pytest.skip(f"this llama-cpp-python lacks revision {revision} of eaglespec's patch (setup.sh builds it)")
-    if weights != "f32" and "AVX512 = 1" in llama_cpp.llama_print_system_info().decode():
-        pytest.skip(f"the patch's {weights} kernel is built for AVX2 without AVX-512; here ggml's own kernels "
-                    "run, and the backend's row probe pads or refuses")
     folder = lib_folder(llama_cpp)
     rng = np.random.default_rng(0)
     counts = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 64, 65, 100, 129, 300]
@@ -348,7 +339,7 @@ def test_the_set_up_builds_products_give_each_column_its_bits_alone(weights, rev
         # F16 and BF16 weights take their activations rounded to their type too
         exact = widened(columns, weights) @ widened(weight, weights).T
         if weights != "f32":
-            reference = vec_dot_reference(widened(weight, weights), widened(columns[0], weights), weights)
+            reference = vec_dot_reference(folder, weight, columns[0], weights)
             assert np.array_equal(products[0][0], reference), f"m={m} k={k}: not ggml_vec_dot_{weights}'s bits"
         for n, product in zip(counts, products):
             assert np.array_equal(product[-1], last[n]), f"m={m} k={k}: column {n} of {n} differs from itself alone"
