@@ -317,8 +317,8 @@ def ggml_products(folder, weights: str, weight: np.ndarray, columns: np.ndarray,
 @pytest.mark.parametrize("weights, revision", [("f32", 3), ("f16", 4), ("bf16", 5)])
 def test_the_set_up_builds_products_give_each_column_its_bits_alone(weights, revision):
     """The patch's F32 kernel takes 2 to 64 rows with AVX2 and 1 to 8 with AVX-512 (llamafile's
-    sgemm the rest), its F16 and BF16 kernels (AVX2; BF16 also with AVX-512 BF16, up to 64 rows)
-    any number: every column of a product of any width must get the bits it gets alone, so that
+    sgemm the rest), its F16 and BF16 kernels any number with AVX2 and up to 64 with AVX-512 (BF16
+    where AVX-512 BF16 is): every column of a product of any width must get the bits it gets alone, so that
     trees of such models are exact without padding; and F16 and BF16 products the bits of ggml's
     own one-row dot products, so that plain decoding is llama.cpp's. At an LM head's width and at
     a layer's, and with an input width that is a multiple of 8 but not of 32 or 64."""

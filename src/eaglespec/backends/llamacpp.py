@@ -106,7 +106,7 @@ def build_id(lib) -> str:
 
 
 #: the revision of patches/llama-cpp-python-*.patch in this checkout (its ggml_cpu_eaglespec_patch())
-PATCH_REVISION = 7
+PATCH_REVISION = 8
 
 
 def patch_revision(lib) -> int:
@@ -116,7 +116,8 @@ def patch_revision(lib) -> int:
     trees (revision 3) by one that streams the weights as fast as a lone row does, and F16 and BF16
     models (revisions 4 and 5) by one that converts each weight once for up to three rows; with
     AVX-512, F32 tokens (revision 6) by that F32 kernel, from one to eight rows, at sgemm's width,
-    and with AVX-512 BF16, BF16 tokens (revision 7) by one with ggml's bf16 dot-product arithmetic."""
+    and with AVX-512 BF16, BF16 tokens (revision 7) by one with ggml's bf16 dot-product arithmetic,
+    and with AVX-512, F16 tokens (revision 8) by one with ggml's f16 dot-product arithmetic."""
     for so in sorted(lib_folder(lib).glob("*ggml-cpu*")):
         try:
             fn = ctypes.CDLL(str(so)).ggml_cpu_eaglespec_patch
