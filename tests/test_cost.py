@@ -269,7 +269,7 @@ def test_greedy_stays_token_identical_when_steps_verify_the_root_alone():
     plain = Generator(target)
     tree = TreeConfig(top_k=4, depth=6, total_tokens=24, sizing="cost")
     sizer = TreeSizer(curve(0.7), 23, draft_s=0.0, depth_s=0.0)
-    sizer.record_accepted = lambda accepted: None  # no rests: every step drafts and chooses
+    sizer.record_accepted = lambda accepted, tree_accepted=None: None  # no rests: every step drafts and chooses
     spec = Generator(target, EagleDrafter(head_runner(head, target), tree, sizer=sizer))
     sizes = []
     for p in ps:
@@ -419,6 +419,48 @@ def test_the_hybrid_learns_how_often_the_lookup_chain_is_right():
     hybrid._guess, hybrid.lookup.matched = [7, 8], 1
     hybrid._learn(torch.tensor([9]))
     assert hybrid.odds[1][0] == pytest.approx(0.45) and hybrid.odds[3][0] == pytest.approx(0.55)
+
+
+def test_the_calibration_counts_the_trees_own_accepted_nodes_not_a_chains():
+    """With a lookup chain hung below the tree, the sizer is told how many accepted nodes were the
+    head's own (those on the accepted path through the head's tree), so the chain's runs are not
+    taken for a head that is right more often than it says."""
+    from eaglespec.lookup import HybridDrafter, PromptLookupDrafter
+
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    tree = TreeConfig(top_k=2, depth=3, total_tokens=8, sizing="cost")
+    eagle = EagleDrafter(head_runner(oracle_head(target, noise=0.6), target), tree,
+                         sizer=TreeSizer(FLAT, 7, draft_s=0.001, depth_s=0.0))
+    hybrid = HybridDrafter(eagle, PromptLookupDrafter(num_tokens=6))
+    trees, told = [], []
+    propose, record = eagle._propose, eagle.sizer.record_accepted
+
+    def recording_propose(root):
+        trees.append(propose(root))
+        return trees[-1]
+
+    def recording_accepted(accepted, tree_accepted=None):
+        told.append((trees[-1] if trees else None, accepted, tree_accepted))
+        record(accepted, tree_accepted)
+
+    eagle._propose, eagle.sizer.record_accepted = recording_propose, recording_accepted
+    committed = []
+    observe = hybrid.observe
+    hybrid.observe = lambda tokens, features: (committed.append(tokens.tolist()), observe(tokens, features))
+    base = torch.randint(2, target.vocab_size, (10,), generator=torch.Generator().manual_seed(3))
+    list(Generator(target, hybrid).generate_ids(base.repeat(3), GenerationConfig(max_new_tokens=48, ignore_eos=True)))
+    drafted = [(t, a, ta, c) for (t, a, ta), c in zip(told, committed, strict=True) if ta is not None]
+    assert drafted
+    for t, accepted, tree_accepted, tokens in drafted:
+        # by hand: follow the committed tokens down the head's tree
+        node, own = 0, 0
+        for tok in tokens[:-1]:
+            kids = [i for i in range(1, t.size) if int(t.parents[i]) == node and int(t.tokens[i]) == tok]
+            if not kids:
+                break
+            node, own = kids[0], own + 1
+        assert tree_accepted == own <= accepted == len(tokens) - 1
+    assert any(tree_accepted < accepted for _, accepted, tree_accepted, _ in drafted)  # the chain's, not counted
 
 
 def test_the_lookup_drafter_says_how_long_a_match_found_its_chain():

@@ -24,7 +24,7 @@ from eaglespec.backends import cheap_host_sync
 from eaglespec.cost import MAX_REST, SizerMemory, TreeSizer, probe_cost_curve
 from eaglespec.expand import dynamic_slots, expand_dynamic, expand_static
 from eaglespec.head_runner import HeadRunner, head_runner
-from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan
+from eaglespec.tree import STATIC_PRESETS, DraftTree, root_only, static_plan, walk_chain
 
 #: the prompt positions a head reads while its drafts have been paying less than plain decoding
 #: (its first draft after a rest then sees the prompt's end)
@@ -151,6 +151,7 @@ class EagleDrafter(Drafter):
         self.pending_features: list[torch.Tensor] = []
         self._fresh = True  # no proposal yet in this sequence: the pending tokens are the prompt
         self._proposed_at: float | None = None  # when the last proposal was handed to the target
+        self._sized_tree: DraftTree | None = None  # the last drafted tree, while its verdict is due
         self.memory: SizerMemory | None = None  # where the sizer's state outlives the process (`remember`)
 
     @classmethod
@@ -178,6 +179,7 @@ class EagleDrafter(Drafter):
 
     def begin(self) -> None:
         self._proposed_at = None
+        self._sized_tree = None
         self.runner.reset()
         self.pending_tokens.clear()
         self.pending_features.clear()
@@ -205,7 +207,11 @@ class EagleDrafter(Drafter):
             if self._proposed_at is not None:  # the target's verification of the last proposal, as measured
                 self.sizer.record_step(time.perf_counter() - self._proposed_at)
                 self._proposed_at = None
-            self.sizer.record_accepted(tokens.shape[0] - 1)  # the last token is the bonus
+            tree, self._sized_tree = self._sized_tree, None
+            tree_accepted = None
+            if tree is not None:  # the nodes of the head's own tree on the accepted path
+                _, tree_accepted = walk_chain(tree.tokens.tolist(), tree.parents.tolist(), tokens[:-1].tolist())
+            self.sizer.record_accepted(tokens.shape[0] - 1, tree_accepted)  # the last token is the bonus
 
     @torch.inference_mode()
     def propose(self, root: torch.Tensor) -> DraftTree:
@@ -219,6 +225,7 @@ class EagleDrafter(Drafter):
         self.sizer.record_catch_up(time.perf_counter() - start)
         start = time.perf_counter()
         tree = self._propose(root)
+        self._sized_tree = tree  # before anything is hung below it (lookup.py), for `observe`
         self._proposed_at = time.perf_counter()
         self.sizer.record_draft(self._proposed_at - start)
         return tree
