@@ -251,3 +251,15 @@ def test_a_base_model_without_a_chat_template_is_benched_on_the_raw_turns(tiny_m
     assert "no chat template" in caplog.text
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert len(runs) == 2 * 2 * 2 and all(r["equal_to_baseline"] for r in runs)
+
+
+def test_the_tools_prompts_spread_over_the_question_file(tmp_path):
+    from eaglespec.bench.run import TOOL_PROMPTS, spread_prompts
+
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "category": f"c{i // 10}", "turns": [f"first {i}", "second"]})
+                         + "\n" for i in range(80)))
+    assert spread_prompts(q, 8) == [f"first {i}" for i in range(0, 80, 10)]  # one per category
+    assert spread_prompts(q, 8, spread=2) == [f"first {i}" for i in range(0, 40, 5)]
+    assert spread_prompts(q, 200) == [f"first {i}" for i in range(80)]
+    assert spread_prompts(None, 2) == list(TOOL_PROMPTS[:2])

@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
-    from eaglespec.bench.run import load_questions
+    from eaglespec.bench.run import spread_prompts
     from eaglespec.generate import GenerationConfig, Generator
     from eaglespec.paths import default_gguf_path
 
@@ -39,12 +39,7 @@ def main() -> None:
     target = LlamaCppTarget(args.gguf or default_gguf_path(),
                             LlamaCppTargetConfig(threads=args.threads, exact=False, features=False))
     gen = Generator(target)
-    if args.questions:
-        rows = load_questions(args.questions)
-        prompts = [q.turns[0] for q in rows[:: max(1, len(rows) // (2 * args.n))][: args.n]]
-    else:
-        prompts = ["Write a short story about a lighthouse keeper.", "Explain how vaccines work.",
-                   "Give three tips for learning a language.", "Describe the water cycle."][: args.n]
+    prompts = spread_prompts(args.questions, args.n, spread=2)
     ids = [gen.encode(p) for p in prompts]
     print(f"{target.gguf.name}: vocabulary {target.vocab_size}, {len(ids)} prompts x {args.max_new_tokens} tokens")
     for name, params in WAYS.items():

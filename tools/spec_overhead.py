@@ -44,7 +44,7 @@ def main() -> None:
 
     from eaglespec.backends import default_tree, draft_setup
     from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
-    from eaglespec.bench.run import load_questions
+    from eaglespec.bench.run import spread_prompts
     from eaglespec.generate import GenerationConfig, Generator
     from eaglespec.heads import default_head_path, load_drafter
     from eaglespec.paths import default_gguf_path
@@ -68,12 +68,7 @@ def main() -> None:
             decode_s[0] += time.perf_counter() - start
 
     target._decode = timed_decode
-    if args.questions:
-        rows = load_questions(args.questions)
-        prompts = [q.turns[0] for q in rows[:: max(1, len(rows) // args.n)][: args.n]]
-    else:
-        prompts = ["Write a short story about a lighthouse keeper.", "Explain how vaccines work.",
-                   "Give three tips for learning a language.", "Describe the water cycle."][: args.n]
+    prompts = spread_prompts(args.questions, args.n)
     ids = [plain.encode(p) for p in prompts]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     for i in ids[:2]:  # warm-up: the head's first runs, llama.cpp's graphs

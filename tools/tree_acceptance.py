@@ -77,7 +77,7 @@ def main() -> None:
     import eaglespec.expand as expand
     from eaglespec.backends import default_tree, draft_setup
     from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
-    from eaglespec.bench.run import load_questions
+    from eaglespec.bench.run import spread_prompts
     from eaglespec.cost import TreeSizer, measure_cost_curve
     from eaglespec.drafter import EagleDrafter
     from eaglespec.generate import GenerationConfig, Generator
@@ -137,12 +137,7 @@ def main() -> None:
 
         sizer.record_accepted = recording_accepted
 
-    if args.questions:
-        rows = load_questions(args.questions)
-        prompts = [q.turns[0] for q in rows[:: max(1, len(rows) // args.n)][: args.n]]
-    else:
-        prompts = ["Write a short story about a lighthouse keeper.", "Explain how vaccines work.",
-                   "Give three tips for learning a language.", "Describe the water cycle."][: args.n]
+    prompts = spread_prompts(args.questions, args.n)
     spec = Generator(target, drafter)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     for prompt in prompts:

@@ -59,6 +59,21 @@ class RunRecord:
 
 # -- prompt sets ---------------------------------------------------------------------------------
 
+#: the measuring tools' prompts (tools/) when no question file is given
+TOOL_PROMPTS = ("Write a short story about a lighthouse keeper.", "Explain how vaccines work.",
+                "Give three tips for learning a language.", "Describe the water cycle.")
+
+
+def spread_prompts(questions: str | Path | None, n: int, spread: int = 1) -> list[str]:
+    """n first turns spread over a question file, every (len / (spread * n))-th question from the
+    first (MT-bench's 80 and n = 8: one per category), or without a file the first n of
+    TOOL_PROMPTS: the prompt sets of the measuring tools."""
+    if not questions:
+        return list(TOOL_PROMPTS[:n])
+    rows = load_questions(questions)
+    return [q.turns[0] for q in rows[:: max(1, len(rows) // (spread * n))][:n]]
+
+
 def load_questions(path: str | Path) -> list[Question]:
     """MT-bench / Spec-Bench JSON lines: question_id, category, turns."""
     path = Path(path)
