@@ -21,16 +21,13 @@ WAYS = {"greedy": {}, "temperature 1": {"temperature": 1.0}, "temperature 0.7, t
 
 
 def main() -> None:
+    from eaglespec.bench.run import add_tool_arguments, spread_prompts
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", default=None, help="GGUF target (default: the shipped SmolLM2 Q4_1 file)")
-    parser.add_argument("--questions", default=None, help="MT-bench-style question.jsonl (default: built-in prompts)")
-    parser.add_argument("--n", type=int, default=4, help="prompts: every 20th question, first turns")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    add_tool_arguments(parser, n=4, max_new_tokens=128, spread=2)
     args = parser.parse_args()
 
     from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
-    from eaglespec.bench.run import spread_prompts
     from eaglespec.generate import GenerationConfig, Generator
     from eaglespec.paths import default_gguf_path
 

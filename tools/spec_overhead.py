@@ -25,13 +25,11 @@ import torch
 
 
 def main() -> None:
+    from eaglespec.bench.run import add_tool_arguments, spread_prompts
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", default=None, help="GGUF target (default: the shipped SmolLM2 Q4_1 file)")
-    parser.add_argument("--questions", default=None, help="MT-bench-style question.jsonl (default: built-in prompts)")
-    parser.add_argument("--n", type=int, default=8, help="prompts: every 10th question, first turns")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_tool_arguments(parser)
     parser.add_argument("--lookup", type=int, default=0, help="lookup chain length (8: the generate default)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--draft-weights", choices=("auto", "int8", "fp16", "full"), default="auto",
                         help="the head's weight layout (eaglespec.backends.draft_setup)")
     parser.add_argument("--top", type=int, default=15, help="profile lines to print")
@@ -44,7 +42,6 @@ def main() -> None:
 
     from eaglespec.backends import default_tree, draft_setup
     from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
-    from eaglespec.bench.run import spread_prompts
     from eaglespec.generate import GenerationConfig, Generator
     from eaglespec.heads import default_head_path, load_drafter
     from eaglespec.paths import default_gguf_path

@@ -63,21 +63,18 @@ def table(rows: list[tuple[float, int, bool]], key, labels) -> None:
 
 
 def main() -> None:
+    from eaglespec.bench.run import add_tool_arguments, spread_prompts
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", default=None, help="GGUF target (default: the shipped SmolLM2 Q4_1 file)")
-    parser.add_argument("--questions", default=None, help="MT-bench-style question.jsonl (default: built-in prompts)")
-    parser.add_argument("--n", type=int, default=8, help="prompts: every 10th question, first turns")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_tool_arguments(parser)
     parser.add_argument("--lookup", type=int, default=0, help="lookup chain length (8: the generate default)")
     parser.add_argument("--total-tokens", type=int, default=None,
                         help="a fixed tree of this many nodes, root included (default: the cost-sized tree)")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     import eaglespec.expand as expand
     from eaglespec.backends import default_tree, draft_setup
     from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
-    from eaglespec.bench.run import spread_prompts
     from eaglespec.cost import TreeSizer, measure_cost_curve
     from eaglespec.drafter import EagleDrafter
     from eaglespec.generate import GenerationConfig, Generator

@@ -9,6 +9,8 @@ draft: the baseline) on the same turns. tau = new tokens / target forwards.
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import logging
 import math
@@ -72,6 +74,18 @@ def spread_prompts(questions: str | Path | None, n: int, spread: int = 1) -> lis
         return list(TOOL_PROMPTS[:n])
     rows = load_questions(questions)
     return [q.turns[0] for q in rows[:: max(1, len(rows) // (spread * n))][:n]]
+
+
+def add_tool_arguments(parser: argparse.ArgumentParser, n: int = 8, max_new_tokens: int = 256,
+                       spread: int = 1) -> None:
+    """The measuring tools' common options: the GGUF target, the prompts (`spread_prompts`), the
+    answers' length and the threads."""
+    parser.add_argument("--gguf", default=None, help="GGUF target (default: the shipped SmolLM2 Q4_1 file)")
+    parser.add_argument("--questions", default=None, help="MT-bench-style question.jsonl (default: built-in prompts)")
+    parser.add_argument("--n", type=int, default=n,
+                        help=f"prompts: first turns of every (questions / {spread} n)-th question")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--threads", type=int, default=2)
 
 
 def load_questions(path: str | Path) -> list[Question]:
