@@ -69,8 +69,8 @@ PROBE_LOSS_EMA = 0.5
 #: without such a step, to time undrafted steps at the cache length and load of the moment
 PLAIN_TIMING_EVERY = 64
 #: what `TreeSizer.learnt` keeps for another process (`SizerMemory`); a state of another version
-#: is not resumed
-LEARNT_VERSION = 1
+#: is not resumed (2: the calibration counts the tree's own accepted nodes, not a lookup chain's)
+LEARNT_VERSION = 2
 #: the fields of that state: the rates of drafted and undrafted steps (their decaying sums), the
 #: draft times, the calibration, what probes lose, and the rest in progress
 LEARNT_FLOATS = ("base_s", "depth_s", "scale", "_predicted_ema", "_accepted_ema", "spec_rate", "_spec_tokens",
