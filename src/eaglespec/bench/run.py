@@ -10,7 +10,6 @@ draft: the baseline) on the same turns. tau = new tokens / target forwards.
 from __future__ import annotations
 
 import argparse
-
 import json
 import logging
 import math
