@@ -41,14 +41,15 @@ class Step:
 
 def accepted_nodes(tokens: list[int], parents: list[int], committed: list[int]) -> set[int]:
     """The tree nodes on the accepted path: `committed` (the tokens after the root, bonus excluded)
-    followed down from the root while they match a child."""
-    child = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens)) if i > 0}
-    node, on_path = 0, set()
-    for t in committed:
-        node = child.get((node, t), -1)
-        if node < 0:
-            break
+    followed down from the root while they match a child (`tree.walk_chain`), then the last
+    node's ancestors."""
+    from eaglespec.tree import walk_chain
+
+    node, _ = walk_chain(tokens, parents, committed)
+    on_path = set()
+    while node > 0:
         on_path.add(node)
+        node = parents[node]
     return on_path
 
 
