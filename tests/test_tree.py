@@ -270,3 +270,41 @@ def test_dynamic_drafting_stops_early_only_when_the_tree_cannot_change():
             assert drafters[1].early_stops == 0
     assert fired > 0  # the shortcut was taken, so the equality above tested it
 
+
+
+def random_tree_parents(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Parents of a random topologically ordered tree of n nodes."""
+    return torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_host_and_vectorised_trees_agree(seed):
+    """CPU trees are built, selected and walked in Python lists; GPU ones in tensor operations.
+    Both must give the same tensors and the same verdicts, ties included."""
+    from eaglespec.tree import select_on_host, select_vectorised, tree_on_host, tree_vectorised
+    from eaglespec.verify import accept_on_host, accept_vectorised
+
+    gen = torch.Generator().manual_seed(seed)
+    for n in (2, 5, 17, 30):
+        parents = random_tree_parents(n, gen)
+        tokens = torch.randint(0, 4, (n,), generator=gen)  # few distinct tokens: siblings repeat, paths tie
+        for max_depth in (None, n):
+            host, vec = tree_on_host(tokens, parents, max_depth), tree_vectorised(tokens, parents, max_depth or n)
+            assert torch.equal(host.mask, vec.mask) and torch.equal(host.depths, vec.depths)
+            width = host.retrieve.shape[1]  # the vectorised one pads to max_depth + 1 columns
+            assert torch.equal(host.retrieve, vec.retrieve[:, :width]) and (vec.retrieve[:, width:] == -1).all()
+        for _ in range(20):
+            choice = torch.randint(0, 4, (n,), generator=gen)
+            a, b = accept_on_host(host, choice), accept_vectorised(host, choice)
+            assert a.nodes.tolist() == b.nodes.tolist() and a.tokens.tolist() == b.tokens.tolist()
+    # candidates as a dynamic expansion makes them: children score at most their parent, ties common
+    parents = random_tree_parents(40, gen)[1:] - 1  # candidate c's parent, -1 = the root
+    scores = torch.zeros(39)
+    for c in range(39):
+        step = -torch.randint(0, 3, (1,), generator=gen).float() * 0.5
+        scores[c] = (scores[parents[c]] if parents[c] >= 0 else 0.0) + step
+    tokens = torch.randint(0, 100, (39,), generator=gen)
+    for total, floor, size in ((8, None, None), (40, -1.0, None), (16, None, lambda v: 3), (16, None, lambda v: 0)):
+        (t1, k1), (t2, k2) = (f(scores, parents, tokens, total, 40, floor, size) for f in (select_on_host, select_vectorised))
+        assert k1.tolist() == k2.tolist() and t1.tokens.tolist() == t2.tokens.tolist()
+        assert t1.parents.tolist() == t2.parents.tolist() and torch.equal(t1.mask, t2.mask)

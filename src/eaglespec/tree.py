@@ -73,7 +73,15 @@ def make_tree(tokens: torch.Tensor, parents: torch.Tensor, max_depth: int | None
     """Build the frozen tree from tokens and parent indices (topologically ordered).
 
     max_depth bounds the depth (the drafter knows it); None reads it from the parents on the host.
+    On a CPU the shape is worked out in Python lists (`tree_on_host`), the same tensors.
     """
+    if parents.device.type == "cpu":
+        return tree_on_host(tokens, parents, max_depth)
+    return tree_vectorised(tokens, parents, max_depth)
+
+
+def tree_vectorised(tokens: torch.Tensor, parents: torch.Tensor, max_depth: int | None = None) -> DraftTree:
+    """`make_tree` in tensor operations on the tree's device, with no host sync given max_depth."""
     if max_depth is None:
         max_depth = _depth_on_host(parents.tolist())
     mask = ancestor_mask(parents, max_depth)
@@ -88,6 +96,35 @@ def make_tree(tokens: torch.Tensor, parents: torch.Tensor, max_depth: int | None
     retrieve = onehot.to(torch.uint8).argmax(dim=1)  # [L, D+1]
     retrieve = torch.where(onehot.any(dim=1), retrieve, torch.full_like(retrieve, -1))
     return DraftTree(tokens=tokens, parents=parents, depths=depths, mask=mask, retrieve=retrieve)
+
+
+def tree_on_host(tokens: torch.Tensor, parents: torch.Tensor, max_depth: int | None = None) -> DraftTree:
+    """`make_tree` for a CPU tree, in Python lists: each node's ancestors are its
+    parent's plus itself, so one pass in node order gives the mask, depths and root-to-leaf
+    paths. A draft tree has a few dozen nodes at most, where each of the vectorised version's two
+    dozen tensor operations costs more than this whole pass (every step builds one or two trees).
+    retrieve has max(max_depth, the depth) + 1 columns, as there."""
+    n = parents.shape[0]
+    lineage: list[list[int]] = []  # per node: its root path, root first
+    has_child = [False] * n
+    for i, p in enumerate(parents.tolist()):
+        if i == 0:
+            lineage.append([0])
+            continue
+        if not 0 <= p < i:
+            raise ValueError(f"parents must be topologically ordered: parents[{i}] = {p}")
+        lineage.append(lineage[p] + [i])
+        has_child[p] = True
+    depth = max(len(path) for path in lineage) - 1
+    width = max(depth, max_depth or 0) + 1
+    rows = [i for i, path in enumerate(lineage) for _ in path]
+    cols = [j for path in lineage for j in path]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[rows, cols] = True
+    retrieve = [path + [-1] * (width - len(path)) for i, path in enumerate(lineage) if not has_child[i]]
+    return DraftTree(tokens=tokens, parents=parents,
+                     depths=torch.tensor([len(path) - 1 for path in lineage], dtype=torch.long), mask=mask,
+                     retrieve=torch.tensor(retrieve, dtype=torch.long))
 
 
 #: the root-alone tree's shape (parents, depths, mask, retrieve) per device, built once: plain
@@ -190,6 +227,16 @@ def select_dynamic(
     caller as tree.tokens[0]. Returns the tree (root token set to -1) and the kept candidate
     indices [N-1] in tree order.
     """
+    if scores.device.type == "cpu":
+        return select_on_host(scores, parents, tokens, total_tokens, max_depth, min_score, size)
+    return select_vectorised(scores, parents, tokens, total_tokens, max_depth, min_score, size)
+
+
+def select_vectorised(
+    scores: torch.Tensor, parents: torch.Tensor, tokens: torch.Tensor, total_tokens: int, max_depth: int,
+    min_score: float | None = None, size: Callable[[torch.Tensor], int] | None = None,
+) -> tuple[DraftTree, torch.Tensor]:
+    """`select_dynamic` in tensor operations on the candidates' device."""
     keep_n = min(total_tokens - 1, scores.shape[0])
     if min_score is not None:  # one host sync; a kept child's parent scores at least as much
         keep_n = max(1, min(keep_n, int((scores >= min_score).sum())))
@@ -205,6 +252,28 @@ def select_dynamic(
     node_parents = torch.cat([torch.tensor([-1], device=scores.device), new_index[parents[kept] + 1]])
     node_tokens = torch.cat([torch.tensor([-1], device=scores.device), tokens[kept]])
     return make_tree(node_tokens, node_parents, max_depth=max_depth), kept
+
+
+def select_on_host(
+    scores: torch.Tensor, parents: torch.Tensor, tokens: torch.Tensor, total_tokens: int, max_depth: int,
+    min_score: float | None, size: Callable[[torch.Tensor], int] | None,
+) -> tuple[DraftTree, torch.Tensor]:
+    """`select_dynamic` for CPU candidates, ranked and renumbered in Python lists (a few dozen
+    candidates): the same tree. Python's sort is stable with reverse=True too, so ties keep
+    creation order as torch's stable descending sort does; float32 scores convert exactly."""
+    s = scores.tolist()
+    keep_n = min(total_tokens - 1, len(s))
+    if min_score is not None:
+        keep_n = max(1, min(keep_n, sum(1 for x in s if x >= min_score)))
+    order = sorted(range(len(s)), key=s.__getitem__, reverse=True)
+    if size is not None:
+        keep_n = max(0, min(keep_n, size(torch.tensor([s[c] for c in order[:keep_n]], dtype=scores.dtype))))
+    kept = sorted(order[:keep_n])  # creation order is topological
+    new_index = {-1: 0, **{c: i for i, c in enumerate(kept, start=1)}}
+    par, tok = parents.tolist(), tokens.tolist()
+    node_parents = torch.tensor([-1] + [new_index.get(par[c], -1) for c in kept], dtype=torch.long)
+    node_tokens = torch.tensor([-1] + [tok[c] for c in kept], dtype=tokens.dtype)
+    return make_tree(node_tokens, node_parents, max_depth=max_depth), torch.tensor(kept, dtype=torch.long)
 
 
 def walk_chain(tokens: Sequence[int], parents: Sequence[int], chain: Sequence[int]) -> tuple[int, int]:
@@ -242,10 +311,10 @@ def graft_chain(tree: DraftTree, chain: Sequence[int],
         depth[i] = depth[parents[i]] + 1
     n = len(tokens)
     device = tree.tokens.device
-    new_tokens = torch.tensor(rest, dtype=torch.long, device=device)
-    new_parents = torch.tensor([node] + list(range(n, n + len(rest) - 1)), dtype=torch.long, device=device)
+    new_tokens = torch.tensor(tokens + rest, dtype=torch.long, device=device)
+    new_parents = torch.tensor(parents + [node] + list(range(n, n + len(rest) - 1)), dtype=torch.long, device=device)
     max_depth = max(max(depth), depth[node] + len(rest))
-    return make_tree(torch.cat([tree.tokens, new_tokens]), torch.cat([tree.parents, new_parents]), max_depth)
+    return make_tree(new_tokens, new_parents, max_depth)
 
 
 @dataclass(frozen=True)

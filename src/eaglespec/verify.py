@@ -177,6 +177,13 @@ def accept(tree: DraftTree, choice: torch.Tensor) -> Verdict:
     path whose every node is its parent's choice, then the choice after its last node."""
     if tree.size == 1:  # plain decoding: nothing to walk
         return Verdict(nodes=tree.retrieve[0, :1], tokens=choice[:1])
+    if choice.device.type == "cpu":
+        return accept_on_host(tree, choice)
+    return accept_vectorised(tree, choice)
+
+
+def accept_vectorised(tree: DraftTree, choice: torch.Tensor) -> Verdict:
+    """`accept` in tensor operations on the tree's device, one host sync."""
     paths = tree.retrieve  # [L, D+1]
     safe = paths.clamp(min=0)
     # node path[j+1] is right iff its token is the target's choice after path[j]
@@ -187,3 +194,20 @@ def accept(tree: DraftTree, choice: torch.Tensor) -> Verdict:
     nodes = paths[best, : n + 1]
     tokens = torch.cat([tree.tokens[nodes[1:]], choice[nodes[-1:]]])
     return Verdict(nodes=nodes, tokens=tokens)
+
+
+def accept_on_host(tree: DraftTree, choice: torch.Tensor) -> Verdict:
+    """`accept` for a CPU tree, walking its root-to-leaf paths in Python lists: the same verdict
+    (the first of the longest paths, leaves in ascending order) for a fraction of the tensor
+    operations' time on a tree of a few dozen nodes."""
+    tokens, chosen = tree.tokens.tolist(), choice.tolist()
+    best, best_n = [0], 0
+    for path in tree.retrieve.tolist():
+        n = 0
+        while n + 1 < len(path) and path[n + 1] >= 0 and tokens[path[n + 1]] == chosen[path[n]]:
+            n += 1
+        if n > best_n:
+            best, best_n = path, n
+    nodes = best[: best_n + 1]
+    return Verdict(nodes=torch.tensor(nodes, dtype=torch.long),
+                   tokens=torch.tensor([tokens[j] for j in nodes[1:]] + [chosen[nodes[-1]]], dtype=torch.long))
