@@ -28,16 +28,26 @@ Sizing only chooses which candidates are verified, never what is accepted: outpu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, Union
 
 import torch
 
 from eaglespec.paths import ProbeCache
+
+#: log path confidences, as a tensor or as floats
+Scores = Union[torch.Tensor, Sequence[float]]
+
+
+def floats(scores: Scores) -> list[float]:
+    """Scores as Python floats (a host copy of a tensor)."""
+    return scores.tolist() if isinstance(scores, torch.Tensor) else list(scores)
+
 
 #: chain lengths the probe times: dense where trees live (a few to 32 nodes), up to 64
 DEFAULT_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -289,6 +299,7 @@ class TreeSizer:
         # [max_nodes + 1] costs[N]: a forward of the root and N nodes, c(N + 1)
         raw = torch.tensor([curve.at(n + 1) for n in range(max_nodes + 1)], dtype=torch.float64)
         self.costs = raw.cummax(0).values
+        self._costs: list[float] = self.costs.tolist()  # the same, for the per-step arithmetic in floats
         self.fixed_draft = draft_s is not None or depth_s is not None
         self.base_s = float(draft_s or 0.0) if self.fixed_draft else None  # draft time besides the depths
         self.depth_s = float(depth_s or 0.0) if self.fixed_draft else None  # one depth's head run
@@ -347,13 +358,13 @@ class TreeSizer:
     def plain_rate(self) -> float:
         """Tokens per second of plain decoding: one token per step of the root alone, as measured
         (timed) or modelled (one forward of one)."""
-        return 1.0 / (self.plain_s if self.plain_s is not None else float(self.costs[0]))
+        return 1.0 / (self.plain_s if self.plain_s is not None else self._costs[0])
 
     def cost(self, nodes: int) -> float:
         """Seconds of a forward of the root and `nodes` nodes, never decreasing in `nodes`."""
-        if nodes < self.costs.shape[0]:
-            return float(self.costs[nodes])
-        return max(float(self.costs[-1]), self.curve.at(nodes + 1))
+        if nodes < len(self._costs):
+            return self._costs[nodes]
+        return max(self._costs[-1], self.curve.at(nodes + 1))
 
     def should_draft(self) -> bool:
         """Whether to draft this step, or rest (verify the root, and a lookup chain if one pays)
@@ -389,57 +400,58 @@ class TreeSizer:
         """The estimated draft time of a step that runs `depths` head runs."""
         return (self.base_s or 0.0) + depths * (self.depth_s or 0.0)
 
-    def rates(self, scores: torch.Tensor, draft_s: float) -> torch.Tensor:
+    def rates(self, scores: Scores, draft_s: float) -> list[float]:
         """[n] expected tokens per second of keeping the first 1..n of `scores` ([n] log path
-        confidences, sorted descending; n <= max_nodes) after drafting for `draft_s`."""
-        p = scores.double().exp()  # [n]
-        n = p.shape[0]
-        gain = 1.0 + self.scale * p.cumsum(0)  # [n] expected tokens: bonus + accepted nodes
-        return gain / (self.costs[1:n + 1].to(p.device) + draft_s)
+        confidences, sorted descending; n <= max_nodes) after drafting for `draft_s`. In Python
+        floats, as the sizer's other per-step arithmetic: on a few dozen numbers each tensor
+        operation would cost more than the whole sum."""
+        out, mass = [], 0.0
+        for n, score in enumerate(floats(scores), start=1):
+            mass += math.exp(score)
+            out.append((1.0 + self.scale * mass) / (self._costs[n] + draft_s))  # bonus + accepted nodes
+        return out
 
-    def best(self, scores: torch.Tensor, depths: int | None = None) -> int:
+    def best(self, scores: Scores, depths: int | None = None) -> int:
         """How many of the sorted `scores` to keep after `depths` head runs (None: those recorded
         for this proposal): the smallest N of the highest rate, 0 (the root alone, one token for a
         forward of one) when no tree beats that, which happens where every row of a forward costs
-        nearly a whole forward and the guesses are unsure. One host sync."""
-        scores = scores[: self.max_nodes]
-        if scores.shape[0] == 0:
+        nearly a whole forward and the guesses are unsure."""
+        scores = floats(scores)[: self.max_nodes]
+        if not scores:
             return 0
         d = self.draft_time(len(self._depths) if depths is None else depths)
         rates = self.rates(scores, d)
-        n = int(rates.argmax())  # argmax: the first maximum, the smaller tree
-        return n + 1 if float(rates[n]) > 1.0 / (float(self.costs[0]) + d) else 0
+        top = max(rates)
+        return rates.index(top) + 1 if top > 1.0 / (self._costs[0] + d) else 0  # the first maximum: the smaller tree
 
-    def choose(self, scores: torch.Tensor) -> int:
+    def choose(self, scores: Scores) -> int:
         """`best` (0: verify the root alone), remembering the predicted number of accepted nodes
         for `record_accepted`."""
+        scores = floats(scores)
         n = self.best(scores)
-        self.pending = float(scores[:n].double().exp().sum())
+        self.pending = sum(math.exp(x) for x in scores[:n])
         self.pending_nodes, self.pending_extra = n, 0.0
         return n
 
-    def deeper_pays(self, scores: torch.Tensor, front: torch.Tensor) -> bool:
+    def deeper_pays(self, scores: Scores, front: Scores) -> bool:
         """Whether drafting one more depth could raise the rate of the best tree, given the
         candidates so far (`scores`, [C] log confidences, any order) and the frontier to expand
         (`front`, [k]). The next depth's children of a frontier node share at most its
         probability, so m of them add at most the m best frontier confidences (m <= k); the bound
-        takes the best n current candidates with such m, against one more head run. One host sync."""
+        takes the best n current candidates with such m, against one more head run."""
         depths = len(self._depths)
-        ranked = scores.sort(descending=True).values[: self.max_nodes]  # [n]
+        ranked = sorted(floats(scores), reverse=True)[: self.max_nodes]
         d_now = self.draft_time(depths)
         # the best choice if drafting stops here: a tree of the candidates, or the root alone
-        now = max(float(self.rates(ranked, d_now).max()), 1.0 / (float(self.costs[0]) + d_now))
-        cur = ranked.double().exp()
-        top = front.sort(descending=True).values.double().exp()  # [k]
-        n_cur, k = cur.shape[0], top.shape[0]
-        gain_cur = torch.cat([cur.new_zeros(1), cur.cumsum(0)])  # [n_cur + 1]: best n current, n = 0..
-        gain_new = top.cumsum(0)  # [k]: the m best frontier nodes' mass, m = 1..k
-        total = gain_cur[:, None] + gain_new[None, :]  # [n_cur + 1, k]
-        size = torch.arange(n_cur + 1)[:, None] + torch.arange(1, k + 1)[None, :]  # n + m nodes
-        fits = size <= self.max_nodes
-        seconds = self.costs[size.clamp(max=self.max_nodes)] + self.draft_time(depths + 1)
-        more = torch.where(fits, (1.0 + self.scale * total) / seconds, torch.zeros_like(seconds))
-        return float(more.max()) > now
+        now = max([*self.rates(ranked, d_now), 1.0 / (self._costs[0] + d_now)])
+        gain_cur = list(itertools.accumulate((math.exp(x) for x in ranked), initial=0.0))  # best n current, n = 0..
+        gain_new = list(itertools.accumulate(math.exp(x) for x in sorted(floats(front), reverse=True)))  # m = 1..k
+        d_next = self.draft_time(depths + 1)
+        for n, cur in enumerate(gain_cur):
+            for m, new in enumerate(gain_new[: self.max_nodes - n], start=1):  # n + m nodes fit
+                if (1.0 + self.scale * (cur + new)) / (self._costs[n + m] + d_next) > now:
+                    return True
+        return False
 
     def record_depth(self, seconds: float) -> None:
         """One depth's head run of this proposal took `seconds`."""

@@ -79,8 +79,9 @@ def expand_dynamic(tree: TreeConfig, root: torch.Tensor, h_root: torch.Tensor, s
     # the floor as a float32 value, as the scores are: the early stop and the selection then agree exactly
     floor = float(torch.tensor(math.log(tree.min_prob), dtype=torch.float32)) if tree.min_prob > 0 else None
     stopped = False
+    seen = top.values.tolist() if stop_early else []  # the candidates' scores as floats, for the checks
     for d in range(1, tree.depth):
-        if stop_early and hopeless(all_scores, front_scores, keep_n, n_cand, floor, sizer):
+        if stop_early and hopeless(seen, front_scores.tolist(), keep_n, n_cand, floor, sizer):
             stopped = True
             break
         start = time.perf_counter()
@@ -95,6 +96,8 @@ def expand_dynamic(tree: TreeConfig, root: torch.Tensor, h_root: torch.Tensor, s
         all_tokens.append(vocab_ids[child.indices].flatten())
         all_scores.append(scores)
         all_parents.append(front.repeat_interleave(k))
+        if stop_early:
+            seen += scores.tolist()
         if d + 1 < tree.depth:  # the next frontier: the best k of these k*k children
             best = scores.topk(k).indices
             front = n_cand + best
@@ -108,22 +111,23 @@ def expand_dynamic(tree: TreeConfig, root: torch.Tensor, h_root: torch.Tensor, s
     return drafted, stopped
 
 
-def deeper_is_hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tensor, keep_n: int, n_cand: int,
+def deeper_is_hopeless(scores: list[float], front: list[float], keep_n: int, n_cand: int,
                        floor: float | None = None) -> bool:
     """True when no descendant of the frontier can enter the kept set, so drafting deeper would
     not change the tree: a child scores at most its parent (log-probabilities <= 0), so none
     passes a `floor` that the frontier's best misses; and, tied, a child ranks after every
     earlier candidate, so `keep_n` candidates already scoring at least the frontier's best keep
-    it out. One host sync."""
-    best = float(front_scores.max())
+    it out. scores: every candidate's so far; front: the frontier's (float32 values as floats,
+    so the comparisons are the selection's)."""
+    best = max(front)
     if floor is not None and best < floor:
         return True
-    return n_cand >= keep_n and int(sum(int((s >= best).sum()) for s in all_scores)) >= keep_n
+    return n_cand >= keep_n and sum(1 for x in scores if x >= best) >= keep_n
 
 
-def hopeless(all_scores: list[torch.Tensor], front_scores: torch.Tensor, keep_n: int, n_cand: int,
-             floor: float | None, sizer: TreeSizer | None) -> bool:
+def hopeless(scores: list[float], front: list[float], keep_n: int, n_cand: int, floor: float | None,
+             sizer: TreeSizer | None) -> bool:
     """`deeper_is_hopeless`; with a sizer, also true when one more depth could not pay for itself."""
-    if deeper_is_hopeless(all_scores, front_scores, keep_n, n_cand, floor):
+    if deeper_is_hopeless(scores, front, keep_n, n_cand, floor):
         return True
-    return sizer is not None and not sizer.deeper_pays(torch.cat(all_scores), front_scores)
+    return sizer is not None and not sizer.deeper_pays(scores, front)
