@@ -94,3 +94,29 @@ def test_drafting_imports_no_modeling_code(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_stacked_projections_compute_what_the_separate_ones_do(kind):
+    """`fuse_projections` (the head runners' copies) stacks q, k, v and gate, up into one linear
+    each: the same outputs, fewer matmul calls, and the separate linears gone."""
+    import copy
+
+    from helpers import random_eagle3_head, random_head, tiny_target
+    from torch import nn
+
+    from eaglespec.layers import StackedLinear, fuse_projections
+
+    target = tiny_target("llama", layers=6)
+    head = random_head(target) if kind == "eagle" else random_eagle3_head(target)
+    fused = copy.deepcopy(head)
+    linears = sum(type(m) is nn.Linear for m in head.modules())
+    assert fuse_projections(fused) == 2 and fuse_projections(fused) == 0  # an attention and an MLP, once
+    assert sum(isinstance(m, StackedLinear) for m in fused.modules()) == 2
+    assert sum(type(m) is nn.Linear for m in fused.modules()) == linears - 3  # 3 + 2 linears became 2
+    torch.manual_seed(0)
+    features, embeds = torch.randn(1, 6, target.hidden_size), torch.randn(1, 6, target.hidden_size)
+    positions = torch.arange(6)[None]
+    with torch.inference_mode():
+        want, got = head(features, embeds, positions), fused(features, embeds, positions)
+    assert torch.allclose(want, got, rtol=1e-5, atol=1e-6)

@@ -158,7 +158,8 @@ def test_fp16_draft_is_lossless_and_proposes_what_the_full_draft_does():
     assert (setups["auto"] == setups["fp16"]) == fp16_pays()  # auto takes it where fbgemm has vector kernels
     drafters = {w: EagleDrafter.from_head(head, target, TreeConfig(kind="dynamic"), setups[w]) for w in ("full", "fp16")}
     assert isinstance(drafters["fp16"].runner.lm, Fp16Linear)
-    assert sum(isinstance(m, Fp16Linear) for m in drafters["fp16"].runner.head.modules()) == 8  # fc, q k v o, the MLP
+    # fc, q k v stacked, o, gate and up stacked, down (`fuse_projections`)
+    assert sum(isinstance(m, Fp16Linear) for m in drafters["fp16"].runner.head.modules()) == 5
     assert all(type(m) is nn.Linear for m in head.modules() if isinstance(m, (nn.Linear, Fp16Linear)))  # caller's head untouched
     g = torch.Generator().manual_seed(7)
     for _ in range(4):

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eaglespec.layers import (DraftKVCache, GatedMLP, HeadConfig, HeadConfigError, RMSNorm, attention_qkv,
-                              cached_attention, rotary)
+from eaglespec.layers import (DraftKVCache, GatedMLP, HeadConfig, HeadConfigError, RMSNorm, StackedLinear,
+                              attention_qkv, cached_attention, rotary)
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,12 @@ class DraftAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.qkv: StackedLinear | None = None  # q, k, v as one product (`fuse_projections`)
 
     def _qkv(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, q, H] -> queries [B, nh, q, d] and keys, values [B, nkv, q, d], RoPE applied."""
-        return attention_qkv(self.q_proj, self.k_proj, self.v_proj, x, cos_sin, self.num_heads, self.num_kv_heads,
-                             self.head_dim)
+        return attention_qkv(self, x, cos_sin, self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(
         self,

@@ -29,8 +29,8 @@ from torch import nn
 
 from eaglespec.aux_features import aux_layer_ids
 from eaglespec.draft import DraftHeadError, DraftVocabulary, sorted_vocab_ids, unrolled_attention
-from eaglespec.layers import (DraftKVCache, GatedMLP, HeadConfig, HeadConfigError, RMSNorm, attention_qkv,
-                              cached_attention, rotary)
+from eaglespec.layers import (DraftKVCache, GatedMLP, HeadConfig, HeadConfigError, RMSNorm, StackedLinear,
+                              attention_qkv, cached_attention, rotary)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 #: config key of the aux layers. Its top-level value counts the decoder layer whose *input* is taken
@@ -106,11 +106,11 @@ class Eagle3Attention(nn.Module):
         self.k_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(2 * h, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.qkv: StackedLinear | None = None  # q, k, v as one product (`fuse_projections`)
 
     def _qkv(self, x, cos_sin):
         """x [B, q, 2H] -> queries [B, nh, q, d], keys and values [B, nkv, q, d], RoPE applied."""
-        return attention_qkv(self.q_proj, self.k_proj, self.v_proj, x, cos_sin, self.num_heads, self.num_kv_heads,
-                             self.head_dim)
+        return attention_qkv(self, x, cos_sin, self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, x, cos_sin, mask: torch.Tensor | None, cache: DraftKVCache | None) -> torch.Tensor:
         """mask: [B or 1, 1, q, kv] bool (True = attend); None = causal over x, no cache."""

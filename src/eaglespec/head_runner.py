@@ -36,6 +36,7 @@ from eaglespec.backends import DraftSetup, convert_draft
 from eaglespec.draft import DraftHead, DraftHeadError, check_fits
 from eaglespec.eagle3 import Eagle3Head
 from eaglespec.eagle3 import check_fits as check_eagle3_fits
+from eaglespec.layers import fuse_projections
 
 if TYPE_CHECKING:
     from eaglespec.backends.base import TargetModel
@@ -119,6 +120,7 @@ class EagleHeadRunner(CachedHeadRunner):
         own = head  # used as it is when nothing needs changing
         if setup.weights != "plain" or head.fc.weight.device != device or head.fc.weight.dtype != dtype:
             own = copy.deepcopy(head).to(device=device, dtype=dtype).eval().requires_grad_(False)
+            fuse_projections(own)
         self.vocab_ids = head.draft_token_ids().to(device)  # [K]
         weight = target.lm_head.weight
         # [K, H] the LM head restricted to the draft vocabulary, in the head's dtype
@@ -160,6 +162,7 @@ class Eagle3HeadRunner(CachedHeadRunner):
         own = head  # used as it is when nothing needs changing
         if setup.weights != "plain" or head.fc.weight.device != device or head.fc.weight.dtype != dtype:
             own = copy.deepcopy(head).to(device=device, dtype=dtype).eval().requires_grad_(False)
+            fuse_projections(own)
             # fc and the decoder layer go through the backend as one module, lm_head as the LM head
             body, own.lm_head = convert_draft(nn.ModuleDict({"fc": own.fc, "midlayer": own.midlayer}), own.lm_head,
                                               setup)

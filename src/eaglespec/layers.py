@@ -177,9 +177,11 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
         self.act_fn = activation(config.hidden_act)
+        self.gate_up: StackedLinear | None = None  # gate and up as one product (`fuse_projections`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class Rotary(nn.Module):
@@ -270,14 +272,61 @@ class DraftKVCache:
         self.tree_len = 0
 
 
-def attention_qkv(proj_q: nn.Linear, proj_k: nn.Linear, proj_v: nn.Linear, x: torch.Tensor,
-                  cos_sin: tuple[torch.Tensor, torch.Tensor], num_heads: int, num_kv_heads: int, head_dim: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [B, q, in] -> queries [B, nh, q, d] and keys, values [B, nkv, q, d], RoPE applied."""
+class StackedLinear(nn.Module):
+    """Linears that read the same input, as one product of their stacked weights: one matmul call
+    where there were several, each as wide as before. Returns their outputs as views of the one
+    result. For inference copies of a head (`fuse_projections`)."""
+
+    def __init__(self, *linears: nn.Linear) -> None:
+        super().__init__()
+        first = linears[0]
+        if any(lin.in_features != first.in_features or (lin.bias is None) != (first.bias is None) for lin in linears):
+            raise ValueError("stacked linears must share their input width and whether they have a bias")
+        self.sizes = [lin.out_features for lin in linears]
+        w = first.weight
+        self.proj = nn.Linear(first.in_features, sum(self.sizes), bias=first.bias is not None, device=w.device,
+                              dtype=w.dtype)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.cat([lin.weight for lin in linears]))
+            if first.bias is not None:
+                self.proj.bias.copy_(torch.cat([lin.bias for lin in linears]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # [..., in] -> each [..., out_i]
+        return self.proj(x).split(self.sizes, dim=-1)
+
+
+def fuse_projections(module: nn.Module) -> int:
+    """Stack each attention's q, k and v projections (`qkv`) and each gated MLP's gate and up
+    (`gate_up`) into one linear, in place, and drop the separate ones: a draft step then makes
+    five matmul calls a layer instead of eight, each on weights a CPU has to read again after
+    the target's forward. For an inference copy of a head: its state dict changes. Returns how
+    many groups were stacked."""
+    stacked = 0
+    for m in list(module.modules()):
+        if getattr(m, "qkv", "absent") is None and all(isinstance(getattr(m, n, None), nn.Linear) for n in QKV):
+            m.qkv = StackedLinear(*(getattr(m, n) for n in QKV))
+            for n in QKV:
+                setattr(m, n, None)
+            stacked += 1
+        if isinstance(m, GatedMLP) and m.gate_up is None and isinstance(m.gate_proj, nn.Linear):
+            m.gate_up = StackedLinear(m.gate_proj, m.up_proj)
+            m.gate_proj = m.up_proj = None
+            stacked += 1
+    return stacked
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def attention_qkv(attn: nn.Module, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], num_heads: int,
+                  num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, q, in] -> queries [B, nh, q, d] and keys, values [B, nkv, q, d], RoPE applied, from the
+    projections of `attn`: its q_proj, k_proj and v_proj, or those stacked as its `qkv`."""
     b, q, _ = x.shape
-    qs = proj_q(x).view(b, q, num_heads, head_dim).transpose(1, 2)
-    ks = proj_k(x).view(b, q, num_kv_heads, head_dim).transpose(1, 2)
-    vs = proj_v(x).view(b, q, num_kv_heads, head_dim).transpose(1, 2)
+    qkv = attn.qkv(x) if attn.qkv is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    qs = qkv[0].view(b, q, num_heads, head_dim).transpose(1, 2)
+    ks = qkv[1].view(b, q, num_kv_heads, head_dim).transpose(1, 2)
+    vs = qkv[2].view(b, q, num_kv_heads, head_dim).transpose(1, 2)
     qs, ks = apply_rotary(qs, ks, *cos_sin)
     return qs, ks, vs
 
