@@ -8,10 +8,14 @@ still cost.
     PYTHONPATH=src python tools/spec_overhead.py --gguf F32.gguf --lookup 8 --draft-weights int8
     PYTHONPATH=src python tools/spec_overhead.py --lookup 8 --no-profile   # the ratio alone, unprofiled
     PYTHONPATH=src python tools/spec_overhead.py --lookup 8 --no-profile --fresh [--forget]   # as separate processes
+    PYTHONPATH=src python tools/spec_overhead.py --gguf F32.gguf --lookup 8 --no-profile --parts   # a step's parts
 
 Prints the seconds of each and their ratio, split into llama.cpp's decodes and the rest (Python,
 the head, the tree); the sizer's state (steps rested, the rates it learnt, the draft times) and the
-profile. Keep other jobs off the machine.
+profile. With --parts, also the wall time of each part of the speculative steps (calls, ms per
+call: the head's commit and tree steps, the expansion, selection, the chain's graft, acceptance),
+timed around the calls themselves, so in place, after each target forward, as users run them.
+Keep other jobs off the machine.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--draft-weights", choices=("auto", "int8", "fp16", "full"), default="auto",
                         help="the head's weight layout (eaglespec.backends.draft_setup)")
     parser.add_argument("--top", type=int, default=15, help="profile lines to print")
+    parser.add_argument("--parts", action="store_true", help="time the parts of the speculative steps")
     parser.add_argument("--no-profile", action="store_true", help="time the speculative runs without cProfile")
     parser.add_argument("--fresh", action="store_true",
                         help="a new drafter for each prompt, as each `eaglespec generate` process starts one")
@@ -65,6 +70,7 @@ def main() -> None:
             decode_s[0] += time.perf_counter() - start
 
     target._decode = timed_decode
+    parts = StepParts() if args.parts else None
     prompts = spread_prompts(args.questions, args.n)
     ids = [plain.encode(p) for p in prompts]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
@@ -88,8 +94,12 @@ def main() -> None:
         plain_decode_s += decode_s[0] - decoded
         if not args.no_profile:
             profile.enable()
+        if parts is not None:
+            parts.attach(drafter)
         start, decoded = time.perf_counter(), decode_s[0]
         spec.generate(i, cfg)
+        if parts is not None:
+            parts.detach()
         spec_s += time.perf_counter() - start
         spec_decode_s += decode_s[0] - decoded
         rested += sizer.rested - rested_before if sizer is not None else 0
@@ -110,8 +120,70 @@ def main() -> None:
         loss = getattr(sizer, "probe_loss_s", None)  # (sizers before 033c065 have neither)
         if loss is not None:
             print(f"longest rest {sizer.max_rest} steps (a probe that ended in a rest lost {1000 * loss:.1f} ms)")
+    if parts is not None:
+        parts.report(forwards)
     if not args.no_profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+
+
+class StepParts:
+    """Wall time of the parts of speculative steps: wrappers around the drafter's, the head
+    runner's, the expansion's and acceptance's calls, put in place for the speculative runs only."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._undo: list[tuple[object, str, object]] = []
+        self.labels: list[str] = []  # in the order of the report
+
+    def attach(self, drafter) -> None:
+        import eaglespec.drafter
+        import eaglespec.generate
+        import eaglespec.lookup
+        from eaglespec import expand
+
+        eagle = getattr(drafter, "eagle", drafter)
+        runner = eagle.runner
+        for owner, name, label in ((drafter, "propose", "propose"), (eagle, "_catch_up", "  head catch-up"),
+                                   (runner, "commit", "  head commits"), (eaglespec.drafter, "expand_dynamic", "  expansion"),
+                                   (runner, "step", "    head tree steps"), (runner, "logprobs", "    head LM head"),
+                                   (expand, "hopeless", "    stop checks"), (expand, "select_dynamic", "    selection"),
+                                   (eaglespec.lookup, "graft_chain", "  chain graft"),
+                                   (eaglespec.generate, "verify", "acceptance"), (drafter, "observe", "observe")):
+            self._wrap(owner, name, label)
+            if label not in self.labels:
+                self.labels.append(label)
+
+    def _wrap(self, owner: object, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+        self._undo.append((owner, name, vars(owner).get(name)))  # None: a method of the owner's class
+
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(owner, name, timed)
+
+    def detach(self) -> None:
+        for owner, name, old in reversed(self._undo):
+            if old is None:
+                delattr(owner, name)  # the wrapper shadowed the class's method
+            else:
+                setattr(owner, name, old)
+        self._undo.clear()
+
+    def report(self, forwards: int) -> None:
+        print(f"parts of the speculative steps ({forwards} target forwards; a part's parts indented below it; "
+              "head commits include the catch-ups' commits):")
+        for label in self.labels:
+            if label not in self.calls:
+                continue
+            seconds, n = self.seconds[label], self.calls[label]
+            print(f"  {label:20s} {seconds:8.3f} s  {n:6d} calls  {1000 * seconds / n:7.3f} ms a call")
 
 
 if __name__ == "__main__":
