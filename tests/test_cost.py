@@ -832,3 +832,47 @@ def test_a_state_where_drafting_paid_is_not_resumed(tmp_path, monkeypatch):
     cost.SizerMemory("machine", "key").save(paying)
     fresh = TreeSizer(FLAT, 63, timed=True)
     assert not cost.SizerMemory("machine", "key").load(fresh) and fresh.spec_rate is None
+
+
+def test_drafted_evidence_ages_while_resting_so_paying_probes_end_the_rests_soon():
+    """An answer where drafting lost leaves the head resting; in the next one the probes between
+    rests pay. Drafted steps' sums decay only with drafted steps, one probe a rest, so without
+    aging the lost answer's evidence outweighed the paying probes for hundreds of steps; with
+    REST_AGING the head drafts again within a few probes, and where the probes keep losing it
+    keeps resting."""
+    def run(probe_accepts: int, steps: int = 600) -> tuple[int, int]:
+        """(the step at which drafting resumed for good, or -1; the probes before it)."""
+        sizer = TreeSizer(FLAT, 63, draft_s=0.005, timed=True)
+        sizer.begin()
+        for _ in range(200):  # the lost answer: slow drafted steps that accept nothing
+            if sizer.should_draft():
+                sizer.choose(CONFIDENCES)
+                sizer.record_draft(0.0)
+                sizer.record_step(0.060)
+            else:
+                sizer.record_step(0.030)
+            sizer.record_accepted(0)
+        assert sizer.resting
+        sizer.begin()  # the next answer: the rest in progress carries over
+        probes, streak = 0, 0
+        for step in range(steps):
+            if sizer.should_draft():
+                probes += streak == 0
+                streak += 1
+                sizer.choose(CONFIDENCES)
+                sizer.record_draft(0.0)
+                sizer.record_step(0.033)
+                sizer.record_accepted(probe_accepts)
+                if streak >= 8:
+                    return step, probes
+            else:
+                streak = 0
+                sizer.record_step(0.030)
+                sizer.record_accepted(0)
+        return -1, probes
+
+    # drafted steps of 2 tokens for 1.3 forwards' time pay; without aging drafting resumed at
+    # the 370th step, after 7 probes
+    resumed, probes = run(probe_accepts=1)
+    assert 0 <= resumed < 300 and probes <= 4
+    assert run(probe_accepts=0)[0] == -1  # still losing: still resting
