@@ -876,3 +876,24 @@ def test_drafted_evidence_ages_while_resting_so_paying_probes_end_the_rests_soon
     resumed, probes = run(probe_accepts=1)
     assert 0 <= resumed < 300 and probes <= 4
     assert run(probe_accepts=0)[0] == -1  # still losing: still resting
+
+
+def test_a_pause_inside_one_head_run_does_not_make_drafting_look_dear():
+    """Draft times are moving averages; a pause of the machine inside one head run (100 ms where
+    a depth takes 1 ms) used to leave the average at about 20 ms, and deeper trees looked
+    unaffordable. A sample counts as at most DRAFT_OUTLIER times the average; a lasting change
+    still moves it within a few samples."""
+    from eaglespec.cost import DRAFT_OUTLIER
+
+    sizer = TreeSizer(FLAT, 63, timed=True)
+    for _ in range(20):
+        sizer.record_depth(0.001)
+        sizer.record_draft(0.003)
+    sizer.record_depth(0.100)
+    sizer.record_draft(0.102)
+    assert sizer.depth_s <= 0.001 * (1 + 0.2 * (DRAFT_OUTLIER - 1)) + 1e-12 and sizer.base_s < 0.005
+    before = sizer.best(CONFIDENCES)
+    for _ in range(12):  # the head really became slower: 10 ms a depth
+        sizer.record_depth(0.010)
+        sizer.record_draft(0.012)
+    assert sizer.depth_s > 0.008 and sizer.best(CONFIDENCES) <= before

@@ -58,6 +58,11 @@ PROBE_CONTEXT = 30
 CALIBRATION_BOUNDS = (0.5, 2.0)
 #: weight of the newest step in the moving averages of the draft time and the acceptance
 DRAFT_EMA = 0.2
+#: a draft time folds into its moving average as at most this many times the average: on a shared
+#: host the sizer's depth time ended four of about a dozen F32 runs at 21-24 ms, against 0.8-1.1 ms
+#: in the others (tools/spec_overhead.py), so one slow head run late in a sequence made deeper
+#: trees look unaffordable; a real change still moves the average by up to 60% a sample
+DRAFT_OUTLIER = 4.0
 CALIBRATION_EMA = 0.05
 #: at most this many blocks of `repeats` rounds when the curve looks disturbed (`plausible`)
 MAX_PROBE_BLOCKS = 3
@@ -488,10 +493,9 @@ class TreeSizer:
         if self.fixed_draft:
             self.last_draft_s = self.draft_time(len(depths))
             return
-        base = max(0.0, seconds - sum(depths))
-        self.base_s = base if self.base_s is None else (1 - DRAFT_EMA) * self.base_s + DRAFT_EMA * base
+        self.base_s = fold_draft_time(self.base_s, max(0.0, seconds - sum(depths)))
         for d in depths:
-            self.depth_s = d if self.depth_s is None else (1 - DRAFT_EMA) * self.depth_s + DRAFT_EMA * d
+            self.depth_s = fold_draft_time(self.depth_s, d)
 
     def record_catch_up(self, seconds: float) -> None:
         """The head's catch-up over the tokens of rested steps took `seconds` before this proposal
@@ -588,6 +592,14 @@ class TreeSizer:
         self._depths = []
         # another cache length: time plain decoding again, and an undrafted step first
         self.plain_s, self._step_s, self._since_undrafted = None, None, PLAIN_TIMING_EVERY
+
+
+def fold_draft_time(average: float | None, sample: float) -> float:
+    """A draft time's moving average after `sample` (DRAFT_EMA), the sample capped at DRAFT_OUTLIER
+    times the average."""
+    if average is None:
+        return sample
+    return (1 - DRAFT_EMA) * average + DRAFT_EMA * min(sample, DRAFT_OUTLIER * average)
 
 
 class SizerMemory:
