@@ -444,6 +444,10 @@ def test_the_calibration_counts_the_trees_own_accepted_nodes_not_a_chains():
         record(accepted, tree_accepted)
 
     eagle._propose, eagle.sizer.record_accepted = recording_propose, recording_accepted
+    guesses, alone = [[]], []  # the chain of each proposal; what the sizer is told the chain alone got
+    guess, record_alone = hybrid.lookup.guess, eagle.sizer.record_chain_alone
+    hybrid.lookup.guess = lambda: (guesses.append(guess()), guesses[-1])[1]
+    eagle.sizer.record_chain_alone = lambda nodes, right: (alone.append((nodes, right)), record_alone(nodes, right))
     committed = []
     observe = hybrid.observe
     hybrid.observe = lambda tokens, features: (committed.append(tokens.tolist()), observe(tokens, features))
@@ -461,6 +465,13 @@ def test_the_calibration_counts_the_trees_own_accepted_nodes_not_a_chains():
             node, own = kids[0], own + 1
         assert tree_accepted == own <= accepted == len(tokens) - 1
     assert any(tree_accepted < accepted for _, accepted, tree_accepted, _ in drafted)  # the chain's, not counted
+    # the chain alone's count, per step: its leading tokens the target chose (the proposal's chain)
+    assert len(alone) == len(committed) and any(right > 0 for _, right in alone)
+    for chain, tokens, (_, right) in zip(guesses, committed, alone, strict=True):
+        lead = 0
+        while lead < min(len(chain), len(tokens)) and chain[lead] == tokens[lead]:
+            lead += 1
+        assert right == lead
 
 
 def test_the_lookup_drafter_says_how_long_a_match_found_its_chain():
@@ -897,3 +908,45 @@ def test_a_pause_inside_one_head_run_does_not_make_drafting_look_dear():
         sizer.record_depth(0.010)
         sizer.record_draft(0.012)
     assert sizer.depth_s > 0.008 and sizer.best(CONFIDENCES) <= before
+
+
+def test_drafts_are_weighed_against_the_chain_alone_on_the_same_steps():
+    """Where a lookup chain hangs below every step, a drafted step is weighed against what the
+    chain alone would have earned on that same step (`record_chain_alone`), not against the
+    undrafted steps of other stretches: a copy-heavy stretch earlier (undrafted steps of 6 tokens)
+    no longer keeps the head resting where its drafts beat the chain, and drafts that a chain
+    alone would have matched for less are not kept up."""
+    def sizer_after_copying() -> TreeSizer:
+        sizer = TreeSizer(FLAT, 63, draft_s=0.002, timed=True)
+        sizer.begin()
+        for _ in range(30):  # undrafted steps while the answer copies its prompt
+            if sizer.should_draft():
+                sizer.choose(CONFIDENCES)
+                sizer.record_draft(0.002)
+            sizer.record_step(0.031)
+            sizer.record_accepted(5)
+        return sizer
+
+    def drafting(sizer: TreeSizer, accepted: int, chain_nodes: int, chain_right: int, steps: int = 60) -> int:
+        drafted = 0
+        for _ in range(steps):
+            if sizer.should_draft():
+                drafted += 1
+                sizer.choose(CONFIDENCES)
+                sizer.record_draft(0.002)
+                sizer.record_step(0.033)
+                sizer.record_chain_alone(chain_nodes, chain_right)
+                sizer.record_accepted(accepted)
+            else:
+                sizer.record_step(0.030)
+                sizer.record_accepted(0)
+        return drafted
+
+    # the copying is over: drafts accept 2 tokens, the chain alone would have got none
+    paying = sizer_after_copying()
+    assert drafting(paying, accepted=2, chain_nodes=1, chain_right=0) > 50
+    assert paying.chain_rate < paying.spec_rate < paying.rest_rate and not paying.resting  # the old bar: rest
+    # the chain alone would have got the same 2 tokens with 2 nodes and no draft: rest
+    matched = sizer_after_copying()
+    assert drafting(matched, accepted=2, chain_nodes=2, chain_right=2) < 15
+    assert matched.resting and matched.chain_rate > matched.spec_rate

@@ -91,12 +91,13 @@ PROBE_LOSS_EMA = 0.5
 PLAIN_TIMING_EVERY = 64
 #: what `TreeSizer.learnt` keeps for another process (`SizerMemory`); a state of another version
 #: is not resumed (2: the calibration counts the tree's own accepted nodes, not a lookup chain's;
-#: 3: the drafted steps' evidence ages while resting, its weight kept)
-LEARNT_VERSION = 3
+#: 3: the drafted steps' evidence ages while resting, its weight kept; 4: the chain's rate on the
+#: drafted steps themselves)
+LEARNT_VERSION = 4
 #: the fields of that state: the rates of drafted and undrafted steps (their decaying sums), the
 #: draft times, the calibration, what probes lose, and the rest in progress
 LEARNT_FLOATS = ("base_s", "depth_s", "scale", "_predicted_ema", "_accepted_ema", "spec_rate", "_spec_tokens",
-                 "_spec_seconds", "_spec_weight", "rest_rate", "_rest_tokens", "_rest_seconds", "probe_loss_s")
+                 "_spec_seconds", "_spec_weight", "chain_rate", "_chain_tokens", "_chain_seconds", "rest_rate", "_rest_tokens", "_rest_seconds", "probe_loss_s")
 LEARNT_INTS = ("_rest_left", "_rest_next")
 #: a process saves its sizer's state after a sequence at most this often (a server answers many)
 MEMORY_SAVE_EVERY_S = 30.0
@@ -328,6 +329,12 @@ class TreeSizer:
         self._spec_tokens = 0.0  # decaying sums over drafted steps: tokens, and seconds
         self._spec_seconds = 0.0
         self._spec_weight = 0.0  # the same sum of the steps' weights: how many drafted steps they amount to
+        # what a lookup chain alone would have earned on those same drafted steps (`record_chain_alone`):
+        # the bar a drafted step is weighed against where a chain is hung below every step
+        self.chain_rate: float | None = None
+        self._chain_tokens = 0.0
+        self._chain_seconds = 0.0
+        self._chain_alone: tuple[float, float] | None = None  # this step's (tokens, seconds), until recorded
         self.rest_rate: float | None = None  # timed: tokens per second of undrafted steps, lately
         self._rest_tokens = 0.0  # decaying sums over undrafted steps: tokens, and seconds
         self._rest_seconds = 0.0
@@ -343,8 +350,15 @@ class TreeSizer:
 
     @property
     def resting(self) -> bool:
-        """Drafted steps have lately paid less than steps without a draft (`undrafted_rate`)."""
-        return self.spec_rate is not None and self.spec_rate < self.undrafted_rate
+        """Drafted steps have lately paid less than steps without a draft: than the lookup chain
+        alone would have on the same steps (`chain_rate`, where a drafter reports it), else than
+        undrafted steps lately (`undrafted_rate`)."""
+        return self.spec_rate is not None and self.spec_rate < self.bar
+
+    @property
+    def bar(self) -> float:
+        """The rate drafted steps must beat: `chain_rate` where known, else `undrafted_rate`."""
+        return self.chain_rate if self.chain_rate is not None else self.undrafted_rate
 
     @property
     def rest_left(self) -> int:
@@ -406,6 +420,29 @@ class TreeSizer:
             self._spec_tokens *= keep
             self._spec_seconds *= keep
             self._spec_weight *= keep
+            self._chain_tokens *= keep  # the same steps' bar ages alike
+            self._chain_seconds *= keep
+
+    def chain_alone(self, odds: list[float]) -> int:
+        """How many nodes of a chain an undrafted step would verify below the root alone (as
+        `extend` chooses them with no tree), odds as there. Changes nothing."""
+        best_m, best_rate, gain = 0, 1.0 / self.cost(0), 1.0
+        for m, g in enumerate(odds, start=1):
+            gain += g
+            rate = gain / self.cost(m)
+            if rate > best_rate:
+                best_m, best_rate = m, rate
+        return best_m
+
+    def record_chain_alone(self, nodes: int, accepted: int) -> None:
+        """What the lookup chain alone would have earned on this step, had the head not drafted:
+        `accepted` of its first `nodes` tokens (those the target committed), for a forward of the
+        root and `nodes` nodes (modelled, scaled to plain decoding's measured step where timed).
+        Called before `record_accepted`; counted only for a drafted step."""
+        seconds = self.cost(nodes)
+        if self.timed and self.plain_s is not None:
+            seconds *= self.plain_s / self.cost(0)
+        self._chain_alone = (1.0 + min(accepted, nodes), seconds)
 
     def extend(self, odds: list[float]) -> int:
         """How many nodes of a chain hung below the chosen tree to verify too: the m (0..len) of
@@ -523,6 +560,7 @@ class TreeSizer:
         with the chain's runs (on an F32 target it ended 8 answers at 1.71, where the kept nodes
         had been accepted 1.07x as often as their confidence said; tools/tree_acceptance.py)."""
         step_s, self._step_s = self._step_s, None
+        chain_alone, self._chain_alone = self._chain_alone, None
         if self.pending is None:  # no draft this step: the root alone, or with a lookup chain
             if step_s is not None:
                 self._rest_tokens = RATE_DECAY * self._rest_tokens + accepted + 1
@@ -536,11 +574,15 @@ class TreeSizer:
         self._spec_tokens = RATE_DECAY * self._spec_tokens + accepted + 1
         self._spec_seconds = RATE_DECAY * self._spec_seconds + forward_s + self.last_draft_s
         self._spec_weight = RATE_DECAY * self._spec_weight + 1.0
+        if chain_alone is not None:
+            self._chain_tokens = RATE_DECAY * self._chain_tokens + chain_alone[0]
+            self._chain_seconds = RATE_DECAY * self._chain_seconds + chain_alone[1]
+            self.chain_rate = self._chain_tokens / self._chain_seconds
         self.spec_rate = self._spec_tokens / self._spec_seconds
         if self.resting:
             if self.timed and step_s is not None:
                 spent = catch_up_s + self.last_draft_s + step_s
-                loss = max(0.0, spent - (accepted + 1) / self.undrafted_rate)
+                loss = max(0.0, spent - (accepted + 1) / self.bar)
                 old = self.probe_loss_s
                 self.probe_loss_s = loss if old is None else (1 - PROBE_LOSS_EMA) * old + PROBE_LOSS_EMA * loss
             self._rest_left, self._rest_next = self._rest_next, min(2 * self._rest_next, self.max_rest)
@@ -641,5 +683,7 @@ class SizerMemory:
 
 def _was_resting(state: dict) -> bool:
     """Whether a kept sizer state (`TreeSizer.learnt`) had drafted steps paying less than undrafted ones."""
-    spec, rest = state.get("spec_rate"), state.get("rest_rate")
-    return isinstance(spec, (int, float)) and isinstance(rest, (int, float)) and spec < rest
+    spec, bar = state.get("spec_rate"), state.get("chain_rate")
+    if bar is None:
+        bar = state.get("rest_rate")
+    return isinstance(spec, (int, float)) and isinstance(bar, (int, float)) and spec < bar

@@ -91,6 +91,7 @@ class HybridDrafter(Drafter):
         #: by an n-token match (n = 1 .. max_ngram; odds[0] is unused)
         self.odds = [[CHAIN_PRIOR] * lookup.num_tokens for _ in range(lookup.max_ngram + 1)]
         self._guess: list[int] = []  # the last proposal's whole chain (found by a lookup.matched-token match)
+        self._alone = 0  # nodes of that chain an undrafted step would have verified (`TreeSizer.chain_alone`)
 
     @property
     def prompt_features(self) -> int | None:
@@ -99,27 +100,32 @@ class HybridDrafter(Drafter):
     def begin(self) -> None:
         self.eagle.begin()
         self.lookup.begin()
-        self._guess = []
+        self._guess, self._alone = [], 0
 
     def end(self) -> None:
         self.eagle.end()
         self.lookup.end()
 
     def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        self._learn(tokens)
+        right = self._learn(tokens)
+        if self.sizer is not None:  # the bar for the head's drafts: the chain alone, on this same step
+            self.sizer.record_chain_alone(self._alone, right)
         self.eagle.observe(tokens, features)
         self.lookup.observe(tokens, features)
 
-    def _learn(self, tokens: torch.Tensor) -> None:
+    def _learn(self, tokens: torch.Tensor) -> int:
         """Score the last chain against the target's tokens after the root (`tokens`: the accepted
-        ones and the bonus), each position given that the ones before it were right."""
+        ones and the bonus), each position given that the ones before it were right. Returns how
+        many of its first tokens the target chose."""
         guess, self._guess = self._guess, []
         odds = self.odds[self.lookup.matched]
+        right = 0
         for j, (g, t) in enumerate(zip(guess, tokens.tolist())):  # host copy: once per step
-            right = g == t
-            odds[j] += CHAIN_EMA * (right - odds[j])
-            if not right:
+            odds[j] += CHAIN_EMA * ((g == t) - odds[j])
+            if g != t:
                 break
+            right += 1
+        return right
 
     def propose(self, root: torch.Tensor) -> DraftTree:
         tree = self.eagle.propose(root)
@@ -127,4 +133,5 @@ class HybridDrafter(Drafter):
         if self.sizer is None:
             return graft_chain(tree, chain)
         reach = list(itertools.accumulate(self.odds[self.lookup.matched][: len(chain)], operator.mul))  # P(right up to j)
+        self._alone = self.sizer.chain_alone(reach)
         return graft_chain(tree, chain, new_nodes=lambda matched: self.sizer.extend(reach[matched:]))
