@@ -78,7 +78,9 @@ class HybridDrafter(Drafter):
     before it were, with a chance learnt from the target's tokens (`odds[n]`, a moving average per
     position for chains found by an n-token match: what follows a lone repeated token is a far
     weaker guess than what follows three), and the sizer keeps as many of its new nodes as raise
-    the expected tokens per second (`TreeSizer.extend`).
+    the expected tokens per second (`TreeSizer.extend`). After each step the sizer is told what
+    the chain alone would have earned there (`TreeSizer.record_chain_alone`): the bar the head's
+    drafts must beat.
     """
 
     def __init__(self, eagle: Drafter, lookup: PromptLookupDrafter) -> None:
