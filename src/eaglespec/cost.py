@@ -97,7 +97,8 @@ LEARNT_VERSION = 4
 #: the fields of that state: the rates of drafted and undrafted steps (their decaying sums), the
 #: draft times, the calibration, what probes lose, and the rest in progress
 LEARNT_FLOATS = ("base_s", "depth_s", "scale", "_predicted_ema", "_accepted_ema", "spec_rate", "_spec_tokens",
-                 "_spec_seconds", "_spec_weight", "chain_rate", "_chain_tokens", "_chain_seconds", "rest_rate", "_rest_tokens", "_rest_seconds", "probe_loss_s")
+                 "_spec_seconds", "_spec_weight", "chain_rate", "_chain_tokens", "_chain_seconds", "rest_rate",
+                 "_rest_tokens", "_rest_seconds", "probe_loss_s")
 LEARNT_INTS = ("_rest_left", "_rest_next")
 #: a process saves its sizer's state after a sequence at most this often (a server answers many)
 MEMORY_SAVE_EVERY_S = 30.0
@@ -313,10 +314,8 @@ class TreeSizer:
             raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
         self.curve = curve
         self.max_nodes = max_nodes
-        # [max_nodes + 1] costs[N]: a forward of the root and N nodes, c(N + 1)
-        raw = torch.tensor([curve.at(n + 1) for n in range(max_nodes + 1)], dtype=torch.float64)
-        self.costs = raw.cummax(0).values
-        self._costs: list[float] = self.costs.tolist()  # the same, for the per-step arithmetic in floats
+        # [max_nodes + 1] costs[N]: a forward of the root and N nodes, c(N + 1), made non-decreasing
+        self._costs: list[float] = list(itertools.accumulate((curve.at(n + 1) for n in range(max_nodes + 1)), max))
         self.fixed_draft = draft_s is not None or depth_s is not None
         self.base_s = float(draft_s or 0.0) if self.fixed_draft else None  # draft time besides the depths
         self.depth_s = float(depth_s or 0.0) if self.fixed_draft else None  # one depth's head run
@@ -363,6 +362,11 @@ class TreeSizer:
     def bar(self) -> float:
         """The rate drafted steps must beat: `chain_rate` where known, else `undrafted_rate`."""
         return self.chain_rate if self.chain_rate is not None else self.undrafted_rate
+
+    @property
+    def costs(self) -> torch.Tensor:
+        """[max_nodes + 1] float64: c(N + 1) for a forward of the root and N nodes, non-decreasing."""
+        return torch.tensor(self._costs, dtype=torch.float64)
 
     @property
     def rest_left(self) -> int:
@@ -430,10 +434,16 @@ class TreeSizer:
     def chain_alone(self, odds: list[float]) -> int:
         """How many nodes of a chain an undrafted step would verify below the root alone (as
         `extend` chooses them with no tree), odds as there. Changes nothing."""
-        best_m, best_rate, gain = 0, 1.0 / self.cost(0), 1.0
+        return self._chain_length(odds, 0, 1.0, 0.0)
+
+    def _chain_length(self, odds: list[float], nodes: int, gain: float, draft_s: float) -> int:
+        """The m (0..len(odds)) of the most expected tokens per second for a step of `nodes` nodes
+        expecting `gain` tokens after `draft_s` of drafting, with m chain nodes more (odds[j]: the
+        chance that the chain's j-th node is accepted, the chain up to it included)."""
+        best_m, best_rate = 0, gain / (self.cost(nodes) + draft_s)
         for m, g in enumerate(odds, start=1):
             gain += g
-            rate = gain / self.cost(m)
+            rate = gain / (self.cost(nodes + m) + draft_s)
             if rate > best_rate:
                 best_m, best_rate = m, rate
         return best_m
@@ -453,14 +463,8 @@ class TreeSizer:
         the most expected tokens per second, where odds[j] is the chance that the chain's j-th new
         node is accepted (its whole chain up to it). Counted in this step's prediction."""
         n = self.pending_nodes
-        tree_gain = 1.0 + self.scale * (self.pending or 0.0)
         draft_s = self.last_draft_s if self.pending is not None else 0.0
-        best_m, best_rate, gain = 0, tree_gain / (self.cost(n) + draft_s), tree_gain
-        for m, g in enumerate(odds, start=1):
-            gain += g
-            rate = gain / (self.cost(n + m) + draft_s)
-            if rate > best_rate:
-                best_m, best_rate = m, rate
+        best_m = self._chain_length(odds, n, 1.0 + self.scale * (self.pending or 0.0), draft_s)
         self.pending_nodes = n + best_m
         self.pending_extra = float(sum(odds[:best_m]))
         return best_m

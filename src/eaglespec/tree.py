@@ -212,12 +212,12 @@ def static_shape(paths: Sequence[Sequence[int]]) -> StaticShape:
 
 def select_dynamic(
     scores: torch.Tensor, parents: torch.Tensor, tokens: torch.Tensor, total_tokens: int, max_depth: int,
-    min_score: float | None = None, size: Callable[[torch.Tensor], int] | None = None,
+    min_score: float | None = None, size: Callable[[torch.Tensor | list[float]], int] | None = None,
 ) -> tuple[DraftTree, torch.Tensor]:
     """EAGLE-2's re-ranking: keep the `total_tokens - 1` candidates of highest cumulative score,
     and (with `min_score`) only those scoring at least it, the best one always. `size`, given the
-    scores of those sorted descending, may keep fewer: the first size(...) of them (0: the root
-    alone).
+    scores of those sorted descending (a tensor; floats for CPU candidates), may keep fewer: the
+    first size(...) of them (0: the root alone).
 
     Candidates are in creation order (a parent before its children, parents[c] == -1 for the
     root's children), and a child's score is its parent's plus a log-probability <= 0, so a kept
@@ -256,7 +256,7 @@ def select_vectorised(
 
 def select_on_host(
     scores: torch.Tensor, parents: torch.Tensor, tokens: torch.Tensor, total_tokens: int, max_depth: int,
-    min_score: float | None, size: Callable[[torch.Tensor], int] | None,
+    min_score: float | None, size: Callable[[list[float]], int] | None,
 ) -> tuple[DraftTree, torch.Tensor]:
     """`select_dynamic` for CPU candidates, ranked and renumbered in Python lists (a few dozen
     candidates): the same tree. Python's sort is stable with reverse=True too, so ties keep
@@ -266,8 +266,8 @@ def select_on_host(
     if min_score is not None:
         keep_n = max(1, min(keep_n, sum(1 for x in s if x >= min_score)))
     order = sorted(range(len(s)), key=s.__getitem__, reverse=True)
-    if size is not None:
-        keep_n = max(0, min(keep_n, size(torch.tensor([s[c] for c in order[:keep_n]], dtype=scores.dtype))))
+    if size is not None:  # the sizer reads floats (`TreeSizer.choose`): no tensor to build
+        keep_n = max(0, min(keep_n, size([s[c] for c in order[:keep_n]])))
     kept = sorted(order[:keep_n])  # creation order is topological
     new_index = {-1: 0, **{c: i for i, c in enumerate(kept, start=1)}}
     par, tok = parents.tolist(), tokens.tolist()
@@ -306,9 +306,7 @@ def graft_chain(tree: DraftTree, chain: Sequence[int],
         rest = rest[: new_nodes(matched)]
     if not rest:
         return tree
-    depth = [0] * len(parents)
-    for i in range(1, len(parents)):
-        depth[i] = depth[parents[i]] + 1
+    depth = tree.depths.tolist()
     n = len(tokens)
     device = tree.tokens.device
     new_tokens = torch.tensor(tokens + rest, dtype=torch.long, device=device)
