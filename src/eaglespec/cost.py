@@ -27,6 +27,7 @@ Sizing only chooses which candidates are verified, never what is accepted: outpu
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import math
@@ -667,12 +668,13 @@ class SizerMemory:
 
     def load(self, sizer: TreeSizer) -> bool:
         """Resume `sizer` from the kept state (`TreeSizer.resume`) if there is one and it was
-        resting: drafted steps paying less than undrafted ones. Where drafting paid, a fresh sizer
+        resting (`TreeSizer.resting`, judged on a copy). Where drafting paid, a fresh sizer
         drafts from the first step anyway, and rates carried over from other answers (a lookup
         chain's rich stretches among them) made a resumed one rest more: on an F32 target 484-666
         of about 950 steps against 98-183, at 1.36-1.45x of plain decoding against 1.42-1.44x."""
         state = ProbeCache(self.machine, self.entry).get("sizer", kind=dict)
-        if state is None or not _was_resting(state):
+        trial = copy.copy(sizer)  # resume sets numbers only, so a shallow copy keeps `sizer` as it is
+        if state is None or not trial.resume(state) or not trial.resting:
             return False
         return sizer.resume(state)
 
@@ -688,10 +690,3 @@ class SizerMemory:
         probes.save()
         return True
 
-
-def _was_resting(state: dict) -> bool:
-    """Whether a kept sizer state (`TreeSizer.learnt`) had drafted steps paying less than undrafted ones."""
-    spec, bar = state.get("spec_rate"), state.get("chain_rate")
-    if bar is None:
-        bar = state.get("rest_rate")
-    return isinstance(spec, (int, float)) and isinstance(bar, (int, float)) and spec < bar
