@@ -10,9 +10,11 @@ The three ways: `default` (the head rests where its drafts have paid less than t
 `never` (the chain alone, weighed by the sizer, as on a resting step). Each step is put in the
 class of the match that found its chain (0: none, n: the last n tokens occurred before) and timed
 from the proposal to the end of `observe` (the target's forward, acceptance, the drafter's
-bookkeeping); the runs' wall times are printed too. Per class: steps, tokens a step, ms a step and
-tokens per second, so whether drafting pays where the chain found nothing, and where it found a
-long match, is read off measured steps rather than a cost model. The last line combines, per
+bookkeeping); the runs' wall times are printed too. Per class: steps, tokens a step, ms a step (the
+head's catch-up and proposal among them) and tokens per second, and `always` as if the head's runs
+took no time (what a cheaper head with the same guesses and tree sizes would reach at most). So
+whether drafting pays where the chain found nothing, and where it found a long match, is read off
+measured steps rather than a cost model. The last line combines, per
 class, the faster of `always` and `never` (rates weighted by the tokens of the `never` run): what
 a drafter that rested per class, rather than all at once, could reach at most on these prompts.
 Keep other jobs off the machine.
@@ -32,11 +34,13 @@ MODES = ("default", "always", "never")
 
 @dataclass
 class ClassSums:
-    """Steps, tokens committed and seconds of one match class."""
+    """Steps, tokens committed and seconds of one match class; of those seconds, the head's
+    (its catch-up and proposal, as the sizer timed them)."""
 
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    head_s: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -51,6 +55,7 @@ class StepLog:
     classes: dict[int, ClassSums] = field(default_factory=lambda: defaultdict(ClassSums))
     _start: float | None = None
     _matched: int = 0
+    _head_s: float = 0.0
 
     def attach(self, drafter, mode: str) -> None:
         sizer, inner_propose, inner_observe = drafter.sizer, drafter.propose, drafter.observe
@@ -64,6 +69,7 @@ class StepLog:
             self._start = time.perf_counter()
             tree = inner_propose(root)
             self._matched = drafter.lookup.matched
+            self._head_s = sizer.last_draft_s + sizer._catch_up_s if sizer.pending is not None else 0.0
             return tree
 
         def observe(tokens: torch.Tensor, features: torch.Tensor) -> None:
@@ -73,6 +79,7 @@ class StepLog:
                 sums.steps += 1
                 sums.tokens += tokens.shape[0]
                 sums.seconds += time.perf_counter() - self._start
+                sums.head_s += self._head_s
                 self._start = None
 
         if mode != "default":
@@ -124,14 +131,17 @@ def main() -> None:
     rate = {k: tokens[k] / wall[k] for k in wall}
     print(f"{len(ids)} prompts x {args.max_new_tokens} tokens, wall tokens/s: "
           + ", ".join(f"{k} {rate[k]:.1f} ({rate[k] / rate['plain']:.3f}x)" for k in wall))
-    print("by the chain's match (0: none): steps, tokens a step, ms a step, tokens/s")
+    print("by the chain's match (0: none): steps, tokens a step, ms a step (of them the head's), tokens/s")
     for m in sorted(set().union(*(log.classes for log in logs.values()))):
         cells = []
         for mode in MODES:
             s = logs[mode].classes.get(m, ClassSums())
-            cells.append(f"{mode} {s.steps:4d} {s.tokens / max(s.steps, 1):5.2f} "
-                         f"{1000 * s.seconds / max(s.steps, 1):6.2f} {s.rate:6.1f}")
-        print(f"  match {m}: " + " | ".join(cells))
+            n = max(s.steps, 1)
+            cells.append(f"{mode} {s.steps:4d} {s.tokens / n:5.2f} {1000 * s.seconds / n:6.2f} "
+                         f"({1000 * s.head_s / n:4.2f}) {s.rate:6.1f}")
+        a = logs["always"].classes.get(m, ClassSums())
+        free = a.tokens / (a.seconds - a.head_s) if a.seconds > a.head_s else 0.0
+        print(f"  match {m}: " + " | ".join(cells) + f" | always, the head's time left out: {free:6.1f}")
     # the faster way per class, for the tokens the chain alone committed in that class
     never, always = logs["never"].classes, logs["always"].classes
     tokens_never = sum(s.tokens for s in never.values())
