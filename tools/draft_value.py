@@ -14,9 +14,9 @@ bookkeeping); the runs' wall times are printed too. Per class: steps, tokens a s
 head's catch-up and proposal among them) and tokens per second, and `always` as if the head's runs
 took no time (what a cheaper head with the same guesses and tree sizes would reach at most). So
 whether drafting pays where the chain found nothing, and where it found a long match, is read off
-measured steps rather than a cost model. The last line combines, per
-class, the faster of `always` and `never` (rates weighted by the tokens of the `never` run): what
-a drafter that rested per class, rather than all at once, could reach at most on these prompts.
+measured steps rather than a cost model. The last line combines, per class, the faster of `always`
+and `never` (rates weighted by the tokens of the `never` run): what a drafter that rested per
+class, rather than all at once, could reach at most on these prompts.
 Keep other jobs off the machine.
 """
 
@@ -150,6 +150,7 @@ def main() -> None:
     if seconds_best:
         print(f"in the steps, tokens/s: the chain alone {tokens_never / seconds_never:.1f}, the faster way per "
               f"class {tokens_never / seconds_best:.1f} ({seconds_never / seconds_best:.3f}x)")
+
 
 if __name__ == "__main__":
     main()
