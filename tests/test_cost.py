@@ -507,6 +507,31 @@ def test_greedy_stays_token_identical_with_a_weighed_chain_and_rests(c):
         assert eagle.sizer.rested > 0
 
 
+@pytest.mark.parametrize("c", [FLAT, curve(1.0)], ids=["flat", "per-row"])
+def test_the_chain_alone_verifies_what_pays_and_writes_plain_decodings_tokens(c):
+    """A model without a head drafts with the weighed lookup chain alone: on a repeating prompt,
+    where rows are cheap, it verifies chain tokens and the target accepts some, in fewer forwards;
+    where every row costs a forward, it verifies the root alone (plain decoding), and still learns
+    the chain's odds from the bonus token. Greedy output is plain decoding's either way."""
+    from eaglespec.lookup import CHAIN_PRIOR, PromptLookupDrafter, WeighedLookupDrafter
+
+    target = tiny_target("llama", copyable=True, logit_scale=30.0)
+    cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
+    base = torch.randint(2, target.vocab_size, (10,), generator=torch.Generator().manual_seed(3))
+    prompt = base.repeat(3)  # the copyable target goes on repeating it: the chain matches
+    plain = Generator(target)
+    want = [t for ch in plain.generate_ids(prompt, cfg) for t in ch]
+    drafter = WeighedLookupDrafter(PromptLookupDrafter(num_tokens=6), TreeSizer(c, 6))
+    spec = Generator(target, drafter)
+    assert [t for ch in spec.generate_ids(prompt, cfg) for t in ch] == want
+    learnt = drafter.chain_odds.odds[3][0]
+    assert learnt > CHAIN_PRIOR  # the repeats' chains were right, verified or not
+    if c is FLAT:
+        assert drafter.verified > 0 and spec.last_stats.target_forwards < plain.last_stats.target_forwards
+    else:  # a chain token pays only if right more often than a whole forward costs: never
+        assert drafter.verified == 0 and spec.last_stats.target_forwards == plain.last_stats.target_forwards
+
+
 def test_the_timed_draft_leaves_out_the_catch_up_commit():
     """The first proposal runs the head over the prompt, and one after rests over the rested
     steps' tokens; neither is what drafting a step costs, so neither is in the recorded draft

@@ -29,6 +29,7 @@ _EXPORTS = {
     "load_head": "eaglespec.heads",
     "HybridDrafter": "eaglespec.lookup",
     "PromptLookupDrafter": "eaglespec.lookup",
+    "WeighedLookupDrafter": "eaglespec.lookup",
     "Target": "eaglespec.target",
     "load_model": "eaglespec.target",
     "load_target": "eaglespec.target",

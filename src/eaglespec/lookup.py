@@ -8,6 +8,7 @@ import operator
 
 import torch
 
+from eaglespec.cost import CostTarget, TreeSizer, probe_cost_curve
 from eaglespec.drafter import Drafter
 from eaglespec.tree import DraftTree, graft_chain, make_tree
 
@@ -48,10 +49,7 @@ class PromptLookupDrafter(Drafter):
             h.append(t)
 
     def propose(self, root: torch.Tensor) -> DraftTree:
-        guess = self.guess()
-        tokens = torch.tensor([int(root[0])] + guess, dtype=torch.long, device=root.device)
-        parents = torch.arange(-1, len(guess), dtype=torch.long, device=root.device)  # a chain
-        return make_tree(tokens, parents, max_depth=len(guess))
+        return chain_tree(root, self.guess())
 
     def guess(self) -> list[int]:
         """The chain to propose after the committed history: what followed the latest earlier
@@ -64,6 +62,81 @@ class PromptLookupDrafter(Drafter):
                 return h[start + n : start + n + self.num_tokens]
         self.matched = 0
         return []
+
+
+class ChainOdds:
+    """What a lookup chain's tokens are worth: `odds[n][j]`, the chance that its j-th token is right
+    given the ones before it were, for chains found by an n-token match (n = 1 .. max_ngram;
+    odds[0] is unused). What follows a lone repeated token is a far weaker guess than what follows
+    three. Each is a moving average (CHAIN_EMA) of the target's verdicts, from CHAIN_PRIOR."""
+
+    def __init__(self, max_ngram: int, num_tokens: int) -> None:
+        self.odds = [[CHAIN_PRIOR] * num_tokens for _ in range(max_ngram + 1)]
+
+    def reach(self, matched: int, length: int) -> list[float]:
+        """[length] the chance that a chain found by a `matched`-token match is right up to each token."""
+        return list(itertools.accumulate(self.odds[matched][:length], operator.mul))
+
+    def learn(self, guess: list[int], matched: int, tokens: list[int]) -> int:
+        """Score a chain (`guess`, found by a `matched`-token match) against the target's tokens
+        after the root (the accepted ones and the bonus), each position given that the ones
+        before it were right. Returns how many of its first tokens the target chose."""
+        odds = self.odds[matched]
+        right = 0
+        for j, (g, t) in enumerate(zip(guess, tokens)):
+            odds[j] += CHAIN_EMA * ((g == t) - odds[j])
+            if g != t:
+                break
+            right += 1
+        return right
+
+
+class WeighedLookupDrafter(Drafter):
+    """The prompt-lookup chain alone, as many of its tokens as pay by the target's measured cost:
+    what a model without a draft head drafts with. Each step verifies the chain's first m tokens,
+    m (0 included: the root alone) of the most expected tokens per second by `sizer`'s cost curve
+    and the chain's learnt chances (`ChainOdds`), as a drafter with a head does while the head
+    rests (`TreeSizer.chain_alone`). Where the chain rarely holds or a verified row costs nearly a
+    forward, it verifies the root alone: plain decoding."""
+
+    prompt_features = 0  # tokens alone
+
+    def __init__(self, lookup: PromptLookupDrafter, sizer: TreeSizer) -> None:
+        self.lookup = lookup
+        self.sizer = sizer
+        self.max_tree_size = lookup.num_tokens + 1
+        self.chain_odds = ChainOdds(lookup.max_ngram, lookup.num_tokens)
+        self._guess: list[int] = []  # the last proposal's whole chain
+        self.verified = 0  # chain tokens verified, over all steps (for reports)
+
+    @classmethod
+    def for_target(cls, target: CostTarget, num_tokens: int = 8) -> WeighedLookupDrafter:
+        """A chain of up to `num_tokens`, weighed by `target`'s cost curve as measured on this
+        machine (`probe_cost_curve`: once, then cached)."""
+        return cls(PromptLookupDrafter(num_tokens=num_tokens), TreeSizer(probe_cost_curve(target), num_tokens))
+
+    def begin(self) -> None:
+        self.lookup.begin()
+        self._guess = []
+
+    def observe(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        guess, self._guess = self._guess, []
+        if guess:
+            self.chain_odds.learn(guess, self.lookup.matched, tokens.tolist())  # host copy: once per step
+        self.lookup.observe(tokens, features)
+
+    def propose(self, root: torch.Tensor) -> DraftTree:
+        chain = self._guess = self.lookup.guess()
+        keep = self.sizer.chain_alone(self.chain_odds.reach(self.lookup.matched, len(chain))) if chain else 0
+        self.verified += keep
+        return chain_tree(root, chain[:keep])
+
+
+def chain_tree(root: torch.Tensor, chain: list[int]) -> DraftTree:
+    """The root ([1] long) with `chain` below it, one token under the other."""
+    tokens = torch.tensor([int(root[0])] + chain, dtype=torch.long, device=root.device)
+    parents = torch.arange(-1, len(chain), dtype=torch.long, device=root.device)
+    return make_tree(tokens, parents, max_depth=len(chain))
 
 
 class HybridDrafter(Drafter):
@@ -89,9 +162,7 @@ class HybridDrafter(Drafter):
         self.max_tree_size = eagle.max_tree_size + lookup.num_tokens
         self.feature_layers = eagle.feature_layers
         self.sizer = getattr(eagle, "sizer", None)
-        #: odds[n][j]: P(the chain's j-th token is right | the tokens before it are), for chains found
-        #: by an n-token match (n = 1 .. max_ngram; odds[0] is unused)
-        self.odds = [[CHAIN_PRIOR] * lookup.num_tokens for _ in range(lookup.max_ngram + 1)]
+        self.chain_odds = ChainOdds(lookup.max_ngram, lookup.num_tokens)
         self._guess: list[int] = []  # the last proposal's whole chain (found by a lookup.matched-token match)
         self._alone = 0  # nodes of that chain an undrafted step would have verified (`TreeSizer.chain_alone`)
 
@@ -115,25 +186,23 @@ class HybridDrafter(Drafter):
         self.eagle.observe(tokens, features)
         self.lookup.observe(tokens, features)
 
+    @property
+    def odds(self) -> list[list[float]]:
+        """odds[n][j]: P(the chain's j-th token is right | the tokens before it are), for chains
+        found by an n-token match (`ChainOdds`)."""
+        return self.chain_odds.odds
+
     def _learn(self, tokens: torch.Tensor) -> int:
         """Score the last chain against the target's tokens after the root (`tokens`: the accepted
-        ones and the bonus), each position given that the ones before it were right. Returns how
-        many of its first tokens the target chose."""
+        ones and the bonus); how many of its first tokens the target chose."""
         guess, self._guess = self._guess, []
-        odds = self.odds[self.lookup.matched]
-        right = 0
-        for j, (g, t) in enumerate(zip(guess, tokens.tolist())):  # host copy: once per step
-            odds[j] += CHAIN_EMA * ((g == t) - odds[j])
-            if g != t:
-                break
-            right += 1
-        return right
+        return self.chain_odds.learn(guess, self.lookup.matched, tokens.tolist())  # host copy: once per step
 
     def propose(self, root: torch.Tensor) -> DraftTree:
         tree = self.eagle.propose(root)
         chain = self._guess = self.lookup.guess()
         if self.sizer is None:
             return graft_chain(tree, chain)
-        reach = list(itertools.accumulate(self.odds[self.lookup.matched][: len(chain)], operator.mul))  # P(right up to j)
+        reach = self.chain_odds.reach(self.lookup.matched, len(chain))  # P(right up to j)
         self._alone = self.sizer.chain_alone(reach)
         return graft_chain(tree, chain, new_nodes=lambda matched: self.sizer.extend(reach[matched:]))
