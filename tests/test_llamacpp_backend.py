@@ -587,12 +587,19 @@ def test_a_target_whose_rows_depend_on_the_batch_refuses_drafting_and_auto_falls
 
 @needs_llamacpp
 @pytest.mark.slow
-def test_only_a_model_without_a_head_runs_as_llamacpp_itself_does():
+def test_a_model_without_a_head_drafts_with_the_chain_alone_where_rows_round_alike(monkeypatch):
     """The default model has a head: even --no-draft decodes in the exact mode, as drafting would,
-    so its text is the default's. A model without a head never drafts and gets llama.cpp's own
-    mode (f16 cache, no padding)."""
+    so its text is the default's. A model without a head drafts with the lookup chain alone, in the
+    exact mode, where its rows round alike in every batch without padding (the shipped Q4_1 file
+    with set-up's build), writing what plain decoding writes. With --lookup 0, or where exact
+    decodes would need padding rows (measured on loading, or kept from an earlier run), it gets
+    llama.cpp's own mode (f16 cache, no padding) and decodes plainly."""
+    from eaglespec.backends import llamacpp
     from eaglespec.cli import build_parser
     from eaglespec.cli.common import load_engine
+    from eaglespec.drafter import NoDrafter
+    from eaglespec.generate import GenerationConfig
+    from eaglespec.lookup import WeighedLookupDrafter
 
     def engine(*extra: str):
         return load_engine(build_parser().parse_args(["generate", "Hi", "--backend", "llamacpp", *extra]))
@@ -601,9 +608,36 @@ def test_only_a_model_without_a_head_runs_as_llamacpp_itself_does():
         target = engine(*extra).target
         assert target.config.exact, extra
         target.close()
-    target = engine("--model", str(default_gguf())).target  # an explicit model: no shipped head applies
-    assert not target.config.exact and target.min_rows == 1 and not target.config.features
-    target.close()
+    explicit = ["--model", str(default_gguf())]  # an explicit model: no shipped head applies
+    chain = engine(*explicit)
+    if chain.target.min_rows == 1:
+        assert chain.target.config.exact and type(chain.drafter) is WeighedLookupDrafter
+        prompt = "List the days of the week, then list them again in the same order."
+        cfg = GenerationConfig(max_new_tokens=40)
+        spec = chain.generate(prompt, cfg)
+        plain = engine(*explicit, "--no-draft")
+        assert plain.target.config.exact and type(plain.drafter) is NoDrafter
+        assert spec.token_ids == plain.generate(prompt, cfg).token_ids
+        plain.target.close()
+    else:  # a build whose Q4_1 rows round by batch size
+        assert not chain.target.config.exact and type(chain.drafter) is NoDrafter
+    chain.target.close()
+
+    def lean(*extra: str) -> None:
+        gen = engine(*explicit, *extra)
+        assert not gen.target.config.exact and gen.target.min_rows == 1 and not gen.target.config.features
+        assert type(gen.drafter) is NoDrafter
+        gen.target.close()
+
+    lean("--lookup", "0")
+    exact_loads = []  # exact targets measure their rows (here: as Q4_K's round on x86, say)
+    monkeypatch.setattr(llamacpp.LlamaCppTarget, "_min_rows", lambda self: exact_loads.append(1) or 8)
+    monkeypatch.setattr(llamacpp, "kept_min_rows", lambda gguf, config: 0)  # never measured here
+    lean()
+    assert exact_loads == [1]  # loaded exact, measured, then loaded again as llama.cpp runs it
+    monkeypatch.setattr(llamacpp, "kept_min_rows", lambda gguf, config: 8)  # kept from an earlier run
+    lean()
+    assert exact_loads == [1]  # no exact target loaded first
 
 
 @needs_llamacpp

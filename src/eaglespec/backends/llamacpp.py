@@ -362,6 +362,37 @@ def _silence(lib) -> None:
     lib.llama_log_set(cb, ctypes.c_void_p(0))
 
 
+def target_key(gguf: Path, config: LlamaCppTargetConfig) -> str:
+    """What a measured cost curve or row probe of `gguf` run under `config` depends on: the llama.cpp
+    build, the weights (file name, size, mtime), threads, the mode and the cache types."""
+    st = gguf.stat()
+    ident = json.dumps(["llamacpp", build_id(_lib()), gguf.name, st.st_size, st.st_mtime_ns, config.n_threads,
+                        config.exact, *config.kv_types])
+    return f"llamacpp-{gguf.stem}-t{config.n_threads}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def kept_min_rows(gguf: str | Path, config: LlamaCppTargetConfig) -> int | None:
+    """The row probe's verdict for `gguf` under an exact `config`, as kept on this machine, without
+    loading the model: `LlamaCppTarget.min_rows` (None: no padding makes rows round alike), or 0
+    where it was never measured (or there is no such file)."""
+    gguf = Path(gguf)
+    return _kept(_row_probes(target_key(gguf, config))) if gguf.is_file() else 0
+
+
+def _row_probes(key: str):
+    """The probe cache entry of the row probe (`LlamaCppTarget._min_rows`) for a `target_key`."""
+    from eaglespec.backends import machine_id
+    from eaglespec.paths import ProbeCache
+
+    return ProbeCache(machine_id("cpu"), hashlib.sha256(f"row kernels v2\n{key}".encode()).hexdigest()[:16])
+
+
+def _kept(probes) -> int | None:
+    """A kept `min_rows` (None included), or 0 for none or one out of range."""
+    found = probes.get("min_rows", default=0, kind=int)  # None: no padding makes rows invariant
+    return found if found is None or 1 <= found <= ROW_PROBE_ROWS else 0
+
+
 class LlamaCppTarget:
     """A GGUF target run by llama.cpp, with eaglespec's tree forward and accepted-path cache.
 
@@ -530,25 +561,17 @@ class LlamaCppTarget:
         return self.config.max_tree
 
     def cost_key(self) -> str:
-        """What a measured cost curve or row probe depends on: the llama.cpp build, the weights (file
-        name, size, mtime), threads and cache types."""
-        st = self.gguf.stat()
-        ident = json.dumps(["llamacpp", build_id(self._lib), self.gguf.name, st.st_size, st.st_mtime_ns,
-                            self.config.n_threads, self.config.exact, *self.config.kv_types])
-        return f"llamacpp-{self.gguf.stem}-t{self.config.n_threads}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+        """What a measured cost curve or row probe depends on (`target_key`)."""
+        return target_key(self.gguf, self.config)
 
     def reset(self) -> None:
         self.cache.reset()
 
     def _min_rows(self) -> int | None:
         """`_probe_min_rows`, measured once per machine and `cost_key()` and kept in the probe cache."""
-        from eaglespec.backends import machine_id
-        from eaglespec.paths import ProbeCache
-
-        entry = hashlib.sha256(f"row kernels v2\n{self.cost_key()}".encode()).hexdigest()[:16]
-        probes = ProbeCache(machine_id("cpu"), entry)
-        found = probes.get("min_rows", default=0, kind=int)  # None: no padding makes rows invariant
-        if found is None or 1 <= found <= ROW_PROBE_ROWS:
+        probes = _row_probes(self.cost_key())
+        found = _kept(probes)
+        if found != 0:
             return found
         print(f"measuring how llama.cpp rounds {self.gguf.name} in batches of each size (once, a few seconds)",
               file=sys.stderr, flush=True)
