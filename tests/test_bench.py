@@ -26,10 +26,10 @@ def test_quick_bench_on_a_tiny_model(tiny_model_dir, bench_files, capsys):
     res = json.loads((out / "results.json").read_text())
     runs = res["runs"]
     methods = {r["method"] for r in runs}
-    assert methods == {"plain", "eagle-static", "eagle-dynamic", "eagle-lookup", "prompt-lookup", "hf-generate",
-                       "hf-prompt-lookup"}
-    # 2 questions (one per category) x 2 turns x 7 methods
-    assert len(runs) == 2 * 2 * 7
+    assert methods == {"plain", "eagle-static", "eagle-dynamic", "eagle-lookup", "prompt-lookup", "weighed-lookup",
+                       "hf-generate", "hf-prompt-lookup"}
+    # 2 questions (one per category) x 2 turns x 8 methods
+    assert len(runs) == 2 * 2 * 8
     assert {r["turn"] for r in runs} == {0, 1}
     # greedy fp32: every method reproduces plain decoding exactly
     assert all(r["equal_to_baseline"] for r in runs)

@@ -211,8 +211,8 @@ def test_lookup_means_the_same_in_every_subcommand(tiny_model_dir, tmp_path):
     engine = load_engine(parser.parse_args(base))
     assert isinstance(engine.drafter, HybridDrafter) and engine.drafter.lookup.num_tokens == 8
     assert type(load_engine(parser.parse_args(base + ["--lookup", "0"])).drafter) is EagleDrafter
-    assert "eagle-lookup" in chosen_methods(parser.parse_args(["bench"]))
-    assert "eagle-lookup" not in chosen_methods(parser.parse_args(["bench", "--lookup", "0"]))
+    assert {"eagle-lookup", "weighed-lookup"} <= set(chosen_methods(parser.parse_args(["bench"])))
+    assert not {"eagle-lookup", "weighed-lookup"} & set(chosen_methods(parser.parse_args(["bench", "--lookup", "0"])))
     assert chosen_methods(parser.parse_args(["bench", "--trees"])) == ["plain"]
 
 
@@ -221,6 +221,7 @@ def test_lookup_means_the_same_in_every_subcommand(tiny_model_dir, tmp_path):
     (["generate", "w1", "--threads", "0"], "--threads must be >= 1"),
     (["generate", "w1", "--max-len", "8"], "--max-len must be >= 16"),
     (["bench", "--methods", "plain,eagle-lookup", "--lookup", "0"], "needs --lookup >= 1"),
+    (["bench", "--methods", "plain,weighed-lookup", "--lookup", "0"], "weighed-lookup drafts with the --lookup chain"),
     (["bench", "--trees", "4,5"], "--trees 4,5"),
     (["bench", "--trees", "4,x,16"], "--trees 4,x,16"),
     (["bench", "--trees", "4,5,1"], "total_tokens >= 2"),

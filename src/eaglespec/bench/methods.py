@@ -5,7 +5,8 @@ its help without importing torch."""
 from __future__ import annotations
 
 BASELINE = "plain"
-METHODS = ("plain", "eagle-static", "eagle-dynamic", "eagle-lookup", "prompt-lookup", "hf-generate", "hf-prompt-lookup")
+METHODS = ("plain", "eagle-static", "eagle-dynamic", "eagle-lookup", "prompt-lookup", "weighed-lookup", "hf-generate",
+           "hf-prompt-lookup")
 BUILTIN_SETS = ("sharegpt", "humaneval")
 
 #: `bench --trees` with no shapes: the grid the CPU tree defaults were first chosen from, the two

@@ -26,7 +26,7 @@ from eaglespec.cost import DEFAULT_SIZES
 from eaglespec.drafter import Drafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
 from eaglespec.heads import make_drafter
-from eaglespec.lookup import PromptLookupDrafter
+from eaglespec.lookup import PromptLookupDrafter, WeighedLookupDrafter
 from eaglespec.backends.base import TargetModel
 
 log = logging.getLogger(__name__)
@@ -219,8 +219,9 @@ def build_runners(target: TargetModel, methods: list[str], head, tree: TreeConfi
         raise BenchError(f"methods {needs_head} need a draft head: pass --draft PATH")
     if stock_model is None and any(m.startswith("hf-") for m in methods):
         raise BenchError("the hf-* methods need the stock transformers model (stock_model)")
-    if "eagle-lookup" in methods and lookup < 1:
-        raise BenchError(f"eagle-lookup grafts a lookup chain of --lookup tokens: needs --lookup >= 1, got {lookup}")
+    for m in ("eagle-lookup", "weighed-lookup"):
+        if m in methods and lookup < 1:
+            raise BenchError(f"{m} drafts with a lookup chain of --lookup tokens: needs --lookup >= 1, got {lookup}")
     eos = Generator(target)._eos_ids(GenerationConfig())
 
     setup = draft_setup(target.device, target.dtype, draft_weights)  # the head's dtype and weight layout
@@ -238,8 +239,10 @@ def build_runners(target: TargetModel, methods: list[str], head, tree: TreeConfi
             runners[m] = engine_runner(Generator(target, eagle("dynamic")))
         elif m == "eagle-lookup":  # the dynamic tree with a prompt-lookup chain grafted in
             runners[m] = engine_runner(Generator(target, eagle("dynamic", lookup)))
-        elif m == "prompt-lookup":
+        elif m == "prompt-lookup":  # the whole chain every step
             runners[m] = engine_runner(Generator(target, PromptLookupDrafter()))
+        elif m == "weighed-lookup":  # the chain alone, as much of it as pays: `generate` without a head
+            runners[m] = engine_runner(Generator(target, WeighedLookupDrafter.for_target(target, lookup)))
         elif m == "hf-generate":
             runners[m] = hf_runner(stock_model, None, eos)
         elif m == "hf-prompt-lookup":

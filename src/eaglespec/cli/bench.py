@@ -28,8 +28,10 @@ def register(subparsers) -> None:
                         "(default: sharegpt, the held-out slice)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of: " + ", ".join(METHODS + llamacpp.METHODS) + " (default: all of them, eagle-lookup "
-                        "only with --lookup >= 1; with --trees: plain). eagle-lookup is the dynamic tree with the "
-                        "--lookup chain grafted in")
+                        "and weighed-lookup only with --lookup >= 1; with --trees: plain). eagle-lookup is the dynamic "
+                        "tree with the --lookup chain grafted in; weighed-lookup the chain alone, as many of its tokens "
+                        "a step as pay by the measured cost (what generate runs for a model without a head); "
+                        "prompt-lookup the whole chain every step")
     p.add_argument("--trees", nargs="*", default=None, metavar="SHAPE",
                    help="also run EAGLE with each of these tree shapes, labelled tree:SHAPE: static:NAME (a preset) "
                         "or K,D,N[,L[,P]], a dynamic tree of top_k K, depth D and N nodes (N = auto: as many as "
@@ -100,13 +102,13 @@ def bench_questions(source: str, categories: list[str] | None, limit: int | None
 
 
 def chosen_methods(args) -> list[str]:
-    """--methods, or its default: every method (eagle-lookup only with a chain), or with --trees
+    """--methods, or its default: every method (eagle-lookup and weighed-lookup only with a chain), or with --trees
     the baseline alone."""
     if args.methods is not None:
         return [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.trees is not None:
         return [BASELINE]
-    return [m for m in METHODS if m != "eagle-lookup" or args.lookup > 0]
+    return [m for m in METHODS if m not in ("eagle-lookup", "weighed-lookup") or args.lookup > 0]
 
 
 def run(args) -> int:
@@ -123,8 +125,9 @@ def run(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise BenchError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
-    if "eagle-lookup" in methods and args.lookup < 1:
-        raise BenchError("eagle-lookup grafts the --lookup chain: it needs --lookup >= 1")
+    for m in ("eagle-lookup", "weighed-lookup"):
+        if m in methods and args.lookup < 1:
+            raise BenchError(f"{m} drafts with the --lookup chain: it needs --lookup >= 1")
     trees = None if args.trees is None else list(args.trees or SWEEP_TREES)
     for spec in trees or []:
         parse_tree(spec)
@@ -152,7 +155,7 @@ def run(args) -> int:
 
     llama_cfg = llamacpp.config_from_args(args, llama_methods, torch.get_num_threads(),
                                           cpu=args.device == "cpu") if llama_methods else None
-    drafting = bool(trees) or any(m.startswith("eagle") or m == "prompt-lookup" for m in methods)
+    drafting = bool(trees) or any(m.startswith("eagle") or m in ("prompt-lookup", "weighed-lookup") for m in methods)
     target = load_target_from(args, drafts=drafting)  # as generate: a run that never drafts runs as llama.cpp does
     # heads of either kind (EAGLE-1/2 or EAGLE-3), loaded for this target's depth
     layers = target.num_layers
