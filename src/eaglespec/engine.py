@@ -163,7 +163,7 @@ def llamacpp_target_args(config: EngineConfig, drafts: bool) -> tuple[Path, Llam
 def rows_round_alike(target: TargetModel) -> bool:
     """Whether `target` verifies a tree exactly without padding its decodes: a llama.cpp target
     whose rows get the same bits in a batch of any size (`min_rows` 1, measured once per machine
-    and file), or a PyTorch one. Where a weight type's rows round by batch size (Q4_K on x86,
+    and file), or a PyTorch one. Where a weight type's rows round by batch size (Q4_K on a Zen 4,
     `min_rows` 8), every exact decode would be padded, which a lookup chain alone does not earn back."""
     return getattr(target, "min_rows", 1) == 1
 

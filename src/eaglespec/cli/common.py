@@ -88,7 +88,8 @@ def add_tree_args(g) -> None:
 def add_lookup_arg(g) -> None:
     g.add_argument("--lookup", type=int, default=LOOKUP_TOKENS, metavar="N",
                    help=f"graft a prompt-lookup chain of up to N tokens into the EAGLE tree (default {LOOKUP_TOKENS}; "
-                        "0 = off, the tree alone)")
+                        "0 = off, the tree alone); a model without a head drafts with this chain alone (0: plain "
+                        "decoding)")
 
 
 def add_draft_weights_arg(g, several: bool = False) -> None:
