@@ -10,7 +10,7 @@ import torch
 
 from eaglespec.cost import CostTarget, TreeSizer, probe_cost_curve
 from eaglespec.drafter import Drafter
-from eaglespec.tree import DraftTree, graft_chain, make_tree
+from eaglespec.tree import DraftTree, graft_chain, make_tree, root_only
 
 #: a lookup token's chance to be right, given the chain before it was, before any is seen
 CHAIN_PRIOR = 0.5
@@ -133,7 +133,10 @@ class WeighedLookupDrafter(Drafter):
 
 
 def chain_tree(root: torch.Tensor, chain: list[int]) -> DraftTree:
-    """The root ([1] long) with `chain` below it, one token under the other."""
+    """The root ([1] long) with `chain` below it, one token under the other (no chain: the shared
+    root-alone tree, as plain decoding verifies it)."""
+    if not chain:
+        return root_only(root)
     tokens = torch.tensor([int(root[0])] + chain, dtype=torch.long, device=root.device)
     parents = torch.arange(-1, len(chain), dtype=torch.long, device=root.device)
     return make_tree(tokens, parents, max_depth=len(chain))
