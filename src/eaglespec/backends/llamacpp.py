@@ -362,11 +362,12 @@ def _silence(lib) -> None:
     lib.llama_log_set(cb, ctypes.c_void_p(0))
 
 
-def target_key(gguf: Path, config: LlamaCppTargetConfig) -> str:
+def target_key(gguf: Path, config: LlamaCppTargetConfig, lib=None) -> str:
     """What a measured cost curve or row probe of `gguf` run under `config` depends on: the llama.cpp
-    build, the weights (file name, size, mtime), threads, the mode and the cache types."""
+    build (`lib`, llama-cpp-python's module; None: the installed one), the weights (file name,
+    size, mtime), threads, the mode and the cache types."""
     st = gguf.stat()
-    ident = json.dumps(["llamacpp", build_id(_lib()), gguf.name, st.st_size, st.st_mtime_ns, config.n_threads,
+    ident = json.dumps(["llamacpp", build_id(lib or _lib()), gguf.name, st.st_size, st.st_mtime_ns, config.n_threads,
                         config.exact, *config.kv_types])
     return f"llamacpp-{gguf.stem}-t{config.n_threads}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
@@ -562,7 +563,7 @@ class LlamaCppTarget:
 
     def cost_key(self) -> str:
         """What a measured cost curve or row probe depends on (`target_key`)."""
-        return target_key(self.gguf, self.config)
+        return target_key(self.gguf, self.config, self._lib)
 
     def reset(self) -> None:
         self.cache.reset()
