@@ -7,6 +7,8 @@ from __future__ import annotations
 BASELINE = "plain"
 METHODS = ("plain", "eagle-static", "eagle-dynamic", "eagle-lookup", "prompt-lookup", "weighed-lookup", "hf-generate",
            "hf-prompt-lookup")
+#: the methods that draft with the --lookup chain, so need --lookup >= 1
+CHAIN_METHODS = ("eagle-lookup", "weighed-lookup")
 BUILTIN_SETS = ("sharegpt", "humaneval")
 
 #: `bench --trees` with no shapes: the grid the CPU tree defaults were first chosen from, the two

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from eaglespec.backends import draft_setup
-from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, METHODS, BenchError
+from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, CHAIN_METHODS, METHODS, BenchError
 from eaglespec.cost import DEFAULT_SIZES
 from eaglespec.drafter import Drafter, NoDrafter, TreeConfig
 from eaglespec.generate import GenerationConfig, Generator
@@ -219,7 +219,7 @@ def build_runners(target: TargetModel, methods: list[str], head, tree: TreeConfi
         raise BenchError(f"methods {needs_head} need a draft head: pass --draft PATH")
     if stock_model is None and any(m.startswith("hf-") for m in methods):
         raise BenchError("the hf-* methods need the stock transformers model (stock_model)")
-    for m in ("eagle-lookup", "weighed-lookup"):
+    for m in CHAIN_METHODS:
         if m in methods and lookup < 1:
             raise BenchError(f"{m} drafts with a lookup chain of --lookup tokens: needs --lookup >= 1, got {lookup}")
     eos = Generator(target)._eos_ids(GenerationConfig())

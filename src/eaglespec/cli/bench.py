@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from eaglespec.bench import llamacpp
-from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, METHODS, SWEEP_TREES
+from eaglespec.bench.methods import BASELINE, BUILTIN_SETS, CHAIN_METHODS, METHODS, SWEEP_TREES
 from eaglespec.cli.common import (UsageError, add_draft_args, add_draft_path_arg, add_draft_weights_arg, add_model_args,
                                   add_tree_args, check_lookup, head_path, load_target_from, tree_config)
 
@@ -108,7 +108,7 @@ def chosen_methods(args) -> list[str]:
         return [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.trees is not None:
         return [BASELINE]
-    return [m for m in METHODS if m not in ("eagle-lookup", "weighed-lookup") or args.lookup > 0]
+    return [m for m in METHODS if m not in CHAIN_METHODS or args.lookup > 0]
 
 
 def run(args) -> int:
@@ -125,7 +125,7 @@ def run(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise BenchError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
-    for m in ("eagle-lookup", "weighed-lookup"):
+    for m in CHAIN_METHODS:
         if m in methods and args.lookup < 1:
             raise BenchError(f"{m} drafts with the --lookup chain: it needs --lookup >= 1")
     trees = None if args.trees is None else list(args.trees or SWEEP_TREES)
